@@ -1,0 +1,60 @@
+//! The `umlctl` binary: argument parsing, human and `--json` output, and
+//! exit codes. Everything else lives in the library crates.
+
+mod exit;
+mod kernel_cmd;
+mod run_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Run commands and guests in User-mode Linux.
+#[derive(Parser)]
+#[command(name = "umlctl", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest, run CMD in it, and exit with CMD's status.
+    Run(run_cmd::RunArgs),
+    /// Find and inspect UML kernels.
+    #[command(subcommand)]
+    Kernel(kernel_cmd::KernelCmd),
+    /// Check that this host can run UML guests.
+    Doctor(kernel_cmd::DoctorArgs),
+    /// The guest side of `run` (umlctl as PID 1 in the guest).
+    #[command(hide = true)]
+    GuestInit,
+}
+
+fn main() -> ExitCode {
+    // In the guest, the kernel starts us as init with arguments of its own
+    // choosing; being PID 1 is what tells us apart.
+    if std::process::id() == 1 {
+        umlctl_kernel::init::main();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match cli.command {
+        Cmd::Run(a) => run_cmd::main(a),
+        Cmd::Kernel(k) => kernel_cmd::kernel_main(k),
+        Cmd::Doctor(a) => kernel_cmd::doctor_main(a),
+        Cmd::GuestInit => {
+            eprintln!(
+                "umlctl: guest-init only runs as PID 1 inside a UML guest started by `umlctl run`"
+            );
+            exit::USAGE
+        }
+    };
+    ExitCode::from(code)
+}

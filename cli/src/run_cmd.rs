@@ -1,0 +1,144 @@
+//! `umlctl run`.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use umlctl_kernel::cmdline::parse_size;
+use umlctl_kernel::{GuestSpec, ShimMode, TtyMode};
+
+use crate::exit;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TtyArg {
+    /// A terminal when stdin and stdout are terminals.
+    Auto,
+    /// Always a terminal (stdin must be one).
+    Always,
+    /// Never: stdio are byte-exact pipes.
+    Never,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Exit status: CMD's own (0-255; 128+N if CMD died of signal N), or 124 timeout, \
+125 umlctl/host/kernel failure (guest panic included), 126 CMD not executable, 127 CMD not found.\n\n\
+Examples:\n  umlctl run -- uname -r\n  echo hi | umlctl run -- cat\n  umlctl run --image root.ext4 -- sh -c 'cat /etc/os-release'"
+)]
+pub struct RunArgs {
+    /// UML kernel binary (default: $UMLCTL_KERNEL, the kernel cache, then linux.uml / linux on PATH).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Boot this ext4 image as root, through a throwaway copy-on-write overlay (the image is never written).
+    #[arg(long, value_name = "IMG")]
+    image: Option<PathBuf>,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    mem: String,
+    /// Set an environment variable for CMD (KEY=VALUE, or KEY to pass the host's value). Repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY[=VALUE]")]
+    env: Vec<OsString>,
+    /// CMD's working directory (default: the current directory; / with --image).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Stop the guest and exit 124 after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Write the guest's kernel messages to FILE (by default they are kept only for error reports).
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+    /// Do not preload the xstate shim, even when the host's XSAVE area is too large for the kernel.
+    #[arg(long)]
+    no_xstate_shim: bool,
+    /// Give CMD an interactive terminal.
+    #[arg(long, value_enum, default_value = "auto")]
+    tty: TtyArg,
+    /// Print a JSON result object (exit_code, reason, timings) as the last line of stderr.
+    #[arg(long)]
+    json: bool,
+    /// Show the guest's kernel messages on stderr.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+    /// The command to run in the guest, and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<OsString>,
+}
+
+fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
+    let mut spec = GuestSpec::new(a.command);
+    spec.kernel = a.kernel;
+    spec.image = a.image;
+    spec.mem_bytes = parse_size(&a.mem)?;
+    spec.workdir = a.workdir;
+    spec.console_log = a.console_log;
+    spec.verbose = a.verbose;
+    spec.shim = if a.no_xstate_shim {
+        ShimMode::Off
+    } else {
+        ShimMode::Auto
+    };
+    spec.tty = match a.tty {
+        TtyArg::Auto => TtyMode::Auto,
+        TtyArg::Always => TtyMode::Always,
+        TtyArg::Never => TtyMode::Never,
+    };
+    spec.timeout = match a.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(umlctl_kernel::Error::Usage(format!(
+                "--timeout {t}: expected a positive number of seconds"
+            )))
+        }
+    };
+    for kv in a.env {
+        let b = kv.as_bytes();
+        let (k, v) = match b.iter().position(|&c| c == b'=') {
+            Some(i) => (
+                OsString::from(std::ffi::OsStr::from_bytes(&b[..i])),
+                Some(OsString::from(std::ffi::OsStr::from_bytes(&b[i + 1..]))),
+            ),
+            None => (kv.clone(), None),
+        };
+        spec.env.push((k, v));
+    }
+    Ok((spec, a.json))
+}
+
+pub fn main(a: RunArgs) -> u8 {
+    let json = a.json;
+    let result = to_spec(a).and_then(|(spec, _)| umlctl_kernel::run(&spec));
+    match result {
+        Ok(o) => {
+            if let Some(m) = &o.message {
+                // The command's own "not found" message reads like a shell's.
+                eprintln!("umlctl: {m}");
+            }
+            if json {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "{}", serde_json::to_string(&o).unwrap_or_default());
+            }
+            o.exit_code.clamp(0, 255) as u8
+        }
+        Err(e) => {
+            eprintln!("umlctl: {e}");
+            if json {
+                let v = serde_json::json!({
+                    "exit_code": exit::FAILURE,
+                    "reason": e.kind(),
+                    "message": e.to_string(),
+                });
+                eprintln!("{v}");
+            }
+            exit::FAILURE
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The UML kernel command line, built from a [`BootPlan`] in one place.
+//!
+//! UML splits its command line on whitespace, takes `,` and `:` as
+//! separators inside `ubd` and channel specifications, and passes unknown
+//! `key=value` words to init as environment. Every path that goes onto the
+//! line is checked here, and the whole line must fit UML's 4096 bytes.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// UML's `COMMAND_LINE_SIZE`.
+pub const MAX_CMDLINE: usize = 4096;
+
+/// One end of a UML console or serial line channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chan {
+    /// A file descriptor inherited by the UML process.
+    Fd(i32),
+    /// Reads fail, writes are discarded.
+    Null,
+}
+
+impl Chan {
+    fn spec(self) -> String {
+        match self {
+            Chan::Fd(n) => format!("fd:{n}"),
+            Chan::Null => "null".into(),
+        }
+    }
+}
+
+/// Where the root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootRoot {
+    /// Host directories through hostfs: `prefix` confines every hostfs
+    /// mount (including the root) to that host directory; `None` is the
+    /// host's `/`. Always mounted read-only.
+    Hostfs { prefix: Option<PathBuf> },
+}
+
+/// A block device (`ubdN`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The file the guest writes to: a COW file, or the image itself.
+    pub file: PathBuf,
+    /// With a COW file: its backing image (opened read-only by UML).
+    pub backing: Option<PathBuf>,
+    pub read_only: bool,
+}
+
+/// Everything that goes onto a UML command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootPlan {
+    pub mem_bytes: u64,
+    pub umid: String,
+    /// Directory holding the instance directory `<uml_dir>/<umid>/`.
+    pub uml_dir: PathBuf,
+    pub root: BootRoot,
+    /// The init program, as a path inside the root.
+    pub init: PathBuf,
+    pub disks: Vec<Disk>,
+    /// Console 0 (the kernel console): input, output.
+    pub console: (Chan, Chan),
+    /// Serial lines: (line number, input, output). Others are not created.
+    pub lines: Vec<(u32, Chan, Chan)>,
+}
+
+/// Characters that cannot appear in a path on the UML command line.
+fn check_path(what: &str, p: &Path) -> Result<String> {
+    let s = p.to_str().ok_or_else(|| {
+        Error::Usage(format!(
+            "{what} path {} is not valid UTF-8, which UML's command line cannot carry",
+            p.display()
+        ))
+    })?;
+    if let Some(c) = s
+        .chars()
+        .find(|c| matches!(c, ',' | ':' | '"') || c.is_whitespace() || c.is_control())
+    {
+        return Err(Error::Usage(format!(
+            "{what} path {s:?} contains {c:?}, which UML's command line cannot carry (it splits on whitespace, ',' and ':'); move or symlink the file to a plain path"
+        )));
+    }
+    Ok(s.to_string())
+}
+
+/// Format a byte count for `mem=`, exactly (UML's memparse suffixes).
+fn mem_arg(bytes: u64) -> String {
+    const K: u64 = 1024;
+    if bytes % (K * K * K) == 0 {
+        format!("{}G", bytes / (K * K * K))
+    } else if bytes % (K * K) == 0 {
+        format!("{}M", bytes / (K * K))
+    } else if bytes % K == 0 {
+        format!("{}K", bytes / K)
+    } else {
+        bytes.to_string()
+    }
+}
+
+/// Parse a size such as `256M`, `1G`, `512m`, `1048576`, `64MiB`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let bad = || {
+        Error::Usage(format!(
+            "invalid size {s:?}: expected a number with an optional K, M, G or T suffix, e.g. 256M"
+        ))
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+impl BootPlan {
+    /// The UML argument vector (without argv\[0\]).
+    pub fn to_args(&self) -> Result<Vec<String>> {
+        if self.mem_bytes < 16 << 20 {
+            return Err(Error::Usage(format!(
+                "guest memory {} is too small: UML needs at least 16M",
+                mem_arg(self.mem_bytes)
+            )));
+        }
+        if self.umid.is_empty()
+            || self.umid.len() > 63
+            || !self
+                .umid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(Error::Usage(format!(
+                "invalid umid {:?}: use up to 63 letters, digits, '-', '_' or '.'",
+                self.umid
+            )));
+        }
+        if self.disks.len() > 16 {
+            return Err(Error::Usage(format!(
+                "{} disks given; UML supports at most 16",
+                self.disks.len()
+            )));
+        }
+        let mut a = Vec::new();
+        a.push(format!("mem={}", mem_arg(self.mem_bytes)));
+        let mut uml_dir = check_path("instance directory", &self.uml_dir)?;
+        if !uml_dir.ends_with('/') {
+            uml_dir.push('/');
+        }
+        a.push(format!("uml_dir={uml_dir}"));
+        a.push(format!("umid={}", self.umid));
+        match &self.root {
+            BootRoot::Hostfs { prefix } => {
+                if let Some(p) = prefix {
+                    a.push(format!("hostfs={}", check_path("hostfs root", p)?));
+                }
+                a.push("root=/dev/root".into());
+                a.push("rootfstype=hostfs".into());
+                a.push("rootflags=/".into());
+                a.push("ro".into());
+            }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            let flags = if d.read_only { "r" } else { "" };
+            let file = check_path("disk", &d.file)?;
+            match &d.backing {
+                Some(b) => a.push(format!(
+                    "ubd{i}{flags}={file},{}",
+                    check_path("backing image", b)?
+                )),
+                None => a.push(format!("ubd{i}{flags}={file}")),
+            }
+        }
+        a.push("con=null".into());
+        a.push(format!(
+            "con0={},{}",
+            self.console.0.spec(),
+            self.console.1.spec()
+        ));
+        a.push("ssl=null".into());
+        for (n, i, o) in &self.lines {
+            a.push(format!("ssl{n}={},{}", i.spec(), o.spec()));
+        }
+        a.push("console=tty0".into());
+        a.push("noreboot".into());
+        a.push(format!("init={}", check_path("init", &self.init)?));
+        let len: usize = a.iter().map(|s| s.len() + 1).sum();
+        if len >= MAX_CMDLINE {
+            return Err(Error::Usage(format!(
+                "the UML command line would be {len} bytes; UML accepts at most {MAX_CMDLINE}"
+            )));
+        }
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> BootPlan {
+        BootPlan {
+            mem_bytes: 256 << 20,
+            umid: "r-abc".into(),
+            uml_dir: "/run/user/1000/umlctl/r-abc".into(),
+            root: BootRoot::Hostfs { prefix: None },
+            init: "/usr/bin/umlctl".into(),
+            disks: vec![],
+            console: (Chan::Fd(0), Chan::Fd(1)),
+            lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
+        }
+    }
+
+    #[test]
+    fn host_root_line() {
+        let a = plan().to_args().unwrap().join(" ");
+        assert_eq!(
+            a,
+            "mem=256M uml_dir=/run/user/1000/umlctl/r-abc/ umid=r-abc root=/dev/root rootfstype=hostfs rootflags=/ ro \
+             con=null con0=fd:0,fd:1 ssl=null ssl0=fd:3,null ssl1=null,fd:4 console=tty0 noreboot init=/usr/bin/umlctl"
+        );
+    }
+
+    #[test]
+    fn image_with_cow_and_prefix() {
+        let mut p = plan();
+        p.root = BootRoot::Hostfs {
+            prefix: Some("/home/u/.cache/umlctl/initroot/abc".into()),
+        };
+        p.init = "/umlctl".into();
+        p.disks.push(Disk {
+            file: "/run/x/overlay.cow".into(),
+            backing: Some("/img/root.ext4".into()),
+            read_only: false,
+        });
+        p.disks.push(Disk {
+            file: "/img/data.img".into(),
+            backing: None,
+            read_only: true,
+        });
+        let a = p.to_args().unwrap();
+        assert!(a.contains(&"hostfs=/home/u/.cache/umlctl/initroot/abc".to_string()));
+        assert!(a.contains(&"ubd0=/run/x/overlay.cow,/img/root.ext4".to_string()));
+        assert!(a.contains(&"ubd1r=/img/data.img".to_string()));
+        assert!(a.contains(&"init=/umlctl".to_string()));
+    }
+
+    #[test]
+    fn reserved_characters_are_refused() {
+        for bad in ["/a b/img", "/a,b", "/a:b", "/a\"b", "/a\tb"] {
+            let mut p = plan();
+            p.disks.push(Disk {
+                file: bad.into(),
+                backing: None,
+                read_only: false,
+            });
+            let e = p.to_args().unwrap_err().to_string();
+            assert!(e.contains("cannot carry"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let mut p = plan();
+        p.mem_bytes = 1 << 20;
+        assert!(p.to_args().is_err());
+        let mut p = plan();
+        p.umid = "x".repeat(64);
+        assert!(p.to_args().is_err());
+        let mut p = plan();
+        p.init = PathBuf::from(format!("/{}", "a".repeat(5000)));
+        assert!(p
+            .to_args()
+            .unwrap_err()
+            .to_string()
+            .contains("at most 4096"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+        assert_eq!(mem_arg(256 << 20), "256M");
+        assert_eq!(mem_arg(2 << 30), "2G");
+        assert_eq!(mem_arg(1536 << 10), "1536K");
+    }
+}

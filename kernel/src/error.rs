@@ -1,0 +1,84 @@
+//! The crate's error type. Every variant names what was being done and to
+//! what, and where there is a known fix, the fix.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors from finding, checking and running a UML guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A host file operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A system call that is not about a path failed.
+    #[error("{op}: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// No kernel could be found anywhere umlctl looks.
+    #[error("no UML kernel found; tried:\n{tried}\nfix: install Debian's user-mode-linux package, build one with `umlctl kernel build`, or pass --kernel PATH / set UMLCTL_KERNEL")]
+    KernelNotFound { tried: String },
+
+    /// A kernel was found but cannot be used.
+    #[error("{}: {reason}", path.display())]
+    KernelUnusable { path: PathBuf, reason: String },
+
+    /// The host cannot run UML as asked.
+    #[error("host check `{check}` failed: {detail}\nfix: {fix}")]
+    Host {
+        check: &'static str,
+        detail: String,
+        fix: String,
+    },
+
+    /// An option or argument is invalid.
+    #[error("{0}")]
+    Usage(String),
+
+    /// The guest did not get to run the command (boot or init failure).
+    #[error("{0}")]
+    Boot(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn sys(op: &'static str, source: impl Into<io::Error>) -> Self {
+        Error::Sys {
+            op,
+            source: source.into(),
+        }
+    }
+
+    /// A short machine-readable class, used in `--json` output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } | Error::Sys { .. } | Error::Host { .. } => "host",
+            Error::KernelNotFound { .. } | Error::KernelUnusable { .. } => "kernel",
+            Error::Usage(_) => "usage",
+            Error::Boot(_) => "boot",
+        }
+    }
+}
+
+/// Convert a `nix` errno into an `io::Error`.
+pub(crate) fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

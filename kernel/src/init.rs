@@ -1,0 +1,576 @@
+//! umlctl's init inside the guest (PID 1).
+//!
+//! The kernel starts the umlctl binary as `init=` through hostfs. It mounts
+//! the pseudo filesystems, reads its [`InitSpec`] from the control line,
+//! prepares the root (the host's `/` read-only with tmpfs over the writable
+//! paths, or an ext4 image with the host filesystem detached), runs the
+//! command with its stdio on the serial lines, reports how it ended on the
+//! status line and in `/proc/exitcode`, and powers the guest off.
+//!
+//! Nothing here returns: every path ends in `reboot(RB_POWER_OFF)`. If the
+//! init itself cannot go on it reports `error ...` and powers off, so the
+//! host always learns what happened.
+
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::termios::{self, SetArg};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::protocol::{
+    Control, InitSpec, RootSpec, SpecDecoder, Status, CONTROL_LINE, STATUS_LINE,
+};
+use crate::protocol::{STDERR_LINE, STDIN_LINE, STDOUT_LINE};
+
+/// Default `PATH` when the spec's environment has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn tty(n: u32) -> String {
+    format!("/dev/ttyS{n}")
+}
+
+/// Write a diagnostic to the kernel console (the console log on the host).
+fn console(msg: &str) {
+    if let Ok(mut f) = OpenOptions::new().write(true).open("/dev/console") {
+        let _ = writeln!(f, "umlctl-init: {msg}");
+    }
+}
+
+struct Guest {
+    status: Option<File>,
+}
+
+impl Guest {
+    fn report(&mut self, s: &Status) {
+        if let Some(f) = self.status.as_mut() {
+            let _ = f.write_all(s.encode().as_bytes());
+            let _ = termios::tcdrain(f.as_fd());
+        }
+    }
+
+    /// Report `msg` as an init failure and power off with status 125.
+    fn fail(&mut self, msg: String) -> ! {
+        console(&msg);
+        self.report(&Status::Error(msg));
+        power_off(125)
+    }
+}
+
+/// Flush, record the exit code for UML and power the guest off.
+fn power_off(code: u8) -> ! {
+    let _ = fs::write("/proc/exitcode", format!("{code}\n"));
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // reboot(2) does not return on success; if it did, there is nothing
+    // better to do than to let the kernel panic on init's exit.
+    std::process::exit(i32::from(code))
+}
+
+fn open_tty(n: u32, read: bool, write: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(read)
+        .write(write)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(tty(n))
+}
+
+fn make_raw(f: &impl AsFd) {
+    if let Ok(mut t) = termios::tcgetattr(f) {
+        termios::cfmakeraw(&mut t);
+        let _ = termios::tcsetattr(f, SetArg::TCSANOW, &t);
+    }
+}
+
+fn mount_fs(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let _ = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(target);
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} on {target}: {e}"))
+}
+
+fn mount_dev(root: &str) -> Result<(), String> {
+    mount_fs(
+        "devtmpfs",
+        &format!("{root}/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+}
+
+/// /proc, /sys, /dev/pts and /dev/shm under `root` ("" for /), with /dev
+/// already mounted.
+fn mount_pseudo(root: &str) -> Result<(), String> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", &format!("{root}/proc"), "proc", nodev, None)?;
+    mount_fs("sysfs", &format!("{root}/sys"), "sysfs", nodev, None)?;
+    mount_fs(
+        "devpts",
+        &format!("{root}/dev/pts"),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        &format!("{root}/dev/shm"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    Ok(())
+}
+
+/// Bring up `lo` (SIOCGIFFLAGS / SIOCSIFFLAGS; no wrapper exists in nix).
+fn loopback_up() -> Result<(), String> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let s = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket for lo: {e}"))?;
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads ifr_name and writes ifr_flags of `req`,
+    // which outlives the call.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+        return Err(format!(
+            "SIOCGIFFLAGS lo: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, valid for the call.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+        return Err(format!(
+            "SIOCSIFFLAGS lo: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn setup_host_root(tmpfs: &[String], binds: &[String]) -> Result<(), String> {
+    mount_pseudo("")?;
+    for t in tmpfs {
+        if !Path::new(t).is_dir() {
+            continue;
+        }
+        let mode = if t == "/run" {
+            "mode=0755"
+        } else {
+            "mode=1777"
+        };
+        mount_fs(
+            "tmpfs",
+            t,
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(mode),
+        )?;
+    }
+    for b in binds {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(b)
+            .map_err(|e| format!("mkdir {b}: {e}"))?;
+        mount(
+            Some("none"),
+            b.as_str(),
+            Some("hostfs"),
+            MsFlags::MS_RDONLY,
+            Some(b.as_str()),
+        )
+        .map_err(|e| format!("mount host directory {b}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn setup_image_root(device: &str) -> Result<(), String> {
+    const NEWROOT: &str = "/newroot";
+    let mut last = String::new();
+    let mut mounted = false;
+    for fstype in ["ext4", "ext3", "ext2"] {
+        match mount(
+            Some(device),
+            NEWROOT,
+            Some(fstype),
+            MsFlags::empty(),
+            None::<&str>,
+        ) {
+            Ok(()) => {
+                mounted = true;
+                break;
+            }
+            Err(e) => last = format!("{e}"),
+        }
+    }
+    if !mounted {
+        return Err(format!(
+            "cannot mount the image ({device}) as ext4/ext3/ext2: {last}; is it an ext4 filesystem image?"
+        ));
+    }
+    std::env::set_current_dir(NEWROOT).map_err(|e| format!("chdir {NEWROOT}: {e}"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root into the image: {e}"))?;
+    // The old root (the host filesystem and its /dev) is now stacked on
+    // "."; detach it, so nothing of the host stays reachable.
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach the host filesystem: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    mount_dev("")?;
+    mount_pseudo("")?;
+    for t in ["/run", "/tmp"] {
+        let _ = fs::DirBuilder::new().mode(0o755).create(t);
+    }
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    Ok(())
+}
+
+/// Read the spec from the control line.
+fn read_spec(control: &mut File) -> Result<InitSpec, String> {
+    let mut dec = SpecDecoder::default();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match control.read(&mut byte) {
+            Ok(0) => return Err("the control line closed before the spec arrived".into()),
+            Ok(_) if byte[0] == b'\n' => {
+                let text = String::from_utf8_lossy(&line).into_owned();
+                line.clear();
+                if let Some(spec) = dec.feed(&text)? {
+                    return Ok(spec);
+                }
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read control line: {e}")),
+        }
+    }
+}
+
+/// Apply control messages until the control line closes.
+fn control_loop(mut control: File, cmd: Pid, tty: Option<OwnedFd>) {
+    let mut buf = [0u8; 256];
+    let mut pending = Vec::new();
+    loop {
+        let n = match control.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            match Control::parse(&String::from_utf8_lossy(&line)) {
+                Some(Control::Signal(sig)) => {
+                    if let Ok(sig) = Signal::try_from(sig) {
+                        // The command leads its own process group.
+                        let _ = kill(Pid::from_raw(-cmd.as_raw()), sig);
+                    }
+                }
+                Some(Control::Winsize { rows, cols }) => {
+                    if let Some(t) = &tty {
+                        set_winsize(t, rows, cols);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize that lives for the call.
+    unsafe {
+        libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+    }
+}
+
+/// The command's stdio in the guest: (stdin, stdout, stderr, the terminal
+/// if interactive).
+type Stdio3 = (File, File, File, Option<File>);
+
+fn open_stdio(spec: &InitSpec) -> Result<Stdio3, String> {
+    let err = |n: u32, e: std::io::Error| format!("open {}: {e}", tty(n));
+    match &spec.tty {
+        Some(t) => {
+            // The controlling terminal: no O_NOCTTY; the child makes it its
+            // controlling tty after setsid().
+            let term = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(tty(STDIN_LINE))
+                .map_err(|e| err(STDIN_LINE, e))?;
+            set_winsize(&term, t.rows, t.cols);
+            let stderr = if t.stderr_on_tty {
+                term.try_clone().map_err(|e| err(STDIN_LINE, e))?
+            } else {
+                let f = open_tty(STDERR_LINE, false, true).map_err(|e| err(STDERR_LINE, e))?;
+                make_raw(&f);
+                f
+            };
+            let a = term.try_clone().map_err(|e| err(STDIN_LINE, e))?;
+            let b = term.try_clone().map_err(|e| err(STDIN_LINE, e))?;
+            Ok((a, b, stderr, Some(term)))
+        }
+        None => {
+            let i = open_tty(STDIN_LINE, true, false).map_err(|e| err(STDIN_LINE, e))?;
+            let o = open_tty(STDOUT_LINE, false, true).map_err(|e| err(STDOUT_LINE, e))?;
+            let e2 = open_tty(STDERR_LINE, false, true).map_err(|e| err(STDERR_LINE, e))?;
+            // Raw: no CR/LF translation, no echo, no signal characters, so
+            // bytes pass through exactly. stdin may already be hung up
+            // (empty input); then the ioctl fails harmlessly.
+            make_raw(&i);
+            make_raw(&o);
+            make_raw(&e2);
+            Ok((i, o, e2, None))
+        }
+    }
+}
+
+fn env_path(spec: &InitSpec) -> Vec<u8> {
+    spec.env
+        .iter()
+        .find_map(|kv| kv.strip_prefix(b"PATH=").map(<[u8]>::to_vec))
+        .unwrap_or_else(|| DEFAULT_PATH.as_bytes().to_vec())
+}
+
+/// Whether the command can be found, the way execvp would look for it.
+fn resolve(spec: &InitSpec) -> Option<Vec<u8>> {
+    let prog = spec.argv.first()?;
+    if prog.is_empty() {
+        return None;
+    }
+    if prog.contains(&b'/') {
+        let p = if prog.starts_with(b"/") {
+            prog.clone()
+        } else {
+            let mut w = spec.workdir.clone();
+            w.push(b'/');
+            w.extend_from_slice(prog);
+            w
+        };
+        return Path::new(OsStr::from_bytes(&p))
+            .exists()
+            .then(|| prog.clone());
+    }
+    for dir in env_path(spec).split(|&b| b == b':') {
+        let dir = if dir.is_empty() { b"." as &[u8] } else { dir };
+        let mut cand = dir.to_vec();
+        cand.push(b'/');
+        cand.extend_from_slice(prog);
+        let p = Path::new(OsStr::from_bytes(&cand));
+        if p.is_file() {
+            if let Ok(c) = CString::new(cand.clone()) {
+                // SAFETY: access(2) on a valid C string.
+                if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+                    return Some(cand);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Entry point of PID 1 in the guest.
+pub fn main() -> ! {
+    let mut g = Guest { status: None };
+    // /dev first: the serial lines live there.
+    if let Err(e) = mount_dev("") {
+        if !Path::new("/dev/ttyS0").exists() {
+            g.fail(format!("{e}; the kernel needs CONFIG_DEVTMPFS"));
+        }
+    }
+    match open_tty(STATUS_LINE, false, true) {
+        Ok(f) => {
+            make_raw(&f);
+            g.status = Some(f);
+        }
+        Err(e) => g.fail(format!(
+            "open {}: {e}; the kernel needs CONFIG_SSL (UML serial lines)",
+            tty(STATUS_LINE)
+        )),
+    }
+    let mut control = match open_tty(CONTROL_LINE, true, false) {
+        Ok(f) => f,
+        Err(e) => g.fail(format!("open {}: {e}", tty(CONTROL_LINE))),
+    };
+    make_raw(&control);
+    console("reading spec");
+    let spec = match read_spec(&mut control) {
+        Ok(s) => s,
+        Err(e) => g.fail(e),
+    };
+    g.report(&Status::Ready);
+    console("spec read");
+
+    let root = match &spec.root {
+        RootSpec::Host { tmpfs, binds } => setup_host_root(tmpfs, binds),
+        RootSpec::Image { device } => setup_image_root(device),
+    };
+    if let Err(e) = root {
+        g.fail(e);
+    }
+    let _ = nix::unistd::sethostname(&spec.hostname);
+    if let Err(e) = loopback_up() {
+        console(&e);
+    }
+
+    let (stdin, stdout, stderr, term) = match open_stdio(&spec) {
+        Ok(s) => s,
+        Err(e) => g.fail(e),
+    };
+    let workdir = Path::new(OsStr::from_bytes(&spec.workdir)).to_path_buf();
+    if !workdir.is_dir() {
+        g.fail(format!(
+            "working directory {} does not exist in the guest",
+            workdir.display()
+        ));
+    }
+    let prog_name =
+        String::from_utf8_lossy(spec.argv.first().map(Vec::as_slice).unwrap_or_default())
+            .into_owned();
+    let Some(resolved) = resolve(&spec) else {
+        let msg = format!("{prog_name}: command not found");
+        g.report(&Status::NotFound(msg));
+        power_off(127);
+    };
+
+    // Keep our own handles on the output lines, so that they stay open
+    // after the command exits and can be drained before we report.
+    let drain: Vec<File> = match (stdout.try_clone(), stderr.try_clone()) {
+        (Ok(a), Ok(b)) => vec![a, b],
+        (Err(e), _) | (_, Err(e)) => g.fail(format!("dup the output lines: {e}")),
+    };
+    let mut cmd = Command::new(OsStr::from_bytes(&resolved));
+    cmd.arg0(OsStr::from_bytes(&spec.argv[0]))
+        .args(spec.argv[1..].iter().map(|a| OsStr::from_bytes(a)))
+        .env_clear()
+        .current_dir(&workdir)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    for kv in &spec.env {
+        let (k, v) = match kv.iter().position(|&b| b == b'=') {
+            Some(i) => (&kv[..i], &kv[i + 1..]),
+            None => (&kv[..], &b""[..]),
+        };
+        cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
+    }
+    let interactive = term.is_some();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if interactive && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("{prog_name}: {e}");
+            if e.kind() == std::io::ErrorKind::NotFound {
+                g.report(&Status::NotFound(msg));
+                power_off(127);
+            }
+            g.report(&Status::NotExecutable(msg));
+            power_off(126);
+        }
+    };
+    drop(cmd);
+    let cmd_pid = Pid::from_raw(child.id() as i32);
+    g.report(&Status::Started);
+
+    let term_fd: Option<OwnedFd> = term.map(OwnedFd::from);
+    std::thread::spawn(move || control_loop(control, cmd_pid, term_fd));
+
+    // Reap everything (we are PID 1) until the command ends.
+    let status = loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == cmd_pid => break Status::Exit(code as u8),
+            Ok(WaitStatus::Signaled(pid, sig, core)) if pid == cmd_pid => {
+                break Status::Signal {
+                    signal: sig as i32,
+                    core,
+                }
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => g.fail(format!("waitpid: {e}")),
+        }
+    };
+    // Whatever the command left running goes now, as in a container.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while let Ok(st) = waitpid(None, Some(WaitPidFlag::empty())) {
+        if matches!(st, WaitStatus::StillAlive) {
+            break;
+        }
+    }
+    // The command's output must have left the guest before we report.
+    for f in &drain {
+        let _ = termios::tcdrain(f.as_fd());
+    }
+    nix::unistd::sync();
+    if matches!(spec.root, RootSpec::Image { .. }) {
+        let _ = mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        );
+    }
+    let code = match status {
+        Status::Exit(c) => c,
+        Status::Signal { signal, .. } => (128 + signal) as u8,
+        _ => 125,
+    };
+    g.report(&status);
+    power_off(code)
+}

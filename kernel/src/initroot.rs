@@ -1,0 +1,233 @@
+//! The confined init root for guests booted from an image.
+//!
+//! With `--image`, the guest must not see the host. Its init (umlctl itself)
+//! still has to be reachable through hostfs at boot, so the hostfs root is
+//! confined (UML's `hostfs=` prefix) to a small directory holding a copy of
+//! the umlctl binary, the dynamic loader and libraries it needs, and the
+//! mount points the init uses. Any later hostfs mount in the guest is
+//! confined to the same directory. The directory lives in the cache, keyed
+//! by the identity of the running binary, and is built atomically.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use object::{Object, ObjectSection};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::paths;
+
+/// Name of the init binary inside the init root.
+pub const INIT_NAME: &str = "umlctl";
+
+/// Mount points the init needs in its root.
+const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys", "newroot", "tmp"];
+
+/// A prepared init root.
+#[derive(Debug, Clone)]
+pub struct InitRoot {
+    /// Host directory to confine hostfs to.
+    pub dir: PathBuf,
+    /// The init, as a path inside that directory.
+    pub init: PathBuf,
+}
+
+/// The running umlctl binary, resolved.
+pub fn current_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::sys("find the umlctl binary (/proc/self/exe)", e))?;
+    if exe.to_string_lossy().ends_with(" (deleted)") {
+        return Err(Error::Host {
+            check: "umlctl binary",
+            detail: format!(
+                "the running umlctl binary {} was deleted or replaced",
+                exe.display()
+            ),
+            fix: "run the command again with the new binary".into(),
+        });
+    }
+    Ok(exe)
+}
+
+/// Prepare (or reuse) the init root for the binary `exe`.
+pub fn prepare(exe: &Path) -> Result<InitRoot> {
+    let md = fs::metadata(exe).map_err(|e| Error::io("stat", exe, e))?;
+    let mut h = Sha256::new();
+    h.update(exe.as_os_str().as_encoded_bytes());
+    for v in [
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime() as u64,
+        md.mtime_nsec() as u64,
+    ] {
+        h.update(v.to_le_bytes());
+    }
+    let key: String = h
+        .finalize()
+        .iter()
+        .take(10)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let base = paths::cache_dir()?.join("initroot");
+    paths::ensure_dir(&base)?;
+    let dir = base.join(&key);
+    let root = InitRoot {
+        init: PathBuf::from("/").join(INIT_NAME),
+        dir: dir.clone(),
+    };
+    if dir.join(".complete").exists() {
+        return Ok(root);
+    }
+
+    let tmp = base.join(format!(".tmp-{key}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let built = build(exe, &tmp);
+    if let Err(e) = built {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match fs::rename(&tmp, &dir) {
+        Ok(()) => {}
+        Err(_) if dir.join(".complete").exists() => {
+            // Another umlctl built it at the same time.
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(Error::io("rename init root into place", &dir, e));
+        }
+    }
+    prune(&base, &key, exe);
+    Ok(root)
+}
+
+fn build(exe: &Path, tmp: &Path) -> Result<()> {
+    paths::ensure_dir(tmp)?;
+    for d in MOUNT_POINTS {
+        paths::ensure_dir(&tmp.join(d))?;
+    }
+    copy_into(exe, &tmp.join(INIT_NAME))?;
+    for lib in dynamic_deps(exe)? {
+        let rel = lib.strip_prefix("/").unwrap_or(&lib);
+        let dest = tmp.join(rel);
+        if let Some(parent) = dest.parent() {
+            paths::ensure_dir(parent)?;
+        }
+        copy_into(&lib, &dest)?;
+    }
+    fs::write(tmp.join(".source"), exe.as_os_str().as_encoded_bytes())
+        .map_err(|e| Error::io("write", tmp.join(".source"), e))?;
+    fs::write(tmp.join(".complete"), b"")
+        .map_err(|e| Error::io("write", tmp.join(".complete"), e))?;
+    Ok(())
+}
+
+fn copy_into(src: &Path, dest: &Path) -> Result<()> {
+    fs::copy(src, dest).map_err(|e| Error::io("copy into the init root", src, e))?;
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o555))
+        .map_err(|e| Error::io("chmod", dest, e))
+}
+
+/// The dynamic loader and shared libraries `exe` needs, as the loader
+/// itself resolves them (`ld.so --list`). Empty for a static binary.
+pub fn dynamic_deps(exe: &Path) -> Result<Vec<PathBuf>> {
+    let data = fs::read(exe).map_err(|e| Error::io("read", exe, e))?;
+    let elf = object::File::parse(&*data).map_err(|e| Error::Host {
+        check: "umlctl binary",
+        detail: format!("cannot parse {} as ELF: {e}", exe.display()),
+        fix: "reinstall umlctl".into(),
+    })?;
+    let Some(interp) = elf.section_by_name(".interp").and_then(|s| s.data().ok()) else {
+        return Ok(Vec::new());
+    };
+    let interp = PathBuf::from(
+        String::from_utf8_lossy(interp.split(|&b| b == 0).next().unwrap_or_default()).into_owned(),
+    );
+    drop(elf);
+    let out = Command::new(&interp)
+        .arg("--list")
+        .arg(exe)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .map_err(|e| Error::io("run the dynamic loader", &interp, e))?;
+    if !out.status.success() {
+        return Err(Error::Host {
+            check: "umlctl binary",
+            detail: format!(
+                "`{} --list {}` failed: {}",
+                interp.display(),
+                exe.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            fix: "reinstall umlctl".into(),
+        });
+    }
+    let mut libs = vec![interp.clone()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line = line.trim();
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.trim(),
+            None => line,
+        };
+        let path = path.split(" (").next().unwrap_or("").trim();
+        if path.starts_with('/') && !libs.iter().any(|l| l.as_os_str() == path) {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
+}
+
+/// Remove older init roots made from the same binary path.
+fn prune(base: &Path, keep: &str, exe: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name == keep || name.starts_with('.') {
+            continue;
+        }
+        let src = fs::read(e.path().join(".source")).unwrap_or_default();
+        if src == exe.as_os_str().as_encoded_bytes() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deps_of_a_dynamic_program_include_libc_and_the_loader() {
+        let deps = dynamic_deps(Path::new("/bin/true")).unwrap();
+        assert!(
+            deps.iter()
+                .any(|p| p.to_string_lossy().contains("ld-linux")),
+            "{deps:?}"
+        );
+        assert!(
+            deps.iter().any(|p| p.to_string_lossy().contains("libc.so")),
+            "{deps:?}"
+        );
+        assert!(
+            deps.iter().all(|p| p.is_absolute() && p.exists()),
+            "{deps:?}"
+        );
+    }
+
+    #[test]
+    fn a_static_program_has_no_deps() {
+        // Debian's busybox-static, installed by the test setup.
+        let bb = Path::new("/bin/busybox");
+        assert!(
+            bb.exists(),
+            "/bin/busybox is missing: apt-get install busybox-static"
+        );
+        assert!(dynamic_deps(bb).unwrap().is_empty());
+    }
+}

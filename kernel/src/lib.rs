@@ -1,0 +1,24 @@
+//! umlctl-kernel: the guest kernel side of umlctl.
+//!
+//! * [`locate`] and [`inspect`]: which UML kernel to use and what it can do;
+//! * [`preflight`] and [`xstate`]: host checks, and the shim that lets
+//!   kernels older than 6.13 boot on hosts with large XSAVE areas (AMX);
+//! * [`cmdline`]: the UML command line, built in one place;
+//! * [`run`]: boot a guest, run one command, pass stdio and status through;
+//! * [`init`]: the guest side of `run` (umlctl as PID 1 in the guest) and
+//!   [`protocol`], what the two sides say to each other.
+
+pub mod cmdline;
+pub mod error;
+pub mod init;
+pub mod initroot;
+pub mod inspect;
+pub mod locate;
+pub mod paths;
+pub mod preflight;
+pub mod protocol;
+pub mod run;
+pub mod xstate;
+
+pub use error::{Error, Result};
+pub use run::{run, GuestSpec, Reason, RunOutcome, ShimMode, TtyMode};

@@ -1,0 +1,340 @@
+//! The protocol between `umlctl run` on the host and umlctl's init in the
+//! guest. It runs over UML serial lines (`sslN` on the host, `/dev/ttySN` in
+//! the guest), one line of ASCII per message, so it survives a tty in either
+//! canonical or raw mode:
+//!
+//! * host → guest on [`CONTROL_LINE`]: the [`InitSpec`] as `spec <base64>`
+//!   chunks closed by `end`, then `signal N` / `winsize ROWS COLS` at any time;
+//! * guest → host on [`STATUS_LINE`]: [`Status`] records (`ready`, `started`,
+//!   `exit N`, `signal N`, `notfound MSG`, `noexec MSG`, `error MSG`).
+//!
+//! The command's own stdin, stdout and stderr use [`STDIN_LINE`],
+//! [`STDOUT_LINE`] and [`STDERR_LINE`], so that the end of stdin (which UML
+//! turns into a hangup of its line) never closes the output.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// Serial line carrying the command's stdin (and, in tty mode, its output).
+pub const STDIN_LINE: u32 = 0;
+/// Serial line carrying the command's stdout.
+pub const STDOUT_LINE: u32 = 1;
+/// Serial line carrying the command's stderr.
+pub const STDERR_LINE: u32 = 2;
+/// Serial line carrying host → guest control messages.
+pub const CONTROL_LINE: u32 = 3;
+/// Serial line carrying guest → host status records.
+pub const STATUS_LINE: u32 = 4;
+
+/// Base64 chunk length; well under the 4095-byte canonical-mode line limit.
+const CHUNK: usize = 1024;
+
+/// How the guest's root filesystem is set up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RootSpec {
+    /// The host's `/` through hostfs, read-only, with tmpfs mounted over
+    /// `tmpfs` paths; `binds` are host directories under those paths that are
+    /// made visible again (read-only) inside the tmpfs, e.g. the working
+    /// directory when it lies under `/tmp`.
+    Host {
+        tmpfs: Vec<String>,
+        binds: Vec<String>,
+    },
+    /// The disk `device` (an ext4 image on ubd) becomes the root; the host
+    /// filesystem is detached before the command runs.
+    Image { device: String },
+}
+
+/// Terminal geometry and type for interactive runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySpec {
+    pub rows: u16,
+    pub cols: u16,
+    /// stderr goes to the same terminal (else to [`STDERR_LINE`]).
+    pub stderr_on_tty: bool,
+}
+
+/// Everything the guest init needs to run the command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitSpec {
+    /// The command and its arguments (bytes: need not be UTF-8).
+    #[serde(with = "bytes_list")]
+    pub argv: Vec<Vec<u8>>,
+    /// `KEY=VALUE` entries of the command's environment.
+    #[serde(with = "bytes_list")]
+    pub env: Vec<Vec<u8>>,
+    /// Working directory of the command.
+    #[serde(with = "bytes_one")]
+    pub workdir: Vec<u8>,
+    pub root: RootSpec,
+    pub hostname: String,
+    /// Present when the command gets an interactive terminal.
+    pub tty: Option<TtySpec>,
+}
+
+mod bytes_list {
+    use super::B64;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|b| B64.encode(b)))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let v: Vec<String> = Vec::deserialize(d)?;
+        v.iter()
+            .map(|s| B64.decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+mod bytes_one {
+    use super::B64;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        B64.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl InitSpec {
+    /// The control-line messages that carry this spec.
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("InitSpec serializes");
+        let b64 = B64.encode(json);
+        let mut out = String::with_capacity(b64.len() + b64.len() / CHUNK * 6 + 8);
+        for chunk in b64.as_bytes().chunks(CHUNK) {
+            out.push_str("spec ");
+            out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str("end\n");
+        out
+    }
+}
+
+/// Accumulates `spec` chunks until `end`.
+#[derive(Default)]
+pub struct SpecDecoder {
+    b64: String,
+}
+
+impl SpecDecoder {
+    /// Feed one control line. Returns the spec when `end` arrives.
+    pub fn feed(&mut self, line: &str) -> Result<Option<InitSpec>, String> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(chunk) = line.strip_prefix("spec ") {
+            self.b64.push_str(chunk.trim());
+            Ok(None)
+        } else if line == "end" {
+            let json = B64
+                .decode(&self.b64)
+                .map_err(|e| format!("spec is not valid base64: {e}"))?;
+            serde_json::from_slice(&json)
+                .map(Some)
+                .map_err(|e| format!("spec is not valid: {e}"))
+        } else if line.is_empty() {
+            Ok(None)
+        } else {
+            Err(format!(
+                "unexpected control line before the spec ended: {line:?}"
+            ))
+        }
+    }
+}
+
+/// Host → guest messages after the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Deliver this signal to the command's process group.
+    Signal(i32),
+    /// The host terminal was resized.
+    Winsize { rows: u16, cols: u16 },
+}
+
+impl Control {
+    pub fn encode(&self) -> String {
+        match self {
+            Control::Signal(n) => format!("signal {n}\n"),
+            Control::Winsize { rows, cols } => format!("winsize {rows} {cols}\n"),
+        }
+    }
+
+    pub fn parse(line: &str) -> Option<Control> {
+        let mut w = line.split_whitespace();
+        match w.next()? {
+            "signal" => Some(Control::Signal(w.next()?.parse().ok()?)),
+            "winsize" => Some(Control::Winsize {
+                rows: w.next()?.parse().ok()?,
+                cols: w.next()?.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Guest → host status records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The init has read the spec.
+    Ready,
+    /// The command has been started.
+    Started,
+    /// The command exited with this status.
+    Exit(u8),
+    /// The command was killed by this signal.
+    Signal { signal: i32, core: bool },
+    /// The command was not found (exit 127).
+    NotFound(String),
+    /// The command was found but could not be executed (exit 126).
+    NotExecutable(String),
+    /// The init could not set up the guest.
+    Error(String),
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+impl Status {
+    pub fn encode(&self) -> String {
+        match self {
+            Status::Ready => "ready\n".into(),
+            Status::Started => "started\n".into(),
+            Status::Exit(n) => format!("exit {n}\n"),
+            Status::Signal { signal, core } => {
+                format!("signal {signal}{}\n", if *core { " core" } else { "" })
+            }
+            Status::NotFound(m) => format!("notfound {}\n", one_line(m)),
+            Status::NotExecutable(m) => format!("noexec {}\n", one_line(m)),
+            Status::Error(m) => format!("error {}\n", one_line(m)),
+        }
+    }
+
+    /// Parse one status line; unknown lines give `None` (they are ignored,
+    /// e.g. tty noise).
+    pub fn parse(line: &str) -> Option<Status> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "ready" => Some(Status::Ready),
+            "started" => Some(Status::Started),
+            "exit" => rest.trim().parse().ok().map(Status::Exit),
+            "signal" => {
+                let mut w = rest.split_whitespace();
+                let signal = w.next()?.parse().ok()?;
+                Some(Status::Signal {
+                    signal,
+                    core: w.next() == Some("core"),
+                })
+            }
+            "notfound" => Some(Status::NotFound(rest.into())),
+            "noexec" => Some(Status::NotExecutable(rest.into())),
+            "error" => Some(Status::Error(rest.into())),
+            _ => None,
+        }
+    }
+
+    /// Whether this record ends the run (no more records will follow).
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Status::Ready | Status::Started)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InitSpec {
+        InitSpec {
+            argv: vec![b"sh".to_vec(), b"-c".to_vec(), vec![0xff, b'\n', b' ', 0]],
+            env: vec![b"A=b c".to_vec()],
+            workdir: b"/tmp/x y".to_vec(),
+            root: RootSpec::Host {
+                tmpfs: vec!["/tmp".into()],
+                binds: vec!["/tmp/x y".into()],
+            },
+            hostname: "uml".into(),
+            tty: Some(TtySpec {
+                rows: 24,
+                cols: 80,
+                stderr_on_tty: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn spec_roundtrip_through_lines() {
+        let mut big = spec();
+        big.argv.push(vec![b'x'; 10_000]);
+        let text = big.encode();
+        assert!(text.lines().all(|l| l.len() < 4095));
+        let mut d = SpecDecoder::default();
+        let mut got = None;
+        for line in text.split_inclusive('\n') {
+            // A canonical-mode tty may hand us CRLF; it must not matter.
+            let line = line.replace('\n', "\r\n");
+            if let Some(s) = d.feed(&line).unwrap() {
+                got = Some(s);
+            }
+        }
+        assert_eq!(got.unwrap(), big);
+    }
+
+    #[test]
+    fn spec_garbage_is_an_error() {
+        let mut d = SpecDecoder::default();
+        assert!(d.feed("bogus").is_err());
+        let mut d = SpecDecoder::default();
+        d.feed("spec !!!").unwrap();
+        assert!(d.feed("end").is_err());
+    }
+
+    #[test]
+    fn status_roundtrip() {
+        for s in [
+            Status::Ready,
+            Status::Started,
+            Status::Exit(0),
+            Status::Exit(255),
+            Status::Signal {
+                signal: 9,
+                core: false,
+            },
+            Status::Signal {
+                signal: 11,
+                core: true,
+            },
+            Status::NotFound("nosuch: not found".into()),
+            Status::NotExecutable("x: Permission denied".into()),
+            Status::Error("mount /dev/ubda: Invalid argument".into()),
+        ] {
+            assert_eq!(Status::parse(&s.encode()), Some(s.clone()));
+            assert_eq!(Status::parse(&s.encode().replace('\n', "\r\n")), Some(s));
+        }
+        assert_eq!(Status::parse("exit 256"), None);
+        assert_eq!(Status::parse("garbage"), None);
+        assert_eq!(Status::Error("a\nb".into()).encode(), "error a b\n");
+    }
+
+    #[test]
+    fn control_roundtrip() {
+        for c in [
+            Control::Signal(2),
+            Control::Winsize {
+                rows: 50,
+                cols: 132,
+            },
+        ] {
+            assert_eq!(Control::parse(c.encode().trim()), Some(c));
+        }
+        assert_eq!(Control::parse("signal x"), None);
+    }
+}

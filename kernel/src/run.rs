@@ -1,0 +1,1149 @@
+//! `run`: boot a guest, run one command in it, and pass its stdio and exit
+//! status through.
+//!
+//! The host side of the flow in DESIGN.md: locate and inspect the kernel,
+//! decide on the xstate shim, lay out a run directory, wire the command's
+//! stdio and the control/status lines to UML serial lines, start UML, and
+//! supervise it (signals, timeout, output, kernel log) until it exits; then
+//! turn whatever happened into one [`RunOutcome`] and remove everything the
+//! run created.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::termios::{self, SetArg, Termios};
+use nix::unistd::{pipe2, Pid};
+
+use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
+use crate::error::{errno, Error, Result};
+use crate::initroot;
+use crate::locate::{locate, Located};
+use crate::paths;
+use crate::protocol::{Control, InitSpec, RootSpec, Status, TtySpec};
+use crate::protocol::{CONTROL_LINE, STATUS_LINE, STDERR_LINE, STDIN_LINE, STDOUT_LINE};
+use crate::xstate::{self, HostXstate};
+
+/// Paths the guest sees as tmpfs when its root is the host filesystem.
+pub const HOST_ROOT_TMPFS: &[&str] = &["/tmp", "/var/tmp", "/run"];
+
+/// Default guest memory.
+pub const DEFAULT_MEM: u64 = 256 << 20;
+
+/// How long a forwarded signal may take to end the command before the
+/// guest is stopped from the outside.
+const SIGNAL_GRACE: Duration = Duration::from_secs(10);
+/// How long UML may take to exit after a SIGTERM before it is killed.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long UML may take to power off after the command ended.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether to use the xstate shim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShimMode {
+    /// Use it when the host's XSAVE area is larger than the kernel handles.
+    #[default]
+    Auto,
+    /// Never use it.
+    Off,
+}
+
+/// Whether the command gets an interactive terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TtyMode {
+    /// When stdin and stdout are both terminals.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Everything that describes one `run`.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    /// `--kernel`; `None` searches the usual places.
+    pub kernel: Option<PathBuf>,
+    /// `--image`: ext4 root image, booted through an ephemeral COW overlay.
+    pub image: Option<PathBuf>,
+    pub mem_bytes: u64,
+    /// The command and its arguments.
+    pub command: Vec<OsString>,
+    /// `--env`: `(KEY, Some(VALUE))`, or `(KEY, None)` to pass the host's value.
+    pub env: Vec<(OsString, Option<OsString>)>,
+    pub workdir: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+    /// Where kernel messages go (else they are kept only for error reports).
+    pub console_log: Option<PathBuf>,
+    /// Also copy kernel messages to stderr.
+    pub verbose: bool,
+    pub shim: ShimMode,
+    pub tty: TtyMode,
+}
+
+impl GuestSpec {
+    /// A spec for `command` with defaults for everything else.
+    pub fn new(command: Vec<OsString>) -> Self {
+        GuestSpec {
+            kernel: None,
+            image: None,
+            mem_bytes: DEFAULT_MEM,
+            command,
+            env: Vec::new(),
+            workdir: None,
+            timeout: None,
+            console_log: None,
+            verbose: false,
+            shim: ShimMode::Auto,
+            tty: TtyMode::Auto,
+        }
+    }
+}
+
+/// Why the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The command exited; the exit code is its status.
+    Exited,
+    /// The command was killed by a signal (exit code 128+N).
+    Signaled,
+    /// The command was not found (127).
+    NotFound,
+    /// The command could not be executed (126).
+    NotExecutable,
+    /// `--timeout` expired; the guest was stopped (124).
+    Timeout,
+    /// The guest kernel panicked (125).
+    Panic,
+    /// The guest did not get to run the command (125).
+    BootFailed,
+    /// umlctl was interrupted and the guest had to be stopped (128+N).
+    Interrupted,
+}
+
+/// Wall-clock milestones of a run, in milliseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    /// From starting UML to the command starting.
+    pub boot_ms: Option<f64>,
+    /// From the command starting to its end.
+    pub command_ms: Option<f64>,
+    /// From starting UML to UML having exited.
+    pub total_ms: f64,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunOutcome {
+    /// What umlctl exits with.
+    pub exit_code: i32,
+    pub reason: Reason,
+    /// The signal, for `signaled` and `interrupted`.
+    pub signal: Option<i32>,
+    /// A human explanation for anything but a normal exit.
+    pub message: Option<String>,
+    pub kernel: PathBuf,
+    pub kernel_version: String,
+    pub xstate_shim: bool,
+    pub timings: Timings,
+}
+
+enum Event {
+    Status(Status),
+    UmlExited(ExitStatus),
+    Signal(i32),
+    OutputBroken,
+}
+
+/// Pieces of the host environment a run changes and must restore.
+struct TermGuard {
+    fd: RawFd,
+    termios: Termios,
+    flags: libc::c_int,
+}
+
+impl TermGuard {
+    fn save(fd: RawFd) -> Option<TermGuard> {
+        // SAFETY: fd 0/1 are borrowed for the duration of these calls only.
+        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let t = termios::tcgetattr(bfd).ok()?;
+        // SAFETY: F_GETFL on an open descriptor.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        Some(TermGuard {
+            fd,
+            termios: t,
+            flags,
+        })
+    }
+}
+
+impl Drop for TermGuard {
+    fn drop(&mut self) {
+        // SAFETY: see save().
+        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let _ = termios::tcsetattr(bfd, SetArg::TCSANOW, &self.termios);
+        if self.flags >= 0 {
+            // SAFETY: F_SETFL restoring the flags we read.
+            unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.flags) };
+        }
+    }
+}
+
+fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty on any integer is safe.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn winsize(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
+            .then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    let ok = File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let seed = t ^ ((std::process::id() as u128) << 64);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (seed >> ((i % 16) * 8)) as u8;
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", errno(e)))
+}
+
+/// Borrow a raw host fd as a `File` without taking ownership.
+fn borrow_file(fd: RawFd) -> ManuallyDrop<File> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so the descriptor
+    // stays owned by whoever owns it.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The last lines of the kernel log, for error messages.
+#[derive(Default)]
+struct LogTail {
+    lines: VecDeque<String>,
+    partial: Vec<u8>,
+    panic: Option<String>,
+}
+
+impl LogTail {
+    const KEEP: usize = 40;
+
+    fn push(&mut self, data: &[u8]) {
+        self.partial.extend_from_slice(data);
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            if self.panic.is_none() {
+                if let Some(i) = line.find("Kernel panic - not syncing:") {
+                    self.panic = Some(line[i..].to_string());
+                }
+            }
+            if line.is_empty() {
+                continue;
+            }
+            if self.lines.len() == Self::KEEP {
+                self.lines.pop_front();
+            }
+            self.lines.push_back(line);
+        }
+    }
+
+    fn tail(&self, n: usize) -> String {
+        let skip = self.lines.len().saturating_sub(n);
+        self.lines
+            .iter()
+            .skip(skip)
+            .map(|l| format!("  | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Copy `from` to the host fd `to` until EOF. When the host side breaks
+/// (EPIPE), report it once and keep draining so the guest never blocks.
+fn copy_out(mut from: File, to: RawFd, tx: Sender<Event>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut out = borrow_file(to);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut broken = false;
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if !broken && out.write_all(&buf[..n]).is_err() {
+                broken = true;
+                let _ = tx.send(Event::OutputBroken);
+            }
+        }
+    })
+}
+
+/// Copy the host's stdin into the guest's stdin line; closing the pipe at
+/// EOF makes the guest see EOF.
+fn copy_in(to: File) {
+    thread::spawn(move || {
+        let mut to = to;
+        let mut input = borrow_file(0);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Read the kernel log: to the console log file, to stderr with `-v`, and
+/// into the tail kept for error messages.
+fn read_log(
+    mut from: File,
+    mut file: Option<File>,
+    verbose: bool,
+    tail: Arc<Mutex<LogTail>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut err = borrow_file(2);
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if let Some(f) = file.as_mut() {
+                let _ = f.write_all(&buf[..n]);
+            }
+            if verbose {
+                let _ = err.write_all(&buf[..n]);
+            }
+            if let Ok(mut t) = tail.lock() {
+                t.push(&buf[..n]);
+            }
+        }
+    })
+}
+
+fn read_status(from: File, tx: Sender<Event>) {
+    thread::spawn(move || {
+        let mut from = io::BufReader::new(from);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match io::BufRead::read_until(&mut from, b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if let Some(s) = Status::parse(&String::from_utf8_lossy(&line)) {
+                        if tx.send(Event::Status(s)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Kill every process that is still our descendant (UML helpers orphaned
+/// by UML's exit are re-parented to us: we are a child subreaper).
+fn kill_descendants() {
+    fn children_of(pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+                    out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                }
+            }
+        }
+        out
+    }
+    for _ in 0..5 {
+        let mut todo = children_of(std::process::id());
+        if todo.is_empty() {
+            return;
+        }
+        let mut all = Vec::new();
+        while let Some(p) = todo.pop() {
+            todo.extend(children_of(p));
+            all.push(p);
+        }
+        for p in &all {
+            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+        }
+        for p in &all {
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(*p as i32), None);
+        }
+    }
+}
+
+/// Where the guest's root comes from, resolved on the host.
+enum Root {
+    Host {
+        init: PathBuf,
+    },
+    Image {
+        image: PathBuf,
+        initroot: initroot::InitRoot,
+    },
+}
+
+/// Validate `--image` and return its absolute path.
+fn check_image(p: &Path) -> Result<PathBuf> {
+    let md = fs::metadata(p).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::Usage(format!("image {} does not exist", p.display())),
+        _ => Error::io("stat image", p, e),
+    })?;
+    use std::os::unix::fs::FileTypeExt;
+    if !(md.is_file() || md.file_type().is_block_device()) {
+        return Err(Error::Usage(format!(
+            "image {} is not a regular file or block device",
+            p.display()
+        )));
+    }
+    if md.len() < 4096 && md.is_file() {
+        return Err(Error::Usage(format!(
+            "image {} is too small ({} bytes) to be a filesystem",
+            p.display(),
+            md.len()
+        )));
+    }
+    File::open(p).map_err(|e| Error::io("open image for reading", p, e))?;
+    fs::canonicalize(p).map_err(|e| Error::io("resolve", p, e))
+}
+
+/// Compose the command's environment.
+fn guest_env(spec: &GuestSpec, tty: bool) -> Result<Vec<Vec<u8>>> {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (
+            b"PATH".to_vec(),
+            b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(),
+        ),
+        (b"HOME".to_vec(), b"/root".to_vec()),
+    ];
+    if tty {
+        let term = std::env::var_os("TERM").unwrap_or_else(|| "xterm".into());
+        env.push((b"TERM".to_vec(), term.as_bytes().to_vec()));
+    }
+    for (k, v) in &spec.env {
+        let kb = k.as_bytes();
+        if kb.is_empty() || kb.contains(&b'=') || kb.contains(&0) {
+            return Err(Error::Usage(format!("invalid --env name {:?}", k)));
+        }
+        let v = match v {
+            Some(v) => v.clone(),
+            None => match std::env::var_os(k) {
+                Some(v) => v,
+                None => continue,
+            },
+        };
+        env.retain(|(ek, _)| ek != kb);
+        env.push((kb.to_vec(), v.as_bytes().to_vec()));
+    }
+    Ok(env
+        .into_iter()
+        .map(|(mut k, v)| {
+            k.push(b'=');
+            k.extend_from_slice(&v);
+            k
+        })
+        .collect())
+}
+
+/// Boot a guest, run `spec.command` in it, and report how it ended.
+///
+/// The command's stdin, stdout and stderr are this process's own. Errors
+/// before the guest starts (no kernel, bad options, host problems) are
+/// returned as `Err`; everything after is a [`RunOutcome`].
+pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
+    if spec.command.is_empty() {
+        return Err(Error::Usage(
+            "no command given: umlctl run [OPTIONS] -- CMD [ARGS...]".into(),
+        ));
+    }
+    if spec.command.iter().any(|a| a.as_bytes().contains(&0)) {
+        return Err(Error::Usage(
+            "command arguments cannot contain NUL bytes".into(),
+        ));
+    }
+    let located: Located = locate(spec.kernel.as_deref())?;
+    let info = &located.info;
+    let mut need = vec!["hostfs", "serial-lines", "devtmpfs", "exitcode", "tmpfs"];
+    if spec.image.is_some() {
+        need.extend(["ubd", "ext4"]);
+    }
+    info.require(&need)?;
+
+    let host_xstate = xstate::probe_host_xstate()?;
+    let needs_shim = info.fp.needs_shim(host_xstate);
+    let use_shim = needs_shim && spec.shim == ShimMode::Auto;
+    if use_shim && info.linkage == crate::inspect::Linkage::Static {
+        return Err(Error::KernelUnusable {
+            path: info.path.clone(),
+            reason: format!(
+                "this {} kernel is statically linked and has a fixed {}-byte FP state buffer, but this host's XSAVE area is {} bytes, so it dies at init (\"ptrace set fp regs failed, errno = 14\") and the xstate shim cannot be preloaded into a static binary\nfix: use a kernel ≥ 6.13, or a dynamically linked build of this one",
+                info.version,
+                xstate::LEGACY_UML_XSTATE,
+                host_xstate.bytes()
+            ),
+        });
+    }
+    let shim = if use_shim {
+        Some(xstate::shim_path()?)
+    } else {
+        None
+    };
+
+    // Terminal or pipes.
+    let interactive = match spec.tty {
+        TtyMode::Auto => is_tty(0) && is_tty(1),
+        TtyMode::Always => {
+            if !is_tty(0) {
+                return Err(Error::Usage(
+                    "--tty always needs stdin to be a terminal".into(),
+                ));
+            }
+            true
+        }
+        TtyMode::Never => false,
+    };
+    let stderr_on_tty = interactive && is_tty(2) && same_file(0, 2);
+
+    // Root and working directory.
+    let root = match &spec.image {
+        Some(img) => Root::Image {
+            image: check_image(img)?,
+            initroot: initroot::prepare(&initroot::current_exe()?)?,
+        },
+        None => Root::Host {
+            init: initroot::current_exe()?,
+        },
+    };
+    let workdir: PathBuf = match (&spec.workdir, &root) {
+        (Some(w), _) if !w.is_absolute() => {
+            return Err(Error::Usage(format!(
+                "--workdir {} must be an absolute path",
+                w.display()
+            )))
+        }
+        (Some(w), Root::Host { .. }) => {
+            if !w.is_dir() {
+                return Err(Error::Usage(format!(
+                    "--workdir {} is not a directory on the host (without --image the guest sees the host's files)",
+                    w.display()
+                )));
+            }
+            w.clone()
+        }
+        (Some(w), Root::Image { .. }) => w.clone(),
+        (None, Root::Host { .. }) => {
+            std::env::current_dir().map_err(|e| Error::sys("find the current directory", e))?
+        }
+        (None, Root::Image { .. }) => PathBuf::from("/"),
+    };
+
+    let env = guest_env(spec, interactive)?;
+    let tty_spec = interactive.then(|| {
+        let (rows, cols) = winsize(1).or_else(|| winsize(0)).unwrap_or((24, 80));
+        TtySpec {
+            rows,
+            cols,
+            stderr_on_tty,
+        }
+    });
+    let root_spec = match &root {
+        Root::Host { .. } => {
+            let binds = HOST_ROOT_TMPFS
+                .iter()
+                .filter(|t| workdir.starts_with(t) && workdir != Path::new(t))
+                .map(|_| workdir.to_string_lossy().into_owned())
+                .collect();
+            RootSpec::Host {
+                tmpfs: HOST_ROOT_TMPFS.iter().map(|s| s.to_string()).collect(),
+                binds,
+            }
+        }
+        Root::Image { .. } => RootSpec::Image {
+            device: "/dev/ubda".into(),
+        },
+    };
+    let init_spec = InitSpec {
+        argv: spec.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        workdir: workdir.as_os_str().as_bytes().to_vec(),
+        root: root_spec,
+        hostname: "uml".into(),
+        tty: tty_spec,
+    };
+
+    // The run directory: UML's instance directory and the overlay.
+    let umid = format!("umlctl-{}", random_hex(6));
+    let rundir = paths::runtime_dir()?.join(&umid);
+    paths::ensure_private_dir(&rundir)?;
+    let _cleanup = RunDirGuard(rundir.clone());
+
+    let console_log = match &spec.console_log {
+        Some(p) => Some(File::create(p).map_err(|e| Error::io("create console log", p, e))?),
+        None => None,
+    };
+
+    let (boot_root, init_path, disks) = match &root {
+        Root::Host { init } => (BootRoot::Hostfs { prefix: None }, init.clone(), vec![]),
+        Root::Image { image, initroot } => {
+            // UML cannot take ',' ':' or spaces in a path; an ephemeral
+            // overlay can point at a plain-named symlink instead.
+            let backing = if image
+                .to_str()
+                .is_some_and(|s| !s.contains([',', ':', '"', ' ', '\t', '\n']))
+            {
+                image.clone()
+            } else {
+                let link = rundir.join("image");
+                std::os::unix::fs::symlink(image, &link)
+                    .map_err(|e| Error::io("symlink", &link, e))?;
+                link
+            };
+            (
+                BootRoot::Hostfs {
+                    prefix: Some(initroot.dir.clone()),
+                },
+                initroot.init.clone(),
+                vec![Disk {
+                    file: rundir.join("overlay.cow"),
+                    backing: Some(backing),
+                    read_only: false,
+                }],
+            )
+        }
+    };
+
+    // The UML process's descriptors: 0 console in, 1+2 kernel log, 3 stdin
+    // line, 4 stdout line, 5 stderr line, 6 control line, 7 status line.
+    let (con_in_r, con_in_w) = cloexec_pipe()?;
+    let (log_r, log_w) = cloexec_pipe()?;
+    let (ctl_r, ctl_w) = cloexec_pipe()?;
+    let (st_r, st_w) = cloexec_pipe()?;
+    let (out_r, out_w) = cloexec_pipe()?;
+    let (err_r, err_w) = cloexec_pipe()?;
+    let mut stdin_w = None;
+    let stdin_for_uml: OwnedFd = if interactive {
+        // SAFETY: F_DUPFD_CLOEXEC of our stdin; the new fd is owned here.
+        let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(Error::sys("dup stdin", io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    } else {
+        let (r, w) = cloexec_pipe()?;
+        stdin_w = Some(w);
+        r
+    };
+    let lines = if interactive {
+        vec![
+            (STDIN_LINE, Chan::Fd(3), Chan::Fd(3)),
+            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
+            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+        ]
+    } else {
+        vec![
+            (STDIN_LINE, Chan::Fd(3), Chan::Null),
+            (STDOUT_LINE, Chan::Null, Chan::Fd(4)),
+            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
+            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+        ]
+    };
+    let plan = BootPlan {
+        mem_bytes: spec.mem_bytes,
+        umid: umid.clone(),
+        uml_dir: rundir.clone(),
+        root: boot_root,
+        init: init_path,
+        disks,
+        console: (Chan::Fd(0), Chan::Fd(1)),
+        lines,
+    };
+    let args = plan.to_args()?;
+
+    let term_guard = if interactive {
+        TermGuard::save(0)
+    } else {
+        None
+    };
+
+    // We adopt UML's helpers if UML dies, so that we can kill them.
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    let mut cmd = Command::new(&info.path);
+    cmd.args(&args)
+        .current_dir(&rundir)
+        .stdin(Stdio::from(con_in_r))
+        .stdout(Stdio::from(
+            log_w.try_clone().map_err(|e| Error::sys("dup", e))?,
+        ))
+        .stderr(Stdio::from(log_w));
+    match &shim {
+        Some(s) => {
+            let mut v = s.as_os_str().to_os_string();
+            if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+                v.push(":");
+                v.push(old);
+            }
+            cmd.env("LD_PRELOAD", v);
+        }
+        None => {
+            cmd.env_remove("LD_PRELOAD");
+        }
+    }
+    let fds: [RawFd; 5] = [
+        stdin_for_uml.as_raw_fd(),
+        out_w.as_raw_fd(),
+        err_w.as_raw_fd(),
+        ctl_r.as_raw_fd(),
+        st_w.as_raw_fd(),
+    ];
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (fcntl, dup2, prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move the sources out of the way first, so that placing one
+            // cannot clobber another that happens to sit on a target number.
+            let mut high = [0; 5];
+            for (i, fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
+    }
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    let signals = install_signals(interactive, tx.clone())?;
+
+    let t0 = Instant::now();
+    let child: Child = cmd
+        .spawn()
+        .map_err(|e| Error::io("start kernel", &info.path, e))?;
+    drop(cmd);
+    // Close our copies of the UML ends so that EOFs arrive when UML exits.
+    drop((stdin_for_uml, out_w, err_w, ctl_r, st_w));
+    let uml_pid = Pid::from_raw(child.id() as i32);
+
+    let tail = Arc::new(Mutex::new(LogTail::default()));
+    let log_thread = read_log(File::from(log_r), console_log, spec.verbose, tail.clone());
+    let mut outputs = Vec::new();
+    if !interactive {
+        outputs.push(copy_out(File::from(out_r), 1, tx.clone()));
+    } else {
+        drop(out_r);
+    }
+    outputs.push(copy_out(File::from(err_r), 2, tx.clone()));
+    read_status(File::from(st_r), tx.clone());
+    if let Some(w) = stdin_w {
+        copy_in(File::from(w));
+    }
+    let mut control = File::from(ctl_w);
+    {
+        let text = init_spec.encode();
+        let mut c = control.try_clone().map_err(|e| Error::sys("dup", e))?;
+        thread::spawn(move || {
+            let _ = c.write_all(text.as_bytes());
+        });
+    }
+    {
+        let tx = tx.clone();
+        let mut child = child;
+        thread::spawn(move || {
+            if let Ok(st) = child.wait() {
+                let _ = tx.send(Event::UmlExited(st));
+            }
+        });
+    }
+    drop(tx);
+
+    let sup = supervise(&rx, &mut control, uml_pid, spec.timeout, t0);
+    signals.close();
+    drop(control);
+    drop(con_in_w);
+
+    kill_descendants();
+    // UML and its helpers are gone, so the pipes reach EOF; join the output
+    // copies so that every byte is out before we return.
+    for h in outputs {
+        let _ = h.join();
+    }
+    let _ = log_thread.join();
+    drop(term_guard);
+
+    let tail = tail
+        .lock()
+        .map(|t| (t.panic.clone(), t.tail(15)))
+        .unwrap_or_default();
+    Ok(outcome(
+        sup,
+        &located,
+        use_shim,
+        needs_shim && !use_shim,
+        host_xstate,
+        tail,
+        t0,
+    ))
+}
+
+fn same_file(a: RawFd, b: RawFd) -> bool {
+    let st = |fd| {
+        nix::sys::stat::fstat(fd)
+            .ok()
+            .map(|s| (s.st_dev, s.st_ino, s.st_rdev))
+    };
+    st(a).is_some() && st(a) == st(b)
+}
+
+/// Removes the run directory on every path out of `run`.
+struct RunDirGuard(PathBuf);
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Signals {
+    handle: signal_hook::iterator::Handle,
+}
+
+impl Signals {
+    fn close(self) {
+        self.handle.close();
+    }
+}
+
+fn install_signals(interactive: bool, tx: Sender<Event>) -> Result<Signals> {
+    use signal_hook::consts::*;
+    let mut list = vec![SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+    if interactive {
+        list.push(SIGWINCH);
+    }
+    let mut sigs = signal_hook::iterator::Signals::new(&list)
+        .map_err(|e| Error::sys("install signal handlers", e))?;
+    let handle = sigs.handle();
+    thread::spawn(move || {
+        for s in sigs.forever() {
+            if tx.send(Event::Signal(s)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Signals { handle })
+}
+
+/// What the supervision loop saw.
+struct Supervised {
+    uml: Option<ExitStatus>,
+    final_status: Option<Status>,
+    timed_out: bool,
+    interrupted: Option<i32>,
+    started: Option<Instant>,
+    ended: Option<Instant>,
+    exited_at: Instant,
+}
+
+fn supervise(
+    rx: &Receiver<Event>,
+    control: &mut File,
+    uml: Pid,
+    timeout: Option<Duration>,
+    t0: Instant,
+) -> Supervised {
+    let mut s = Supervised {
+        uml: None,
+        final_status: None,
+        timed_out: false,
+        interrupted: None,
+        started: None,
+        ended: None,
+        exited_at: t0,
+    };
+    let deadline = timeout.map(|t| t0 + t);
+    // When set: SIGTERM UML at this instant (then SIGKILL after KILL_GRACE).
+    let mut stop_at: Option<Instant> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut send = |c: Control| {
+        let _ = control.write_all(c.encode().as_bytes());
+    };
+    loop {
+        let now = Instant::now();
+        let mut next = [deadline.filter(|_| !s.timed_out), stop_at, kill_at]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(d) = deadline.filter(|_| !s.timed_out) {
+            if now >= d {
+                s.timed_out = true;
+                stop_at = Some(now);
+                next = Some(now);
+            }
+        }
+        if let Some(t) = stop_at {
+            if now >= t {
+                let _ = kill(uml, Signal::SIGTERM);
+                stop_at = None;
+                kill_at = Some(now + KILL_GRACE);
+                next = kill_at;
+            }
+        }
+        if let Some(t) = kill_at {
+            if now >= t {
+                let _ = kill(uml, Signal::SIGKILL);
+                kill_at = None;
+                next = None;
+            }
+        }
+        let ev = match next {
+            Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(ev) => ev,
+                Err(_) => break,
+            },
+        };
+        match ev {
+            Event::UmlExited(st) => {
+                s.uml = Some(st);
+                s.exited_at = Instant::now();
+                break;
+            }
+            Event::Status(Status::Started) => s.started = Some(Instant::now()),
+            Event::Status(Status::Ready) => {}
+            Event::Status(st) => {
+                s.ended = Some(Instant::now());
+                s.final_status = Some(st);
+                if stop_at.is_none() && kill_at.is_none() {
+                    stop_at = Some(Instant::now() + POWEROFF_GRACE);
+                }
+            }
+            Event::Signal(sig) if sig == signal_hook::consts::SIGWINCH => {
+                if let Some((rows, cols)) = winsize(1).or_else(|| winsize(0)) {
+                    send(Control::Winsize { rows, cols });
+                }
+            }
+            Event::Signal(sig) => {
+                if s.interrupted.is_none() && s.final_status.is_none() {
+                    // First signal: hand it to the command, as if it had
+                    // been sent to it directly.
+                    s.interrupted = Some(sig);
+                    send(Control::Signal(sig));
+                    stop_at = Some(Instant::now() + SIGNAL_GRACE);
+                } else {
+                    // Again: stop the guest now.
+                    s.interrupted.get_or_insert(sig);
+                    if kill_at.is_none() {
+                        stop_at = Some(Instant::now());
+                    }
+                }
+            }
+            Event::OutputBroken => send(Control::Signal(libc::SIGPIPE)),
+        }
+    }
+    s
+}
+
+fn outcome(
+    s: Supervised,
+    located: &Located,
+    shim_used: bool,
+    shim_refused: bool,
+    host: HostXstate,
+    (panic, tail): (Option<String>, String),
+    t0: Instant,
+) -> RunOutcome {
+    let ms =
+        |a: Instant, b: Instant| (b.saturating_duration_since(a).as_secs_f64() * 1e6).round() / 1e3;
+    let timings = Timings {
+        boot_ms: s.started.map(|t| ms(t0, t)),
+        command_ms: match (s.started, s.ended) {
+            (Some(a), Some(b)) => Some(ms(a, b)),
+            _ => None,
+        },
+        total_ms: ms(t0, s.exited_at),
+    };
+    let mut o = RunOutcome {
+        exit_code: 125,
+        reason: Reason::BootFailed,
+        signal: None,
+        message: None,
+        kernel: located.info.path.clone(),
+        kernel_version: located.info.version.clone(),
+        xstate_shim: shim_used,
+        timings,
+    };
+    match s.final_status {
+        Some(Status::Exit(c)) => {
+            o.exit_code = i32::from(c);
+            o.reason = Reason::Exited;
+        }
+        Some(Status::Signal { signal, .. }) => {
+            o.exit_code = 128 + signal;
+            o.reason = Reason::Signaled;
+            o.signal = Some(signal);
+        }
+        Some(Status::NotFound(m)) => {
+            o.exit_code = 127;
+            o.reason = Reason::NotFound;
+            o.message = Some(m);
+        }
+        Some(Status::NotExecutable(m)) => {
+            o.exit_code = 126;
+            o.reason = Reason::NotExecutable;
+            o.message = Some(m);
+        }
+        Some(Status::Error(m)) => {
+            o.message = Some(format!("the guest could not run the command: {m}"));
+        }
+        Some(Status::Ready) | Some(Status::Started) | None => {
+            if s.timed_out {
+                o.exit_code = 124;
+                o.reason = Reason::Timeout;
+                o.message = Some("timed out; the guest was stopped".into());
+            } else if let Some(sig) = s.interrupted {
+                o.exit_code = 128 + sig;
+                o.reason = Reason::Interrupted;
+                o.signal = Some(sig);
+                o.message = Some(format!(
+                    "interrupted by signal {sig}; the guest was stopped"
+                ));
+            } else {
+                let uml = s.uml.map(|st| match (st.code(), st.signal()) {
+                    (Some(c), _) => format!("exited with status {c}"),
+                    (_, Some(6)) => "aborted (SIGABRT), as UML does on a kernel panic".into(),
+                    (_, Some(sig)) => format!("was killed by signal {sig}"),
+                    _ => "ended".into(),
+                });
+                let is_panic = panic.is_some() || s.uml.and_then(|st| st.signal()) == Some(6);
+                o.reason = if is_panic {
+                    Reason::Panic
+                } else {
+                    Reason::BootFailed
+                };
+                let mut msg = match &panic {
+                    Some(p) => format!("guest kernel panic: {p}"),
+                    None => format!(
+                        "the guest kernel {} before the command finished",
+                        uml.unwrap_or_else(|| "stopped".into())
+                    ),
+                };
+                if tail.contains("ptrace set fp regs failed") {
+                    msg.push_str(&format!(
+                        "\nthe kernel cannot restore FP state on this host (XSAVE area {} bytes > {}).",
+                        host.bytes(),
+                        xstate::LEGACY_UML_XSTATE
+                    ));
+                    if shim_refused {
+                        msg.push_str(" Drop --no-xstate-shim, or use a kernel ≥ 6.13.");
+                    }
+                }
+                if !tail.is_empty() {
+                    msg.push_str("\nlast kernel messages:\n");
+                    msg.push_str(&tail);
+                }
+                o.message = Some(msg);
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_end_and_finds_panics() {
+        let mut t = LogTail::default();
+        for i in 0..100 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        t.push(b"Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\nmore");
+        assert_eq!(
+            t.panic.as_deref(),
+            Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b")
+        );
+        let tail = t.tail(2);
+        assert!(
+            tail.contains("line 99") && tail.contains("Kernel panic"),
+            "{tail}"
+        );
+        assert!(!tail.contains("line 98"));
+    }
+
+    #[test]
+    fn env_composition() {
+        let mut s = GuestSpec::new(vec!["true".into()]);
+        s.env = vec![
+            ("A".into(), Some("1".into())),
+            ("HOME".into(), Some("/home/x".into())),
+        ];
+        let env = guest_env(&s, false).unwrap();
+        let env: Vec<String> = env
+            .iter()
+            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .collect();
+        assert!(env.contains(&"A=1".to_string()));
+        assert!(env.contains(&"HOME=/home/x".to_string()));
+        assert!(!env.contains(&"HOME=/root".to_string()));
+        assert!(env.iter().any(|e| e.starts_with("PATH=")));
+        s.env = vec![("A=B".into(), Some("1".into()))];
+        assert!(guest_env(&s, false).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end tests for umlctl live in `tests/`; this library is empty.
