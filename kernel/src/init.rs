@@ -20,6 +20,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -280,8 +282,17 @@ fn read_spec(control: &mut File) -> Result<InitSpec, String> {
     }
 }
 
+/// Where `stdin-eof` reaches the stdin relay.
+#[derive(Clone)]
+struct StdinEof {
+    /// Total bytes the host sent, `u64::MAX` until it is known.
+    total: Arc<AtomicU64>,
+    /// Written to once `total` is set, to wake the relay.
+    wake: Arc<OwnedFd>,
+}
+
 /// Apply control messages until the control line closes.
-fn control_loop(mut control: File, cmd: Pid, tty: Option<OwnedFd>) {
+fn control_loop(mut control: File, cmd: Pid, tty: Option<File>, eof: StdinEof) {
     let mut buf = [0u8; 256];
     let mut pending = Vec::new();
     loop {
@@ -306,6 +317,10 @@ fn control_loop(mut control: File, cmd: Pid, tty: Option<OwnedFd>) {
                         set_winsize(t, rows, cols);
                     }
                 }
+                Some(Control::StdinEof(total)) => {
+                    eof.total.store(total, Ordering::SeqCst);
+                    let _ = nix::unistd::write(eof.wake.as_fd(), b"x");
+                }
                 None => {}
             }
         }
@@ -325,12 +340,93 @@ fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) {
     }
 }
 
-/// The command's stdio in the guest: (stdin, stdout, stderr, the terminal
-/// if interactive).
-type Stdio3 = (File, File, File, Option<File>);
+/// Relay the stdin line into the command's stdin pipe until the host's
+/// announced total has passed, then close the pipe (the command sees EOF).
+fn relay_stdin(mut line: File, sink: File, eof: StdinEof, wake_r: OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut sink = Some(sink);
+    let mut received: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if received >= eof.total.load(Ordering::SeqCst) {
+            return; // drops the sink: EOF for the command
+        }
+        let (line_ready, wake_ready) = {
+            let mut fds = [
+                PollFd::new(line.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake_r.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if wake_ready {
+            let mut b = [0u8; 16];
+            let _ = nix::unistd::read(wake_r.as_raw_fd(), &mut b);
+        }
+        if line_ready {
+            let n = match line.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            received += n as u64;
+            if let Some(s) = sink.as_mut() {
+                if s.write_all(&buf[..n]).is_err() {
+                    // The command closed its stdin; keep draining the line
+                    // so the host is never stuck writing.
+                    sink = None;
+                }
+            }
+        }
+    }
+}
 
-fn open_stdio(spec: &InitSpec) -> Result<Stdio3, String> {
+/// Relay the command's output pipe to a serial line until EOF.
+fn relay_out(mut from: File, mut to: File) -> std::thread::JoinHandle<File> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        to
+    })
+}
+
+/// The command's stdio in the guest.
+enum GuestIo {
+    /// Interactive: the command gets the terminal line itself.
+    Tty { term: File, stderr: File },
+    /// Pipes relayed to the raw stdin, stdout and stderr lines.
+    Lines {
+        stdin: File,
+        stdout: File,
+        stderr: File,
+    },
+}
+
+fn open_stdio(spec: &InitSpec) -> Result<GuestIo, String> {
     let err = |n: u32, e: std::io::Error| format!("open {}: {e}", tty(n));
+    let raw_line = |n: u32, read: bool| -> Result<File, String> {
+        let f = open_tty(n, read, !read).map_err(|e| err(n, e))?;
+        // Raw: no CR/LF translation, no echo, no special characters, so
+        // bytes pass through exactly.
+        make_raw(&f);
+        Ok(f)
+    };
     match &spec.tty {
         Some(t) => {
             // The controlling terminal: no O_NOCTTY; the child makes it its
@@ -345,27 +441,22 @@ fn open_stdio(spec: &InitSpec) -> Result<Stdio3, String> {
             let stderr = if t.stderr_on_tty {
                 term.try_clone().map_err(|e| err(STDIN_LINE, e))?
             } else {
-                let f = open_tty(STDERR_LINE, false, true).map_err(|e| err(STDERR_LINE, e))?;
-                make_raw(&f);
-                f
+                raw_line(STDERR_LINE, false)?
             };
-            let a = term.try_clone().map_err(|e| err(STDIN_LINE, e))?;
-            let b = term.try_clone().map_err(|e| err(STDIN_LINE, e))?;
-            Ok((a, b, stderr, Some(term)))
+            Ok(GuestIo::Tty { term, stderr })
         }
-        None => {
-            let i = open_tty(STDIN_LINE, true, false).map_err(|e| err(STDIN_LINE, e))?;
-            let o = open_tty(STDOUT_LINE, false, true).map_err(|e| err(STDOUT_LINE, e))?;
-            let e2 = open_tty(STDERR_LINE, false, true).map_err(|e| err(STDERR_LINE, e))?;
-            // Raw: no CR/LF translation, no echo, no signal characters, so
-            // bytes pass through exactly. stdin may already be hung up
-            // (empty input); then the ioctl fails harmlessly.
-            make_raw(&i);
-            make_raw(&o);
-            make_raw(&e2);
-            Ok((i, o, e2, None))
-        }
+        None => Ok(GuestIo::Lines {
+            stdin: raw_line(STDIN_LINE, true)?,
+            stdout: raw_line(STDOUT_LINE, false)?,
+            stderr: raw_line(STDERR_LINE, false)?,
+        }),
     }
+}
+
+fn cloexec_pipe() -> Result<(File, File), String> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map(|(r, w)| (File::from(r), File::from(w)))
+        .map_err(|e| format!("pipe: {e}"))
 }
 
 fn env_path(spec: &InitSpec) -> Vec<u8> {
@@ -436,13 +527,12 @@ pub fn main() -> ! {
         Err(e) => g.fail(format!("open {}: {e}", tty(CONTROL_LINE))),
     };
     make_raw(&control);
-    console("reading spec");
+    g.report(&Status::Hello);
     let spec = match read_spec(&mut control) {
         Ok(s) => s,
         Err(e) => g.fail(e),
     };
     g.report(&Status::Ready);
-    console("spec read");
 
     let root = match &spec.root {
         RootSpec::Host { tmpfs, binds } => setup_host_root(tmpfs, binds),
@@ -456,7 +546,7 @@ pub fn main() -> ! {
         console(&e);
     }
 
-    let (stdin, stdout, stderr, term) = match open_stdio(&spec) {
+    let io = match open_stdio(&spec) {
         Ok(s) => s,
         Err(e) => g.fail(e),
     };
@@ -476,20 +566,11 @@ pub fn main() -> ! {
         power_off(127);
     };
 
-    // Keep our own handles on the output lines, so that they stay open
-    // after the command exits and can be drained before we report.
-    let drain: Vec<File> = match (stdout.try_clone(), stderr.try_clone()) {
-        (Ok(a), Ok(b)) => vec![a, b],
-        (Err(e), _) | (_, Err(e)) => g.fail(format!("dup the output lines: {e}")),
-    };
     let mut cmd = Command::new(OsStr::from_bytes(&resolved));
     cmd.arg0(OsStr::from_bytes(&spec.argv[0]))
         .args(spec.argv[1..].iter().map(|a| OsStr::from_bytes(a)))
         .env_clear()
-        .current_dir(&workdir)
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr));
+        .current_dir(&workdir);
     for kv in &spec.env {
         let (k, v) = match kv.iter().position(|&b| b == b'=') {
             Some(i) => (&kv[..i], &kv[i + 1..]),
@@ -497,7 +578,42 @@ pub fn main() -> ! {
         };
         cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
     }
-    let interactive = term.is_some();
+    // Relays: (stdin line, stdin pipe), [(output pipe, output line)].
+    let mut stdin_relay = None;
+    let mut out_relays = Vec::new();
+    let mut term_for_control = None;
+    let interactive = matches!(io, GuestIo::Tty { .. });
+    match io {
+        GuestIo::Tty { term, stderr } => {
+            let dup = |f: &File| f.try_clone().map_err(|e| format!("dup the terminal: {e}"));
+            let (a, b, c) = match (dup(&term), dup(&term), dup(&term)) {
+                (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => g.fail(e),
+            };
+            cmd.stdin(Stdio::from(a))
+                .stdout(Stdio::from(b))
+                .stderr(Stdio::from(stderr));
+            term_for_control = Some(c);
+            drop(term);
+        }
+        GuestIo::Lines {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            let (in_r, in_w, out_r, out_w, err_r, err_w) =
+                match (cloexec_pipe(), cloexec_pipe(), cloexec_pipe()) {
+                    (Ok((a, b)), Ok((c, d)), Ok((e, f))) => (a, b, c, d, e, f),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => g.fail(e),
+                };
+            cmd.stdin(Stdio::from(in_r))
+                .stdout(Stdio::from(out_w))
+                .stderr(Stdio::from(err_w));
+            stdin_relay = Some((stdin, in_w));
+            out_relays.push((out_r, stdout));
+            out_relays.push((err_r, stderr));
+        }
+    }
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls.
     unsafe {
@@ -523,12 +639,29 @@ pub fn main() -> ! {
             power_off(126);
         }
     };
+    // Drop the command's ends of the pipes here, so EOFs arrive when it
+    // (and whatever inherited them) is gone.
     drop(cmd);
     let cmd_pid = Pid::from_raw(child.id() as i32);
-    g.report(&Status::Started);
 
-    let term_fd: Option<OwnedFd> = term.map(OwnedFd::from);
-    std::thread::spawn(move || control_loop(control, cmd_pid, term_fd));
+    let (wake_r, wake_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => g.fail(format!("pipe: {e}")),
+    };
+    let eof = StdinEof {
+        total: Arc::new(AtomicU64::new(u64::MAX)),
+        wake: Arc::new(wake_w),
+    };
+    if let Some((line, sink)) = stdin_relay {
+        let eof = eof.clone();
+        std::thread::spawn(move || relay_stdin(line, sink, eof, wake_r));
+    }
+    let outputs: Vec<_> = out_relays
+        .into_iter()
+        .map(|(from, to)| relay_out(from, to))
+        .collect();
+    g.report(&Status::Started);
+    std::thread::spawn(move || control_loop(control, cmd_pid, term_for_control, eof));
 
     // Reap everything (we are PID 1) until the command ends.
     let status = loop {
@@ -553,8 +686,10 @@ pub fn main() -> ! {
         }
     }
     // The command's output must have left the guest before we report.
-    for f in &drain {
-        let _ = termios::tcdrain(f.as_fd());
+    for h in outputs {
+        if let Ok(line) = h.join() {
+            let _ = termios::tcdrain(line.as_fd());
+        }
     }
     nix::unistd::sync();
     if matches!(spec.root, RootSpec::Image { .. }) {

@@ -4,13 +4,19 @@
 //! canonical or raw mode:
 //!
 //! * host → guest on [`CONTROL_LINE`]: the [`InitSpec`] as `spec <base64>`
-//!   chunks closed by `end`, then `signal N` / `winsize ROWS COLS` at any time;
-//! * guest → host on [`STATUS_LINE`]: [`Status`] records (`ready`, `started`,
+//!   chunks closed by `end`, then `signal N`, `winsize ROWS COLS` and
+//!   `stdin-eof TOTAL` at any time;
+//! * guest → host on [`STATUS_LINE`]: [`Status`] records (`hello`, `ready`, `started`,
 //!   `exit N`, `signal N`, `notfound MSG`, `noexec MSG`, `error MSG`).
 //!
 //! The command's own stdin, stdout and stderr use [`STDIN_LINE`],
-//! [`STDOUT_LINE`] and [`STDERR_LINE`], so that the end of stdin (which UML
-//! turns into a hangup of its line) never closes the output.
+//! [`STDOUT_LINE`] and [`STDERR_LINE`], in raw mode, relayed by the init to
+//! pipes (so the command sees pipes, as it would on the host). The host
+//! never closes the stdin line: UML turns EOF on a line into a tty hangup,
+//! which discards input not yet read. Instead the host sends stdin only
+//! after `started` (the line is raw by then) and announces its end with
+//! `stdin-eof TOTAL`, the number of bytes it sent; the init closes the
+//! command's stdin once it has relayed that many.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -157,6 +163,8 @@ pub enum Control {
     Signal(i32),
     /// The host terminal was resized.
     Winsize { rows: u16, cols: u16 },
+    /// The host's stdin ended after this many bytes.
+    StdinEof(u64),
 }
 
 impl Control {
@@ -164,6 +172,7 @@ impl Control {
         match self {
             Control::Signal(n) => format!("signal {n}\n"),
             Control::Winsize { rows, cols } => format!("winsize {rows} {cols}\n"),
+            Control::StdinEof(n) => format!("stdin-eof {n}\n"),
         }
     }
 
@@ -175,6 +184,7 @@ impl Control {
                 rows: w.next()?.parse().ok()?,
                 cols: w.next()?.parse().ok()?,
             }),
+            "stdin-eof" => Some(Control::StdinEof(w.next()?.parse().ok()?)),
             _ => None,
         }
     }
@@ -183,9 +193,14 @@ impl Control {
 /// Guest → host status records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
+    /// The init has opened the control line: the host may send the spec
+    /// now. (UML delivers line input on SIGIO; input that reached the host
+    /// fd before the guest opened the line would sit unseen.)
+    Hello,
     /// The init has read the spec.
     Ready,
-    /// The command has been started.
+    /// The command has been started; its stdin line is raw and open, so
+    /// the host may start sending stdin.
     Started,
     /// The command exited with this status.
     Exit(u8),
@@ -206,6 +221,7 @@ fn one_line(s: &str) -> String {
 impl Status {
     pub fn encode(&self) -> String {
         match self {
+            Status::Hello => "hello\n".into(),
             Status::Ready => "ready\n".into(),
             Status::Started => "started\n".into(),
             Status::Exit(n) => format!("exit {n}\n"),
@@ -224,6 +240,7 @@ impl Status {
         let line = line.trim_end_matches(['\r', '\n']);
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
+            "hello" => Some(Status::Hello),
             "ready" => Some(Status::Ready),
             "started" => Some(Status::Started),
             "exit" => rest.trim().parse().ok().map(Status::Exit),
@@ -244,7 +261,7 @@ impl Status {
 
     /// Whether this record ends the run (no more records will follow).
     pub fn is_final(&self) -> bool {
-        !matches!(self, Status::Ready | Status::Started)
+        !matches!(self, Status::Hello | Status::Ready | Status::Started)
     }
 }
 
@@ -300,6 +317,7 @@ mod tests {
     #[test]
     fn status_roundtrip() {
         for s in [
+            Status::Hello,
             Status::Ready,
             Status::Started,
             Status::Exit(0),

@@ -309,13 +309,18 @@ fn copy_out(mut from: File, to: RawFd, tx: Sender<Event>) -> thread::JoinHandle<
     })
 }
 
-/// Copy the host's stdin into the guest's stdin line; closing the pipe at
-/// EOF makes the guest see EOF.
-fn copy_in(to: File) {
+/// Copy the host's stdin into the guest's stdin line once the guest says
+/// the line is ready (raw), then announce the total. The pipe itself stays
+/// open: UML would turn its EOF into a tty hangup that discards unread input.
+fn copy_in(to: File, go: Receiver<()>, control: Sender<String>) {
     thread::spawn(move || {
+        if go.recv().is_err() {
+            return;
+        }
         let mut to = to;
         let mut input = borrow_file(0);
         let mut buf = vec![0u8; 64 * 1024];
+        let mut total: u64 = 0;
         loop {
             let n = match input.read(&mut buf) {
                 Ok(0) => break,
@@ -324,9 +329,13 @@ fn copy_in(to: File) {
                 Err(_) => break,
             };
             if to.write_all(&buf[..n]).is_err() {
-                break;
+                return;
             }
+            total += n as u64;
         }
+        let _ = control.send(Control::StdinEof(total).encode());
+        // Keep `to` open until the process ends (see above).
+        std::mem::forget(to);
     });
 }
 
@@ -787,16 +796,31 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     }
     outputs.push(copy_out(File::from(err_r), 2, tx.clone()));
     read_status(File::from(st_r), tx.clone());
-    if let Some(w) = stdin_w {
-        copy_in(File::from(w));
-    }
-    let mut control = File::from(ctl_w);
-    {
-        let text = init_spec.encode();
-        let mut c = control.try_clone().map_err(|e| Error::sys("dup", e))?;
+    // One writer thread owns the control line, so that a guest that stops
+    // reading it can never block the supervision loop.
+    // Nothing is written before the guest has opened the line (`hello`).
+    let (control_go, control_go_rx) = mpsc::channel::<()>();
+    let control = {
+        let (tx, rx) = mpsc::channel::<String>();
+        let mut f = File::from(ctl_w);
         thread::spawn(move || {
-            let _ = c.write_all(text.as_bytes());
+            if control_go_rx.recv().is_err() {
+                return;
+            }
+            for msg in rx {
+                if f.write_all(msg.as_bytes()).is_err() {
+                    break;
+                }
+            }
         });
+        tx
+    };
+    let _ = control.send(init_spec.encode());
+    let mut stdin_go = None;
+    if let Some(w) = stdin_w {
+        let (go_tx, go_rx) = mpsc::channel();
+        copy_in(File::from(w), go_rx, control.clone());
+        stdin_go = Some(go_tx);
     }
     {
         let tx = tx.clone();
@@ -809,7 +833,15 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     }
     drop(tx);
 
-    let sup = supervise(&rx, &mut control, uml_pid, spec.timeout, t0);
+    let sup = supervise(
+        &rx,
+        &control,
+        control_go,
+        stdin_go,
+        uml_pid,
+        spec.timeout,
+        t0,
+    );
     signals.close();
     drop(control);
     drop(con_in_w);
@@ -898,7 +930,9 @@ struct Supervised {
 
 fn supervise(
     rx: &Receiver<Event>,
-    control: &mut File,
+    control: &Sender<String>,
+    control_go: Sender<()>,
+    mut stdin_go: Option<Sender<()>>,
     uml: Pid,
     timeout: Option<Duration>,
     t0: Instant,
@@ -916,8 +950,8 @@ fn supervise(
     // When set: SIGTERM UML at this instant (then SIGKILL after KILL_GRACE).
     let mut stop_at: Option<Instant> = None;
     let mut kill_at: Option<Instant> = None;
-    let mut send = |c: Control| {
-        let _ = control.write_all(c.encode().as_bytes());
+    let send = |c: Control| {
+        let _ = control.send(c.encode());
     };
     loop {
         let now = Instant::now();
@@ -964,7 +998,15 @@ fn supervise(
                 s.exited_at = Instant::now();
                 break;
             }
-            Event::Status(Status::Started) => s.started = Some(Instant::now()),
+            Event::Status(Status::Started) => {
+                s.started = Some(Instant::now());
+                if let Some(go) = stdin_go.take() {
+                    let _ = go.send(());
+                }
+            }
+            Event::Status(Status::Hello) => {
+                let _ = control_go.send(());
+            }
             Event::Status(Status::Ready) => {}
             Event::Status(st) => {
                 s.ended = Some(Instant::now());
@@ -1051,7 +1093,7 @@ fn outcome(
         Some(Status::Error(m)) => {
             o.message = Some(format!("the guest could not run the command: {m}"));
         }
-        Some(Status::Ready) | Some(Status::Started) | None => {
+        Some(Status::Hello) | Some(Status::Ready) | Some(Status::Started) | None => {
             if s.timed_out {
                 o.exit_code = 124;
                 o.reason = Reason::Timeout;
