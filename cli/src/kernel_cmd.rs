@@ -60,8 +60,13 @@ fn info(a: InfoArgs) -> u8 {
             return exit::FAILURE;
         }
     };
-    let host = xstate::probe_host_xstate().ok();
+    let host = xstate::host_xstate().ok();
     let needs_shim = host.map(|h| located.info.fp.needs_shim(h));
+    let shim_path = if needs_shim == Some(true) {
+        xstate::shim_path().ok()
+    } else {
+        None
+    };
     if a.json {
         let v = serde_json::json!({
             "path": located.info.path,
@@ -73,6 +78,7 @@ fn info(a: InfoArgs) -> u8 {
             "features": located.info.features,
             "host_xstate": host,
             "needs_xstate_shim": needs_shim,
+            "xstate_shim_path": shim_path,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return 0;

@@ -62,8 +62,11 @@ pub struct BootPlan {
     pub disks: Vec<Disk>,
     /// Console 0 (the kernel console): input, output.
     pub console: (Chan, Chan),
-    /// Serial lines: (line number, input, output). Others are not created.
+    /// Serial lines: (line number, input, output). The others exist but
+    /// are connected to nothing.
     pub lines: Vec<(u32, Chan, Chan)>,
+    /// `key=value` words the kernel passes on to init's environment.
+    pub init_env: Vec<(String, String)>,
 }
 
 /// Characters that cannot appear in a path on the UML command line.
@@ -190,6 +193,19 @@ impl BootPlan {
         }
         a.push("console=tty0".into());
         a.push("noreboot".into());
+        for (k, v) in &self.init_env {
+            let ok = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_graphic() && c != '"' && c != '=')
+            };
+            if !ok(k) || !(v.is_empty() || ok(v)) {
+                return Err(Error::Usage(format!(
+                    "invalid init environment entry {k:?}={v:?}"
+                )));
+            }
+            a.push(format!("{k}={v}"));
+        }
         a.push(format!("init={}", check_path("init", &self.init)?));
         let len: usize = a.iter().map(|s| s.len() + 1).sum();
         if len >= MAX_CMDLINE {
@@ -215,6 +231,7 @@ mod tests {
             disks: vec![],
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
+            init_env: vec![],
         }
     }
 

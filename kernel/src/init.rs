@@ -41,6 +41,20 @@ fn tty(n: u32) -> String {
     format!("/dev/ttyS{n}")
 }
 
+/// With `UMLCTL_TRACE` set on the host, `run` puts `UMLCTL_TRACE=1` on the
+/// kernel command line (init gets it as environment); the init then logs its milestones (guest uptime in
+/// seconds) to the console log.
+fn tstamp(what: &str) {
+    if std::env::var_os("UMLCTL_TRACE").is_some() {
+        if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+            console(&format!(
+                "trace {:.3} {what}",
+                t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
+            ));
+        }
+    }
+}
+
 /// Write a diagnostic to the kernel console (the console log on the host).
 fn console(msg: &str) {
     if let Ok(mut f) = OpenOptions::new().write(true).open("/dev/console") {
@@ -260,23 +274,53 @@ fn setup_image_root(device: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a serial line in chunks and hands out whole lines (each guest
+/// system call costs a round trip through the UML kernel, so never read a
+/// byte at a time).
+struct LineReader {
+    file: File,
+    pending: Vec<u8>,
+}
+
+impl LineReader {
+    fn new(file: File) -> Self {
+        LineReader {
+            file,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next line without its newline; `None` at EOF.
+    fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return Ok(Some(
+                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                ));
+            }
+            match self.file.read(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Read the spec from the control line.
-fn read_spec(control: &mut File) -> Result<InitSpec, String> {
+fn read_spec(control: &mut LineReader) -> Result<InitSpec, String> {
     let mut dec = SpecDecoder::default();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
     loop {
-        match control.read(&mut byte) {
-            Ok(0) => return Err("the control line closed before the spec arrived".into()),
-            Ok(_) if byte[0] == b'\n' => {
-                let text = String::from_utf8_lossy(&line).into_owned();
-                line.clear();
-                if let Some(spec) = dec.feed(&text)? {
+        match control.next_line() {
+            Ok(None) => return Err("the control line closed before the spec arrived".into()),
+            Ok(Some(line)) => {
+                if let Some(spec) = dec.feed(&line)? {
                     return Ok(spec);
                 }
             }
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("read control line: {e}")),
         }
     }
@@ -292,37 +336,25 @@ struct StdinEof {
 }
 
 /// Apply control messages until the control line closes.
-fn control_loop(mut control: File, cmd: Pid, tty: Option<File>, eof: StdinEof) {
-    let mut buf = [0u8; 256];
-    let mut pending = Vec::new();
-    loop {
-        let n = match control.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
-            match Control::parse(&String::from_utf8_lossy(&line)) {
-                Some(Control::Signal(sig)) => {
-                    if let Ok(sig) = Signal::try_from(sig) {
-                        // The command leads its own process group.
-                        let _ = kill(Pid::from_raw(-cmd.as_raw()), sig);
-                    }
+fn control_loop(mut control: LineReader, cmd: Pid, tty: Option<File>, eof: StdinEof) {
+    while let Ok(Some(line)) = control.next_line() {
+        match Control::parse(&line) {
+            Some(Control::Signal(sig)) => {
+                if let Ok(sig) = Signal::try_from(sig) {
+                    // The command leads its own process group.
+                    let _ = kill(Pid::from_raw(-cmd.as_raw()), sig);
                 }
-                Some(Control::Winsize { rows, cols }) => {
-                    if let Some(t) = &tty {
-                        set_winsize(t, rows, cols);
-                    }
-                }
-                Some(Control::StdinEof(total)) => {
-                    eof.total.store(total, Ordering::SeqCst);
-                    let _ = nix::unistd::write(eof.wake.as_fd(), b"x");
-                }
-                None => {}
             }
+            Some(Control::Winsize { rows, cols }) => {
+                if let Some(t) = &tty {
+                    set_winsize(t, rows, cols);
+                }
+            }
+            Some(Control::StdinEof(total)) => {
+                eof.total.store(total, Ordering::SeqCst);
+                let _ = nix::unistd::write(eof.wake.as_fd(), b"x");
+            }
+            None => {}
         }
     }
 }
@@ -505,6 +537,7 @@ fn resolve(spec: &InitSpec) -> Option<Vec<u8>> {
 
 /// Entry point of PID 1 in the guest.
 pub fn main() -> ! {
+    tstamp("init");
     let mut g = Guest { status: None };
     // /dev first: the serial lines live there.
     if let Err(e) = mount_dev("") {
@@ -522,16 +555,19 @@ pub fn main() -> ! {
             tty(STATUS_LINE)
         )),
     }
-    let mut control = match open_tty(CONTROL_LINE, true, false) {
+    let control = match open_tty(CONTROL_LINE, true, false) {
         Ok(f) => f,
         Err(e) => g.fail(format!("open {}: {e}", tty(CONTROL_LINE))),
     };
     make_raw(&control);
+    let mut control = LineReader::new(control);
+    tstamp("hello");
     g.report(&Status::Hello);
     let spec = match read_spec(&mut control) {
         Ok(s) => s,
         Err(e) => g.fail(e),
     };
+    tstamp("ready");
     g.report(&Status::Ready);
 
     let root = match &spec.root {
@@ -541,6 +577,7 @@ pub fn main() -> ! {
     if let Err(e) = root {
         g.fail(e);
     }
+    tstamp("rootdone");
     let _ = nix::unistd::sethostname(&spec.hostname);
     if let Err(e) = loopback_up() {
         console(&e);
@@ -582,6 +619,8 @@ pub fn main() -> ! {
     let mut stdin_relay = None;
     let mut out_relays = Vec::new();
     let mut term_for_control = None;
+    // Lines to drain before reporting, when the command writes to them directly.
+    let mut direct_lines: Vec<File> = Vec::new();
     let interactive = matches!(io, GuestIo::Tty { .. });
     match io {
         GuestIo::Tty { term, stderr } => {
@@ -614,18 +653,22 @@ pub fn main() -> ! {
             out_relays.push((err_r, stderr));
         }
     }
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if interactive && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if interactive {
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe system calls.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    } else {
+        // Its own process group, so signals reach everything it starts.
+        // Without a pre_exec closure std can use posix_spawn (vfork), which
+        // in UML is much cheaper than fork: no address space to copy.
+        cmd.process_group(0);
     }
     let child = match cmd.spawn() {
         Ok(c) => c,
@@ -660,6 +703,7 @@ pub fn main() -> ! {
         .into_iter()
         .map(|(from, to)| relay_out(from, to))
         .collect();
+    tstamp("started");
     g.report(&Status::Started);
     std::thread::spawn(move || control_loop(control, cmd_pid, term_for_control, eof));
 
@@ -678,6 +722,7 @@ pub fn main() -> ! {
             Err(e) => g.fail(format!("waitpid: {e}")),
         }
     };
+    tstamp("cmdexit");
     // Whatever the command left running goes now, as in a container.
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     while let Ok(st) = waitpid(None, Some(WaitPidFlag::empty())) {
@@ -688,9 +733,13 @@ pub fn main() -> ! {
     // The command's output must have left the guest before we report.
     for h in outputs {
         if let Ok(line) = h.join() {
-            let _ = termios::tcdrain(line.as_fd());
+            direct_lines.push(line);
         }
     }
+    for line in &direct_lines {
+        let _ = termios::tcdrain(line.as_fd());
+    }
+    tstamp("drained");
     nix::unistd::sync();
     if matches!(spec.root, RootSpec::Image { .. }) {
         let _ = mount(

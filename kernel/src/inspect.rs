@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::xstate::KernelFp;
 
 /// How the kernel binary is linked.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Linkage {
     Static,
@@ -23,24 +23,23 @@ pub enum Linkage {
 }
 
 /// One kernel feature umlctl relies on, and whether this kernel has it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Feature {
     /// Short name shown to users (`hostfs`, `ubd`, ...).
-    pub name: &'static str,
+    pub name: String,
     /// The config option(s) that provide it.
-    pub config: &'static str,
+    pub config: String,
     /// What umlctl uses it for.
-    pub used_for: &'static str,
+    pub used_for: String,
     pub present: bool,
 }
 
 /// What umlctl knows about a kernel binary.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KernelInfo {
     pub path: PathBuf,
     /// Release as printed by `linux --version`, e.g. `6.12.117`.
     pub version: String,
-    #[serde(skip)]
     pub release: (u32, u32, u32),
     pub linkage: Linkage,
     /// How much FP state the kernel can save and restore.
@@ -96,7 +95,7 @@ impl KernelInfo {
         let missing: Vec<&Feature> = self
             .features
             .iter()
-            .filter(|f| names.contains(&f.name) && !f.present)
+            .filter(|f| names.contains(&f.name.as_str()) && !f.present)
             .collect();
         if missing.is_empty() {
             return Ok(());
@@ -115,10 +114,58 @@ impl KernelInfo {
     }
 }
 
+/// Inspect `path`, reusing an earlier inspection of the very same file
+/// (same path, device, inode, size and modification time) from the cache.
+pub fn inspect(path: &Path) -> Result<KernelInfo> {
+    let key = identity_key(path);
+    let cached = key.as_ref().and_then(|k| {
+        let data = std::fs::read(k).ok()?;
+        serde_json::from_slice::<KernelInfo>(&data).ok()
+    });
+    if let Some(info) = cached.filter(|i| i.path == path) {
+        return Ok(info);
+    }
+    let info = inspect_uncached(path)?;
+    if let (Some(k), Ok(json)) = (key, serde_json::to_vec(&info)) {
+        let _ = crate::paths::write_atomic(&k, &json, 0o644);
+    }
+    Ok(info)
+}
+
+/// Cache file for the inspection of `path` as it is now.
+fn identity_key(path: &Path) -> Option<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).ok()?;
+    let mut h = Sha256::new();
+    h.update(path.as_os_str().as_encoded_bytes());
+    for v in [
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime() as u64,
+        md.mtime_nsec() as u64,
+        md.ctime() as u64,
+    ] {
+        h.update(v.to_le_bytes());
+    }
+    // Bump when KernelInfo or the feature list changes.
+    h.update(b"kernel-info-v1");
+    let hex: String = h
+        .finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = crate::paths::cache_dir().ok()?.join("kernel-info");
+    crate::paths::ensure_dir(&dir).ok()?;
+    Some(dir.join(format!("{hex}.json")))
+}
+
 /// Inspect `path`: check that it is an x86-64 UML ELF executable (by its
 /// `.uml.setup.init` section, without running it), then ask it for its
 /// release (`--version`) and configuration (`--showconfig`).
-pub fn inspect(path: &Path) -> Result<KernelInfo> {
+pub fn inspect_uncached(path: &Path) -> Result<KernelInfo> {
     let unusable = |reason: String| Error::KernelUnusable {
         path: path.to_path_buf(),
         reason,
@@ -170,9 +217,9 @@ pub fn inspect(path: &Path) -> Result<KernelInfo> {
     let features = FEATURES
         .iter()
         .map(|&(name, opts, used_for)| Feature {
-            name,
-            config: opts,
-            used_for,
+            name: name.into(),
+            config: opts.into(),
+            used_for: used_for.into(),
             present: opts
                 .split('|')
                 .any(|o| config.get(o).is_some_and(|v| v == "y")),
@@ -297,10 +344,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("linux");
         std::fs::write(&script, "#!/bin/sh\necho 6.1.0\n").unwrap();
-        let e = inspect(&script).unwrap_err().to_string();
+        let e = inspect_uncached(&script).unwrap_err().to_string();
         assert!(e.contains("not an ELF executable"), "{e}");
         // An ordinary ELF program is not UML.
-        let e = inspect(Path::new("/bin/true")).unwrap_err().to_string();
+        let e = inspect_uncached(Path::new("/bin/true"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a User-mode Linux kernel"), "{e}");
     }
 }

@@ -520,7 +520,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     }
     info.require(&need)?;
 
-    let host_xstate = xstate::probe_host_xstate()?;
+    let host_xstate = xstate::host_xstate()?;
     let needs_shim = info.fp.needs_shim(host_xstate);
     let use_shim = needs_shim && spec.shim == ShimMode::Auto;
     if use_shim && info.linkage == crate::inspect::Linkage::Static {
@@ -710,6 +710,11 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         disks,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines,
+        init_env: if std::env::var_os("UMLCTL_TRACE").is_some() {
+            vec![("UMLCTL_TRACE".into(), "1".into())]
+        } else {
+            vec![]
+        },
     };
     let args = plan.to_args()?;
 

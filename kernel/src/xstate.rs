@@ -47,6 +47,38 @@ impl HostXstate {
     }
 }
 
+/// The host's XSTATE size, measured once per host boot and remembered in
+/// the runtime directory (the CPU and host kernel cannot change without a
+/// reboot).
+pub fn host_xstate() -> Result<HostXstate> {
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot_id = boot_id.trim();
+    let cache = paths::runtime_dir()
+        .ok()
+        .filter(|_| !boot_id.is_empty())
+        .map(|d| d.join(format!("xstate-{boot_id}")));
+    if let Some(c) = &cache {
+        match fs::read_to_string(c).ok().as_deref().map(str::trim) {
+            Some("absent") => return Ok(HostXstate::Absent),
+            Some(n) => {
+                if let Ok(bytes) = n.parse() {
+                    return Ok(HostXstate::Size { bytes });
+                }
+            }
+            None => {}
+        }
+    }
+    let h = probe_host_xstate()?;
+    if let Some(c) = &cache {
+        let text = match h {
+            HostXstate::Size { bytes } => bytes.to_string(),
+            HostXstate::Absent => "absent".into(),
+        };
+        let _ = paths::write_atomic(c, text.as_bytes(), 0o600);
+    }
+    Ok(h)
+}
+
 /// Measure the host's XSTATE regset size the way UML would meet it: fork a
 /// child that stops under `PTRACE_TRACEME`, and ask for its XSTATE with a
 /// buffer larger than any real one; the host truncates the answer to its
@@ -120,7 +152,7 @@ fn probe_stopped_child(child: Pid) -> Result<HostXstate> {
 }
 
 /// How much XSTATE a kernel can save and restore.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum KernelFp {
     /// A compile-time buffer of this many bytes (UML < 6.13).

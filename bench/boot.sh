@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# bench/boot.sh — boot overhead of `umlctl run -- true` against the same
+# kernel started by hand with a minimal static init that powers off at once.
+#
+#   bench/boot.sh [KERNEL...]        (default: umlctl's default kernel and /usr/bin/linux.uml)
+#   RUNS=21 bench/boot.sh            (runs per measurement; the median is reported)
+#   UMLCTL=path/to/umlctl            (default: target/release/umlctl, built if missing)
+#
+# Prints one row per kernel: median wall time of each, and their ratio.
+# Needs gcc with static libc (libc6-dev) for the minimal init.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-21}
+UMLCTL=${UMLCTL:-target/release/umlctl}
+if [ ! -x "$UMLCTL" ]; then
+  cargo build --release -q -p umlctl
+fi
+UMLCTL=$(realpath "$UMLCTL")
+
+work=$(mktemp -d /tmp/umlctl-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cat > "$work/init.c" <<'C'
+#include <sys/reboot.h>
+int main(void) { reboot(RB_POWER_OFF); return 0; }
+C
+gcc -static -O2 -o "$work/init" "$work/init.c"
+
+kernels=("$@")
+if [ ${#kernels[@]} -eq 0 ]; then
+  def=$("$UMLCTL" kernel info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
+  kernels=("$def")
+  [ -x /usr/bin/linux.uml ] && [ "$def" != /usr/bin/linux.uml ] && kernels+=(/usr/bin/linux.uml)
+fi
+
+now() { date +%s%N; }
+# median of the numbers on stdin (nanoseconds) printed as seconds
+median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m/1e9}'; }
+
+printf '%-28s %-10s %12s %12s %8s\n' kernel version "umlctl run" "bare boot" ratio
+for k in "${kernels[@]}"; do
+  info=$("$UMLCTL" kernel info --json "$k")
+  ver=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
+  shim=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("xstate_shim_path") or "")')
+  # Warm both paths once (page cache, umlctl's caches).
+  "$UMLCTL" run --kernel "$k" -- true
+  (cd "$work" && env ${shim:+LD_PRELOAD=$shim} "$k" mem=256M rootfstype=hostfs rootflags=/ ro init="$work/init" \
+      con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1)
+  ours=$(for _ in $(seq "$RUNS"); do
+    t=$(now); "$UMLCTL" run --kernel "$k" -- true; echo $(( $(now) - t ))
+  done | median)
+  bare=$(for _ in $(seq "$RUNS"); do
+    t=$(now)
+    (cd "$work" && env ${shim:+LD_PRELOAD=$shim} "$k" mem=256M rootfstype=hostfs rootflags=/ ro init="$work/init" \
+        con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1)
+    echo $(( $(now) - t ))
+  done | median)
+  ratio=$(awk -v a="$ours" -v b="$bare" 'BEGIN {printf "%.2f", a/b}')
+  printf '%-28s %-10s %11ss %11ss %8s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$ours" "$bare" "$ratio"
+done
