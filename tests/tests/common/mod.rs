@@ -1,0 +1,208 @@
+//! Shared helpers for the end-to-end tests: the real `umlctl` binary, a real
+//! UML kernel, and checks that a run left nothing behind.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The umlctl binary built by `cargo test` (or `$UMLCTL_BIN`).
+pub fn umlctl_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("UMLCTL_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> → target/<profile>/umlctl
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("umlctl"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` so the binary is built",
+        bin.display()
+    );
+    bin
+}
+
+/// Scratch space under the target directory (not /tmp: without --image,
+/// the guest sees /tmp as an empty tmpfs).
+pub fn scratch() -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new().prefix("e2e-").tempdir_in(base).unwrap()
+}
+
+/// A cache shared by all tests (kernel inspection, init roots, shim).
+pub fn cache_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("umlctl-cache");
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The kernel the suite boots: `$UMLCTL_TEST_KERNEL`, else whatever umlctl
+/// itself would pick. There is no skipping: without a kernel the suite fails.
+pub fn kernel() -> PathBuf {
+    static K: OnceLock<PathBuf> = OnceLock::new();
+    K.get_or_init(|| {
+        if let Some(k) = std::env::var_os("UMLCTL_TEST_KERNEL") {
+            return PathBuf::from(k);
+        }
+        let out = Command::new(umlctl_bin())
+            .args(["kernel", "info", "--json"])
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .output()
+            .expect("run umlctl kernel info");
+        assert!(
+            out.status.success(),
+            "no usable UML kernel for the end-to-end tests (install Debian's user-mode-linux, or set UMLCTL_TEST_KERNEL):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        PathBuf::from(v["path"].as_str().unwrap())
+    })
+    .clone()
+}
+
+/// One isolated `umlctl run`: its own runtime directory, so that leftovers
+/// can be checked.
+pub struct Run {
+    pub runtime: tempfile::TempDir,
+    pub cmd: Command,
+}
+
+impl Run {
+    pub fn new<I, S>(args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let runtime = scratch();
+        let mut cmd = Command::new(umlctl_bin());
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(kernel())
+            .args(args)
+            .env("UMLCTL_RUNTIME_DIR", runtime.path())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .stdin(Stdio::null());
+        Run { runtime, cmd }
+    }
+
+    /// Run to completion with `input` on stdin; check that nothing was left
+    /// behind.
+    pub fn output_with(mut self, input: &[u8]) -> Output {
+        self.cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let shm_before = shm_entries();
+        let mut child = self.cmd.spawn().expect("spawn umlctl");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("wait umlctl");
+        let _ = writer.join();
+        assert_no_leftovers(self.runtime.path(), &shm_before);
+        out
+    }
+
+    pub fn output(self) -> Output {
+        self.output_with(b"")
+    }
+}
+
+/// Run `umlctl run [args] -- cmd...` and return (status code, stdout, stderr).
+pub fn run(args: &[&str], cmd: &[&str]) -> (i32, Vec<u8>, String) {
+    let mut all: Vec<&str> = args.to_vec();
+    all.push("--");
+    all.extend_from_slice(cmd);
+    let out = Run::new(all).output();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn shm_entries() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/dev/shm")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(c) = fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(needle) {
+                found.push((pid, c));
+            }
+        }
+    }
+    found
+}
+
+/// After a run: no run directory, no UML process, no new files in /dev/shm.
+pub fn assert_no_leftovers(runtime: &Path, shm_before: &[String]) {
+    let left: Vec<_> = fs::read_dir(runtime).unwrap().flatten().map(|e| e.path()).collect();
+    // The cached xstate measurement is not a leftover of a run.
+    let left: Vec<_> = left
+        .into_iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("xstate-"))
+        .collect();
+    assert!(left.is_empty(), "run directory left behind: {left:?}");
+    let procs = processes_mentioning(&runtime.to_string_lossy());
+    assert!(procs.is_empty(), "UML processes left behind: {procs:?}");
+    let after = shm_entries();
+    let new: Vec<_> = after.iter().filter(|e| !shm_before.contains(e)).collect();
+    assert!(new.is_empty(), "new files in /dev/shm: {new:?}");
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    sha256(&fs::read(p).unwrap())
+}
+
+/// A small busybox root image made with mke2fs -d (an independent tool),
+/// with a marker file. Built once per test process.
+pub fn busybox_image(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "mnt"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let bb = Path::new("/bin/busybox");
+    assert!(bb.exists(), "/bin/busybox is missing: apt-get install busybox-static");
+    fs::copy(bb, root.join("bin/busybox")).unwrap();
+    for t in [
+        "sh", "ls", "cat", "echo", "mount", "umount", "uname", "id", "true", "false", "sleep", "mkdir", "sha256sum", "head",
+        "wc", "stat",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    fs::write(root.join("etc/marker"), "umlctl busybox test image\n").unwrap();
+    let img = dir.join("root.ext4");
+    let st = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("32M")
+        .status()
+        .expect("mke2fs is missing: apt-get install e2fsprogs");
+    assert!(st.success(), "mke2fs failed");
+    img
+}

@@ -1,0 +1,323 @@
+//! `umlctl run` end to end: the real binary, a real UML kernel.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn exit_statuses_pass_through() {
+    for code in [0, 1, 3, 255] {
+        let (rc, out, err) = run(&[], &["sh", "-c", &format!("exit {code}")]);
+        assert_eq!(rc, code, "stderr: {err}");
+        assert!(out.is_empty());
+        assert_eq!(err, "", "umlctl must not add to stderr on a normal exit");
+    }
+}
+
+#[test]
+fn signal_death_is_128_plus_n() {
+    let (rc, _, err) = run(&[], &["sh", "-c", "kill -TERM $$"]);
+    assert_eq!(rc, 143, "{err}");
+    let (rc, _, err) = run(&["--json"], &["sh", "-c", "kill -KILL $$"]);
+    assert_eq!(rc, 137, "{err}");
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(v["reason"], "signaled");
+    assert_eq!(v["signal"], 9);
+}
+
+#[test]
+fn stdout_and_stderr_stay_separate() {
+    let (rc, out, err) = run(&[], &["sh", "-c", "echo out1; echo err1 >&2; echo out2; echo err2 >&2"]);
+    assert_eq!(rc, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "out1\nout2\n");
+    assert_eq!(err, "err1\nerr2\n");
+}
+
+#[test]
+fn stdin_passes_through() {
+    let out = Run::new(["--", "cat"]).output_with(b"hi\n");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"hi\n");
+    // Empty stdin is EOF at once, not a hang.
+    let out = Run::new(["--timeout", "60", "--", "cat"]).output_with(b"");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn binary_stdin_and_stdout_are_byte_exact() {
+    // Every byte value, including the ones a tty would interpret
+    // (\r, \n, ^C, ^D, ^S, ^Q, ^Z, DEL, NUL).
+    let mut data: Vec<u8> = (0..=255u8).collect();
+    data.extend((0..=255u8).rev());
+    data.extend(b"\r\n\r\n\x03\x04\x13\x11\x1a\x7f\x00");
+    for i in 0..200_000u32 {
+        data.push((i.wrapping_mul(2654435761) >> 13) as u8);
+    }
+    let out = Run::new(["--", "cat"]).output_with(&data);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "stdout differs from stdin");
+}
+
+#[test]
+fn hundred_megabytes_of_output_match() {
+    let dir = scratch();
+    let file = dir.path().join("big.bin");
+    let mut data = vec![0u8; 100_000_000];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    fs::write(&file, &data).unwrap();
+    let want = sha256(&data);
+    drop(data);
+    let (rc, out, err) = run(&[], &["cat", file.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out.len(), 100_000_000);
+    assert_eq!(sha256(&out), want);
+}
+
+#[test]
+fn command_not_found_is_127() {
+    let (rc, out, err) = run(&[], &["no-such-command-xyz"]);
+    assert_eq!(rc, 127);
+    assert!(out.is_empty());
+    assert!(err.contains("no-such-command-xyz") && err.contains("not found"), "{err}");
+    // A command that exists but exits 127 itself is told apart in --json.
+    let (rc, _, err) = run(&["--json"], &["sh", "-c", "exit 127"]);
+    assert_eq!(rc, 127);
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(v["reason"], "exited");
+}
+
+#[test]
+fn command_not_executable_is_126() {
+    let dir = scratch();
+    let f = dir.path().join("not-exec");
+    fs::write(&f, "#!/bin/sh\necho no\n").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    let (rc, _, err) = run(&[], &[f.to_str().unwrap()]);
+    assert_eq!(rc, 126, "{err}");
+    assert!(err.contains("ermission denied"), "{err}");
+}
+
+#[test]
+fn timeout_is_124_and_the_guest_is_gone() {
+    let t = Instant::now();
+    let (rc, out, err) = run(&["--timeout", "3", "--json"], &["sleep", "1000"]);
+    assert_eq!(rc, 124, "{err}");
+    assert!(out.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(60));
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(v["reason"], "timeout");
+    // Run::output already checked: no UML process, no run directory.
+}
+
+#[test]
+fn working_directory_and_environment() {
+    let dir = scratch();
+    fs::write(dir.path().join("here.txt"), "present\n").unwrap();
+    let (rc, out, err) = run(
+        &["--workdir", dir.path().to_str().unwrap(), "--env", "FOO=bar baz", "-e", "EMPTY="],
+        &["sh", "-c", "cat here.txt; pwd; echo \"$FOO|$EMPTY|$HOME\""],
+    );
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("present\n{}\nbar baz||/root\n", dir.path().display())
+    );
+}
+
+#[test]
+fn host_root_is_read_only_with_writable_tmp() {
+    let dir = scratch();
+    let (rc, out, err) = run(
+        &["--workdir", dir.path().to_str().unwrap()],
+        &[
+            "sh",
+            "-c",
+            "touch ./x 2>/dev/null && echo wrote-host || echo host-ro; echo t > /tmp/t && cat /tmp/t; test -e /etc/passwd && echo sees-host",
+        ],
+    );
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "host-ro\nt\nsees-host\n");
+    assert!(!dir.path().join("x").exists());
+}
+
+#[test]
+fn guest_panic_is_125_with_a_message() {
+    let (rc, out, err) = run(&["--json"], &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"]);
+    assert_eq!(rc, 125, "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("guest kernel panic"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(v["reason"], "panic");
+}
+
+#[test]
+fn image_root_runs_and_the_image_is_unchanged() {
+    let dir = scratch();
+    let img = busybox_image(dir.path());
+    let before = sha256_file(&img);
+    let mtime_before = fs::metadata(&img).unwrap().modified().unwrap();
+    let (rc, out, err) = run(
+        &["--image", img.to_str().unwrap()],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/marker; echo written > /newfile; cat /newfile; \
+             test -e /etc/passwd && echo host-visible; \
+             mount -t hostfs none /mnt && ls /mnt | grep -c passwd; exit 7",
+        ],
+    );
+    assert_eq!(rc, 7, "{err}");
+    // The host's files are not reachable, even by mounting hostfs again.
+    assert_eq!(String::from_utf8_lossy(&out), "umlctl busybox test image\nwritten\n0\n");
+    assert_eq!(sha256_file(&img), before, "the image was modified");
+    assert_eq!(fs::metadata(&img).unwrap().modified().unwrap(), mtime_before);
+    // The image is checked by an independent tool, too.
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&img).output().unwrap();
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+}
+
+#[test]
+fn a_missing_or_bad_image_is_a_clear_error() {
+    let (rc, _, err) = run(&["--image", "/nonexistent/root.ext4"], &["true"]);
+    assert_eq!(rc, 125);
+    assert!(err.contains("/nonexistent/root.ext4") && err.contains("does not exist"), "{err}");
+    let dir = scratch();
+    let junk = dir.path().join("junk.img");
+    fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    let (rc, _, err) = run(&["--image", junk.to_str().unwrap()], &["true"]);
+    assert_eq!(rc, 125, "{err}");
+    assert!(err.contains("cannot mount the image"), "{err}");
+}
+
+#[test]
+fn sigterm_to_umlctl_reaches_the_command() {
+    let mut r = Run::new(["--json", "--", "sleep", "1000"]);
+    r.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = r.cmd.spawn().unwrap();
+    // Wait until the guest is up (its instance directory exists).
+    let t = Instant::now();
+    while fs::read_dir(r.runtime.path()).unwrap().flatten().all(|e| e.file_name().to_string_lossy().starts_with("xstate-"))
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert_no_leftovers(r.runtime.path(), &[]);
+}
+
+#[test]
+fn a_closed_stdout_stops_the_command() {
+    // `yes | head -1`: the guest's `yes` must die of SIGPIPE, not run forever.
+    let runtime = scratch();
+    let sh = format!(
+        "'{}' run --kernel '{}' --timeout 60 -- yes | head -1",
+        umlctl_bin().display(),
+        kernel().display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &sh])
+        .env("UMLCTL_RUNTIME_DIR", runtime.path())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"y\n");
+    assert_no_leftovers(runtime.path(), &[]);
+}
+
+#[test]
+fn json_result_has_timings() {
+    let (rc, _, err) = run(&["--json"], &["true"]);
+    assert_eq!(rc, 0);
+    let v: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["exit_code"], 0);
+    assert_eq!(v["reason"], "exited");
+    assert!(v["timings"]["boot_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["timings"]["total_ms"].as_f64().unwrap() >= v["timings"]["boot_ms"].as_f64().unwrap());
+    assert_eq!(v["kernel"], kernel().to_str().unwrap());
+}
+
+#[test]
+fn usage_errors_are_125() {
+    let out = Command::new(umlctl_bin()).args(["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let out = Command::new(umlctl_bin()).args(["run", "--mem", "lots", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error_naming_what_was_tried() {
+    let empty = scratch();
+    let out = Command::new(umlctl_bin())
+        .args(["run", "--", "true"])
+        .env("PATH", empty.path())
+        .env_remove("UMLCTL_KERNEL")
+        .env("UMLCTL_CACHE_DIR", empty.path().join("cache"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["no UML kernel found", "--kernel", "$UMLCTL_KERNEL", "kernel cache", "linux.uml", "fix:"] {
+        assert!(err.contains(want), "missing {want:?} in: {err}");
+    }
+    let out = Command::new(umlctl_bin())
+        .args(["run", "--kernel", "/bin/true", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a User-mode Linux kernel"));
+}
+
+#[test]
+fn works_for_an_unprivileged_user() {
+    // nobody cannot read the build tree; give it its own copy of the binary.
+    let dir = tempfile::Builder::new().prefix("umlctl-nobody-").tempdir_in("/tmp").unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("umlctl");
+    fs::copy(umlctl_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let setpriv = Command::new("setpriv").arg("--version").output();
+    assert!(setpriv.is_ok(), "setpriv (util-linux) is needed for this test");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(["run", "--kernel"])
+        .arg(kernel())
+        .args(["--", "sh", "-c", "echo guest-uid=$(id -u)"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", "/nonexistent")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "guest-uid=0\n");
+    let leftovers = processes_mentioning("/tmp/umlctl-65534/");
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let runs: Vec<_> = fs::read_dir("/tmp/umlctl-65534")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("umlctl-"))
+        .collect();
+    assert!(runs.is_empty(), "run directories left: {runs:?}");
+}
