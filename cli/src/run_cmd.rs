@@ -80,10 +80,14 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     spec.workdir = a.workdir;
     spec.console_log = a.console_log;
     spec.verbose = a.verbose;
-    spec.shim = if a.no_xstate_shim {
-        ShimMode::Off
-    } else {
-        ShimMode::Auto
+    spec.shim = match (
+        a.no_xstate_shim,
+        std::env::var("UMLCTL_XSTATE_SHIM").as_deref(),
+    ) {
+        (true, _) | (false, Ok("never")) => ShimMode::Off,
+        // A testing knob: preload the shim even where the host does not need it.
+        (false, Ok("always")) => ShimMode::Always,
+        _ => ShimMode::Auto,
     };
     spec.tty = match a.tty {
         TtyArg::Auto => TtyMode::Auto,

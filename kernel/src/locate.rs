@@ -168,10 +168,14 @@ pub fn locate(explicit: Option<&Path>) -> Result<Located> {
 }
 
 fn inspect_explicit(p: &Path, via: &str) -> Result<KernelInfo> {
-    if !p.exists() {
+    if let Err(e) = fs::metadata(p) {
+        let reason = match e.kind() {
+            std::io::ErrorKind::NotFound => format!("does not exist (named by {via})"),
+            _ => format!("cannot be accessed: {e} (named by {via})"),
+        };
         return Err(Error::KernelUnusable {
             path: p.to_path_buf(),
-            reason: format!("does not exist (named by {via})"),
+            reason,
         });
     }
     if !is_executable_file(p) {

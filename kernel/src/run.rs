@@ -59,6 +59,8 @@ pub enum ShimMode {
     Auto,
     /// Never use it.
     Off,
+    /// Always preload it (for testing the shim on hosts that do not need it).
+    Always,
 }
 
 /// Whether the command gets an interactive terminal.
@@ -522,8 +524,12 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
 
     let host_xstate = xstate::host_xstate()?;
     let needs_shim = info.fp.needs_shim(host_xstate);
-    let use_shim = needs_shim && spec.shim == ShimMode::Auto;
-    if use_shim && info.linkage == crate::inspect::Linkage::Static {
+    let use_shim = match spec.shim {
+        ShimMode::Auto => needs_shim,
+        ShimMode::Off => false,
+        ShimMode::Always => true,
+    };
+    if needs_shim && use_shim && info.linkage == crate::inspect::Linkage::Static {
         return Err(Error::KernelUnusable {
             path: info.path.clone(),
             reason: format!(

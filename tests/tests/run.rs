@@ -32,7 +32,14 @@ fn signal_death_is_128_plus_n() {
 
 #[test]
 fn stdout_and_stderr_stay_separate() {
-    let (rc, out, err) = run(&[], &["sh", "-c", "echo out1; echo err1 >&2; echo out2; echo err2 >&2"]);
+    let (rc, out, err) = run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo out1; echo err1 >&2; echo out2; echo err2 >&2",
+        ],
+    );
     assert_eq!(rc, 0);
     assert_eq!(String::from_utf8_lossy(&out), "out1\nout2\n");
     assert_eq!(err, "err1\nerr2\n");
@@ -60,7 +67,12 @@ fn binary_stdin_and_stdout_are_byte_exact() {
         data.push((i.wrapping_mul(2654435761) >> 13) as u8);
     }
     let out = Run::new(["--", "cat"]).output_with(&data);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout.len(), data.len());
     assert!(out.stdout == data, "stdout differs from stdin");
 }
@@ -91,7 +103,10 @@ fn command_not_found_is_127() {
     let (rc, out, err) = run(&[], &["no-such-command-xyz"]);
     assert_eq!(rc, 127);
     assert!(out.is_empty());
-    assert!(err.contains("no-such-command-xyz") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("no-such-command-xyz") && err.contains("not found"),
+        "{err}"
+    );
     // A command that exists but exits 127 itself is told apart in --json.
     let (rc, _, err) = run(&["--json"], &["sh", "-c", "exit 127"]);
     assert_eq!(rc, 127);
@@ -127,7 +142,14 @@ fn working_directory_and_environment() {
     let dir = scratch();
     fs::write(dir.path().join("here.txt"), "present\n").unwrap();
     let (rc, out, err) = run(
-        &["--workdir", dir.path().to_str().unwrap(), "--env", "FOO=bar baz", "-e", "EMPTY="],
+        &[
+            "--workdir",
+            dir.path().to_str().unwrap(),
+            "--env",
+            "FOO=bar baz",
+            "-e",
+            "EMPTY=",
+        ],
         &["sh", "-c", "cat here.txt; pwd; echo \"$FOO|$EMPTY|$HOME\""],
     );
     assert_eq!(rc, 0, "{err}");
@@ -155,7 +177,10 @@ fn host_root_is_read_only_with_writable_tmp() {
 
 #[test]
 fn guest_panic_is_125_with_a_message() {
-    let (rc, out, err) = run(&["--json"], &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"]);
+    let (rc, out, err) = run(
+        &["--json"],
+        &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"],
+    );
     assert_eq!(rc, 125, "{err}");
     assert!(out.is_empty());
     assert!(err.contains("guest kernel panic"), "{err}");
@@ -181,19 +206,36 @@ fn image_root_runs_and_the_image_is_unchanged() {
     );
     assert_eq!(rc, 7, "{err}");
     // The host's files are not reachable, even by mounting hostfs again.
-    assert_eq!(String::from_utf8_lossy(&out), "umlctl busybox test image\nwritten\n0\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "umlctl busybox test image\nwritten\n0\n"
+    );
     assert_eq!(sha256_file(&img), before, "the image was modified");
-    assert_eq!(fs::metadata(&img).unwrap().modified().unwrap(), mtime_before);
+    assert_eq!(
+        fs::metadata(&img).unwrap().modified().unwrap(),
+        mtime_before
+    );
     // The image is checked by an independent tool, too.
-    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&img).output().unwrap();
-    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
 }
 
 #[test]
 fn a_missing_or_bad_image_is_a_clear_error() {
     let (rc, _, err) = run(&["--image", "/nonexistent/root.ext4"], &["true"]);
     assert_eq!(rc, 125);
-    assert!(err.contains("/nonexistent/root.ext4") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/nonexistent/root.ext4") && err.contains("does not exist"),
+        "{err}"
+    );
     let dir = scratch();
     let junk = dir.path().join("junk.img");
     fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
@@ -209,7 +251,10 @@ fn sigterm_to_umlctl_reaches_the_command() {
     let mut child = r.cmd.spawn().unwrap();
     // Wait until the guest is up (its instance directory exists).
     let t = Instant::now();
-    while fs::read_dir(r.runtime.path()).unwrap().flatten().all(|e| e.file_name().to_string_lossy().starts_with("xstate-"))
+    while fs::read_dir(r.runtime.path())
+        .unwrap()
+        .flatten()
+        .all(|e| e.file_name().to_string_lossy().starts_with("xstate-"))
         && t.elapsed() < Duration::from_secs(30)
     {
         std::thread::sleep(Duration::from_millis(50));
@@ -251,7 +296,9 @@ fn json_result_has_timings() {
     assert_eq!(v["exit_code"], 0);
     assert_eq!(v["reason"], "exited");
     assert!(v["timings"]["boot_ms"].as_f64().unwrap() > 0.0);
-    assert!(v["timings"]["total_ms"].as_f64().unwrap() >= v["timings"]["boot_ms"].as_f64().unwrap());
+    assert!(
+        v["timings"]["total_ms"].as_f64().unwrap() >= v["timings"]["boot_ms"].as_f64().unwrap()
+    );
     assert_eq!(v["kernel"], kernel().to_str().unwrap());
 }
 
@@ -259,7 +306,10 @@ fn json_result_has_timings() {
 fn usage_errors_are_125() {
     let out = Command::new(umlctl_bin()).args(["run"]).output().unwrap();
     assert_eq!(out.status.code(), Some(125));
-    let out = Command::new(umlctl_bin()).args(["run", "--mem", "lots", "--", "true"]).output().unwrap();
+    let out = Command::new(umlctl_bin())
+        .args(["run", "--mem", "lots", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
 }
@@ -276,7 +326,14 @@ fn missing_kernel_is_a_clear_error_naming_what_was_tried() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
-    for want in ["no UML kernel found", "--kernel", "$UMLCTL_KERNEL", "kernel cache", "linux.uml", "fix:"] {
+    for want in [
+        "no UML kernel found",
+        "--kernel",
+        "$UMLCTL_KERNEL",
+        "kernel cache",
+        "linux.uml",
+        "fix:",
+    ] {
         assert!(err.contains(want), "missing {want:?} in: {err}");
     }
     let out = Command::new(umlctl_bin())
@@ -290,18 +347,28 @@ fn missing_kernel_is_a_clear_error_naming_what_was_tried() {
 #[test]
 fn works_for_an_unprivileged_user() {
     // nobody cannot read the build tree; give it its own copy of the binary.
-    let dir = tempfile::Builder::new().prefix("umlctl-nobody-").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("umlctl-nobody-")
+        .tempdir_in("/tmp")
+        .unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.path().join("umlctl");
     fs::copy(umlctl_bin(), &bin).unwrap();
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    // ...and of the kernel, which may sit somewhere private too.
+    let kern = dir.path().join("linux");
+    fs::copy(kernel(), &kern).unwrap();
+    fs::set_permissions(&kern, fs::Permissions::from_mode(0o755)).unwrap();
     let setpriv = Command::new("setpriv").arg("--version").output();
-    assert!(setpriv.is_ok(), "setpriv (util-linux) is needed for this test");
+    assert!(
+        setpriv.is_ok(),
+        "setpriv (util-linux) is needed for this test"
+    );
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&bin)
         .args(["run", "--kernel"])
-        .arg(kernel())
+        .arg(&kern)
         .args(["--", "sh", "-c", "echo guest-uid=$(id -u)"])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -320,4 +387,25 @@ fn works_for_an_unprivileged_user() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("umlctl-"))
         .collect();
     assert!(runs.is_empty(), "run directories left: {runs:?}");
+}
+
+#[test]
+fn boots_with_the_xstate_shim_preloaded() {
+    // The shim must be harmless where it is not needed, and on hosts that
+    // need it every boot goes through it; force it here.
+    let mut r = Run::new(["--json", "--", "sh", "-c", "echo shimmed"]);
+    r.cmd.env("UMLCTL_XSTATE_SHIM", "always");
+    let out = r.output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(out.stdout, b"shimmed\n");
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(v["xstate_shim"], true);
+    // And --no-xstate-shim wins over it.
+    let mut r = Run::new(["--json", "--no-xstate-shim", "--", "true"]);
+    r.cmd.env("UMLCTL_XSTATE_SHIM", "always");
+    let out = r.output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(v["xstate_shim"], false);
 }

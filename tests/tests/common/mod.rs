@@ -33,7 +33,10 @@ pub fn umlctl_bin() -> PathBuf {
 pub fn scratch() -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new().prefix("e2e-").tempdir_in(base).unwrap()
+    tempfile::Builder::new()
+        .prefix("e2e-")
+        .tempdir_in(base)
+        .unwrap()
 }
 
 /// A cache shared by all tests (kernel inspection, init roots, shim).
@@ -95,7 +98,10 @@ impl Run {
     /// Run to completion with `input` on stdin; check that nothing was left
     /// behind.
     pub fn output_with(mut self, input: &[u8]) -> Output {
-        self.cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let shm_before = shm_entries();
         let mut child = self.cmd.spawn().expect("spawn umlctl");
         let mut stdin = child.stdin.take().unwrap();
@@ -129,7 +135,11 @@ pub fn run(args: &[&str], cmd: &[&str]) -> (i32, Vec<u8>, String) {
 
 fn shm_entries() -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir("/dev/shm")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -139,7 +149,9 @@ fn shm_entries() -> Vec<String> {
 pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }
@@ -155,11 +167,20 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
 
 /// After a run: no run directory, no UML process, no new files in /dev/shm.
 pub fn assert_no_leftovers(runtime: &Path, shm_before: &[String]) {
-    let left: Vec<_> = fs::read_dir(runtime).unwrap().flatten().map(|e| e.path()).collect();
+    let left: Vec<_> = fs::read_dir(runtime)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     // The cached xstate measurement is not a leftover of a run.
     let left: Vec<_> = left
         .into_iter()
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("xstate-"))
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("xstate-")
+        })
         .collect();
     assert!(left.is_empty(), "run directory left behind: {left:?}");
     let procs = processes_mentioning(&runtime.to_string_lossy());
@@ -171,7 +192,10 @@ pub fn assert_no_leftovers(runtime: &Path, shm_before: &[String]) {
 
 pub fn sha256(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn sha256_file(p: &Path) -> String {
@@ -182,15 +206,34 @@ pub fn sha256_file(p: &Path) -> String {
 /// with a marker file. Built once per test process.
 pub fn busybox_image(dir: &Path) -> PathBuf {
     let root = dir.join("root");
-    for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "mnt"] {
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "mnt",
+    ] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
     let bb = Path::new("/bin/busybox");
-    assert!(bb.exists(), "/bin/busybox is missing: apt-get install busybox-static");
+    assert!(
+        bb.exists(),
+        "/bin/busybox is missing: apt-get install busybox-static"
+    );
     fs::copy(bb, root.join("bin/busybox")).unwrap();
     for t in [
-        "sh", "ls", "cat", "echo", "mount", "umount", "uname", "id", "true", "false", "sleep", "mkdir", "sha256sum", "head",
-        "wc", "stat",
+        "sh",
+        "ls",
+        "cat",
+        "echo",
+        "mount",
+        "umount",
+        "uname",
+        "id",
+        "true",
+        "false",
+        "sleep",
+        "mkdir",
+        "sha256sum",
+        "head",
+        "wc",
+        "stat",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
     }
