@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# scripts/test.sh — the whole test suite: unit tests and end-to-end tests
+# against a real UML kernel. Works as root on a fresh Debian 12 machine
+# (installs missing packages). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+# user-mode-linux: the kernel; e2fsprogs: mke2fs/e2fsck oracles; busybox-static:
+# test images; uml-utilities: uml_mkcow/uml_moo/uml_mconsole oracles;
+# iproute2: network namespaces; util-linux: setpriv for the unprivileged case.
+ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux
+ensure_cargo
+cargo test --workspace --locked "$@"
