@@ -10,4 +10,6 @@ cd "$(dirname "$0")/.."
 # iproute2: network namespaces; util-linux: setpriv for the unprivileged case.
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux
 ensure_cargo
+# Build every binary first: the end-to-end tests drive target/debug/umlctl.
+cargo build --workspace --locked
 cargo test --workspace --locked "$@"

@@ -9,12 +9,11 @@
 //! by the identity of the running binary, and is built atomically.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use object::{Object, ObjectSection};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::paths;
@@ -54,23 +53,7 @@ pub fn current_exe() -> Result<PathBuf> {
 /// Prepare (or reuse) the init root for the binary `exe`.
 pub fn prepare(exe: &Path) -> Result<InitRoot> {
     let md = fs::metadata(exe).map_err(|e| Error::io("stat", exe, e))?;
-    let mut h = Sha256::new();
-    h.update(exe.as_os_str().as_encoded_bytes());
-    for v in [
-        md.dev(),
-        md.ino(),
-        md.size(),
-        md.mtime() as u64,
-        md.mtime_nsec() as u64,
-    ] {
-        h.update(v.to_le_bytes());
-    }
-    let key: String = h
-        .finalize()
-        .iter()
-        .take(10)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = paths::identity_hex(exe, &md, b"initroot-v1");
     let base = paths::cache_dir()?.join("initroot");
     paths::ensure_dir(&base)?;
     let dir = base.join(&key);

@@ -134,29 +134,9 @@ pub fn inspect(path: &Path) -> Result<KernelInfo> {
 
 /// Cache file for the inspection of `path` as it is now.
 fn identity_key(path: &Path) -> Option<PathBuf> {
-    use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(path).ok()?;
-    let mut h = Sha256::new();
-    h.update(path.as_os_str().as_encoded_bytes());
-    for v in [
-        md.dev(),
-        md.ino(),
-        md.size(),
-        md.mtime() as u64,
-        md.mtime_nsec() as u64,
-        md.ctime() as u64,
-    ] {
-        h.update(v.to_le_bytes());
-    }
-    // Bump when KernelInfo or the feature list changes.
-    h.update(b"kernel-info-v1");
-    let hex: String = h
-        .finalize()
-        .iter()
-        .take(12)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // Bump the salt when KernelInfo or the feature list changes.
+    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v1");
     let dir = crate::paths::cache_dir().ok()?.join("kernel-info");
     crate::paths::ensure_dir(&dir).ok()?;
     Some(dir.join(format!("{hex}.json")))

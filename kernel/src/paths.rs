@@ -156,3 +156,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// A short hex digest of a file's identity as it is now (path, device,
+/// inode, size, modification and change times, plus `salt`): it changes
+/// whenever the file is replaced or rewritten, and costs one stat.
+pub fn identity_hex(path: &Path, md: &fs::Metadata, salt: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(path.as_os_str().as_encoded_bytes());
+    for v in [
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime() as u64,
+        md.mtime_nsec() as u64,
+        md.ctime() as u64,
+        md.ctime_nsec() as u64,
+    ] {
+        h.update(v.to_le_bytes());
+    }
+    h.update(salt);
+    h.finalize()
+        .iter()
+        .take(10)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -25,7 +25,7 @@ fn signal_death_is_128_plus_n() {
     assert_eq!(rc, 143, "{err}");
     let (rc, _, err) = run(&["--json"], &["sh", "-c", "kill -KILL $$"]);
     assert_eq!(rc, 137, "{err}");
-    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let v = last_json(&err);
     assert_eq!(v["reason"], "signaled");
     assert_eq!(v["signal"], 9);
 }
@@ -110,7 +110,7 @@ fn command_not_found_is_127() {
     // A command that exists but exits 127 itself is told apart in --json.
     let (rc, _, err) = run(&["--json"], &["sh", "-c", "exit 127"]);
     assert_eq!(rc, 127);
-    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let v = last_json(&err);
     assert_eq!(v["reason"], "exited");
 }
 
@@ -132,7 +132,7 @@ fn timeout_is_124_and_the_guest_is_gone() {
     assert_eq!(rc, 124, "{err}");
     assert!(out.is_empty());
     assert!(t.elapsed() < Duration::from_secs(60));
-    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let v = last_json(&err);
     assert_eq!(v["reason"], "timeout");
     // Run::output already checked: no UML process, no run directory.
 }
@@ -184,7 +184,7 @@ fn guest_panic_is_125_with_a_message() {
     assert_eq!(rc, 125, "{err}");
     assert!(out.is_empty());
     assert!(err.contains("guest kernel panic"), "{err}");
-    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let v = last_json(&err);
     assert_eq!(v["reason"], "panic");
 }
 
@@ -248,7 +248,7 @@ fn a_missing_or_bad_image_is_a_clear_error() {
 fn sigterm_to_umlctl_reaches_the_command() {
     let mut r = Run::new(["--json", "--", "sleep", "1000"]);
     r.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = r.cmd.spawn().unwrap();
+    let child = r.cmd.spawn().unwrap();
     // Wait until the guest is up (its instance directory exists).
     let t = Instant::now();
     while fs::read_dir(r.runtime.path())
@@ -399,13 +399,13 @@ fn boots_with_the_xstate_shim_preloaded() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert_eq!(out.stdout, b"shimmed\n");
-    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let v = last_json(&err);
     assert_eq!(v["xstate_shim"], true);
     // And --no-xstate-shim wins over it.
     let mut r = Run::new(["--json", "--no-xstate-shim", "--", "true"]);
     r.cmd.env("UMLCTL_XSTATE_SHIM", "always");
     let out = r.output();
     let err = String::from_utf8_lossy(&out.stderr);
-    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let v = last_json(&err);
     assert_eq!(v["xstate_shim"], false);
 }

@@ -249,3 +249,10 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     assert!(st.success(), "mke2fs failed");
     img
 }
+
+/// The `--json` result object: the last line of umlctl's stderr.
+pub fn last_json(stderr: &str) -> serde_json::Value {
+    let line = stderr.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("last stderr line is not JSON ({e}): {stderr}"))
+}
