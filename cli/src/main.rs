@@ -37,6 +37,10 @@ fn main() -> ExitCode {
     if std::process::id() == 1 {
         umlctl_kernel::init::main();
     }
+    // `run` starts a copy of us as its watchdog (see umlctl_kernel::reaper).
+    if std::env::var_os(umlctl_kernel::reaper::REAPER_ENV).is_some() {
+        umlctl_kernel::reaper::main();
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -17,6 +17,7 @@ pub mod locate;
 pub mod paths;
 pub mod preflight;
 pub mod protocol;
+pub mod reaper;
 pub mod run;
 pub mod xstate;
 

@@ -630,9 +630,16 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
 
     // The run directory: UML's instance directory and the overlay.
     let umid = format!("umlctl-{}", random_hex(6));
-    let rundir = paths::runtime_dir()?.join(&umid);
+    let runtime = paths::runtime_dir()?;
+    sweep_stale_rundirs(&runtime);
+    let rundir = runtime.join(&umid);
     paths::ensure_private_dir(&rundir)?;
     let _cleanup = RunDirGuard(rundir.clone());
+    fs::write(
+        rundir.join(OWNER_FILE),
+        process_identity(std::process::id()).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io("write", rundir.join(OWNER_FILE), e))?;
 
     let console_log = match &spec.console_log {
         Some(p) => Some(File::create(p).map_err(|e| Error::io("create console log", p, e))?),
@@ -788,10 +795,12 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let (tx, rx) = mpsc::channel::<Event>();
     let signals = install_signals(interactive, tx.clone())?;
 
+    let mut reaper = start_reaper(&rundir)?;
     let t0 = Instant::now();
     let child: Child = cmd
         .spawn()
         .map_err(|e| Error::io("start kernel", &info.path, e))?;
+    let _ = writeln!(reaper.order, "pid {}", child.id());
     drop(cmd);
     // Close our copies of the UML ends so that EOFs arrive when UML exits.
     drop((stdin_for_uml, out_w, err_w, ctl_r, st_w));
@@ -858,6 +867,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     drop(con_in_w);
 
     kill_descendants();
+    reaper.dismiss();
     // UML and its helpers are gone, so the pipes reach EOF; join the output
     // copies so that every byte is out before we return.
     for h in outputs {
@@ -888,6 +898,73 @@ fn same_file(a: RawFd, b: RawFd) -> bool {
             .map(|s| (s.st_dev, s.st_ino, s.st_rdev))
     };
     st(a).is_some() && st(a) == st(b)
+}
+
+/// The watchdog that cleans up if umlctl is killed (see [`crate::reaper`]).
+struct Reaper {
+    child: Child,
+    order: std::process::ChildStdin,
+}
+
+impl Reaper {
+    /// We cleaned up ourselves; the reaper can go.
+    fn dismiss(mut self) {
+        let _ = writeln!(self.order, "done");
+        drop(self.order);
+        let _ = self.child.wait();
+    }
+}
+
+fn start_reaper(rundir: &Path) -> Result<Reaper> {
+    let exe = initroot::current_exe()?;
+    let mut child = Command::new(&exe)
+        .env(crate::reaper::REAPER_ENV, rundir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Error::io("start the reaper", &exe, e))?;
+    let order = child.stdin.take().expect("stdin is piped");
+    Ok(Reaper { child, order })
+}
+
+/// File in a run directory naming the umlctl process that owns it.
+const OWNER_FILE: &str = "owner";
+
+/// `pid:starttime` of a live process (the start time tells a reused pid
+/// apart), or `None` if it is gone.
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime), counted after the ")" that ends the command name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let start = rest.split_whitespace().nth(19)?;
+    Some(format!("{pid}:{start}"))
+}
+
+/// Remove run directories whose umlctl was killed (SIGKILL, OOM) before it
+/// could clean up. Its UML died with it (PR_SET_PDEATHSIG).
+fn sweep_stale_rundirs(runtime: &Path) {
+    let Ok(entries) = fs::read_dir(runtime) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("umlctl-") {
+            continue;
+        }
+        let Ok(owner) = fs::read_to_string(e.path().join(OWNER_FILE)) else {
+            continue;
+        };
+        let alive = owner
+            .split(':')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(process_identity)
+            .is_some_and(|id| id == owner);
+        if !alive {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Removes the run directory on every path out of `run`.

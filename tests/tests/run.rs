@@ -92,7 +92,12 @@ fn hundred_megabytes_of_output_match() {
     fs::write(&file, &data).unwrap();
     let want = sha256(&data);
     drop(data);
-    let (rc, out, err) = run(&[], &["cat", file.to_str().unwrap()]);
+    // Relative to --workdir: the scratch directory may lie under /tmp, which
+    // the guest sees as a fresh tmpfs except for the working directory.
+    let (rc, out, err) = run(
+        &["--workdir", dir.path().to_str().unwrap()],
+        &["cat", "big.bin"],
+    );
     assert_eq!(rc, 0, "{err}");
     assert_eq!(out.len(), 100_000_000);
     assert_eq!(sha256(&out), want);
@@ -120,7 +125,10 @@ fn command_not_executable_is_126() {
     let f = dir.path().join("not-exec");
     fs::write(&f, "#!/bin/sh\necho no\n").unwrap();
     fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
-    let (rc, _, err) = run(&[], &[f.to_str().unwrap()]);
+    let (rc, _, err) = run(
+        &["--workdir", dir.path().to_str().unwrap()],
+        &["./not-exec"],
+    );
     assert_eq!(rc, 126, "{err}");
     assert!(err.contains("ermission denied"), "{err}");
 }
@@ -408,4 +416,51 @@ fn boots_with_the_xstate_shim_preloaded() {
     let err = String::from_utf8_lossy(&out.stderr);
     let v = last_json(&err);
     assert_eq!(v["xstate_shim"], false);
+}
+
+#[test]
+fn a_killed_umlctl_takes_its_guest_along_and_the_next_run_sweeps_up() {
+    let mut r = Run::new(["--", "sleep", "1000"]);
+    r.cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = r.cmd.spawn().unwrap();
+    let runtime = r.runtime.path().to_path_buf();
+    // Wait for the guest to be up.
+    let t = Instant::now();
+    while processes_mentioning(&runtime.to_string_lossy()).is_empty()
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // UML dies with its parent (PR_SET_PDEATHSIG), helpers with UML.
+    let t = Instant::now();
+    while !processes_mentioning(&runtime.to_string_lossy()).is_empty()
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes_mentioning(&runtime.to_string_lossy()).is_empty());
+    // Its run directory is stale now; the next run in the same place removes it.
+    let mut next = Run::new(["--", "true"]);
+    next.runtime = r.runtime;
+    let out = next.output();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_working_directory_under_tmp_stays_visible() {
+    let dir = tempfile::Builder::new()
+        .prefix("umlctl-wd-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::write(dir.path().join("f"), "seen\n").unwrap();
+    let (rc, out, err) = run(
+        &["--workdir", dir.path().to_str().unwrap()],
+        &["sh", "-c", "cat f; ls /tmp | wc -l"],
+    );
+    assert_eq!(rc, 0, "{err}");
+    // The rest of /tmp is a fresh tmpfs: only the path to the workdir exists.
+    assert_eq!(String::from_utf8_lossy(&out), "seen\n1\n");
 }

@@ -28,8 +28,10 @@ pub fn umlctl_bin() -> PathBuf {
     bin
 }
 
-/// Scratch space under the target directory (not /tmp: without --image,
-/// the guest sees /tmp as an empty tmpfs).
+/// Scratch space under the target directory. Without --image the guest
+/// sees /tmp as an empty tmpfs (only the working directory stays visible),
+/// and the checkout itself may lie under /tmp, so tests reach their files
+/// through --workdir and relative paths.
 pub fn scratch() -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     fs::create_dir_all(&base).unwrap();
