@@ -464,3 +464,33 @@ fn a_working_directory_under_tmp_stays_visible() {
     // The rest of /tmp is a fresh tmpfs: only the path to the workdir exists.
     assert_eq!(String::from_utf8_lossy(&out), "seen\n1\n");
 }
+
+#[test]
+fn an_interactive_terminal_works_and_is_restored() {
+    // script(1) gives umlctl a pseudo-terminal as stdin and stdout.
+    let runtime = scratch();
+    let inner = format!(
+        "stty rows 33 cols 101; before=$(stty -g); \
+         '{}' run --kernel '{}' -- sh -c 'tty; stty size; test -t 0 && echo stdin-is-tty; exit 4'; rc=$?; \
+         after=$(stty -g); [ \"$before\" = \"$after\" ] && echo restored; exit $rc",
+        umlctl_bin().display(),
+        kernel().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("UMLCTL_RUNTIME_DIR", runtime.path())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (bsdutils) is needed for this test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(text.contains("/dev/ttyS0"), "{text}");
+    assert!(text.contains("33 101"), "window size not passed: {text}");
+    assert!(text.contains("stdin-is-tty"), "{text}");
+    assert!(
+        text.contains("restored"),
+        "terminal settings not restored: {text}"
+    );
+    assert_no_leftovers(runtime.path(), &[]);
+}
