@@ -37,9 +37,9 @@ fn main() -> ExitCode {
     if std::process::id() == 1 {
         umlctl_kernel::init::main();
     }
-    // `run` starts a copy of us as its watchdog (see umlctl_kernel::reaper).
-    if std::env::var_os(umlctl_kernel::reaper::REAPER_ENV).is_some() {
-        umlctl_kernel::reaper::main();
+    // A killed `run`'s reaper execs us to remove its run directory.
+    if std::env::var_os(umlctl_kernel::reaper::CLEAN_ENV).is_some() {
+        umlctl_kernel::reaper::clean();
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,

@@ -795,12 +795,12 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let (tx, rx) = mpsc::channel::<Event>();
     let signals = install_signals(interactive, tx.clone())?;
 
-    let mut reaper = start_reaper(&rundir)?;
+    let reaper = crate::reaper::Reaper::spawn(&initroot::current_exe()?, &rundir)?;
     let t0 = Instant::now();
     let child: Child = cmd
         .spawn()
         .map_err(|e| Error::io("start kernel", &info.path, e))?;
-    let _ = writeln!(reaper.order, "pid {}", child.id());
+    reaper.watch(child.id());
     drop(cmd);
     // Close our copies of the UML ends so that EOFs arrive when UML exits.
     drop((stdin_for_uml, out_w, err_w, ctl_r, st_w));
@@ -898,35 +898,6 @@ fn same_file(a: RawFd, b: RawFd) -> bool {
             .map(|s| (s.st_dev, s.st_ino, s.st_rdev))
     };
     st(a).is_some() && st(a) == st(b)
-}
-
-/// The watchdog that cleans up if umlctl is killed (see [`crate::reaper`]).
-struct Reaper {
-    child: Child,
-    order: std::process::ChildStdin,
-}
-
-impl Reaper {
-    /// We cleaned up ourselves; the reaper can go.
-    fn dismiss(mut self) {
-        let _ = writeln!(self.order, "done");
-        drop(self.order);
-        let _ = self.child.wait();
-    }
-}
-
-fn start_reaper(rundir: &Path) -> Result<Reaper> {
-    let exe = initroot::current_exe()?;
-    let mut child = Command::new(&exe)
-        .env(crate::reaper::REAPER_ENV, rundir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| Error::io("start the reaper", &exe, e))?;
-    let order = child.stdin.take().expect("stdin is piped");
-    Ok(Reaper { child, order })
 }
 
 /// File in a run directory naming the umlctl process that owns it.
