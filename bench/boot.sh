@@ -24,6 +24,21 @@ cat > "$work/init.c" <<'C'
 int main(void) { reboot(RB_POWER_OFF); return 0; }
 C
 gcc -static -O2 -o "$work/init" "$work/init.c"
+# A second reference: a minimal init that also runs /usr/bin/true, i.e. the
+# same guest work as `umlctl run -- true` without umlctl.
+cat > "$work/init-true.c" <<'C'
+#include <spawn.h>
+#include <sys/reboot.h>
+#include <sys/wait.h>
+#include <unistd.h>
+extern char **environ;
+int main(void) {
+  pid_t p; int st; char *argv[] = {"true", 0};
+  if (posix_spawn(&p, "/usr/bin/true", 0, 0, argv, environ) == 0) waitpid(p, &st, 0);
+  reboot(RB_POWER_OFF); return 0;
+}
+C
+gcc -static -O2 -o "$work/init-true" "$work/init-true.c"
 
 kernels=("$@")
 if [ ${#kernels[@]} -eq 0 ]; then
@@ -36,7 +51,7 @@ now() { date +%s%N; }
 # median of the numbers on stdin (nanoseconds) printed as seconds
 median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m/1e9}'; }
 
-printf '%-28s %-10s %12s %12s %8s\n' kernel version "umlctl run" "bare boot" ratio
+printf '%-22s %-10s %11s %11s %7s %15s %7s\n' kernel version "umlctl run" "bare boot" ratio "bare+true" ratio
 for k in "${kernels[@]}"; do
   info=$("$UMLCTL" kernel info --json "$k")
   ver=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
@@ -44,16 +59,21 @@ for k in "${kernels[@]}"; do
   # Warm both paths once (page cache, umlctl's caches).
   "$UMLCTL" run --kernel "$k" -- true
   (cd "$work" && env ${shim:+LD_PRELOAD=$shim} "$k" mem=256M rootfstype=hostfs rootflags=/ ro init="$work/init" \
-      con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1)
+      con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1) || true
   ours=$(for _ in $(seq "$RUNS"); do
     t=$(now); "$UMLCTL" run --kernel "$k" -- true; echo $(( $(now) - t ))
   done | median)
-  bare=$(for _ in $(seq "$RUNS"); do
-    t=$(now)
-    (cd "$work" && env ${shim:+LD_PRELOAD=$shim} "$k" mem=256M rootfstype=hostfs rootflags=/ ro init="$work/init" \
-        con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1)
-    echo $(( $(now) - t ))
-  done | median)
+  bare_with() {
+    for _ in $(seq "$RUNS"); do
+      t=$(now)
+      (cd "$work" && env ${shim:+LD_PRELOAD=$shim} "$k" mem=256M rootfstype=hostfs rootflags=/ ro init="$work/$1" \
+          con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1) || true
+      echo $(( $(now) - t ))
+    done | median
+  }
+  bare=$(bare_with init)
+  baretrue=$(bare_with init-true)
   ratio=$(awk -v a="$ours" -v b="$bare" 'BEGIN {printf "%.2f", a/b}')
-  printf '%-28s %-10s %11ss %11ss %8s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$ours" "$bare" "$ratio"
+  ratio2=$(awk -v a="$ours" -v b="$baretrue" 'BEGIN {printf "%.2f", a/b}')
+  printf '%-22s %-10s %10ss %10ss %7s %14ss %7s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$ours" "$bare" "$ratio" "$baretrue" "$ratio2"
 done
