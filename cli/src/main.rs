@@ -1,8 +1,10 @@
 //! The `umlctl` binary: argument parsing, human and `--json` output, and
 //! exit codes. Everything else lives in the library crates.
 
+mod cow_cmd;
 mod exit;
 mod kernel_cmd;
+mod progress;
 mod run_cmd;
 
 use std::process::ExitCode;
@@ -26,6 +28,9 @@ enum Cmd {
     Kernel(kernel_cmd::KernelCmd),
     /// Check that this host can run UML guests.
     Doctor(kernel_cmd::DoctorArgs),
+    /// Create, inspect, merge and rebase UML copy-on-write overlays.
+    #[command(subcommand)]
+    Cow(cow_cmd::CowCmd),
     /// The guest side of `run` (umlctl as PID 1 in the guest).
     #[command(hide = true)]
     GuestInit,
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run_cmd::main(a),
         Cmd::Kernel(k) => kernel_cmd::kernel_main(k),
         Cmd::Doctor(a) => kernel_cmd::doctor_main(a),
+        Cmd::Cow(c) => cow_cmd::main(c),
         Cmd::GuestInit => {
             eprintln!(
                 "umlctl: guest-init only runs as PID 1 inside a UML guest started by `umlctl run`"

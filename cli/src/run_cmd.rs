@@ -35,6 +35,10 @@ pub struct RunArgs {
     /// Boot this ext4 image as root, through a throwaway copy-on-write overlay (the image is never written).
     #[arg(long, value_name = "IMG")]
     image: Option<PathBuf>,
+    /// With --image: keep the guest's writes in this UML COW overlay (created if missing, reused
+    /// across runs); without it they are thrown away.
+    #[arg(long, value_name = "COW", requires = "image")]
+    overlay: Option<PathBuf>,
     /// Guest memory, e.g. 256M or 1G.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     mem: String,
@@ -76,6 +80,7 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     let mut spec = GuestSpec::new(a.command);
     spec.kernel = a.kernel;
     spec.image = a.image;
+    spec.overlay = a.overlay;
     spec.mem_bytes = parse_size(&a.mem)?;
     spec.workdir = a.workdir;
     spec.console_log = a.console_log;

@@ -47,6 +47,10 @@ pub enum Error {
     /// The guest did not get to run the command (boot or init failure).
     #[error("{0}")]
     Boot(String),
+
+    /// A disk image or overlay is unusable.
+    #[error(transparent)]
+    Disk(#[from] umlctl_imgtools::cow::CowError),
 }
 
 impl Error {
@@ -72,6 +76,7 @@ impl Error {
             Error::KernelNotFound { .. } | Error::KernelUnusable { .. } => "kernel",
             Error::Usage(_) => "usage",
             Error::Boot(_) => "boot",
+            Error::Disk(_) => "image",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod init;
 pub mod initroot;
 pub mod inspect;
 pub mod locate;
+pub mod overlay;
 pub mod paths;
 pub mod preflight;
 pub mod protocol;

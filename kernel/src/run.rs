@@ -78,8 +78,11 @@ pub enum TtyMode {
 pub struct GuestSpec {
     /// `--kernel`; `None` searches the usual places.
     pub kernel: Option<PathBuf>,
-    /// `--image`: ext4 root image, booted through an ephemeral COW overlay.
+    /// `--image`: ext4 root image, booted through a COW overlay.
     pub image: Option<PathBuf>,
+    /// `--overlay`: a persistent overlay for the image (created if missing);
+    /// `None` makes a throwaway one in the run directory.
+    pub overlay: Option<PathBuf>,
     pub mem_bytes: u64,
     /// The command and its arguments.
     pub command: Vec<OsString>,
@@ -101,6 +104,7 @@ impl GuestSpec {
         GuestSpec {
             kernel: None,
             image: None,
+            overlay: None,
             mem_bytes: DEFAULT_MEM,
             command,
             env: Vec::new(),
@@ -514,6 +518,11 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             "command arguments cannot contain NUL bytes".into(),
         ));
     }
+    if spec.overlay.is_some() && spec.image.is_none() {
+        return Err(Error::Usage(
+            "--overlay needs --image (it is an overlay over that image)".into(),
+        ));
+    }
     let located: Located = locate(spec.kernel.as_deref())?;
     let info = &located.info;
     let mut need = vec!["hostfs", "serial-lines", "devtmpfs", "exitcode", "tmpfs"];
@@ -648,32 +657,17 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
 
     let (boot_root, init_path, disks) = match &root {
         Root::Host { init } => (BootRoot::Hostfs { prefix: None }, init.clone(), vec![]),
-        Root::Image { image, initroot } => {
-            // UML cannot take ',' ':' or spaces in a path; an ephemeral
-            // overlay can point at a plain-named symlink instead.
-            let backing = if image
-                .to_str()
-                .is_some_and(|s| !s.contains([',', ':', '"', ' ', '\t', '\n']))
-            {
-                image.clone()
-            } else {
-                let link = rundir.join("image");
-                std::os::unix::fs::symlink(image, &link)
-                    .map_err(|e| Error::io("symlink", &link, e))?;
-                link
-            };
-            (
-                BootRoot::Hostfs {
-                    prefix: Some(initroot.dir.clone()),
-                },
-                initroot.init.clone(),
-                vec![Disk {
-                    file: rundir.join("overlay.cow"),
-                    backing: Some(backing),
-                    read_only: false,
-                }],
-            )
-        }
+        Root::Image { image, initroot } => (
+            BootRoot::Hostfs {
+                prefix: Some(initroot.dir.clone()),
+            },
+            initroot.init.clone(),
+            vec![Disk {
+                file: crate::overlay::prepare(image, spec.overlay.as_deref(), &rundir)?,
+                backing: None,
+                read_only: false,
+            }],
+        ),
     };
 
     // The UML process's descriptors: 0 console in, 1+2 kernel log, 3 stdin
