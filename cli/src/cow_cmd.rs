@@ -59,6 +59,10 @@ pub struct MergeArgs {
     /// With -o: replace NEW if it exists.
     #[arg(long)]
     force: bool,
+    /// With --in-place: also free the overlay's old data blocks (slow on fragmented overlays;
+    /// otherwise they stay allocated until the overlay is removed).
+    #[arg(long, requires = "in_place")]
+    reclaim: bool,
 }
 
 #[derive(Args)]
@@ -181,7 +185,7 @@ fn merge(a: MergeArgs) -> Result<(), cow::CowError> {
             );
         }
         (None, true) => {
-            let n = cow::merge_in_place(&a.cow, &progress)?;
+            let n = cow::merge_in_place(&a.cow, a.reclaim, &progress)?;
             println!(
                 "{}: {} bytes written into the backing file; the overlay is empty again",
                 a.cow.display(),

@@ -606,6 +606,39 @@ impl Cow {
         Ok(())
     }
 
+    /// Whether any sector in `[from, to)` lives in the COW file.
+    pub fn any_set(&self, from: u64, to: u64) -> bool {
+        let a = (from / 8) as usize;
+        let b = (to.div_ceil(8) as usize).min(self.bitmap.len());
+        a < b && self.bitmap[a..b].iter().any(|&x| x != 0) && (from..to).any(|s| self.is_set(s))
+    }
+
+    /// Read the overlay's sectors in `[off, off + len)` over `chunk` (which
+    /// holds the backing data for that range), one read per run of set
+    /// sectors (the COW data area is mostly holes; reading it whole would
+    /// cost more than the data); `on_run(a, b)` is called for each byte
+    /// range read.
+    fn overlay_chunk(
+        &self,
+        off: u64,
+        len: u64,
+        chunk: &mut [u8],
+        mut on_run: impl FnMut(u64, u64),
+    ) -> Result<()> {
+        let end = off + len;
+        for (s, n, set) in self.runs(off / SECTOR, end.div_ceil(SECTOR)) {
+            if !set {
+                continue;
+            }
+            let (a, b) = ((s * SECTOR).max(off), ((s + n) * SECTOR).min(end));
+            let dst = &mut chunk[(a - off) as usize..(b - off) as usize];
+            read_full_at(&self.file, dst, self.header.data_offset() + a)
+                .map_err(io_err("read COW data", &self.path))?;
+            on_run(a, b);
+        }
+        Ok(())
+    }
+
     /// Open the backing file after checking it still matches.
     pub fn open_backing(&self) -> Result<File> {
         self.check_backing().map_err(CowError::Backing)?;
@@ -876,29 +909,24 @@ pub fn merge_to(cow: &Path, out: &Path, replace: bool, progress: &dyn Progress) 
         .set_len(size)
         .map_err(io_err("size", &tmp.path))?;
     progress.start(size);
+    // Holes of a sparse backing file are neither read nor written.
+    let regions = data_regions(&backing, 0, size);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0;
     while off < size {
         let len = CHUNK.min(size - off);
         let chunk = &mut buf[..len as usize];
         chunk.fill(0);
-        let first = off / SECTOR;
-        let last = (off + len).div_ceil(SECTOR);
-        for (s, n, set) in c.runs(first, last) {
-            let a = (s * SECTOR).max(off);
-            let b = ((s + n) * SECTOR).min(off + len);
-            if set {
-                let dst = &mut chunk[(a - off) as usize..(b - off) as usize];
-                read_full_at(&c.file, dst, c.header.data_offset() + a)
-                    .map_err(io_err("read COW data", cow))?;
-            } else {
-                for (da, db) in data_regions(&backing, a, b) {
-                    let dst = &mut chunk[(da - off) as usize..(db - off) as usize];
-                    read_full_at(&backing, dst, da)
-                        .map_err(io_err("read backing file", &c.backing_path()))?;
-                }
-            }
+        for &(da, db) in regions.iter().filter(|&&(a, b)| a < off + len && b > off) {
+            let (a, b) = (da.max(off), db.min(off + len));
+            read_full_at(
+                &backing,
+                &mut chunk[(a - off) as usize..(b - off) as usize],
+                a,
+            )
+            .map_err(io_err("read backing file", &c.backing_path()))?;
         }
+        c.overlay_chunk(off, len, chunk, |_, _| {})?;
         write_sparse(tmp.file(), &tmp.path, chunk, off)?;
         off += len;
         progress.advance(len);
@@ -916,7 +944,9 @@ pub fn merge_marker(cow: &Path) -> PathBuf {
 }
 
 /// Merge `cow` into its backing file in place, then empty the overlay and
-/// re-stamp it for the backing file's new mtime, so it stays usable.
+/// re-stamp it for the backing file's new mtime, so it stays usable. With
+/// `reclaim`, the overlay's old data blocks are freed as well (otherwise
+/// they stay allocated, unused, until the overlay is removed).
 ///
 /// Only sectors the overlay holds are written; every other sector of the
 /// backing file is never touched, so a kill at any point leaves them intact.
@@ -926,7 +956,7 @@ pub fn merge_marker(cow: &Path) -> PathBuf {
 /// merge again to finish it (it rewrites every overlay sector, which is
 /// idempotent). Other overlays on the same backing file are invalid after a
 /// merge (their base changed).
-pub fn merge_in_place(cow: &Path, progress: &dyn Progress) -> Result<u64> {
+pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Result<u64> {
     let c = Cow::open_with(cow, true)?;
     if c.header.sectorsize as u64 != SECTOR {
         return Err(CowError::Invalid(format!(
@@ -961,8 +991,12 @@ pub fn merge_in_place(cow: &Path, progress: &dyn Progress) -> Result<u64> {
     let size = c.header.size;
     let total = c.allocated_sectors() * SECTOR;
     progress.start(total);
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut cmp = vec![0u8; CHUNK as usize];
+    // Per run of overlay sectors: read it from the overlay and from the
+    // backing file, and write it only where it differs (a rerun after a kill
+    // skips what is already done). Nothing else of the backing file is read
+    // or written.
+    let mut new = Vec::new();
+    let mut old = Vec::new();
     for (s, n, set) in c.runs(0, c.header.sectors()) {
         if !set {
             continue;
@@ -971,17 +1005,16 @@ pub fn merge_in_place(cow: &Path, progress: &dyn Progress) -> Result<u64> {
         let end = ((s + n) * SECTOR).min(size);
         while a < end {
             let len = CHUNK.min(end - a) as usize;
-            let data = &mut buf[..len];
-            data.fill(0);
-            read_full_at(&c.file, data, c.header.data_offset() + a)
-                .map_err(io_err("read COW data", cow))?;
-            // Skip what already matches (e.g. zeros over a hole, or a rerun).
-            let old = &mut cmp[..len];
+            new.resize(len, 0);
+            old.resize(len, 0);
+            new.fill(0);
             old.fill(0);
-            read_full_at(&backing, old, a).map_err(io_err("read backing file", &bpath))?;
-            if data != old {
+            read_full_at(&c.file, &mut new, c.header.data_offset() + a)
+                .map_err(io_err("read COW data", cow))?;
+            read_full_at(&backing, &mut old, a).map_err(io_err("read backing file", &bpath))?;
+            if new != old {
                 backing
-                    .write_all_at(data, a)
+                    .write_all_at(&new, a)
                     .map_err(io_err("write backing file", &bpath))?;
             }
             a += len as u64;
@@ -1001,24 +1034,22 @@ pub fn merge_in_place(cow: &Path, progress: &dyn Progress) -> Result<u64> {
     c.file
         .write_all_at(&h.encode().map_err(CowError::Invalid)?, 0)
         .map_err(io_err("write COW header", cow))?;
-    punch_hole(&c.file, h.data_offset(), size);
     c.file.sync_all().map_err(io_err("fsync", cow))?;
+    if reclaim {
+        // Free the data area: cutting the file back to its bitmap and
+        // extending it again (sparse). With the bitmap already clear, a kill
+        // in between leaves a valid, short overlay. Freeing many extents
+        // can take longer than the merge itself, hence optional.
+        c.file
+            .set_len(h.data_offset())
+            .map_err(io_err("truncate", cow))?;
+        c.file
+            .set_len(h.data_offset() + size)
+            .map_err(io_err("extend", cow))?;
+    }
     fs::remove_file(&marker).map_err(io_err("remove", &marker))?;
     progress.finish();
     Ok(total)
-}
-
-fn punch_hole(f: &File, off: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on an open descriptor; failure only costs space.
-    unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off as libc::off_t,
-            len as libc::off_t,
-        );
-    }
 }
 
 /// How `rebase` established that the new backing file has the same content.
@@ -1310,7 +1341,7 @@ mod tests {
         assert_eq!(buf, content[..2000]);
         // In place: the backing file becomes the merged image and the
         // overlay is empty and valid again.
-        merge_in_place(&cow, &NoProgress).unwrap();
+        merge_in_place(&cow, true, &NoProgress).unwrap();
         assert_eq!(fs::read(&base).unwrap(), content);
         let c = Cow::open(&cow).unwrap();
         assert_eq!(c.allocated_sectors(), 0);
