@@ -3,6 +3,7 @@
 
 mod cow_cmd;
 mod exit;
+mod guest_cmd;
 mod kernel_cmd;
 mod progress;
 mod run_cmd;
@@ -28,6 +29,20 @@ enum Cmd {
     Kernel(kernel_cmd::KernelCmd),
     /// Check that this host can run UML guests.
     Doctor(kernel_cmd::DoctorArgs),
+    /// Boot an image's own init as a detached guest; prints its name.
+    Start(guest_cmd::StartArgs),
+    /// List detached guests.
+    Ps(guest_cmd::PsArgs),
+    /// Stop a detached guest (its own shutdown first, then halt, then kill) and clean it up.
+    Stop(guest_cmd::StopArgs),
+    /// Attach the terminal to a guest's console.
+    Console(guest_cmd::ConsoleArgs),
+    /// Print a guest's console log.
+    Logs(guest_cmd::LogsArgs),
+    /// Send a command to a guest's management console (mconsole).
+    Ctl(guest_cmd::CtlArgs),
+    /// Remove what stopped and dead guests left behind.
+    Gc,
     /// Create, inspect, merge and rebase UML copy-on-write overlays.
     #[command(subcommand)]
     Cow(cow_cmd::CowCmd),
@@ -59,6 +74,13 @@ fn main() -> ExitCode {
         Cmd::Kernel(k) => kernel_cmd::kernel_main(k),
         Cmd::Doctor(a) => kernel_cmd::doctor_main(a),
         Cmd::Cow(c) => cow_cmd::main(c),
+        Cmd::Start(a) => guest_cmd::start(a),
+        Cmd::Ps(a) => guest_cmd::ps(a),
+        Cmd::Stop(a) => guest_cmd::stop(a),
+        Cmd::Console(a) => guest_cmd::console(a),
+        Cmd::Logs(a) => guest_cmd::logs(a),
+        Cmd::Ctl(a) => guest_cmd::ctl(a),
+        Cmd::Gc => guest_cmd::gc(),
         Cmd::GuestInit => {
             eprintln!(
                 "umlctl: guest-init only runs as PID 1 inside a UML guest started by `umlctl run`"

@@ -37,6 +37,13 @@ pub enum BootRoot {
     /// mount (including the root) to that host directory; `None` is the
     /// host's `/`. Always mounted read-only.
     Hostfs { prefix: Option<PathBuf> },
+    /// The first disk (`/dev/ubda`) as root, read-write. hostfs is confined
+    /// to `hostfs_confine` (an empty directory), so the guest cannot mount
+    /// the host's files.
+    Disk {
+        fstype: String,
+        hostfs_confine: PathBuf,
+    },
 }
 
 /// A block device (`ubdN`).
@@ -57,8 +64,12 @@ pub struct BootPlan {
     /// Directory holding the instance directory `<uml_dir>/<umid>/`.
     pub uml_dir: PathBuf,
     pub root: BootRoot,
-    /// The init program, as a path inside the root.
-    pub init: PathBuf,
+    /// The init program, as a path inside the root (`None`: the kernel's
+    /// default search, /sbin/init first).
+    pub init: Option<PathBuf>,
+    /// `mconsole=notify:<socket>`: where UML reports that its mconsole is
+    /// up, and panics.
+    pub notify: Option<PathBuf>,
     pub disks: Vec<Disk>,
     /// Console 0 (the kernel console): input, output.
     pub console: (Chan, Chan),
@@ -169,6 +180,23 @@ impl BootPlan {
                 a.push("rootflags=/".into());
                 a.push("ro".into());
             }
+            BootRoot::Disk {
+                fstype,
+                hostfs_confine,
+            } => {
+                if self.disks.is_empty() {
+                    return Err(Error::Usage("a disk root needs at least one disk".into()));
+                }
+                a.push(format!(
+                    "hostfs={}",
+                    check_path("hostfs confinement", hostfs_confine)?
+                ));
+                a.push("root=/dev/ubda".into());
+                if !fstype.is_empty() {
+                    a.push(format!("rootfstype={fstype}"));
+                }
+                a.push("rw".into());
+            }
         }
         for (i, d) in self.disks.iter().enumerate() {
             let flags = if d.read_only { "r" } else { "" };
@@ -206,7 +234,18 @@ impl BootPlan {
             }
             a.push(format!("{k}={v}"));
         }
-        a.push(format!("init={}", check_path("init", &self.init)?));
+        if let Some(n) = &self.notify {
+            let n = check_path("notify socket", n)?;
+            if n.len() >= 108 {
+                return Err(Error::Usage(format!(
+                    "notify socket path {n:?} is too long for a unix socket (108 bytes)"
+                )));
+            }
+            a.push(format!("mconsole=notify:{n}"));
+        }
+        if let Some(init) = &self.init {
+            a.push(format!("init={}", check_path("init", init)?));
+        }
         let len: usize = a.iter().map(|s| s.len() + 1).sum();
         if len >= MAX_CMDLINE {
             return Err(Error::Usage(format!(
@@ -227,7 +266,8 @@ mod tests {
             umid: "r-abc".into(),
             uml_dir: "/run/user/1000/umlctl/r-abc".into(),
             root: BootRoot::Hostfs { prefix: None },
-            init: "/usr/bin/umlctl".into(),
+            init: Some("/usr/bin/umlctl".into()),
+            notify: None,
             disks: vec![],
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
@@ -251,7 +291,7 @@ mod tests {
         p.root = BootRoot::Hostfs {
             prefix: Some("/home/u/.cache/umlctl/initroot/abc".into()),
         };
-        p.init = "/umlctl".into();
+        p.init = Some("/umlctl".into());
         p.disks.push(Disk {
             file: "/run/x/overlay.cow".into(),
             backing: Some("/img/root.ext4".into()),
@@ -267,6 +307,33 @@ mod tests {
         assert!(a.contains(&"ubd0=/run/x/overlay.cow,/img/root.ext4".to_string()));
         assert!(a.contains(&"ubd1r=/img/data.img".to_string()));
         assert!(a.contains(&"init=/umlctl".to_string()));
+    }
+
+    #[test]
+    fn disk_root_for_detached_guests() {
+        let mut p = plan();
+        p.root = BootRoot::Disk {
+            fstype: "ext4".into(),
+            hostfs_confine: "/s/empty".into(),
+        };
+        p.init = None;
+        p.notify = Some("/s/notify.sock".into());
+        assert!(p.to_args().is_err(), "no disk");
+        p.disks.push(Disk {
+            file: "/s/overlay.cow".into(),
+            backing: None,
+            read_only: false,
+        });
+        let a = p.to_args().unwrap().join(" ");
+        assert!(
+            a.contains("hostfs=/s/empty root=/dev/ubda rootfstype=ext4 rw"),
+            "{a}"
+        );
+        assert!(
+            a.ends_with("noreboot mconsole=notify:/s/notify.sock"),
+            "{a}"
+        );
+        assert!(!a.contains("init="));
     }
 
     #[test]
@@ -292,7 +359,7 @@ mod tests {
         p.umid = "x".repeat(64);
         assert!(p.to_args().is_err());
         let mut p = plan();
-        p.init = PathBuf::from(format!("/{}", "a".repeat(5000)));
+        p.init = Some(PathBuf::from(format!("/{}", "a".repeat(5000))));
         assert!(p
             .to_args()
             .unwrap_err()

@@ -9,17 +9,21 @@
 //!   [`protocol`], what the two sides say to each other.
 
 pub mod cmdline;
+pub mod detached;
 pub mod error;
 pub mod init;
 pub mod initroot;
 pub mod inspect;
+pub mod instance;
 pub mod locate;
+pub mod mconsole;
 pub mod overlay;
 pub mod paths;
 pub mod preflight;
 pub mod protocol;
 pub mod reaper;
 pub mod run;
+pub mod terminal;
 pub mod xstate;
 
 pub use error::{Error, Result};

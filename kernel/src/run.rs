@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{kill, Signal};
-use nix::sys::termios::{self, SetArg, Termios};
 use nix::unistd::{pipe2, Pid};
 
 use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
@@ -172,40 +171,6 @@ enum Event {
     UmlExited(ExitStatus),
     Signal(i32),
     OutputBroken,
-}
-
-/// Pieces of the host environment a run changes and must restore.
-struct TermGuard {
-    fd: RawFd,
-    termios: Termios,
-    flags: libc::c_int,
-}
-
-impl TermGuard {
-    fn save(fd: RawFd) -> Option<TermGuard> {
-        // SAFETY: fd 0/1 are borrowed for the duration of these calls only.
-        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let t = termios::tcgetattr(bfd).ok()?;
-        // SAFETY: F_GETFL on an open descriptor.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        Some(TermGuard {
-            fd,
-            termios: t,
-            flags,
-        })
-    }
-}
-
-impl Drop for TermGuard {
-    fn drop(&mut self) {
-        // SAFETY: see save().
-        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
-        let _ = termios::tcsetattr(bfd, SetArg::TCSANOW, &self.termios);
-        if self.flags >= 0 {
-            // SAFETY: F_SETFL restoring the flags we read.
-            unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.flags) };
-        }
-    }
 }
 
 fn is_tty(fd: RawFd) -> bool {
@@ -502,6 +467,77 @@ fn guest_env(spec: &GuestSpec, tty: bool) -> Result<Vec<Vec<u8>>> {
         .collect())
 }
 
+/// A kernel ready to start: found, checked for the features a caller
+/// needs, and with the xstate shim decided.
+pub struct PreparedKernel {
+    pub located: Located,
+    pub host_xstate: HostXstate,
+    /// Whether this host needs the shim for this kernel.
+    pub needs_shim: bool,
+    /// The shim to preload, if it will be used.
+    pub shim: Option<PathBuf>,
+}
+
+impl PreparedKernel {
+    /// Set up `cmd` (the UML process) to preload the shim, or make sure it
+    /// does not inherit an LD_PRELOAD meant for something else.
+    pub fn apply_env(&self, cmd: &mut Command) {
+        match &self.shim {
+            Some(s) => {
+                let mut v = s.as_os_str().to_os_string();
+                if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+                    v.push(":");
+                    v.push(old);
+                }
+                cmd.env("LD_PRELOAD", v);
+            }
+            None => {
+                cmd.env_remove("LD_PRELOAD");
+            }
+        }
+    }
+}
+
+/// Locate the kernel, require `features`, and decide on the xstate shim.
+pub fn prepare_kernel(
+    kernel: Option<&Path>,
+    features: &[&str],
+    mode: ShimMode,
+) -> Result<PreparedKernel> {
+    let located: Located = locate(kernel)?;
+    let info = &located.info;
+    info.require(features)?;
+    let host_xstate = xstate::host_xstate()?;
+    let needs_shim = info.fp.needs_shim(host_xstate);
+    let use_shim = match mode {
+        ShimMode::Auto => needs_shim,
+        ShimMode::Off => false,
+        ShimMode::Always => true,
+    };
+    if needs_shim && use_shim && info.linkage == crate::inspect::Linkage::Static {
+        return Err(Error::KernelUnusable {
+            path: info.path.clone(),
+            reason: format!(
+                "this {} kernel is statically linked and has a fixed {}-byte FP state buffer, but this host's XSAVE area is {} bytes, so it dies at init (\"ptrace set fp regs failed, errno = 14\") and the xstate shim cannot be preloaded into a static binary\nfix: use a kernel ≥ 6.13, or a dynamically linked build of this one",
+                info.version,
+                xstate::LEGACY_UML_XSTATE,
+                host_xstate.bytes()
+            ),
+        });
+    }
+    let shim = if use_shim {
+        Some(xstate::shim_path()?)
+    } else {
+        None
+    };
+    Ok(PreparedKernel {
+        located,
+        host_xstate,
+        needs_shim,
+        shim,
+    })
+}
+
 /// Boot a guest, run `spec.command` in it, and report how it ended.
 ///
 /// The command's stdin, stdout and stderr are this process's own. Errors
@@ -523,37 +559,13 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             "--overlay needs --image (it is an overlay over that image)".into(),
         ));
     }
-    let located: Located = locate(spec.kernel.as_deref())?;
-    let info = &located.info;
     let mut need = vec!["hostfs", "serial-lines", "devtmpfs", "exitcode", "tmpfs"];
     if spec.image.is_some() {
         need.extend(["ubd", "ext4"]);
     }
-    info.require(&need)?;
-
-    let host_xstate = xstate::host_xstate()?;
-    let needs_shim = info.fp.needs_shim(host_xstate);
-    let use_shim = match spec.shim {
-        ShimMode::Auto => needs_shim,
-        ShimMode::Off => false,
-        ShimMode::Always => true,
-    };
-    if needs_shim && use_shim && info.linkage == crate::inspect::Linkage::Static {
-        return Err(Error::KernelUnusable {
-            path: info.path.clone(),
-            reason: format!(
-                "this {} kernel is statically linked and has a fixed {}-byte FP state buffer, but this host's XSAVE area is {} bytes, so it dies at init (\"ptrace set fp regs failed, errno = 14\") and the xstate shim cannot be preloaded into a static binary\nfix: use a kernel ≥ 6.13, or a dynamically linked build of this one",
-                info.version,
-                xstate::LEGACY_UML_XSTATE,
-                host_xstate.bytes()
-            ),
-        });
-    }
-    let shim = if use_shim {
-        Some(xstate::shim_path()?)
-    } else {
-        None
-    };
+    let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
+    let info = &prep.located.info;
+    let use_shim = prep.shim.is_some();
 
     // Terminal or pipes.
     let interactive = match spec.tty {
@@ -713,7 +725,8 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         umid: umid.clone(),
         uml_dir: rundir.clone(),
         root: boot_root,
-        init: init_path,
+        init: Some(init_path),
+        notify: None,
         disks,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines,
@@ -726,7 +739,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let args = plan.to_args()?;
 
     let term_guard = if interactive {
-        TermGuard::save(0)
+        crate::terminal::TermGuard::save(0)
     } else {
         None
     };
@@ -743,19 +756,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             log_w.try_clone().map_err(|e| Error::sys("dup", e))?,
         ))
         .stderr(Stdio::from(log_w));
-    match &shim {
-        Some(s) => {
-            let mut v = s.as_os_str().to_os_string();
-            if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
-                v.push(":");
-                v.push(old);
-            }
-            cmd.env("LD_PRELOAD", v);
-        }
-        None => {
-            cmd.env_remove("LD_PRELOAD");
-        }
-    }
+    prep.apply_env(&mut cmd);
     let fds: [RawFd; 5] = [
         stdin_for_uml.as_raw_fd(),
         out_w.as_raw_fd(),
@@ -876,10 +877,10 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         .unwrap_or_default();
     Ok(outcome(
         sup,
-        &located,
+        &prep.located,
         use_shim,
-        needs_shim && !use_shim,
-        host_xstate,
+        prep.needs_shim && !use_shim,
+        prep.host_xstate,
         tail,
         t0,
     ))

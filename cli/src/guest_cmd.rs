@@ -1,0 +1,340 @@
+//! Detached guests: `start`, `ps`, `stop`, `console`, `logs`, `ctl`, `gc`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use umlctl_kernel::cmdline::parse_size;
+use umlctl_kernel::detached::{self, StartSpec, StopHow};
+use umlctl_kernel::instance::{self, State};
+use umlctl_kernel::{Error, ShimMode};
+
+use crate::exit;
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  umlctl start --name web --image web.ext4 --overlay web.cow --mem 128M\n  umlctl ctl web proc meminfo\n  umlctl stop web"
+)]
+pub struct StartArgs {
+    /// Guest name (unique per user; default: generated).
+    #[arg(long)]
+    name: Option<String>,
+    /// Root filesystem image (ext4); booted through a copy-on-write overlay.
+    #[arg(long, value_name = "IMG")]
+    image: PathBuf,
+    /// Keep the guest's writes in this overlay (created if missing); default: a throwaway one.
+    #[arg(long, value_name = "COW")]
+    overlay: Option<PathBuf>,
+    /// Guest memory, e.g. 64M.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    mem: String,
+    /// UML kernel binary.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Extra disk (raw image) for the guest, as ubdb, ubdc, ... Repeatable.
+    #[arg(long = "disk", value_name = "FILE")]
+    disks: Vec<PathBuf>,
+    /// Init to run instead of /sbin/init.
+    #[arg(long, value_name = "PATH")]
+    init: Option<PathBuf>,
+    /// Seconds the kernel may take to come up.
+    #[arg(long, value_name = "SECS", default_value = "60")]
+    boot_timeout: u64,
+    /// Do not preload the xstate shim.
+    #[arg(long)]
+    no_xstate_shim: bool,
+}
+
+#[derive(Args)]
+pub struct PsArgs {
+    /// Also show stopped and dead guests.
+    #[arg(long, short = 'a')]
+    all: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct StopArgs {
+    name: String,
+    /// Seconds to wait for the guest's own shutdown before halting it.
+    #[arg(long, value_name = "SECS", default_value = "30")]
+    timeout: u64,
+    /// Skip the graceful shutdown: halt (or kill) at once.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = "Detach with Ctrl-] (the guest keeps running).")]
+pub struct ConsoleArgs {
+    name: String,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    name: String,
+    /// Keep following the log until the guest stops.
+    #[arg(long, short = 'f')]
+    follow: bool,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Commands (UML's mconsole): version, help, halt, reboot, config DEV[=SPEC], remove DEV, \
+sysrq KEY, cad, stop, go, log TEXT, proc FILE, stack PID. Exit status 1 when the guest answers with an error."
+)]
+pub struct CtlArgs {
+    name: String,
+    /// The mconsole command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn fail(e: impl std::fmt::Display) -> u8 {
+    eprintln!("umlctl: {e}");
+    exit::FAILURE
+}
+
+pub fn start(a: StartArgs) -> u8 {
+    let mut spec = StartSpec::new(a.image);
+    spec.name = a.name;
+    spec.overlay = a.overlay;
+    spec.kernel = a.kernel;
+    spec.disks = a.disks;
+    spec.init = a.init;
+    spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
+    spec.shim = if a.no_xstate_shim {
+        ShimMode::Off
+    } else {
+        ShimMode::Auto
+    };
+    spec.mem_bytes = match parse_size(&a.mem) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    match detached::start(&spec) {
+        Ok(g) => {
+            println!("{}", g.record.name);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+pub fn ps(a: PsArgs) -> u8 {
+    let guests = match instance::list() {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    let orphans = instance::orphaned_uml_dirs().unwrap_or_default();
+    let rows: Vec<_> = guests
+        .iter()
+        .map(|g| (g, g.state()))
+        .filter(|(_, s)| a.all || *s == State::Running)
+        .collect();
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(g, s)| {
+                serde_json::json!({
+                    "name": g.record.name,
+                    "state": s,
+                    "pid": g.record.pid,
+                    "uptime_secs": (*s == State::Running).then(|| g.uptime()),
+                    "kernel": g.record.kernel,
+                    "kernel_version": g.record.kernel_version,
+                    "mem_bytes": g.record.mem_bytes,
+                    "image": g.record.image,
+                    "overlay": g.record.overlay,
+                    "disks": g.record.disks,
+                    "nics": g.record.nics,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    println!(
+        "{:<20} {:<8} {:>8} {:>8} {:<10} {:>6} {:<5} NICS",
+        "NAME", "STATE", "PID", "UPTIME", "KERNEL", "MEM", "DISKS"
+    );
+    for (g, s) in &rows {
+        let r = &g.record;
+        println!(
+            "{:<20} {:<8} {:>8} {:>8} {:<10} {:>5}M {:<5} {}",
+            r.name,
+            s.to_string(),
+            if *s == State::Running {
+                r.pid.to_string()
+            } else {
+                "-".into()
+            },
+            if *s == State::Running {
+                human_secs(g.uptime())
+            } else {
+                "-".into()
+            },
+            r.kernel_version,
+            r.mem_bytes >> 20,
+            1 + r.disks.len(),
+            if r.nics.is_empty() {
+                "-".into()
+            } else {
+                r.nics.join(",")
+            }
+        );
+    }
+    let dead = guests
+        .iter()
+        .filter(|g| g.state() != State::Running)
+        .count()
+        + orphans.len();
+    if dead > 0 {
+        eprintln!(
+            "{dead} stopped or dead instance(s) left files behind{}; `umlctl gc` removes them",
+            if a.all {
+                ""
+            } else {
+                " (see `umlctl ps --all`)"
+            }
+        );
+    }
+    0
+}
+
+pub fn stop(a: StopArgs) -> u8 {
+    let g = match instance::load(&a.name) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    match detached::stop(&g, Duration::from_secs(a.timeout), a.force) {
+        Ok(how) => {
+            let how = match how {
+                StopHow::Graceful => "shut down",
+                StopHow::Halted => "halted",
+                StopHow::Killed => "killed",
+                StopHow::AlreadyDown => "was not running; cleaned up",
+            };
+            println!("{}: {how}", a.name);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub fn console(a: ConsoleArgs) -> u8 {
+    let r = instance::load(&a.name).and_then(|g| {
+        eprintln!("attached to {} (detach with Ctrl-])", a.name);
+        detached::attach(&g)
+    });
+    match r {
+        Ok(()) => {
+            eprintln!("\r\ndetached from {}", a.name);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub fn logs(a: LogsArgs) -> u8 {
+    let r = instance::load(&a.name)
+        .and_then(|g| detached::logs(&g, a.follow, &mut std::io::stdout().lock()));
+    match r {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+pub fn ctl(a: CtlArgs) -> u8 {
+    let command = a.command.join(" ");
+    let g = match instance::load(&a.name) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    let reply = detached::client(&g).and_then(|c| {
+        c.request(&command)
+            .map_err(|e| Error::Boot(format!("guest {}: {e}", a.name)))
+    });
+    match reply {
+        Ok(r) => {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": r.ok(), "err": r.err, "reply": r.text })
+                );
+            } else if r.ok() {
+                if !r.text.is_empty() {
+                    println!("{}", r.text.trim_end_matches('\n'));
+                }
+            } else {
+                eprintln!(
+                    "umlctl: guest {} answered with an error ({}): {}",
+                    a.name,
+                    r.err,
+                    r.text.trim_end()
+                );
+            }
+            if r.ok() {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub fn gc() -> u8 {
+    let mut removed = 0;
+    let mut failed = false;
+    match instance::list() {
+        Ok(guests) => {
+            for g in guests.iter().filter(|g| g.state() != State::Running) {
+                let state = g.state();
+                match g.remove() {
+                    Ok(()) => {
+                        println!("removed {} ({state})", g.record.name);
+                        removed += 1;
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("umlctl: {e}");
+                    }
+                }
+            }
+        }
+        Err(e) => return fail(e),
+    }
+    for d in instance::orphaned_uml_dirs().unwrap_or_default() {
+        match std::fs::remove_dir_all(&d) {
+            Ok(()) => {
+                println!("removed UML instance directory {}", d.display());
+                removed += 1;
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("umlctl: remove {}: {e}", d.display());
+            }
+        }
+    }
+    if removed == 0 && !failed {
+        println!("nothing to collect");
+    }
+    if failed {
+        exit::FAILURE
+    } else {
+        0
+    }
+}

@@ -1,0 +1,453 @@
+//! Detached guests: `start` boots an image's own init and returns once the
+//! guest kernel is up; `stop` shuts it down (gracefully first); the console
+//! can be followed in its log and attached to interactively.
+//!
+//! A detached UML needs no umlctl process while it runs: its console output
+//! goes straight to `console.log` (append), its console input comes from a
+//! FIFO that UML holds open read-write (so it never sees EOF), and it is
+//! controlled through its mconsole socket. `start` waits for UML's
+//! `mconsole=notify` message, which arrives when the mconsole is up.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
+use crate::error::{Error, Result};
+use crate::instance::{self, Guest, Layout, Record, State};
+use crate::mconsole::{self, Client, Notify};
+use crate::run::{prepare_kernel, ShimMode, DEFAULT_MEM};
+
+/// Everything that describes a detached guest.
+#[derive(Debug, Clone)]
+pub struct StartSpec {
+    /// `None`: a generated name.
+    pub name: Option<String>,
+    pub image: PathBuf,
+    /// Persistent overlay; `None` makes a throwaway one.
+    pub overlay: Option<PathBuf>,
+    pub mem_bytes: u64,
+    pub kernel: Option<PathBuf>,
+    /// Extra disks (ubdb, ubdc, ...).
+    pub disks: Vec<PathBuf>,
+    /// `None`: the kernel's default (/sbin/init, ...).
+    pub init: Option<PathBuf>,
+    /// How long the kernel may take to come up.
+    pub boot_timeout: Duration,
+    pub shim: ShimMode,
+}
+
+impl StartSpec {
+    pub fn new(image: PathBuf) -> StartSpec {
+        StartSpec {
+            name: None,
+            image,
+            overlay: None,
+            mem_bytes: DEFAULT_MEM,
+            kernel: None,
+            disks: Vec::new(),
+            init: None,
+            boot_timeout: Duration::from_secs(60),
+            shim: ShimMode::Auto,
+        }
+    }
+}
+
+fn generated_name() -> String {
+    let mut b = [0u8; 3];
+    let _ = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    format!("guest-{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Start a detached guest and return its record once its kernel is up.
+pub fn start(spec: &StartSpec) -> Result<Guest> {
+    let name = spec.name.clone().unwrap_or_else(generated_name);
+    instance::check_name(&name)?;
+    let uml_dir = instance::uml_dir()?;
+    let layout = Layout::new(&uml_dir, &name);
+    if let Ok(g) = instance::load(&name) {
+        return Err(Error::Usage(match g.state() {
+            State::Running => format!("a guest named {name:?} is already running (pid {})", g.record.pid),
+            s => format!("a {s} guest named {name:?} still exists; remove it with `umlctl gc` or choose another name"),
+        }));
+    }
+    if let Some(pid) = fs::read_to_string(layout.uml_instance.join("pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|p| instance::process_start(*p).is_some())
+    {
+        return Err(Error::Usage(format!(
+            "UML instance {name:?} in {} is in use by pid {pid} (not started by umlctl); choose another name",
+            uml_dir.display()
+        )));
+    }
+    let image = fs::canonicalize(&spec.image).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Error::Usage(format!("image {} does not exist", spec.image.display()))
+        }
+        _ => Error::io("resolve image", &spec.image, e),
+    })?;
+    for d in &spec.disks {
+        fs::metadata(d).map_err(|e| Error::io("open disk", d, e))?;
+    }
+    let prep = prepare_kernel(
+        spec.kernel.as_deref(),
+        &["ubd", "ext4", "mconsole"],
+        spec.shim,
+    )?;
+
+    // umlctl's directory for the guest; created fresh, removed on failure.
+    match fs::DirBuilder::new().mode(0o700).create(&layout.state) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::Usage(format!(
+                "{} exists without a usable guest record; remove it or choose another name",
+                layout.state.display()
+            )))
+        }
+        Err(e) => return Err(Error::io("create", &layout.state, e)),
+    }
+    let cleanup = StateGuard(Some(layout.clone()));
+    fs::DirBuilder::new()
+        .mode(0o500)
+        .create(layout.hostfs_confine())
+        .map_err(|e| Error::io("create", layout.hostfs_confine(), e))?;
+    nix::unistd::mkfifo(
+        &layout.console_in(),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::io("mkfifo", layout.console_in(), crate::error::errno(e)))?;
+    let overlay = crate::overlay::prepare(&image, spec.overlay.as_deref(), &layout.state)?;
+    let mut disks = vec![Disk {
+        file: overlay.clone(),
+        backing: None,
+        read_only: false,
+    }];
+    for d in &spec.disks {
+        disks.push(Disk {
+            file: fs::canonicalize(d).map_err(|e| Error::io("resolve", d, e))?,
+            backing: None,
+            read_only: false,
+        });
+    }
+    let notify_sock =
+        UnixDatagram::bind(layout.notify()).map_err(|e| Error::io("bind", layout.notify(), e))?;
+    let plan = BootPlan {
+        mem_bytes: spec.mem_bytes,
+        umid: name.clone(),
+        uml_dir: uml_dir.clone(),
+        root: BootRoot::Disk {
+            fstype: "ext4".into(),
+            hostfs_confine: layout.hostfs_confine(),
+        },
+        init: spec.init.clone(),
+        notify: Some(layout.notify()),
+        disks,
+        console: (Chan::Fd(0), Chan::Fd(1)),
+        lines: vec![],
+        init_env: vec![],
+    };
+    let args = plan.to_args()?;
+
+    let console_in = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(layout.console_in())
+        .map_err(|e| Error::io("open", layout.console_in(), e))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(layout.console_log())
+        .map_err(|e| Error::io("create", layout.console_log(), e))?;
+    let mut cmd = Command::new(&prep.located.info.path);
+    cmd.args(&args)
+        .current_dir(&layout.state)
+        .stdin(Stdio::from(console_in))
+        .stdout(Stdio::from(
+            log.try_clone().map_err(|e| Error::sys("dup", e))?,
+        ))
+        .stderr(Stdio::from(log))
+        // Not in our process group: a Ctrl-C at `umlctl start` must not
+        // reach the guest (UML calls setsid() itself, too).
+        .process_group(0);
+    prep.apply_env(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io("start kernel", &prep.located.info.path, e))?;
+    let pid = child.id() as i32;
+    let pid_start = instance::process_start(pid).unwrap_or(0);
+    let record = Record {
+        name: name.clone(),
+        pid,
+        pid_start,
+        started: instance::now(),
+        kernel: prep.located.info.path.clone(),
+        kernel_version: prep.located.info.version.clone(),
+        mem_bytes: spec.mem_bytes,
+        image,
+        overlay: spec.overlay.clone().unwrap_or(overlay),
+        ephemeral_overlay: spec.overlay.is_none(),
+        disks: spec.disks.clone(),
+        nics: vec![],
+        xstate_shim: prep.shim.is_some(),
+    };
+    instance::save(&layout, &record)?;
+
+    // Wait for the mconsole to come up and init to start (the kernel logs
+    // "Run <init> as init process"), then a moment more, so that a panic
+    // right at init (a missing or broken init) is reported here, not
+    // discovered later. A panic notification or UML's exit is a failure.
+    let deadline = Instant::now() + spec.boot_timeout;
+    let _ = notify_sock.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = [0u8; 16 + mconsole::MAX_DATA];
+    let mut mconsole_up = false;
+    let mut settled_at: Option<Instant> = None;
+    let failure: Option<String> = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(format!("the guest kernel exited during boot ({st})"));
+        }
+        if let Some(t) = settled_at {
+            if Instant::now() >= t {
+                break None;
+            }
+        } else if Instant::now() > deadline {
+            break Some(format!(
+                "the guest did not start its init within {} s",
+                spec.boot_timeout.as_secs()
+            ));
+        }
+        match notify_sock.recv(&mut buf) {
+            Ok(n) => match mconsole::decode_notify(&buf[..n]) {
+                Ok(Notify::Socket(_)) => mconsole_up = true,
+                Ok(Notify::Panic(m)) => break Some(format!("guest kernel panic: {m}")),
+                _ => {}
+            },
+            Err(_) => {
+                if mconsole_up
+                    && settled_at.is_none()
+                    && log_contains(&layout.console_log(), b" as init process")
+                {
+                    settled_at = Some(Instant::now() + Duration::from_millis(300));
+                }
+            }
+        }
+    };
+    drop(notify_sock);
+    let _ = fs::remove_file(layout.notify());
+    if let Some(why) = failure {
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = child.wait();
+        let tail = tail(&layout.console_log(), 20);
+        let _ = fs::remove_dir_all(&layout.uml_instance);
+        drop(cleanup);
+        return Err(Error::Boot(format!("{why}; last console lines:\n{tail}")));
+    }
+    // The guest runs on without us; UML is reaped by whoever adopts it.
+    std::mem::forget(child);
+    std::mem::forget(cleanup);
+    Ok(Guest { record, layout })
+}
+
+fn log_contains(path: &Path, needle: &[u8]) -> bool {
+    fs::read(path).is_ok_and(|d| memchr::memmem::find(&d, needle).is_some())
+}
+
+/// Removes a half-created guest directory.
+struct StateGuard(Option<Layout>);
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        if let Some(l) = self.0.take() {
+            let _ = fs::remove_dir_all(&l.state);
+        }
+    }
+}
+
+/// The mconsole client for a running guest.
+pub fn client(g: &Guest) -> Result<Client> {
+    if g.state() != State::Running {
+        return Err(Error::Usage(format!(
+            "guest {} is {}",
+            g.record.name,
+            g.state()
+        )));
+    }
+    Client::new(&g.layout.mconsole())
+        .map_err(|e| Error::sys("mconsole client", std::io::Error::other(e)))
+}
+
+/// How a guest was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopHow {
+    /// It shut itself down after ctrl-alt-del.
+    Graceful,
+    /// mconsole `halt`.
+    Halted,
+    /// SIGKILL.
+    Killed,
+    /// It was not running.
+    AlreadyDown,
+}
+
+fn wait_gone(g: &Guest, t: Duration) -> bool {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if g.state() != State::Running {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    g.state() != State::Running
+}
+
+/// Stop a guest: ctrl-alt-del (the guest's own shutdown) and up to
+/// `timeout` for it; then mconsole `halt`; then SIGKILL to UML's process
+/// group. `force` skips the graceful step. Everything the guest left is
+/// removed in every case.
+pub fn stop(g: &Guest, timeout: Duration, force: bool) -> Result<StopHow> {
+    let mut how = StopHow::AlreadyDown;
+    if g.state() == State::Running {
+        let mc = client(g).ok();
+        how = StopHow::Killed;
+        let graceful = !force
+            && mc
+                .as_ref()
+                .and_then(|c| c.request("cad").ok())
+                .is_some_and(|r| r.ok())
+            && wait_gone(g, timeout);
+        if graceful {
+            how = StopHow::Graceful;
+        } else {
+            let halted = mc
+                .as_ref()
+                .and_then(|c| c.request("halt").ok())
+                .is_some_and(|r| r.ok())
+                && wait_gone(g, Duration::from_secs(5));
+            if halted {
+                how = StopHow::Halted;
+            } else {
+                let pid = g.record.pid;
+                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                wait_gone(g, Duration::from_secs(5));
+            }
+        }
+    }
+    // UML's helpers share its process group; none may outlive it.
+    g.kill_leftovers();
+    g.remove()?;
+    Ok(how)
+}
+
+/// Copy the console log to `out`; with `follow`, keep copying until the
+/// guest stops running.
+pub fn logs(g: &Guest, follow: bool, out: &mut dyn Write) -> Result<()> {
+    let path = g.layout.console_log();
+    let mut f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io("read", &path, e))?;
+        if n > 0 {
+            out.write_all(&buf[..n])
+                .map_err(|e| Error::sys("write", e))?;
+            continue;
+        }
+        let _ = out.flush();
+        if !follow || g.state() != State::Running {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Byte that detaches `console` (Ctrl-]).
+pub const DETACH_KEY: u8 = 0x1d;
+
+/// Attach the terminal to a guest's console until Ctrl-] or the guest
+/// stops. Output starts with the last part of the log.
+pub fn attach(g: &Guest) -> Result<()> {
+    if g.state() != State::Running {
+        return Err(Error::Usage(format!(
+            "guest {} is {}",
+            g.record.name,
+            g.state()
+        )));
+    }
+    let mut input = OpenOptions::new()
+        .write(true)
+        .open(g.layout.console_in())
+        .map_err(|e| Error::io("open", g.layout.console_in(), e))?;
+    let log_path = g.layout.console_log();
+    let mut log = File::open(&log_path).map_err(|e| Error::io("open", &log_path, e))?;
+    let len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = log.seek(SeekFrom::Start(len.saturating_sub(2048)));
+
+    let raw = crate::terminal::TermGuard::raw(0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Keyboard → console FIFO, until the detach key.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Some(i) = buf[..n].iter().position(|&b| b == DETACH_KEY) {
+                let _ = input.write_all(&buf[..i]);
+                break;
+            }
+            if input.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        stop2.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 16 * 1024];
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        match log.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+            _ => {
+                if g.state() != State::Running {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        }
+    }
+    drop(raw);
+    Ok(())
+}

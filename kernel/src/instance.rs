@@ -1,0 +1,338 @@
+//! The registry of detached guests.
+//!
+//! UML keeps its own instance directory `<uml_dir>/<umid>/` (`pid` and the
+//! `mconsole` socket; default `~/.uml/`), which it removes on a clean exit
+//! and leaves behind after a panic or SIGKILL. umlctl keeps what it needs
+//! beside it, in `<uml_dir>/<umid>.umlctl/`: the guest's record
+//! (`guest.json`), its console log and console input FIFO, and a throwaway
+//! overlay. A guest's name is its umid, so names are unique per user.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::paths;
+
+/// What umlctl records about a detached guest.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub name: String,
+    /// The UML process (the kernel's main process).
+    pub pid: i32,
+    /// Its start time (clock ticks since boot, /proc/PID/stat field 22), to
+    /// tell a reused pid apart.
+    pub pid_start: u64,
+    /// Seconds since the epoch.
+    pub started: u64,
+    pub kernel: PathBuf,
+    pub kernel_version: String,
+    pub mem_bytes: u64,
+    pub image: PathBuf,
+    /// The root overlay; `ephemeral` ones live in the state directory and
+    /// go with the guest.
+    pub overlay: PathBuf,
+    pub ephemeral_overlay: bool,
+    /// Extra disks, ubdb onwards.
+    pub disks: Vec<PathBuf>,
+    pub nics: Vec<String>,
+    pub xstate_shim: bool,
+}
+
+/// A guest's state as seen from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// The UML process is alive.
+    Running,
+    /// UML exited cleanly (it removed its instance directory).
+    Stopped,
+    /// UML died without cleaning up (panic, SIGKILL, OOM).
+    Dead,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Running => "running",
+            State::Stopped => "stopped",
+            State::Dead => "dead",
+        })
+    }
+}
+
+/// UML's `uml_dir`: `$UMLCTL_UML_DIR`, else `~/.uml`, else
+/// `/tmp/umlctl-<uid>/uml` when there is no usable home.
+pub fn uml_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("UMLCTL_UML_DIR").filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        paths::ensure_dir(&d)?;
+        return Ok(d);
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let d = PathBuf::from(h).join(".uml");
+        if paths::ensure_dir(&d).is_ok() {
+            return Ok(d);
+        }
+    }
+    let d = PathBuf::from(format!("/tmp/umlctl-{}/uml", nix::unistd::getuid()));
+    paths::ensure_dir(&d)?;
+    Ok(d)
+}
+
+/// Check a guest name: it becomes UML's umid and a directory name.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['.', '-'])
+        && !name.ends_with(".umlctl");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "invalid guest name {name:?}: use 1 to 48 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+        )))
+    }
+}
+
+/// Where a guest's files are.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// UML's instance directory.
+    pub uml_instance: PathBuf,
+    /// umlctl's directory for the guest.
+    pub state: PathBuf,
+}
+
+impl Layout {
+    pub fn new(uml_dir: &Path, name: &str) -> Layout {
+        Layout {
+            uml_instance: uml_dir.join(name),
+            state: uml_dir.join(format!("{name}.umlctl")),
+        }
+    }
+    pub fn record(&self) -> PathBuf {
+        self.state.join("guest.json")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.state.join("console.log")
+    }
+    pub fn console_in(&self) -> PathBuf {
+        self.state.join("console.in")
+    }
+    pub fn mconsole(&self) -> PathBuf {
+        self.uml_instance.join("mconsole")
+    }
+    pub fn notify(&self) -> PathBuf {
+        self.state.join("notify.sock")
+    }
+    pub fn hostfs_confine(&self) -> PathBuf {
+        self.state.join("no-host-files")
+    }
+}
+
+/// A registered guest.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    pub record: Record,
+    pub layout: Layout,
+}
+
+/// Start time of a live, non-zombie process.
+pub fn process_start(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    f.nth(18)?.parse().ok()
+}
+
+impl Guest {
+    /// The guest's state now.
+    pub fn state(&self) -> State {
+        if process_start(self.record.pid) == Some(self.record.pid_start) {
+            State::Running
+        } else if self.layout.uml_instance.exists() {
+            State::Dead
+        } else {
+            State::Stopped
+        }
+    }
+
+    /// Seconds since the guest started.
+    pub fn uptime(&self) -> u64 {
+        now().saturating_sub(self.record.started)
+    }
+
+    /// Remove everything the guest left: helper processes that outlived a
+    /// killed UML, umlctl's directory (record, logs, throwaway overlay) and
+    /// UML's instance directory.
+    pub fn remove(&self) -> Result<()> {
+        if self.state() == State::Running {
+            return Err(Error::Usage(format!(
+                "guest {} is still running; stop it first",
+                self.record.name
+            )));
+        }
+        self.kill_leftovers();
+        remove_dir(&self.layout.uml_instance)?;
+        remove_dir(&self.layout.state)
+    }
+
+    /// SIGKILL processes of this guest's UML that are still around: members
+    /// of its process group whose command line names its umid (so a reused
+    /// process group id is never hit).
+    pub fn kill_leftovers(&self) {
+        let needle = format!("umid={}", self.record.name);
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let pgid = fs::read_to_string(p.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s[s.rfind(')')? + 1..].to_string();
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                });
+            if pgid != Some(self.record.pid) {
+                continue;
+            }
+            let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.split(' ').any(|w| w == needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn remove_dir(d: &Path) -> Result<()> {
+    match fs::remove_dir_all(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", d, e)),
+    }
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Load one guest by name.
+pub fn load(name: &str) -> Result<Guest> {
+    check_name(name)?;
+    let layout = Layout::new(&uml_dir()?, name);
+    let data = match fs::read(layout.record()) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Usage(format!(
+                "no guest named {name:?} (see `umlctl ps --all`)"
+            )))
+        }
+        Err(e) => return Err(Error::io("read", layout.record(), e)),
+    };
+    let record: Record = serde_json::from_slice(&data).map_err(|e| Error::Host {
+        check: "guest registry",
+        detail: format!("{} is damaged: {e}", layout.record().display()),
+        fix: format!(
+            "remove {} (the guest can no longer be managed by umlctl)",
+            layout.state.display()
+        ),
+    })?;
+    Ok(Guest { record, layout })
+}
+
+/// Every registered guest, by name.
+pub fn list() -> Result<Vec<Guest>> {
+    let dir = uml_dir()?;
+    let mut out = Vec::new();
+    let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = n.strip_suffix(".umlctl") {
+            if let Ok(g) = load(name) {
+                out.push(g);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+    Ok(out)
+}
+
+/// Save a record (atomically).
+pub fn save(layout: &Layout, record: &Record) -> Result<()> {
+    let json = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::sys("encode guest record", std::io::Error::other(e)))?;
+    paths::write_atomic(&layout.record(), &json, 0o600)
+}
+
+/// UML instance directories under `uml_dir` that no umlctl guest owns and
+/// whose UML process is gone (left by a panic or SIGKILL of any UML).
+pub fn orphaned_uml_dirs() -> Result<Vec<PathBuf>> {
+    let dir = uml_dir()?;
+    let mut out = Vec::new();
+    let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.ends_with(".umlctl") || !e.path().is_dir() {
+            continue;
+        }
+        if dir.join(format!("{n}.umlctl")).exists() {
+            continue; // a guest of ours: handled through its record
+        }
+        let pid: Option<i32> = fs::read_to_string(e.path().join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        // Alive (as UML itself decides: kill(pid, 0) succeeds) → in use.
+        let alive = pid.is_some_and(|p| p > 0 && process_start(p).is_some());
+        if !alive && e.path().join("mconsole").exists() | e.path().join("pid").exists() {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["web", "a", "guest-1", "x.y_z", &"n".repeat(48)] {
+            check_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a b",
+            "ä",
+            "x.umlctl",
+            &"n".repeat(49),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn own_process_is_running_and_a_dead_pid_is_not() {
+        let me = std::process::id() as i32;
+        assert!(process_start(me).is_some());
+        assert_eq!(process_start(i32::MAX), None);
+    }
+}

@@ -1,0 +1,365 @@
+//! Detached guests end to end: start, ps, ctl (mconsole, checked against
+//! uml_mconsole), console, logs, stop, gc.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// An isolated UML directory (UML's instance dirs and umlctl's records).
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env { dir: scratch() }
+    }
+    fn uml_dir(&self) -> PathBuf {
+        self.dir.path().join("uml")
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(umlctl_bin());
+        c.args(args)
+            .env("UMLCTL_UML_DIR", self.uml_dir())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .stdin(Stdio::null());
+        c
+    }
+    fn umlctl(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.umlctl(args);
+        assert!(
+            out.status.success(),
+            "umlctl {args:?}: exit {:?}\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn ps(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["ps", "--all", "--json"])).unwrap()
+    }
+    fn state(&self, name: &str) -> Option<String> {
+        self.ps()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .map(|g| g["state"].as_str().unwrap().to_string())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Never leave a guest running after a failed test.
+        if let Ok(v) =
+            serde_json::from_slice::<serde_json::Value>(&self.umlctl(&["ps", "--json"]).stdout)
+        {
+            for g in v.as_array().into_iter().flatten() {
+                let _ = self.umlctl(&["stop", "--force", g["name"].as_str().unwrap_or_default()]);
+            }
+        }
+    }
+}
+
+/// A busybox image whose init stays up, powers off on ctrl-alt-del and
+/// leaves a marker when its shutdown actions run.
+fn guest_image(dir: &Path) -> PathBuf {
+    let root = dir.join("groot");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "mnt",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox: apt-get install busybox-static");
+    for t in [
+        "sh", "ls", "cat", "echo", "mount", "umount", "sleep", "sync", "poweroff", "mkdir", "true",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    std::os::unix::fs::symlink("../bin/busybox", root.join("sbin/init")).unwrap();
+    fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/mount -t proc proc /proc\n\
+         ::sysinit:/bin/echo guest-up\n\
+         ::respawn:/bin/sh\n\
+         ::ctrlaltdel:/bin/poweroff\n\
+         ::shutdown:/bin/sh -c 'echo shutdown-ran > /shutdown-marker; sync'\n",
+    )
+    .unwrap();
+    let img = dir.join("guest.ext4");
+    let st = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("32M")
+        .status()
+        .expect("mke2fs: apt-get install e2fsprogs");
+    assert!(st.success());
+    img
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// What uml_mconsole prints for a command, without its "OK "/"ERR " prefix.
+fn uml_mconsole(sock: &Path, cmd: &[&str]) -> (bool, String) {
+    let out = Command::new("uml_mconsole")
+        .arg(sock)
+        .args(cmd)
+        .output()
+        .expect("uml_mconsole: apt-get install uml-utilities");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("Warning"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Some(r) = body.strip_prefix("OK ") {
+        (true, r.to_string())
+    } else {
+        (
+            false,
+            body.strip_prefix("ERR ").unwrap_or(&body).to_string(),
+        )
+    }
+}
+
+#[test]
+fn start_ctl_console_stop_and_the_same_answers_as_uml_mconsole() {
+    let env = Env::new();
+    let img = guest_image(env.dir.path());
+    let overlay = env.dir.path().join("g.cow");
+    let k = kernel();
+    let name = env
+        .ok(&[
+            "start",
+            "--name",
+            "g1",
+            "--image",
+            s(&img),
+            "--overlay",
+            s(&overlay),
+            "--mem",
+            "64M",
+            "--kernel",
+            s(&k),
+        ])
+        .trim()
+        .to_string();
+    assert_eq!(name, "g1");
+    assert_eq!(env.state("g1").as_deref(), Some("running"));
+    let ps = env.ps();
+    let g = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "g1")
+        .unwrap()
+        .clone();
+    assert_eq!(g["mem_bytes"], 64 << 20);
+    assert!(g["pid"].as_i64().unwrap() > 1);
+
+    // Names are unique.
+    let out = env.umlctl(&[
+        "start",
+        "--name",
+        "g1",
+        "--image",
+        s(&img),
+        "--kernel",
+        s(&k),
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+
+    // ctl answers, and uml_mconsole on the same socket says the same.
+    let sock = env.uml_dir().join("g1/mconsole");
+    let version = env.ok(&["ctl", "g1", "version"]);
+    let info: serde_json::Value = serde_json::from_slice(
+        &Command::new(umlctl_bin())
+            .args(["kernel", "info", "--json", s(&k)])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        version.contains(info["version"].as_str().unwrap()),
+        "{version}"
+    );
+    assert_eq!(
+        uml_mconsole(&sock, &["version"]),
+        (true, version.trim_end().to_string())
+    );
+    let loadavg = env.ok(&["ctl", "g1", "proc", "sys/kernel/ostype"]);
+    assert_eq!(loadavg.trim(), "Linux");
+    assert_eq!(
+        uml_mconsole(&sock, &["proc", "sys/kernel/ostype"]).1.trim(),
+        "Linux"
+    );
+    let sysrq = env.ok(&["ctl", "g1", "sysrq", "m"]);
+    assert!(sysrq.contains("Mem-Info"), "{sysrq}");
+
+    // Hot-plug a disk; the guest sees it.
+    let disk = env.dir.path().join("extra.img");
+    fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    env.ok(&["ctl", "g1", "config", &format!("ubdb={}", s(&disk))]);
+    assert_eq!(env.ok(&["ctl", "g1", "config", "ubdb"]).trim(), s(&disk));
+    assert_eq!(
+        uml_mconsole(&sock, &["config", "ubdb"]),
+        (true, s(&disk).to_string())
+    );
+    let parts = env.ok(&["ctl", "g1", "proc", "partitions"]);
+    assert!(parts.contains("ubdb"), "{parts}");
+
+    // Errors from the guest are errors, the same ones uml_mconsole shows.
+    let out = env.umlctl(&["ctl", "g1", "remove", "ubdz"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, theirs) = uml_mconsole(&sock, &["remove", "ubdz"]);
+    assert!(!ok);
+    assert!(err.contains(theirs.trim()), "{err} vs {theirs}");
+    let out = env.umlctl(&["ctl", "g1", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unknown command"));
+
+    // The console: the log has the boot, and keystrokes reach the guest's shell.
+    let t = Instant::now();
+    while !env.ok(&["logs", "g1"]).contains("guest-up") && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(env.ok(&["logs", "g1"]).contains("guest-up"));
+    let mut c = Command::new("script")
+        .args([
+            "-qec",
+            &format!("'{}' console g1", umlctl_bin().display()),
+            "/dev/null",
+        ])
+        .env("UMLCTL_UML_DIR", env.uml_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = c.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    input.write_all(b"echo typed-$((6*7))\r").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    input.write_all(b"\x1d").unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("typed-42"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(env.ok(&["logs", "g1"]).contains("typed-42"));
+    assert_eq!(
+        env.state("g1").as_deref(),
+        Some("running"),
+        "detaching must leave the guest running"
+    );
+
+    // A graceful stop runs the guest's own shutdown.
+    let out = env.ok(&["stop", "g1"]);
+    assert!(out.contains("shut down"), "{out}");
+    assert_eq!(env.state("g1"), None);
+    assert!(!env.uml_dir().join("g1").exists() && !env.uml_dir().join("g1.umlctl").exists());
+    let merged = env.dir.path().join("merged.ext4");
+    env.ok(&["cow", "merge", s(&overlay), "-o", s(&merged)]);
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /shutdown-marker", s(&merged)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "shutdown-ran\n");
+    assert!(processes_mentioning("umid=g1 ").is_empty());
+}
+
+#[test]
+fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
+    let env = Env::new();
+    let img = guest_image(env.dir.path());
+    let name = env
+        .ok(&[
+            "start",
+            "--image",
+            s(&img),
+            "--mem",
+            "64M",
+            "--kernel",
+            s(&kernel()),
+        ])
+        .trim()
+        .to_string();
+    assert!(name.starts_with("guest-"), "{name}");
+    let pid = env.ps().as_array().unwrap()[0]["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t = Instant::now();
+    while env.state(&name).as_deref() == Some("running") && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(env.state(&name).as_deref(), Some("dead"));
+    // Not listed without --all, but ps says there is something to collect.
+    let out = env.umlctl(&["ps"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("umlctl gc"));
+    // A dead guest's mconsole is a clear error.
+    let out = env.umlctl(&["ctl", &name, "version"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is dead"));
+    let out = env.ok(&["gc"]);
+    assert!(out.contains(&name), "{out}");
+    assert_eq!(env.state(&name), None);
+    assert!(
+        fs::read_dir(env.uml_dir()).unwrap().next().is_none(),
+        "gc left files"
+    );
+    assert!(processes_mentioning(&format!("umid={name} ")).is_empty());
+    assert!(env.ok(&["gc"]).contains("nothing to collect"));
+}
+
+#[test]
+fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
+    let env = Env::new();
+    let img = guest_image(env.dir.path());
+    // An init that does not exist: the kernel panics at boot.
+    let out = env.umlctl(&[
+        "start",
+        "--name",
+        "bad",
+        "--image",
+        s(&img),
+        "--init",
+        "/no/such/init",
+        "--mem",
+        "64M",
+        "--kernel",
+        s(&kernel()),
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("last console lines") && err.contains("/no/such/init"),
+        "{err}"
+    );
+    assert_eq!(env.state("bad"), None);
+    assert!(!env.uml_dir().join("bad.umlctl").exists());
+    assert!(processes_mentioning("umid=bad ").is_empty());
+}
