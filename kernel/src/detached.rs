@@ -225,7 +225,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     // right at init (a missing or broken init) is reported here, not
     // discovered later. A panic notification or UML's exit is a failure.
     let deadline = Instant::now() + spec.boot_timeout;
-    let _ = notify_sock.set_read_timeout(Some(Duration::from_millis(50)));
+    let _ = notify_sock.set_read_timeout(Some(Duration::from_millis(10)));
     let mut buf = [0u8; 16 + mconsole::MAX_DATA];
     let mut mconsole_up = false;
     let mut settled_at: Option<Instant> = None;
@@ -254,7 +254,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
                     && settled_at.is_none()
                     && log_contains(&layout.console_log(), b" as init process")
                 {
-                    settled_at = Some(Instant::now() + Duration::from_millis(300));
+                    settled_at = Some(Instant::now() + Duration::from_millis(100));
                 }
             }
         }
