@@ -35,15 +35,7 @@ impl Env {
         self.cmd(args).output().unwrap()
     }
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.umlctl(args);
-        assert!(
-            out.status.success(),
-            "umlctl {args:?}: exit {:?}\n{}\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        assert_ok(&self.umlctl(args), &format!("umlctl {args:?}"))
     }
     fn ps(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["ps", "--all", "--json"])).unwrap()
@@ -98,14 +90,7 @@ fn guest_image(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let img = dir.join("guest.ext4");
-    let st = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&root)
-        .arg(&img)
-        .arg("32M")
-        .status()
-        .expect("mke2fs: apt-get install e2fsprogs");
-    assert!(st.success());
+    mkfs_ext4(&root, &img);
     img
 }
 

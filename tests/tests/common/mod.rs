@@ -241,15 +241,33 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     }
     fs::write(root.join("etc/marker"), "umlctl busybox test image\n").unwrap();
     let img = dir.join("root.ext4");
+    mkfs_ext4(&root, &img);
+    img
+}
+
+/// A 32 MiB ext4 image of the directory `root`, made by mke2fs -d (an
+/// independent tool, not umlctl's own writer).
+pub fn mkfs_ext4(root: &Path, img: &Path) {
     let st = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&root)
-        .arg(&img)
+        .arg(root)
+        .arg(img)
         .arg("32M")
         .status()
         .expect("mke2fs is missing: apt-get install e2fsprogs");
     assert!(st.success(), "mke2fs failed");
-    img
+}
+
+/// Check that a command succeeded (showing its output if not); its stdout.
+pub fn assert_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The `--json` result object: the last line of umlctl's stderr.
