@@ -790,13 +790,6 @@ pub fn create(cow: &Path, backing: &Path) -> Result<Header> {
             backing_abs.display()
         )));
     }
-    if fs::canonicalize(&backing_abs).ok()
-        == absolutize(cow).ok().and_then(|c| fs::canonicalize(c).ok())
-    {
-        return Err(CowError::Invalid(
-            "a COW file cannot be its own backing file".into(),
-        ));
-    }
     // The kernel stores the mtime truncated to 32 bits, then compares the
     // full value: a backing mtime beyond 2106 can never match.
     let header = Header::new_v3(&backing_abs, mtime as u32, size);

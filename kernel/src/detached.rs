@@ -133,7 +133,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         }
         Err(e) => return Err(Error::io("create", &layout.state, e)),
     }
-    let cleanup = StateGuard(Some(layout.clone()));
+    let mut cleanup = StateGuard(Some(layout.clone()), None);
     fs::DirBuilder::new()
         .mode(0o500)
         .create(layout.hostfs_confine())
@@ -143,6 +143,11 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         nix::sys::stat::Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| Error::io("mkfifo", layout.console_in(), crate::error::errno(e)))?;
+    // A persistent overlay this start creates goes again if the start fails.
+    cleanup.1 = spec
+        .overlay
+        .clone()
+        .filter(|p| fs::symlink_metadata(p).is_err());
     let overlay = crate::overlay::prepare(&image, spec.overlay.as_deref(), &layout.state)?;
     let mut disks = vec![Disk {
         file: overlay.clone(),
@@ -280,13 +285,17 @@ fn log_contains(path: &Path, needle: &[u8]) -> bool {
     fs::read(path).is_ok_and(|d| memchr::memmem::find(&d, needle).is_some())
 }
 
-/// Removes a half-created guest directory.
-struct StateGuard(Option<Layout>);
+/// Removes a half-created guest directory, and an overlay the failed
+/// start created.
+struct StateGuard(Option<Layout>, Option<PathBuf>);
 
 impl Drop for StateGuard {
     fn drop(&mut self) {
         if let Some(l) = self.0.take() {
             let _ = fs::remove_dir_all(&l.state);
+        }
+        if let Some(o) = self.1.take() {
+            let _ = fs::remove_file(o);
         }
     }
 }

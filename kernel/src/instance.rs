@@ -299,7 +299,7 @@ pub fn orphaned_uml_dirs() -> Result<Vec<PathBuf>> {
             .and_then(|p| p.trim().parse().ok());
         // Alive (as UML itself decides: kill(pid, 0) succeeds) → in use.
         let alive = pid.is_some_and(|p| p > 0 && process_start(p).is_some());
-        if !alive && e.path().join("mconsole").exists() | e.path().join("pid").exists() {
+        if !alive && (e.path().join("mconsole").exists() || e.path().join("pid").exists()) {
             out.push(e.path());
         }
     }

@@ -282,8 +282,9 @@ fn copy_out(mut from: File, to: RawFd, tx: Sender<Event>) -> thread::JoinHandle<
 
 /// Copy the host's stdin into the guest's stdin line once the guest says
 /// the line is ready (raw), then announce the total. The pipe itself stays
-/// open: UML would turn its EOF into a tty hangup that discards unread input.
-fn copy_in(to: File, go: Receiver<()>, control: Sender<String>) {
+/// open: UML would turn its EOF into a tty hangup that discards unread input;
+/// the copier parks it in `keep`, which `run` drops once UML has exited.
+fn copy_in(to: File, go: Receiver<()>, control: Sender<String>, keep: Arc<Mutex<Option<File>>>) {
     thread::spawn(move || {
         if go.recv().is_err() {
             return;
@@ -305,8 +306,9 @@ fn copy_in(to: File, go: Receiver<()>, control: Sender<String>) {
             total += n as u64;
         }
         let _ = control.send(Control::StdinEof(total).encode());
-        // Keep `to` open until the process ends (see above).
-        std::mem::forget(to);
+        if let Ok(mut k) = keep.lock() {
+            *k = Some(to);
+        }
     });
 }
 
@@ -832,9 +834,10 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     };
     let _ = control.send(init_spec.encode());
     let mut stdin_go = None;
+    let stdin_keep: Arc<Mutex<Option<File>>> = Arc::default();
     if let Some(w) = stdin_w {
         let (go_tx, go_rx) = mpsc::channel();
-        copy_in(File::from(w), go_rx, control.clone());
+        copy_in(File::from(w), go_rx, control.clone(), stdin_keep.clone());
         stdin_go = Some(go_tx);
     }
     {
@@ -863,6 +866,9 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
 
     kill_descendants();
     reaper.dismiss();
+    if let Ok(mut k) = stdin_keep.lock() {
+        k.take();
+    }
     // UML and its helpers are gone, so the pipes reach EOF; join the output
     // copies so that every byte is out before we return.
     for h in outputs {

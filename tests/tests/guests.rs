@@ -188,8 +188,8 @@ fn start_ctl_console_stop_and_the_same_answers_as_uml_mconsole() {
         uml_mconsole(&sock, &["version"]),
         (true, version.trim_end().to_string())
     );
-    let loadavg = env.ok(&["ctl", "g1", "proc", "sys/kernel/ostype"]);
-    assert_eq!(loadavg.trim(), "Linux");
+    let ostype = env.ok(&["ctl", "g1", "proc", "sys/kernel/ostype"]);
+    assert_eq!(ostype.trim(), "Linux");
     assert_eq!(
         uml_mconsole(&sock, &["proc", "sys/kernel/ostype"]).1.trim(),
         "Linux"
@@ -325,12 +325,15 @@ fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
     let env = Env::new();
     let img = guest_image(env.dir.path());
     // An init that does not exist: the kernel panics at boot.
+    let overlay = env.dir.path().join("new.cow");
     let out = env.umlctl(&[
         "start",
         "--name",
         "bad",
         "--image",
         s(&img),
+        "--overlay",
+        s(&overlay),
         "--init",
         "/no/such/init",
         "--mem",
@@ -346,5 +349,9 @@ fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
     );
     assert_eq!(env.state("bad"), None);
     assert!(!env.uml_dir().join("bad.umlctl").exists());
+    assert!(
+        !overlay.exists(),
+        "the overlay this failed start created was left behind"
+    );
     assert!(processes_mentioning("umid=bad ").is_empty());
 }
