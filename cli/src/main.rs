@@ -3,7 +3,9 @@
 
 mod cow_cmd;
 mod exit;
+mod fmt;
 mod guest_cmd;
+mod image_cmd;
 mod kernel_cmd;
 mod progress;
 mod run_cmd;
@@ -43,6 +45,9 @@ enum Cmd {
     Ctl(guest_cmd::CtlArgs),
     /// Remove what stopped and dead guests left behind.
     Gc,
+    /// Build, verify and read ext4 root filesystem images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCmd),
     /// Create, inspect, merge and rebase UML copy-on-write overlays.
     #[command(subcommand)]
     Cow(cow_cmd::CowCmd),
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         Cmd::Kernel(k) => kernel_cmd::kernel_main(k),
         Cmd::Doctor(a) => kernel_cmd::doctor_main(a),
         Cmd::Cow(c) => cow_cmd::main(c),
+        Cmd::Image(c) => image_cmd::main(c),
         Cmd::Start(a) => guest_cmd::start(a),
         Cmd::Ps(a) => guest_cmd::ps(a),
         Cmd::Stop(a) => guest_cmd::stop(a),

@@ -1,13 +1,22 @@
 //! umlctl-imgtools: disk images.
 //!
+//! * [`tree`]: the file tree an image is built from (layering, whiteouts,
+//!   hard links, path rules).
+//! * [`source`]: reading tar, tar.gz, tar.zst and directory sources into a
+//!   tree, with file content spooled and hashed once.
+//! * [`ext4`]: our deterministic ext4 writer and a reader/checker.
 //! * [`cow`]: UML's copy-on-write format: read every version the kernel
 //!   reads, create version 3 like `uml_mkcow`, merge like `uml_moo` (to a new
 //!   sparse image or in place), rebase onto a moved or copied backing file,
 //!   and read the merged disk without booting.
 //! * [`progress`]: how long operations report progress.
 //!
-//! A leaf crate: it depends on none of umlctl's other crates. The ext4
-//! writer, sources, manifests and verify arrive with the image issue.
+//! A leaf crate: it depends on none of umlctl's other crates.
 
+pub mod build;
 pub mod cow;
+pub mod ext4;
+pub mod manifest;
 pub mod progress;
+pub mod source;
+pub mod tree;

@@ -1,0 +1,300 @@
+//! `image build`: sources in, an ext4 image out, atomically.
+//!
+//! The image is written to an unnamed file in OUT's directory and linked
+//! into place only when complete, so a failure or a kill never leaves a
+//! partial image at OUT. The UUID and htree hash seed derive from the
+//! manifest digest and the options, so equal inputs give equal bytes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ext4::{self, Ids, Options, Report, WriteError};
+use crate::manifest::Manifest;
+use crate::progress::Progress;
+use crate::source::{Builder, SourceError, Stats};
+use crate::tree::{Inode, Kind, Meta, Time};
+
+/// Everything `image build` takes besides the sources and OUT.
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    pub ext4: Options,
+    /// Fixed UUID instead of the derived one.
+    pub uuid: Option<[u8; 16]>,
+    /// Clamp every timestamp to this and use it for the superblock times.
+    pub epoch: Option<i64>,
+}
+
+/// The result of a build.
+#[derive(Debug)]
+pub struct Built {
+    pub report: Report,
+    pub uuid: [u8; 16],
+    pub manifest: Manifest,
+    pub sources: Vec<Stats>,
+}
+
+/// Why a build failed (nothing is left at OUT).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: is a directory; give the image file to create with -o")]
+    OutIsDir { path: PathBuf },
+}
+
+/// Format a UUID the usual way.
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let h = crate::manifest::hex(u);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Parse `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|&c| c != '-').collect();
+    if hex.len() != 32 || s.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn derive_ids(manifest: &Manifest, opts: &BuildOptions) -> ([u8; 16], [u8; 16]) {
+    let mut h = Sha256::new();
+    h.update(b"umlctl ext4 image v1\0");
+    h.update(manifest.digest.as_bytes());
+    h.update(format!(
+        "\0size={:?} headroom={:?} inodes={:?} journal={} epoch={:?}\0",
+        opts.ext4.size, opts.ext4.headroom, opts.ext4.inodes, opts.ext4.journal, opts.epoch
+    ));
+    h.update(&opts.ext4.label);
+    let d = h.finalize();
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&d[..16]);
+    uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4 layout (random-looking)
+    uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let uuid = opts.uuid.unwrap_or(uuid);
+    let mut seed = [0u8; 16];
+    seed.copy_from_slice(&Sha256::digest([&d[..], &uuid[..]].concat())[..16]);
+    (uuid, seed)
+}
+
+/// A file that becomes visible at its final path only when committed.
+pub struct AtomicFile {
+    file: File,
+    dir: PathBuf,
+    target: PathBuf,
+    named: Option<PathBuf>,
+}
+
+impl AtomicFile {
+    /// Prepare to create `target` (replaced if it exists).
+    pub fn new(target: &Path) -> std::io::Result<AtomicFile> {
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_TMPFILE)
+            .open(&dir)
+        {
+            Ok(file) => Ok(AtomicFile {
+                file,
+                dir,
+                target: target.to_path_buf(),
+                named: None,
+            }),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                    || e.raw_os_error() == Some(libc::EISDIR) =>
+            {
+                let name = Self::temp_name(target);
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&name)?;
+                Ok(AtomicFile {
+                    file,
+                    dir,
+                    target: target.to_path_buf(),
+                    named: Some(name),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn temp_name(target: &Path) -> PathBuf {
+        let mut n = std::ffi::OsString::from(".");
+        n.push(target.file_name().unwrap_or_default());
+        n.push(format!(".umlctl-tmp.{}", std::process::id()));
+        target.with_file_name(n)
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Put the file at its final path (atomically replacing what was there).
+    pub fn commit(mut self) -> std::io::Result<()> {
+        let tmp = match self.named.take() {
+            Some(n) => n,
+            None => {
+                let tmp = Self::temp_name(&self.target);
+                let fd_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let c_from = std::ffi::CString::new(fd_path).map_err(std::io::Error::other)?;
+                let c_to = std::ffi::CString::new(tmp.as_os_str().as_bytes())
+                    .map_err(std::io::Error::other)?;
+                // SAFETY: both paths are NUL-terminated C strings.
+                let r = unsafe {
+                    libc::linkat(
+                        libc::AT_FDCWD,
+                        c_from.as_ptr(),
+                        libc::AT_FDCWD,
+                        c_to.as_ptr(),
+                        libc::AT_SYMLINK_FOLLOW,
+                    )
+                };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                tmp
+            }
+        };
+        std::fs::rename(&tmp, &self.target).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    /// Directory the file will appear in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if let Some(n) = &self.named {
+            let _ = std::fs::remove_file(n);
+        }
+    }
+}
+
+/// Build an image at `out` from `sources` layered in order.
+pub fn build(
+    sources: &[PathBuf],
+    out: &Path,
+    opts: &BuildOptions,
+    read_progress: &dyn Progress,
+    write_progress: &dyn Progress,
+) -> Result<Built, BuildError> {
+    if out.is_dir() {
+        return Err(BuildError::OutIsDir { path: out.into() });
+    }
+    let atomic = AtomicFile::new(out).map_err(|source| BuildError::Io {
+        path: out.into(),
+        op: "create",
+        source,
+    })?;
+    let mut b = Builder::new(atomic.dir(), opts.epoch, read_progress)?;
+    let mut stats = Vec::new();
+    for s in sources {
+        stats.push(b.add(s)?);
+    }
+    let (mut tree, spool) = b.finish()?;
+    // Times the sources do not give: the epoch, else the newest mtime.
+    let default_time = match opts.epoch {
+        Some(e) => Time {
+            sec: e.clamp(0, crate::tree::TIME_MAX),
+            nsec: 0,
+        },
+        None => Time {
+            sec: tree.max_mtime().sec,
+            nsec: 0,
+        },
+    };
+    if tree.get(b"lost+found").is_none() {
+        let lpf = Inode {
+            kind: Kind::Dir,
+            meta: Meta {
+                mode: 0o700,
+                uid: 0,
+                gid: 0,
+                mtime: default_time,
+            },
+            xattrs: BTreeMap::new(),
+            implicit: true,
+        };
+        // Cannot fail: the root is a directory and the name is valid.
+        let _ = tree.insert(b"lost+found", lpf, u32::MAX);
+    }
+    tree.set_implicit_times(default_time);
+    let manifest = Manifest::from_tree(&tree);
+    let (uuid, hash_seed) = derive_ids(&manifest, opts);
+    let ids = Ids {
+        uuid,
+        hash_seed,
+        time: default_time.sec,
+    };
+    let report = ext4::write_image(
+        &tree,
+        Some(&spool),
+        &opts.ext4,
+        &ids,
+        atomic.file(),
+        out,
+        write_progress,
+    )?;
+    drop(spool);
+    atomic.commit().map_err(|source| BuildError::Io {
+        path: out.into(),
+        op: "move the finished image into place at",
+        source,
+    })?;
+    Ok(Built {
+        report,
+        uuid,
+        manifest,
+        sources: stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_text() {
+        let u = parse_uuid("0123abcd-0000-4000-8000-00000000ffff").unwrap();
+        assert_eq!(uuid_string(&u), "0123abcd-0000-4000-8000-00000000ffff");
+        assert!(parse_uuid("nope").is_none());
+    }
+}

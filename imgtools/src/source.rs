@@ -1,0 +1,838 @@
+//! Sources of an image: tar archives (plain, gzip or zstd compressed) and
+//! host directories, read into a [`Tree`]. Stream content is spooled once
+//! (only its non-zero blocks) and hashed on the way; directory content
+//! stays where it is and is read again when the image is written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use sha2::{Digest, Sha256};
+
+use crate::ext4::BLOCK;
+use crate::progress::Progress;
+use crate::tree::{self, DataSource, FileData, Inode, Kind, Meta, Run, Time, Tree, TreeError};
+
+/// Why a source could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Tree { path: PathBuf, source: TreeError },
+    #[error("{path}: entry {entry:?}: {why}")]
+    Entry {
+        path: PathBuf,
+        entry: String,
+        why: String,
+    },
+    #[error("{path}: {why}")]
+    Format { path: PathBuf, why: String },
+}
+
+/// Counts of what a source added.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// Where stream content waits until the image is written: an unnamed file
+/// (O_TMPFILE) next to the output, so nothing is left behind by a kill and
+/// the final copy can stay inside one filesystem.
+pub struct Spool {
+    w: BufWriter<File>,
+    len: u64,
+}
+
+impl Spool {
+    /// Make a spool in `dir`.
+    pub fn new(dir: &Path) -> std::io::Result<Spool> {
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+        {
+            Ok(f) => f,
+            Err(_) => {
+                // Filesystems without O_TMPFILE: a named file, unlinked at once.
+                let p = dir.join(format!(".umlctl-spool.{}", std::process::id()));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)?;
+                std::fs::remove_file(&p)?;
+                f
+            }
+        };
+        Ok(Spool {
+            w: BufWriter::with_capacity(1 << 20, f),
+            len: 0,
+        })
+    }
+
+    fn append(&mut self, data: &[u8]) -> std::io::Result<u64> {
+        let at = self.len;
+        self.w.write_all(data)?;
+        self.len += data.len() as u64;
+        Ok(at)
+    }
+
+    /// Finish writing and hand out the file for reading.
+    pub fn into_file(self) -> std::io::Result<File> {
+        self.w.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    block
+        .chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+}
+
+/// Reads content: hashes it, finds the non-zero blocks, spools them.
+struct Ingest {
+    buf: Vec<u8>,
+}
+
+impl Ingest {
+    /// Read `size` bytes (or to the end when `exact` is false) from `r`.
+    fn read(
+        &mut self,
+        r: &mut dyn Read,
+        size: u64,
+        exact: bool,
+        mut spool: Option<&mut Spool>,
+    ) -> std::io::Result<(FileData, u64)> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; 1 << 20];
+        }
+        let mut hasher = Sha256::new();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut total = 0u64;
+        let mut lblk = 0u64;
+        loop {
+            let want = if exact {
+                (size - total).min(self.buf.len() as u64) as usize
+            } else {
+                self.buf.len()
+            };
+            if want == 0 {
+                break;
+            }
+            let mut got = 0;
+            while got < want {
+                let n = match r.read(&mut self.buf[got..want]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            if got == 0 {
+                if exact {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the data ends early (truncated archive?)",
+                    ));
+                }
+                break;
+            }
+            hasher.update(&self.buf[..got]);
+            let padded = got.div_ceil(BLOCK) * BLOCK;
+            self.buf[got..padded].fill(0);
+            let mut i = 0;
+            while i < padded {
+                // A stretch of non-zero blocks.
+                if is_zero(&self.buf[i..i + BLOCK]) {
+                    i += BLOCK;
+                    continue;
+                }
+                let start = i;
+                while i < padded && !is_zero(&self.buf[i..i + BLOCK]) {
+                    i += BLOCK;
+                }
+                let l = lblk + (start / BLOCK) as u64;
+                let n = ((i - start) / BLOCK) as u64;
+                let src = match spool.as_deref_mut() {
+                    Some(s) => s.append(&self.buf[start..i])?,
+                    None => l * BLOCK as u64,
+                };
+                match runs.last_mut() {
+                    Some(r) if r.lblk + r.len == l && r.src + r.len * BLOCK as u64 == src => {
+                        r.len += n
+                    }
+                    _ => runs.push(Run {
+                        lblk: l,
+                        len: n,
+                        src,
+                    }),
+                }
+            }
+            total += got as u64;
+            lblk += (padded / BLOCK) as u64;
+            if got < want && !exact {
+                break;
+            }
+        }
+        let data = FileData {
+            size: total,
+            sha256: hasher.finalize().into(),
+            runs,
+            source: DataSource::Spool,
+        };
+        Ok((data, total))
+    }
+}
+
+/// Reads a decompressor on another thread so that inflating overlaps
+/// with parsing, hashing and spooling.
+struct Pipelined {
+    rx: mpsc::Receiver<std::io::Result<(Vec<u8>, u64)>>,
+    back: mpsc::Sender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+    consumed: u64,
+}
+
+impl Pipelined {
+    fn new<R: Read + Send + 'static>(
+        mut r: R,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Pipelined {
+        let (tx, rx) = mpsc::sync_channel(4);
+        let (back, spare) = mpsc::channel::<Vec<u8>>();
+        std::thread::spawn(move || loop {
+            let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0; 1 << 20]);
+            buf.resize(1 << 20, 0);
+            let mut got = 0;
+            let res = loop {
+                match r.read(&mut buf[got..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        got += n;
+                        if got == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            buf.truncate(got);
+            let pos = counter.load(std::sync::atomic::Ordering::Relaxed);
+            let end = got == 0;
+            let msg = match res {
+                Ok(()) => Ok((buf, pos)),
+                Err(e) => Err(e),
+            };
+            let failed = msg.is_err();
+            if tx.send(msg).is_err() || end || failed {
+                return;
+            }
+        });
+        Pipelined {
+            rx,
+            back,
+            cur: Vec::new(),
+            pos: 0,
+            consumed: 0,
+        }
+    }
+}
+
+impl Read for Pipelined {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok((buf, consumed))) => {
+                    let old = std::mem::replace(&mut self.cur, buf);
+                    let _ = self.back.send(old);
+                    self.pos = 0;
+                    self.consumed = consumed;
+                    if self.cur.is_empty() {
+                        return Ok(0);
+                    }
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Counts bytes read from the raw source file (for progress).
+struct Counting<R> {
+    inner: R,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Builds a tree from sources, layer after layer.
+pub struct Builder<'p> {
+    pub tree: Tree,
+    spool: Spool,
+    ingest: Ingest,
+    layer: u32,
+    progress: &'p dyn Progress,
+}
+
+fn meta_time(sec: i64, nsec: i64) -> Time {
+    Time {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
+}
+
+/// Parse a PAX time ("1700000000.5", "-12.25").
+fn pax_time(v: &str) -> Option<Time> {
+    let (neg, v) = match v.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, v),
+    };
+    let (s, frac) = v.split_once('.').unwrap_or((v, ""));
+    let sec: i64 = s.parse().ok()?;
+    let mut digits: String = frac.chars().take(9).collect();
+    if !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nsec: u32 = digits.parse().ok()?;
+    Some(if neg {
+        if nsec == 0 {
+            Time { sec: -sec, nsec: 0 }
+        } else {
+            Time {
+                sec: -sec - 1,
+                nsec: 1_000_000_000 - nsec,
+            }
+        }
+    } else {
+        Time { sec, nsec }
+    })
+}
+
+fn llistxattr(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: c is NUL-terminated; buf is valid for buf.len() bytes.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_vec())
+                .collect());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) => buf.resize(buf.len() * 4, 0),
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            _ => return Err(e),
+        }
+    }
+}
+
+fn lgetxattr(path: &Path, name: &[u8]) -> std::io::Result<Vec<u8>> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let n =
+        CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: both strings are NUL-terminated; buf is valid for its length.
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = parent.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (b"", path),
+    }
+}
+
+impl<'p> Builder<'p> {
+    /// A builder whose spool lives in `spool_dir`; timestamps are clamped
+    /// to `epoch` when given.
+    pub fn new(
+        spool_dir: &Path,
+        epoch: Option<i64>,
+        progress: &'p dyn Progress,
+    ) -> Result<Builder<'p>, SourceError> {
+        let spool = Spool::new(spool_dir).map_err(|source| SourceError::Io {
+            path: spool_dir.into(),
+            op: "create a spool file in",
+            source,
+        })?;
+        Ok(Builder {
+            tree: Tree::new(epoch),
+            spool,
+            ingest: Ingest { buf: Vec::new() },
+            layer: 0,
+            progress,
+        })
+    }
+
+    /// Finish: the tree and the spool holding stream content.
+    pub fn finish(self) -> Result<(Tree, File), SourceError> {
+        let f = self.spool.into_file().map_err(|source| SourceError::Io {
+            path: "(spool)".into(),
+            op: "write",
+            source,
+        })?;
+        Ok((self.tree, f))
+    }
+
+    /// Add one source (a directory, or a tar archive, plain or gzip/zstd
+    /// compressed), layered over what was added before.
+    pub fn add(&mut self, path: &Path) -> Result<Stats, SourceError> {
+        let meta = std::fs::metadata(path).map_err(|source| SourceError::Io {
+            path: path.into(),
+            op: "open source",
+            source,
+        })?;
+        let stats = if meta.is_dir() {
+            self.add_dir(path)?
+        } else {
+            self.add_archive(path, meta.len())?
+        };
+        self.layer += 1;
+        Ok(stats)
+    }
+
+    fn add_archive(&mut self, path: &Path, size: u64) -> Result<Stats, SourceError> {
+        let io_err = |op, source| SourceError::Io {
+            path: path.into(),
+            op,
+            source,
+        };
+        let mut f = File::open(path).map_err(|e| io_err("open source", e))?;
+        let mut magic = [0u8; 6];
+        let n = f.read(&mut magic).map_err(|e| io_err("read", e))?;
+        drop(f);
+        let f = File::open(path).map_err(|e| io_err("open source", e))?;
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let raw = Counting {
+            inner: f,
+            count: counter.clone(),
+        };
+        let reader: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
+            Box::new(Pipelined::new(
+                flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, raw)),
+                counter.clone(),
+            ))
+        } else if n >= 4 && magic[..4] == [0x28, 0xb5, 0x2f, 0xfd] {
+            let dec = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::with_capacity(
+                1 << 20,
+                raw,
+            ))
+            .map_err(|e| SourceError::Format {
+                path: path.into(),
+                why: format!("not a valid zstd stream: {e}"),
+            })?;
+            Box::new(Pipelined::new(dec, counter.clone()))
+        } else if n >= 6 && magic == [0xfd, b'7', b'z', b'X', b'Z', 0] {
+            return Err(SourceError::Format { path: path.into(), why: "xz-compressed sources are not supported; decompress first (`xz -d`) or use gzip or zstd".into() });
+        } else if n >= 3 && magic[..3] == [b'B', b'Z', b'h'] {
+            return Err(SourceError::Format { path: path.into(), why: "bzip2-compressed sources are not supported; decompress first (`bunzip2`) or use gzip or zstd".into() });
+        } else {
+            Box::new(std::io::BufReader::with_capacity(1 << 20, raw))
+        };
+        self.progress.start(size);
+        let mut last = 0u64;
+        let mut stats = Stats::default();
+        let mut ar = tar::Archive::new(reader);
+        let entries = ar.entries().map_err(|e| self.stream_error(path, e))?;
+        for entry in entries {
+            let mut e = entry.map_err(|e| self.stream_error(path, e))?;
+            let now = counter.load(std::sync::atomic::Ordering::Relaxed);
+            self.progress.advance(now.saturating_sub(last));
+            last = now;
+            let raw_path = e.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw_path).into_owned();
+            let bad = |why: String| SourceError::Entry {
+                path: path.into(),
+                entry: shown.clone(),
+                why,
+            };
+            let rel = tree::normalize(&raw_path).map_err(|source| SourceError::Tree {
+                path: path.into(),
+                source,
+            })?;
+            let header = e.header().clone();
+            let etype = header.entry_type();
+            if etype.is_pax_global_extensions() {
+                continue;
+            }
+            let mut mtime = meta_time(header.mtime().unwrap_or(0) as i64, 0);
+            let mut uid = header.uid().unwrap_or(0) as u32;
+            let mut gid = header.gid().unwrap_or(0) as u32;
+            let mut xattrs = BTreeMap::new();
+            if let Ok(Some(pax)) = e.pax_extensions() {
+                for ext in pax.flatten() {
+                    let key = ext.key_bytes();
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        xattrs.insert(name.to_vec(), ext.value_bytes().to_vec());
+                    } else if key == b"mtime" {
+                        if let Some(t) = ext.value().ok().and_then(pax_time) {
+                            mtime = t;
+                        }
+                    } else if key == b"uid" {
+                        if let Some(v) = ext.value().ok().and_then(|v| v.parse().ok()) {
+                            uid = v;
+                        }
+                    } else if key == b"gid" {
+                        if let Some(v) = ext.value().ok().and_then(|v| v.parse().ok()) {
+                            gid = v;
+                        }
+                    }
+                }
+            }
+            let mode = (header.mode().unwrap_or(0o644) & 0o7777) as u16;
+            let meta = Meta {
+                mode,
+                uid,
+                gid,
+                mtime,
+            };
+            // OCI whiteouts.
+            let (dir, name) = split_last(&rel);
+            if name == b".wh..wh..opq" {
+                self.tree.remove_children(dir, self.layer);
+                continue;
+            }
+            if let Some(victim) = name.strip_prefix(b".wh.") {
+                self.tree.remove(&join(dir, victim));
+                continue;
+            }
+            let kind = match etype {
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => {
+                    let size = e.size();
+                    let (data, n) = self
+                        .ingest
+                        .read(&mut e, size, true, Some(&mut self.spool))
+                        .map_err(|err| {
+                            if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                                bad(
+                                    "the archive ends inside this file's data (truncated archive?)"
+                                        .into(),
+                                )
+                            } else {
+                                self.stream_error(path, err)
+                            }
+                        })?;
+                    stats.bytes += n;
+                    Kind::File(data)
+                }
+                tar::EntryType::Directory => Kind::Dir,
+                tar::EntryType::Symlink => {
+                    let t = e
+                        .link_name_bytes()
+                        .map(|c| c.into_owned())
+                        .unwrap_or_default();
+                    if t.is_empty() || t.len() > 4095 {
+                        return Err(bad(format!(
+                            "symlink target is {} bytes; it must be 1 to 4095",
+                            t.len()
+                        )));
+                    }
+                    Kind::Symlink(t)
+                }
+                tar::EntryType::Link => {
+                    let t = e
+                        .link_name_bytes()
+                        .map(|c| c.into_owned())
+                        .unwrap_or_default();
+                    let target = tree::normalize(&t).map_err(|source| SourceError::Tree {
+                        path: path.into(),
+                        source,
+                    })?;
+                    self.tree
+                        .link(&rel, &target, self.layer)
+                        .map_err(|source| SourceError::Tree {
+                            path: path.into(),
+                            source,
+                        })?;
+                    stats.entries += 1;
+                    continue;
+                }
+                tar::EntryType::Char | tar::EntryType::Block => {
+                    let major = header.device_major().ok().flatten().unwrap_or(0);
+                    let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                    if etype == tar::EntryType::Char {
+                        Kind::CharDev { major, minor }
+                    } else {
+                        Kind::BlockDev { major, minor }
+                    }
+                }
+                tar::EntryType::Fifo => Kind::Fifo,
+                other => return Err(bad(format!("unsupported tar entry type {:?}", other))),
+            };
+            self.tree
+                .insert(
+                    &rel,
+                    Inode {
+                        kind,
+                        meta,
+                        xattrs,
+                        implicit: false,
+                    },
+                    self.layer,
+                )
+                .map_err(|source| SourceError::Tree {
+                    path: path.into(),
+                    source,
+                })?;
+            stats.entries += 1;
+        }
+        let now = counter.load(std::sync::atomic::Ordering::Relaxed);
+        self.progress.advance(now.saturating_sub(last));
+        self.progress.finish();
+        Ok(stats)
+    }
+
+    fn stream_error(&self, path: &Path, e: std::io::Error) -> SourceError {
+        let why = match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "the archive ends early (truncated?)".to_string(),
+            _ => format!("cannot read the archive: {e} (corrupt or not a tar, tar.gz or tar.zst?)"),
+        };
+        SourceError::Format {
+            path: path.into(),
+            why,
+        }
+    }
+
+    fn add_dir(&mut self, root: &Path) -> Result<Stats, SourceError> {
+        let mut stats = Stats::default();
+        let mut seen: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+        let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
+        self.progress.start(0);
+        while let Some((host, rel)) = stack.pop() {
+            let io_err = |op, source| SourceError::Io {
+                path: host.clone(),
+                op,
+                source,
+            };
+            let md = std::fs::symlink_metadata(&host).map_err(|e| io_err("stat", e))?;
+            let ft = md.file_type();
+            let meta = Meta {
+                mode: (md.mode() & 0o7777) as u16,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: meta_time(md.mtime(), md.mtime_nsec()),
+            };
+            let mut xattrs = BTreeMap::new();
+            for name in llistxattr(&host).map_err(|e| io_err("list extended attributes of", e))? {
+                let v = lgetxattr(&host, &name)
+                    .map_err(|e| io_err("read extended attributes of", e))?;
+                xattrs.insert(name, v);
+            }
+            if !rel.is_empty() {
+                let (dir, name) = split_last(&rel);
+                if name == b".wh..wh..opq" {
+                    self.tree.remove_children(dir, self.layer);
+                    continue;
+                }
+                if let Some(victim) = name.strip_prefix(b".wh.") {
+                    self.tree.remove(&join(dir, victim));
+                    continue;
+                }
+            }
+            if !ft.is_dir() && md.nlink() > 1 {
+                if let Some(first) = seen.get(&(md.dev(), md.ino())) {
+                    self.tree.link(&rel, first, self.layer).map_err(|source| {
+                        SourceError::Tree {
+                            path: root.into(),
+                            source,
+                        }
+                    })?;
+                    stats.entries += 1;
+                    continue;
+                }
+                seen.insert((md.dev(), md.ino()), rel.clone());
+            }
+            let kind = if ft.is_dir() {
+                let mut names: Vec<Vec<u8>> = std::fs::read_dir(&host)
+                    .map_err(|e| io_err("read directory", e))?
+                    .map(|d| d.map(|d| d.file_name().as_bytes().to_vec()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| io_err("read directory", e))?;
+                names.sort();
+                // Depth first, names in byte order (the stack pops the last).
+                for n in names.into_iter().rev() {
+                    if n.len() > tree::NAME_MAX {
+                        return Err(SourceError::Tree {
+                            path: root.into(),
+                            source: TreeError::BadPath {
+                                path: tree::show(&join(&rel, &n)),
+                                why: "a name is longer than 255 bytes, the ext4 limit",
+                            },
+                        });
+                    }
+                    stack.push((host.join(std::ffi::OsStr::from_bytes(&n)), join(&rel, &n)));
+                }
+                Kind::Dir
+            } else if ft.is_file() {
+                let mut f = File::open(&host).map_err(|e| io_err("open", e))?;
+                let (mut data, n) = self
+                    .ingest
+                    .read(&mut f, md.len(), false, None)
+                    .map_err(|e| io_err("read", e))?;
+                if n != md.len() {
+                    return Err(io_err(
+                        "read",
+                        std::io::Error::other("the file changed size while it was read"),
+                    ));
+                }
+                data.source = DataSource::Host(host.clone());
+                stats.bytes += n;
+                self.progress.advance(n);
+                Kind::File(data)
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(&host).map_err(|e| io_err("read symlink", e))?;
+                Kind::Symlink(t.as_os_str().as_bytes().to_vec())
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let rdev = md.rdev();
+                let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+                if ft.is_char_device() {
+                    Kind::CharDev { major, minor }
+                } else {
+                    Kind::BlockDev { major, minor }
+                }
+            } else if ft.is_fifo() {
+                Kind::Fifo
+            } else {
+                Kind::Socket
+            };
+            self.tree
+                .insert(
+                    &rel,
+                    Inode {
+                        kind,
+                        meta,
+                        xattrs,
+                        implicit: false,
+                    },
+                    self.layer,
+                )
+                .map_err(|source| SourceError::Tree {
+                    path: root.into(),
+                    source,
+                })?;
+            stats.entries += 1;
+        }
+        self.progress.finish();
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(
+            pax_time("1700000000.5"),
+            Some(Time {
+                sec: 1700000000,
+                nsec: 500_000_000
+            })
+        );
+        assert_eq!(pax_time("12"), Some(Time { sec: 12, nsec: 0 }));
+        assert_eq!(
+            pax_time("-1.25"),
+            Some(Time {
+                sec: -2,
+                nsec: 750_000_000
+            })
+        );
+        assert_eq!(pax_time("x"), None);
+    }
+
+    #[test]
+    fn zero_blocks_become_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::new(dir.path()).unwrap();
+        let mut data = vec![0u8; 3 * BLOCK + 100];
+        data[BLOCK + 5] = 1;
+        data[3 * BLOCK + 99] = 2;
+        let mut ing = Ingest { buf: Vec::new() };
+        let (fd, n) = ing
+            .read(&mut &data[..], data.len() as u64, true, Some(&mut spool))
+            .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(
+            fd.runs,
+            vec![
+                Run {
+                    lblk: 1,
+                    len: 1,
+                    src: 0
+                },
+                Run {
+                    lblk: 3,
+                    len: 1,
+                    src: BLOCK as u64
+                }
+            ]
+        );
+        assert_eq!(fd.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
+    }
+}
