@@ -1,20 +1,118 @@
 //! `umlctl image ...`: build, verify and read ext4 root filesystem images.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use umlctl_imgtools::build::{self, BuildOptions};
+use umlctl_imgtools::disk::{Disk, ViewDisk};
+use umlctl_imgtools::ext4::read::{Image, RawInode, ReadError};
 use umlctl_imgtools::ext4::{Headroom, Options};
-use umlctl_imgtools::manifest::Manifest;
+use umlctl_imgtools::manifest::{compare, Manifest};
+use umlctl_imgtools::verify;
 
 use crate::exit;
-use crate::fmt::human;
+use crate::fmt::{human, utc};
 use crate::progress::bar;
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
     /// Build an ext4 image from tar archives and directories (layered in order).
     Build(BuildArgs),
+    /// Check an image's structure and, with --manifest, every entry against a manifest.
+    Verify(VerifyArgs),
+    /// Print the manifest of an image (every path, its metadata and content digest).
+    Manifest(ManifestArgs),
+    /// Show an image's label, UUID, size, features and usage.
+    Info(InfoArgs),
+    /// List a directory of an image.
+    Ls(LsArgs),
+    /// Write a file of an image to stdout.
+    Cat(CatArgs),
+    /// Copy a file or directory tree out of an image.
+    Extract(ExtractArgs),
+    /// Compare two images (or manifests) entry by entry.
+    Diff(DiffArgs),
+}
+
+const IMG_HELP: &str = "IMG is an image file or a UML COW overlay; an overlay is read merged with its backing \
+file, as the guest sees the disk now.";
+
+#[derive(Args)]
+#[command(after_help = "Exit status: 0 when the image is sound (and matches the manifest), 1 when it is not \
+(each problem is listed), 125 when it cannot be read at all.")]
+pub struct VerifyArgs {
+    /// Image file or COW overlay.
+    img: PathBuf,
+    /// Compare every entry with this manifest (from `image build --manifest` or `image manifest`).
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = IMG_HELP)]
+pub struct ManifestArgs {
+    img: PathBuf,
+    /// Write to FILE instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(after_help = IMG_HELP)]
+pub struct InfoArgs {
+    img: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = IMG_HELP)]
+pub struct LsArgs {
+    img: PathBuf,
+    /// Directory in the image.
+    #[arg(default_value = "/")]
+    path: String,
+    /// Long format: mode, owner, size, mtime, name (-> target).
+    #[arg(short = 'l')]
+    long: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = IMG_HELP)]
+pub struct CatArgs {
+    img: PathBuf,
+    /// File in the image (symlinks are followed).
+    path: String,
+}
+
+#[derive(Args)]
+#[command(after_help = "IMG is an image file or a UML COW overlay. A file is written to DEST (or into DEST \
+when it is a directory); a directory is copied to DEST, which must not exist yet. Modes and times are kept; \
+owners, device nodes and attributes other than user.* only when run as root.")]
+pub struct ExtractArgs {
+    img: PathBuf,
+    /// File or directory in the image.
+    path: String,
+    /// Where to put it on the host.
+    dest: PathBuf,
+}
+
+#[derive(Args)]
+#[command(after_help = "A and B are images, COW overlays or manifest files (JSON). Exit status: 0 when they \
+hold the same entries, 1 when they differ, 125 on errors.")]
+pub struct DiffArgs {
+    a: PathBuf,
+    b: PathBuf,
+    /// Print the differences as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -67,6 +165,13 @@ pub struct BuildArgs {
 pub fn main(cmd: ImageCmd) -> u8 {
     let r = match cmd {
         ImageCmd::Build(a) => build_cmd(a),
+        ImageCmd::Verify(a) => verify_cmd(a),
+        ImageCmd::Manifest(a) => manifest_cmd(a),
+        ImageCmd::Info(a) => info_cmd(a),
+        ImageCmd::Ls(a) => ls_cmd(a),
+        ImageCmd::Cat(a) => cat_cmd(a),
+        ImageCmd::Extract(a) => extract_cmd(a),
+        ImageCmd::Diff(a) => diff_cmd(a),
     };
     match r {
         Ok(code) => code,
@@ -89,8 +194,7 @@ fn parse_headroom(s: &str) -> Result<Headroom, String> {
 }
 
 /// Write `text` to `path` so that it appears complete or not at all.
-fn write_atomic(path: &std::path::Path, text: &[u8]) -> Result<(), String> {
-    use std::io::Write;
+fn write_atomic(path: &Path, text: &[u8]) -> Result<(), String> {
     let f = build::AtomicFile::new(path).map_err(|e| format!("{}: create: {e}", path.display()))?;
     (&mut f.file())
         .write_all(text)
@@ -178,10 +282,426 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
     Ok(0)
 }
 
-#[allow(dead_code)]
 fn load_manifest(path: &std::path::Path) -> Result<Manifest, String> {
     let text =
         std::fs::read(path).map_err(|e| format!("{}: read manifest: {e}", path.display()))?;
     serde_json::from_slice(&text)
         .map_err(|e| format!("{}: not a umlctl manifest: {e}", path.display()))
+}
+
+type Img = Image<Disk>;
+
+fn open_image(path: &Path) -> Result<Img, String> {
+    let disk = Disk::open(path).map_err(|e| e.to_string())?;
+    Image::open(disk).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn view(path: &Path) -> Result<ext4_view::Ext4, String> {
+    let disk = Disk::open(path).map_err(|e| e.to_string())?;
+    ext4_view::Ext4::load(Box::new(ViewDisk(Arc::new(disk)))).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn abs(p: &str) -> String {
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("/{p}")
+    }
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<u8, String> {
+    let start = std::time::Instant::now();
+    let expected = a.manifest.as_deref().map(load_manifest).transpose()?;
+    let img = open_image(&a.img)?;
+    let err = |e: ReadError| format!("{}: {e}", a.img.display());
+    let w = verify::walk(&img).map_err(err)?;
+    let mut problems = verify::check(&img, &w).map_err(err)?;
+    let mut differences = Vec::new();
+    let mut content = 0u64;
+    if let Some(m) = &expected {
+        if !m.digest_ok() {
+            problems.push(format!(
+                "{}: the manifest's digest does not match its entries (it was edited or damaged)",
+                a.manifest.as_deref().unwrap_or(Path::new("")).display()
+            ));
+        }
+        let actual = verify::manifest(&img, &w, true).map_err(err)?;
+        content = actual.entries.iter().filter(|e| e.kind == "file").map(|e| e.size).sum();
+        differences = compare(m, &actual);
+    }
+    let ok = problems.is_empty() && differences.is_empty();
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        let v = serde_json::json!({
+            "image": a.img,
+            "ok": ok,
+            "entries": w.entries.len(),
+            "content_bytes": content,
+            "seconds": secs,
+            "problems": problems,
+            "differences": differences,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for p in &problems {
+            println!("problem: {p}");
+        }
+        for d in &differences {
+            println!("differs: {d}");
+        }
+        if img.sb.compat & 0x10 != 0 {
+            println!("note: block ownership not checked (resize_inode images keep reserved descriptor blocks)");
+        }
+        let what = if expected.is_some() { "structure and manifest" } else { "structure" };
+        if ok {
+            println!(
+                "{}: {what} OK ({} entries{})",
+                a.img.display(),
+                w.entries.len(),
+                if expected.is_some() { format!(", {} of content checked", human(content)) } else { String::new() }
+            );
+        } else if expected.is_some() {
+            println!(
+                "{}: {} problem(s), {} difference(s) from the manifest",
+                a.img.display(),
+                problems.len(),
+                differences.len()
+            );
+        } else {
+            println!("{}: {} problem(s)", a.img.display(), problems.len());
+        }
+    }
+    Ok(if ok { 0 } else { exit::CHECK_FAILED })
+}
+
+fn image_manifest(path: &Path) -> Result<Manifest, String> {
+    let img = open_image(path)?;
+    let err = |e: ReadError| format!("{}: {e}", path.display());
+    let w = verify::walk(&img).map_err(err)?;
+    verify::manifest(&img, &w, true).map_err(err)
+}
+
+fn manifest_cmd(a: ManifestArgs) -> Result<u8, String> {
+    let m = image_manifest(&a.img)?;
+    let text = serde_json::to_vec_pretty(&m).map_err(|e| e.to_string())?;
+    match &a.output {
+        Some(p) => write_atomic(p, &text)?,
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&text).and_then(|_| out.write_all(b"\n")).map_err(|e| format!("stdout: {e}"))?;
+        }
+    }
+    Ok(0)
+}
+
+fn info_cmd(a: InfoArgs) -> Result<u8, String> {
+    let img = open_image(&a.img)?;
+    let sb = &img.sb;
+    let bs = sb.block_size as u64;
+    let uuid = build::uuid_string(&sb.uuid);
+    let used_blocks = sb.blocks - sb.free_blocks;
+    let used_inodes = sb.inodes - sb.free_inodes;
+    let overlay = img.reader().overlay().map(|c| c.header.backing.clone());
+    if a.json {
+        let v = serde_json::json!({
+            "image": a.img,
+            "overlay_of": overlay,
+            "label": sb.label,
+            "uuid": uuid,
+            "size": sb.blocks * bs,
+            "block_size": bs,
+            "blocks": sb.blocks,
+            "free_blocks": sb.free_blocks,
+            "inodes": sb.inodes,
+            "free_inodes": sb.free_inodes,
+            "features": sb.feature_names(),
+            "created": sb.mkfs_time,
+            "written": sb.write_time,
+            "clean": sb.state & 1 != 0,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("image:    {}", a.img.display());
+        if let Some(b) = overlay {
+            println!("overlay:  read merged with {}", b.display());
+        }
+        println!("label:    {}", if sb.label.is_empty() { "(none)" } else { &sb.label });
+        println!("uuid:     {uuid}");
+        println!("size:     {} ({} blocks of {bs})", human(sb.blocks * bs), sb.blocks);
+        println!("used:     {} of blocks, {} free", human(used_blocks * bs), human(sb.free_blocks * bs));
+        println!("inodes:   {used_inodes} used of {}", sb.inodes);
+        println!("features: {}", sb.feature_names().join(" "));
+        println!("created:  {}", utc(sb.mkfs_time as i64));
+        println!("state:    {}", if sb.state & 1 != 0 { "clean" } else { "not clean (mounted, or needs e2fsck)" });
+    }
+    Ok(0)
+}
+
+fn type_char(t: ext4_view::FileType) -> char {
+    if t.is_dir() {
+        'd'
+    } else if t.is_symlink() {
+        'l'
+    } else if t.is_char_dev() {
+        'c'
+    } else if t.is_block_dev() {
+        'b'
+    } else if t.is_fifo() {
+        'p'
+    } else if t.is_socket() {
+        's'
+    } else {
+        '-'
+    }
+}
+
+fn mode_string(t: ext4_view::FileType, mode: u16) -> String {
+    let mut s = String::new();
+    s.push(type_char(t));
+    let bits = [(0o400, 'r'), (0o200, 'w'), (0o100, 'x'), (0o40, 'r'), (0o20, 'w'), (0o10, 'x'), (0o4, 'r'), (0o2, 'w'), (0o1, 'x')];
+    for (i, (bit, c)) in bits.iter().enumerate() {
+        let set = mode & bit != 0;
+        let special = match i {
+            2 => mode & 0o4000 != 0,
+            5 => mode & 0o2000 != 0,
+            8 => mode & 0o1000 != 0,
+            _ => false,
+        };
+        s.push(match (special, set, i) {
+            (true, true, 8) => 't',
+            (true, false, 8) => 'T',
+            (true, true, _) => 's',
+            (true, false, _) => 'S',
+            (false, true, _) => *c,
+            (false, false, _) => '-',
+        });
+    }
+    s
+}
+
+fn ls_cmd(a: LsArgs) -> Result<u8, String> {
+    let fs = view(&a.img)?;
+    let path = abs(&a.path);
+    let err = |e: ext4_view::Ext4Error| format!("{}:{path}: {e}", a.img.display());
+    let md = fs.symlink_metadata(path.as_str()).map_err(err)?;
+    let mut rows: Vec<(Vec<u8>, Option<ext4_view::Metadata>, Option<Vec<u8>>)> = Vec::new();
+    if md.is_dir() {
+        for e in fs.read_dir(path.as_str()).map_err(err)? {
+            let e = e.map_err(err)?;
+            let name = e.file_name().as_ref().to_vec();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let m = if a.long { Some(e.metadata().map_err(err)?) } else { None };
+            let target = match &m {
+                Some(m) if m.is_symlink() => Some(fs.read_link(&e.path()).map_err(err)?.as_ref().to_vec()),
+                _ => None,
+            };
+            rows.push((name, m, target));
+        }
+        rows.sort_by(|x, y| x.0.cmp(&y.0));
+    } else {
+        let target = if md.is_symlink() { Some(fs.read_link(path.as_str()).map_err(err)?.as_ref().to_vec()) } else { None };
+        rows.push((path.as_bytes().to_vec(), Some(md), target));
+    }
+    let mut out = std::io::stdout().lock();
+    for (name, m, target) in rows {
+        let mut line = Vec::new();
+        if let (true, Some(m)) = (a.long, m) {
+            let t = m.modified();
+            line.extend_from_slice(
+                format!(
+                    "{} {:>6} {:>6} {:>12} {} ",
+                    mode_string(m.file_type(), m.mode()),
+                    m.uid(),
+                    m.gid(),
+                    m.len(),
+                    utc(t.seconds())
+                )
+                .as_bytes(),
+            );
+        }
+        line.extend_from_slice(&name);
+        if let (true, Some(t)) = (a.long, target) {
+            line.extend_from_slice(b" -> ");
+            line.extend_from_slice(&t);
+        }
+        line.push(b'\n');
+        if out.write_all(&line).is_err() {
+            return Ok(0);
+        }
+    }
+    Ok(0)
+}
+
+fn cat_cmd(a: CatArgs) -> Result<u8, String> {
+    let fs = view(&a.img)?;
+    let path = abs(&a.path);
+    let mut f = fs.open(path.as_str()).map_err(|e| format!("{}:{path}: {e}", a.img.display()))?;
+    let mut out = std::io::stdout().lock();
+    match std::io::copy(&mut f, &mut out) {
+        Ok(_) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(format!("{}:{path}: {e}", a.img.display())),
+    }
+}
+
+fn extract_cmd(a: ExtractArgs) -> Result<u8, String> {
+    let img = open_image(&a.img)?;
+    let rel = a.path.trim_start_matches('/').as_bytes().to_vec();
+    let err = |e: ReadError| format!("{}: {e}", a.img.display());
+    let node = img.lookup(&rel).map_err(err)?.ok_or_else(|| format!("{}: {} does not exist in the image", a.img.display(), abs(&a.path)))?;
+    let mut dest = a.dest.clone();
+    if !node.is_dir() && dest.is_dir() {
+        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(b"file");
+        dest.push(std::ffi::OsStr::from_bytes(name));
+    } else if node.is_dir() && dest.exists() {
+        return Err(format!("{}: already exists; give a new directory to extract {} into", dest.display(), abs(&a.path)));
+    }
+    let mut x = Extractor { img: &img, root: unsafe_is_root(), warnings: 0, dirs: Vec::new() };
+    x.extract(&node, &dest)?;
+    // Directory times last, after their contents were written.
+    for (p, t) in std::mem::take(&mut x.dirs).into_iter().rev() {
+        set_times(&p, t);
+    }
+    Ok(if x.warnings > 0 { exit::CHECK_FAILED } else { 0 })
+}
+
+fn unsafe_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn set_times(p: &Path, t: umlctl_imgtools::tree::Time) {
+    let ts = libc::timespec { tv_sec: t.sec as libc::time_t, tv_nsec: t.nsec as libc::c_long };
+    let times = [ts, ts];
+    if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) {
+        // SAFETY: c is NUL-terminated and times points at two timespecs.
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    }
+}
+
+struct Extractor<'a> {
+    img: &'a Img,
+    root: bool,
+    warnings: u32,
+    dirs: Vec<(PathBuf, umlctl_imgtools::tree::Time)>,
+}
+
+impl Extractor<'_> {
+    fn warn(&mut self, msg: String) {
+        eprintln!("umlctl: warning: {msg}");
+        self.warnings += 1;
+    }
+
+    fn extract(&mut self, node: &RawInode, dest: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let ioerr = |op: &str, e: std::io::Error| format!("{}: {op}: {e}", dest.display());
+        let rerr = |e: ReadError| format!("{}: {e}", self.img.reader().overlay().map(|c| c.path.display().to_string()).unwrap_or_default());
+        let c = std::ffi::CString::new(dest.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+        match node.kind_name() {
+            "dir" => {
+                std::fs::create_dir(dest).map_err(|e| ioerr("create directory", e))?;
+                let mut children = self.img.read_dir(node).map_err(rerr)?;
+                children.sort();
+                for (name, ino, _) in children {
+                    if name == b"." || name == b".." {
+                        continue;
+                    }
+                    let child = self.img.inode(ino).map_err(rerr)?;
+                    self.extract(&child, &dest.join(std::ffi::OsStr::from_bytes(&name)))?;
+                }
+                self.dirs.push((dest.to_path_buf(), node.mtime));
+            }
+            "file" => {
+                let mut f = std::fs::File::create(dest).map_err(|e| ioerr("create", e))?;
+                let mut werr = None;
+                self.img
+                    .read_file(node, &mut |chunk| {
+                        if werr.is_none() {
+                            if let Err(e) = f.write_all(chunk) {
+                                werr = Some(e);
+                            }
+                        }
+                    })
+                    .map_err(rerr)?;
+                if let Some(e) = werr {
+                    return Err(ioerr("write", e));
+                }
+            }
+            "symlink" => {
+                let t = self.img.symlink_target(node).map_err(rerr)?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), dest).map_err(|e| ioerr("create symlink", e))?;
+            }
+            kind @ ("char" | "block" | "fifo" | "socket") => {
+                let (maj, min) = node.rdev();
+                let fmt = match kind {
+                    "char" => libc::S_IFCHR,
+                    "block" => libc::S_IFBLK,
+                    "fifo" => libc::S_IFIFO,
+                    _ => libc::S_IFSOCK,
+                };
+                if kind != "fifo" && !self.root {
+                    self.warn(format!("{}: skipped a {kind} (creating one needs root)", dest.display()));
+                    return Ok(());
+                }
+                // SAFETY: c is NUL-terminated.
+                let r = unsafe { libc::mknod(c.as_ptr(), fmt | 0o600, libc::makedev(maj, min)) };
+                if r != 0 {
+                    return Err(ioerr("create node", std::io::Error::last_os_error()));
+                }
+            }
+            other => return Err(format!("{}: cannot extract an inode of type {other}", dest.display())),
+        }
+        if self.root {
+            // SAFETY: c is NUL-terminated.
+            if unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) } != 0 {
+                self.warn(format!("{}: chown: {}", dest.display(), std::io::Error::last_os_error()));
+            }
+        }
+        if !node.is_symlink() {
+            std::fs::set_permissions(dest, std::fs::Permissions::from_mode((node.mode & 0o7777) as u32))
+                .map_err(|e| ioerr("chmod", e))?;
+        }
+        for (name, value) in self.img.xattrs(node).map_err(rerr)? {
+            if !self.root && !name.starts_with(b"user.") {
+                continue;
+            }
+            let n = std::ffi::CString::new(name.clone()).map_err(|e| e.to_string())?;
+            // SAFETY: both strings are NUL-terminated; value is a valid buffer.
+            let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+            if r != 0 {
+                self.warn(format!("{}: set attribute {}: {}", dest.display(), String::from_utf8_lossy(&name), std::io::Error::last_os_error()));
+            }
+        }
+        if !node.is_dir() {
+            set_times(dest, node.mtime);
+        }
+        Ok(())
+    }
+}
+
+fn load_any(p: &Path) -> Result<Manifest, String> {
+    let mut head = [0u8; 1];
+    let mut f = std::fs::File::open(p).map_err(|e| format!("{}: open: {e}", p.display()))?;
+    let n = std::io::Read::read(&mut f, &mut head).map_err(|e| format!("{}: read: {e}", p.display()))?;
+    if n == 1 && head[0] == b'{' {
+        load_manifest(p)
+    } else {
+        image_manifest(p)
+    }
+}
+
+fn diff_cmd(a: DiffArgs) -> Result<u8, String> {
+    let x = load_any(&a.a)?;
+    let y = load_any(&a.b)?;
+    let d = compare(&x, &y);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+    } else {
+        for diff in &d {
+            println!("{diff}");
+        }
+    }
+    Ok(if d.is_empty() { 0 } else { exit::CHECK_FAILED })
 }

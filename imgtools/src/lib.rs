@@ -15,8 +15,10 @@
 
 pub mod build;
 pub mod cow;
+pub mod disk;
 pub mod ext4;
 pub mod manifest;
 pub mod progress;
 pub mod source;
 pub mod tree;
+pub mod verify;

@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod hash;
+pub mod read;
 mod write;
 pub mod xattr;
 
