@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 # user-mode-linux: the kernel; e2fsprogs: mke2fs/e2fsck oracles; busybox-static:
 # test images; uml-utilities: uml_mkcow/uml_moo/uml_mconsole oracles;
-# iproute2: network namespaces; util-linux: setpriv for the unprivileged case.
-ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux
+# iproute2: network namespaces; util-linux: setpriv for the unprivileged case;
+# attr, acl, libcap2-bin, python3, tar: the image tests make trees with
+# xattrs, ACLs, file capabilities and crafted archives.
+ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
+  attr acl libcap2-bin python3 tar
 ensure_cargo
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.
 cargo build --workspace --locked

@@ -37,12 +37,15 @@ pub enum ImageCmd {
     Diff(DiffArgs),
 }
 
-const IMG_HELP: &str = "IMG is an image file or a UML COW overlay; an overlay is read merged with its backing \
+const IMG_HELP: &str =
+    "IMG is an image file or a UML COW overlay; an overlay is read merged with its backing \
 file, as the guest sees the disk now.";
 
 #[derive(Args)]
-#[command(after_help = "Exit status: 0 when the image is sound (and matches the manifest), 1 when it is not \
-(each problem is listed), 125 when it cannot be read at all.")]
+#[command(
+    after_help = "Exit status: 0 when the image is sound (and matches the manifest), 1 when it is not \
+(each problem is listed), 125 when it cannot be read at all."
+)]
 pub struct VerifyArgs {
     /// Image file or COW overlay.
     img: PathBuf,
@@ -93,9 +96,11 @@ pub struct CatArgs {
 }
 
 #[derive(Args)]
-#[command(after_help = "IMG is an image file or a UML COW overlay. A file is written to DEST (or into DEST \
+#[command(
+    after_help = "IMG is an image file or a UML COW overlay. A file is written to DEST (or into DEST \
 when it is a directory); a directory is copied to DEST, which must not exist yet. Modes and times are kept; \
-owners, device nodes and attributes other than user.* only when run as root.")]
+owners, device nodes and attributes other than user.* only when run as root."
+)]
 pub struct ExtractArgs {
     img: PathBuf,
     /// File or directory in the image.
@@ -105,8 +110,10 @@ pub struct ExtractArgs {
 }
 
 #[derive(Args)]
-#[command(after_help = "A and B are images, COW overlays or manifest files (JSON). Exit status: 0 when they \
-hold the same entries, 1 when they differ, 125 on errors.")]
+#[command(
+    after_help = "A and B are images, COW overlays or manifest files (JSON). Exit status: 0 when they \
+hold the same entries, 1 when they differ, 125 on errors."
+)]
 pub struct DiffArgs {
     a: PathBuf,
     b: PathBuf,
@@ -298,7 +305,8 @@ fn open_image(path: &Path) -> Result<Img, String> {
 
 fn view(path: &Path) -> Result<ext4_view::Ext4, String> {
     let disk = Disk::open(path).map_err(|e| e.to_string())?;
-    ext4_view::Ext4::load(Box::new(ViewDisk(Arc::new(disk)))).map_err(|e| format!("{}: {e}", path.display()))
+    ext4_view::Ext4::load(Box::new(ViewDisk(Arc::new(disk))))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn abs(p: &str) -> String {
@@ -326,7 +334,12 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8, String> {
             ));
         }
         let actual = verify::manifest(&img, &w, true).map_err(err)?;
-        content = actual.entries.iter().filter(|e| e.kind == "file").map(|e| e.size).sum();
+        content = actual
+            .entries
+            .iter()
+            .filter(|e| e.kind == "file")
+            .map(|e| e.size)
+            .sum();
         differences = compare(m, &actual);
     }
     let ok = problems.is_empty() && differences.is_empty();
@@ -352,13 +365,21 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8, String> {
         if img.sb.compat & 0x10 != 0 {
             println!("note: block ownership not checked (resize_inode images keep reserved descriptor blocks)");
         }
-        let what = if expected.is_some() { "structure and manifest" } else { "structure" };
+        let what = if expected.is_some() {
+            "structure and manifest"
+        } else {
+            "structure"
+        };
         if ok {
             println!(
                 "{}: {what} OK ({} entries{})",
                 a.img.display(),
                 w.entries.len(),
-                if expected.is_some() { format!(", {} of content checked", human(content)) } else { String::new() }
+                if expected.is_some() {
+                    format!(", {} of content checked", human(content))
+                } else {
+                    String::new()
+                }
             );
         } else if expected.is_some() {
             println!(
@@ -388,7 +409,9 @@ fn manifest_cmd(a: ManifestArgs) -> Result<u8, String> {
         Some(p) => write_atomic(p, &text)?,
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&text).and_then(|_| out.write_all(b"\n")).map_err(|e| format!("stdout: {e}"))?;
+            out.write_all(&text)
+                .and_then(|_| out.write_all(b"\n"))
+                .map_err(|e| format!("stdout: {e}"))?;
         }
     }
     Ok(0)
@@ -425,14 +448,36 @@ fn info_cmd(a: InfoArgs) -> Result<u8, String> {
         if let Some(b) = overlay {
             println!("overlay:  read merged with {}", b.display());
         }
-        println!("label:    {}", if sb.label.is_empty() { "(none)" } else { &sb.label });
+        println!(
+            "label:    {}",
+            if sb.label.is_empty() {
+                "(none)"
+            } else {
+                &sb.label
+            }
+        );
         println!("uuid:     {uuid}");
-        println!("size:     {} ({} blocks of {bs})", human(sb.blocks * bs), sb.blocks);
-        println!("used:     {} of blocks, {} free", human(used_blocks * bs), human(sb.free_blocks * bs));
+        println!(
+            "size:     {} ({} blocks of {bs})",
+            human(sb.blocks * bs),
+            sb.blocks
+        );
+        println!(
+            "used:     {} of blocks, {} free",
+            human(used_blocks * bs),
+            human(sb.free_blocks * bs)
+        );
         println!("inodes:   {used_inodes} used of {}", sb.inodes);
         println!("features: {}", sb.feature_names().join(" "));
         println!("created:  {}", utc(sb.mkfs_time as i64));
-        println!("state:    {}", if sb.state & 1 != 0 { "clean" } else { "not clean (mounted, or needs e2fsck)" });
+        println!(
+            "state:    {}",
+            if sb.state & 1 != 0 {
+                "clean"
+            } else {
+                "not clean (mounted, or needs e2fsck)"
+            }
+        );
     }
     Ok(0)
 }
@@ -458,7 +503,17 @@ fn type_char(t: ext4_view::FileType) -> char {
 fn mode_string(t: ext4_view::FileType, mode: u16) -> String {
     let mut s = String::new();
     s.push(type_char(t));
-    let bits = [(0o400, 'r'), (0o200, 'w'), (0o100, 'x'), (0o40, 'r'), (0o20, 'w'), (0o10, 'x'), (0o4, 'r'), (0o2, 'w'), (0o1, 'x')];
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o40, 'r'),
+        (0o20, 'w'),
+        (0o10, 'x'),
+        (0o4, 'r'),
+        (0o2, 'w'),
+        (0o1, 'x'),
+    ];
     for (i, (bit, c)) in bits.iter().enumerate() {
         let set = mode & bit != 0;
         let special = match i {
@@ -492,16 +547,26 @@ fn ls_cmd(a: LsArgs) -> Result<u8, String> {
             if name == b"." || name == b".." {
                 continue;
             }
-            let m = if a.long { Some(e.metadata().map_err(err)?) } else { None };
+            let m = if a.long {
+                Some(e.metadata().map_err(err)?)
+            } else {
+                None
+            };
             let target = match &m {
-                Some(m) if m.is_symlink() => Some(fs.read_link(&e.path()).map_err(err)?.as_ref().to_vec()),
+                Some(m) if m.is_symlink() => {
+                    Some(fs.read_link(&e.path()).map_err(err)?.as_ref().to_vec())
+                }
                 _ => None,
             };
             rows.push((name, m, target));
         }
         rows.sort_by(|x, y| x.0.cmp(&y.0));
     } else {
-        let target = if md.is_symlink() { Some(fs.read_link(path.as_str()).map_err(err)?.as_ref().to_vec()) } else { None };
+        let target = if md.is_symlink() {
+            Some(fs.read_link(path.as_str()).map_err(err)?.as_ref().to_vec())
+        } else {
+            None
+        };
         rows.push((path.as_bytes().to_vec(), Some(md), target));
     }
     let mut out = std::io::stdout().lock();
@@ -537,7 +602,9 @@ fn ls_cmd(a: LsArgs) -> Result<u8, String> {
 fn cat_cmd(a: CatArgs) -> Result<u8, String> {
     let fs = view(&a.img)?;
     let path = abs(&a.path);
-    let mut f = fs.open(path.as_str()).map_err(|e| format!("{}:{path}: {e}", a.img.display()))?;
+    let mut f = fs
+        .open(path.as_str())
+        .map_err(|e| format!("{}:{path}: {e}", a.img.display()))?;
     let mut out = std::io::stdout().lock();
     match std::io::copy(&mut f, &mut out) {
         Ok(_) => Ok(0),
@@ -550,21 +617,40 @@ fn extract_cmd(a: ExtractArgs) -> Result<u8, String> {
     let img = open_image(&a.img)?;
     let rel = a.path.trim_start_matches('/').as_bytes().to_vec();
     let err = |e: ReadError| format!("{}: {e}", a.img.display());
-    let node = img.lookup(&rel).map_err(err)?.ok_or_else(|| format!("{}: {} does not exist in the image", a.img.display(), abs(&a.path)))?;
+    let node = img.lookup(&rel).map_err(err)?.ok_or_else(|| {
+        format!(
+            "{}: {} does not exist in the image",
+            a.img.display(),
+            abs(&a.path)
+        )
+    })?;
     let mut dest = a.dest.clone();
     if !node.is_dir() && dest.is_dir() {
         let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(b"file");
         dest.push(std::ffi::OsStr::from_bytes(name));
     } else if node.is_dir() && dest.exists() {
-        return Err(format!("{}: already exists; give a new directory to extract {} into", dest.display(), abs(&a.path)));
+        return Err(format!(
+            "{}: already exists; give a new directory to extract {} into",
+            dest.display(),
+            abs(&a.path)
+        ));
     }
-    let mut x = Extractor { img: &img, root: unsafe_is_root(), warnings: 0, dirs: Vec::new() };
+    let mut x = Extractor {
+        img: &img,
+        root: unsafe_is_root(),
+        warnings: 0,
+        dirs: Vec::new(),
+    };
     x.extract(&node, &dest)?;
     // Directory times last, after their contents were written.
     for (p, t) in std::mem::take(&mut x.dirs).into_iter().rev() {
         set_times(&p, t);
     }
-    Ok(if x.warnings > 0 { exit::CHECK_FAILED } else { 0 })
+    Ok(if x.warnings > 0 {
+        exit::CHECK_FAILED
+    } else {
+        0
+    })
 }
 
 fn unsafe_is_root() -> bool {
@@ -573,11 +659,21 @@ fn unsafe_is_root() -> bool {
 }
 
 fn set_times(p: &Path, t: umlctl_imgtools::tree::Time) {
-    let ts = libc::timespec { tv_sec: t.sec as libc::time_t, tv_nsec: t.nsec as libc::c_long };
+    let ts = libc::timespec {
+        tv_sec: t.sec as libc::time_t,
+        tv_nsec: t.nsec as libc::c_long,
+    };
     let times = [ts, ts];
     if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) {
         // SAFETY: c is NUL-terminated and times points at two timespecs.
-        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+        unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
     }
 }
 
@@ -597,7 +693,16 @@ impl Extractor<'_> {
     fn extract(&mut self, node: &RawInode, dest: &Path) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let ioerr = |op: &str, e: std::io::Error| format!("{}: {op}: {e}", dest.display());
-        let rerr = |e: ReadError| format!("{}: {e}", self.img.reader().overlay().map(|c| c.path.display().to_string()).unwrap_or_default());
+        let rerr = |e: ReadError| {
+            format!(
+                "{}: {e}",
+                self.img
+                    .reader()
+                    .overlay()
+                    .map(|c| c.path.display().to_string())
+                    .unwrap_or_default()
+            )
+        };
         let c = std::ffi::CString::new(dest.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
         match node.kind_name() {
             "dir" => {
@@ -631,7 +736,8 @@ impl Extractor<'_> {
             }
             "symlink" => {
                 let t = self.img.symlink_target(node).map_err(rerr)?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), dest).map_err(|e| ioerr("create symlink", e))?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), dest)
+                    .map_err(|e| ioerr("create symlink", e))?;
             }
             kind @ ("char" | "block" | "fifo" | "socket") => {
                 let (maj, min) = node.rdev();
@@ -642,7 +748,10 @@ impl Extractor<'_> {
                     _ => libc::S_IFSOCK,
                 };
                 if kind != "fifo" && !self.root {
-                    self.warn(format!("{}: skipped a {kind} (creating one needs root)", dest.display()));
+                    self.warn(format!(
+                        "{}: skipped a {kind} (creating one needs root)",
+                        dest.display()
+                    ));
                     return Ok(());
                 }
                 // SAFETY: c is NUL-terminated.
@@ -651,17 +760,29 @@ impl Extractor<'_> {
                     return Err(ioerr("create node", std::io::Error::last_os_error()));
                 }
             }
-            other => return Err(format!("{}: cannot extract an inode of type {other}", dest.display())),
+            other => {
+                return Err(format!(
+                    "{}: cannot extract an inode of type {other}",
+                    dest.display()
+                ))
+            }
         }
         if self.root {
             // SAFETY: c is NUL-terminated.
             if unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) } != 0 {
-                self.warn(format!("{}: chown: {}", dest.display(), std::io::Error::last_os_error()));
+                self.warn(format!(
+                    "{}: chown: {}",
+                    dest.display(),
+                    std::io::Error::last_os_error()
+                ));
             }
         }
         if !node.is_symlink() {
-            std::fs::set_permissions(dest, std::fs::Permissions::from_mode((node.mode & 0o7777) as u32))
-                .map_err(|e| ioerr("chmod", e))?;
+            std::fs::set_permissions(
+                dest,
+                std::fs::Permissions::from_mode((node.mode & 0o7777) as u32),
+            )
+            .map_err(|e| ioerr("chmod", e))?;
         }
         for (name, value) in self.img.xattrs(node).map_err(rerr)? {
             if !self.root && !name.starts_with(b"user.") {
@@ -669,9 +790,22 @@ impl Extractor<'_> {
             }
             let n = std::ffi::CString::new(name.clone()).map_err(|e| e.to_string())?;
             // SAFETY: both strings are NUL-terminated; value is a valid buffer.
-            let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+            let r = unsafe {
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
             if r != 0 {
-                self.warn(format!("{}: set attribute {}: {}", dest.display(), String::from_utf8_lossy(&name), std::io::Error::last_os_error()));
+                self.warn(format!(
+                    "{}: set attribute {}: {}",
+                    dest.display(),
+                    String::from_utf8_lossy(&name),
+                    std::io::Error::last_os_error()
+                ));
             }
         }
         if !node.is_dir() {
@@ -684,7 +818,8 @@ impl Extractor<'_> {
 fn load_any(p: &Path) -> Result<Manifest, String> {
     let mut head = [0u8; 1];
     let mut f = std::fs::File::open(p).map_err(|e| format!("{}: open: {e}", p.display()))?;
-    let n = std::io::Read::read(&mut f, &mut head).map_err(|e| format!("{}: read: {e}", p.display()))?;
+    let n = std::io::Read::read(&mut f, &mut head)
+        .map_err(|e| format!("{}: read: {e}", p.display()))?;
     if n == 1 && head[0] == b'{' {
         load_manifest(p)
     } else {

@@ -5,7 +5,9 @@
 use std::io::Read;
 
 fn main() {
-    let path = std::env::args().nth(1).expect("usage: tarparse FILE.tar.gz");
+    let path = std::env::args()
+        .nth(1)
+        .expect("usage: tarparse FILE.tar.gz");
     let f = std::fs::File::open(&path).expect("open");
     let gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, f));
     let mut ar = tar::Archive::new(gz);

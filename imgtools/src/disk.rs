@@ -19,7 +19,10 @@ pub enum Disk {
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("{path}: open: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Cow(#[from] CowError),
 }
@@ -33,7 +36,10 @@ impl Disk {
                 Ok(Disk::Overlay { cow, backing })
             }
             Err(CowError::NotCow { .. }) => {
-                let f = File::open(path).map_err(|source| DiskError::Open { path: path.into(), source })?;
+                let f = File::open(path).map_err(|source| DiskError::Open {
+                    path: path.into(),
+                    source,
+                })?;
                 Ok(Disk::Raw(f))
             }
             Err(e) => Err(e.into()),
@@ -53,7 +59,9 @@ impl ReadAt for Disk {
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         match self {
             Disk::Raw(f) => f.read_at(buf, off),
-            Disk::Overlay { cow, backing } => cow.read_merged(backing, off, buf).map_err(std::io::Error::other),
+            Disk::Overlay { cow, backing } => cow
+                .read_merged(backing, off, buf)
+                .map_err(std::io::Error::other),
         }
     }
 }
@@ -63,7 +71,13 @@ impl ReadAt for Disk {
 pub struct ViewDisk(pub Arc<Disk>);
 
 impl ext4_view::Ext4Read for ViewDisk {
-    fn read(&mut self, start_byte: u64, dst: &mut [u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        self.0.read_at(dst, start_byte).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        self.0
+            .read_at(dst, start_byte)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     }
 }

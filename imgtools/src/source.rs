@@ -342,6 +342,95 @@ fn pax_time(v: &str) -> Option<Time> {
     })
 }
 
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+/// Parse PAX records (`LEN key=value\n`, LEN counting the whole record),
+/// binary-safe. `None` when malformed.
+fn parse_pax(data: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p < data.len() {
+        if data[p..].iter().all(|&b| b == 0) {
+            break;
+        }
+        let sp = p + data[p..].iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&data[p..sp]).ok()?.parse().ok()?;
+        let end = p.checked_add(len)?;
+        if end > data.len() || end <= sp + 1 || data[end - 1] != b'\n' {
+            return None;
+        }
+        let rec = &data[sp + 1..end - 1];
+        let eq = rec.iter().position(|&b| b == b'=')?;
+        out.push((rec[..eq].to_vec(), rec[eq + 1..].to_vec()));
+        p = end;
+    }
+    Some(out)
+}
+
+/// A POSIX ACL in `getfacl` text form (as GNU tar's SCHILY.acl.* records
+/// hold it) to the VFS binary form. Names are resolved on this host.
+fn acl_from_text(text: &[u8]) -> Result<Vec<u8>, String> {
+    let text = std::str::from_utf8(text).map_err(|_| "not UTF-8".to_string())?;
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for entry in text
+        .split(['\n', ','])
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let parts: Vec<&str> = entry.split(':').collect();
+        if parts.len() < 3 {
+            return Err(format!("bad ACL entry {entry:?}"));
+        }
+        let (kind, qual, perms) = (parts[0], parts[1], parts[2]);
+        let mut perm = 0u16;
+        for (c, bit) in perms.chars().zip([4u16, 2, 1]) {
+            if c != '-' {
+                perm |= bit;
+            }
+        }
+        let lookup = |is_user: bool| -> Result<u32, String> {
+            if let Ok(n) = qual.parse() {
+                return Ok(n);
+            }
+            let c = CString::new(qual).map_err(|_| format!("bad name in {entry:?}"))?;
+            // SAFETY: c is NUL-terminated; the returned pointers are only read at once.
+            let id = unsafe {
+                if is_user {
+                    let pw = libc::getpwnam(c.as_ptr());
+                    (!pw.is_null()).then(|| (*pw).pw_uid)
+                } else {
+                    let gr = libc::getgrnam(c.as_ptr());
+                    (!gr.is_null()).then(|| (*gr).gr_gid)
+                }
+            };
+            id.ok_or_else(|| {
+                format!(
+                    "{} {qual:?} of ACL entry {entry:?} is unknown on this host",
+                    if is_user { "user" } else { "group" }
+                )
+            })
+        };
+        let (tag, id) = match (kind, qual.is_empty()) {
+            ("user" | "u", true) => (0x01u16, u32::MAX),
+            ("user" | "u", false) => (0x02, lookup(true)?),
+            ("group" | "g", true) => (0x04, u32::MAX),
+            ("group" | "g", false) => (0x08, lookup(false)?),
+            ("mask" | "m", _) => (0x10, u32::MAX),
+            ("other" | "o", _) => (0x20, u32::MAX),
+            _ => return Err(format!("bad ACL entry {entry:?}")),
+        };
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    Ok(out)
+}
+
 fn llistxattr(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
@@ -496,13 +585,57 @@ impl<'p> Builder<'p> {
         let mut last = 0u64;
         let mut stats = Stats::default();
         let mut ar = tar::Archive::new(reader);
-        let entries = ar.entries().map_err(|e| self.stream_error(path, e))?;
+        // Raw mode: the tar crate's own PAX parser splits records at newlines
+        // and so loses values that contain one (text ACLs, binary xattrs);
+        // PAX records and GNU long names are handled here instead.
+        let entries = ar
+            .entries()
+            .map_err(|e| self.stream_error(path, e))?
+            .raw(true);
+        let mut pax: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
         for entry in entries {
             let mut e = entry.map_err(|e| self.stream_error(path, e))?;
             let now = counter.load(std::sync::atomic::Ordering::Relaxed);
             self.progress.advance(now.saturating_sub(last));
             last = now;
-            let raw_path = e.path_bytes().into_owned();
+            let header = e.header().clone();
+            let etype = header.entry_type();
+            if etype.is_pax_local_extensions()
+                || etype.is_pax_global_extensions()
+                || etype.is_gnu_longname()
+                || etype.is_gnu_longlink()
+            {
+                let mut data = Vec::new();
+                e.read_to_end(&mut data)
+                    .map_err(|err| self.stream_error(path, err))?;
+                if etype.is_pax_local_extensions() {
+                    pax = Some(parse_pax(&data).ok_or_else(|| SourceError::Format {
+                        path: path.into(),
+                        why: "malformed PAX extended header".into(),
+                    })?);
+                } else if etype.is_gnu_longname() {
+                    long_name = Some(trim_nul(data));
+                } else if etype.is_gnu_longlink() {
+                    long_link = Some(trim_nul(data));
+                }
+                continue;
+            }
+            let records = pax.take().unwrap_or_default();
+            let rec = |k: &[u8]| {
+                records
+                    .iter()
+                    .rev()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| v.clone())
+            };
+            let raw_path = rec(b"path")
+                .or(long_name.take())
+                .unwrap_or_else(|| header.path_bytes().into_owned());
+            let link_name = rec(b"linkpath")
+                .or(long_link.take())
+                .or_else(|| header.link_name_bytes().map(|c| c.into_owned()));
             let shown = String::from_utf8_lossy(&raw_path).into_owned();
             let bad = |why: String| SourceError::Entry {
                 path: path.into(),
@@ -513,32 +646,45 @@ impl<'p> Builder<'p> {
                 path: path.into(),
                 source,
             })?;
-            let header = e.header().clone();
-            let etype = header.entry_type();
-            if etype.is_pax_global_extensions() {
-                continue;
+            if let Some(sz) = rec(b"size") {
+                let header_size = header.entry_size().unwrap_or(0);
+                if std::str::from_utf8(&sz)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    != Some(header_size)
+                {
+                    return Err(bad("its size is given only in a PAX record (a file over 8 GiB in a POSIX-format tar), which is not supported; make the archive with `tar --format=gnu`".into()));
+                }
             }
-            let mut mtime = meta_time(header.mtime().unwrap_or(0) as i64, 0);
-            let mut uid = header.uid().unwrap_or(0) as u32;
-            let mut gid = header.gid().unwrap_or(0) as u32;
+            let num = |k: &[u8]| {
+                rec(k)
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u32>().ok())
+            };
+            let mtime = rec(b"mtime")
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| pax_time(&v))
+                .unwrap_or_else(|| meta_time(header.mtime().unwrap_or(0) as i64, 0));
+            let uid = num(b"uid").unwrap_or_else(|| header.uid().unwrap_or(0) as u32);
+            let gid = num(b"gid").unwrap_or_else(|| header.gid().unwrap_or(0) as u32);
             let mut xattrs = BTreeMap::new();
-            if let Ok(Some(pax)) = e.pax_extensions() {
-                for ext in pax.flatten() {
-                    let key = ext.key_bytes();
-                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                        xattrs.insert(name.to_vec(), ext.value_bytes().to_vec());
-                    } else if key == b"mtime" {
-                        if let Some(t) = ext.value().ok().and_then(pax_time) {
-                            mtime = t;
-                        }
-                    } else if key == b"uid" {
-                        if let Some(v) = ext.value().ok().and_then(|v| v.parse().ok()) {
-                            uid = v;
-                        }
-                    } else if key == b"gid" {
-                        if let Some(v) = ext.value().ok().and_then(|v| v.parse().ok()) {
-                            gid = v;
-                        }
+            for (k, v) in &records {
+                if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
+                    xattrs.insert(name.to_vec(), v.clone());
+                }
+            }
+            // GNU tar --acls without --xattrs carries ACLs only as text.
+            for (key, name) in [
+                (&b"SCHILY.acl.access"[..], &b"system.posix_acl_access"[..]),
+                (b"SCHILY.acl.default", b"system.posix_acl_default"),
+            ] {
+                if let (Some(text), false) = (rec(key), xattrs.contains_key(name)) {
+                    let acl = acl_from_text(&text)
+                        .map_err(|w| bad(format!("{}: {w}", String::from_utf8_lossy(key))))?;
+                    // A minimal ACL (owner, group, other) is just the mode
+                    // bits; the kernel stores no attribute for it.
+                    if acl.len() > 4 + 3 * 8 {
+                        xattrs.insert(name.to_vec(), acl);
                     }
                 }
             }
@@ -582,10 +728,7 @@ impl<'p> Builder<'p> {
                 }
                 tar::EntryType::Directory => Kind::Dir,
                 tar::EntryType::Symlink => {
-                    let t = e
-                        .link_name_bytes()
-                        .map(|c| c.into_owned())
-                        .unwrap_or_default();
+                    let t = link_name.clone().unwrap_or_default();
                     if t.is_empty() || t.len() > 4095 {
                         return Err(bad(format!(
                             "symlink target is {} bytes; it must be 1 to 4095",
@@ -595,10 +738,7 @@ impl<'p> Builder<'p> {
                     Kind::Symlink(t)
                 }
                 tar::EntryType::Link => {
-                    let t = e
-                        .link_name_bytes()
-                        .map(|c| c.into_owned())
-                        .unwrap_or_default();
+                    let t = link_name.clone().unwrap_or_default();
                     let target = tree::normalize(&t).map_err(|source| SourceError::Tree {
                         path: path.into(),
                         source,
@@ -785,6 +925,18 @@ impl<'p> Builder<'p> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pax_records_are_binary_safe() {
+        let v = b"30 mtime=1795560091.268859557\n29 SCHILY.acl.access=u::rw-\n\n";
+        let r = parse_pax(v).unwrap();
+        assert_eq!(r[1], (b"SCHILY.acl.access".to_vec(), b"u::rw-\n".to_vec()));
+        assert!(parse_pax(b"99 x=y\n").is_none());
+        let acl = acl_from_text(b"user::rw-\nuser:1000:r--\ngroup::r--\nmask::r--\nother::---\n")
+            .unwrap();
+        assert_eq!(acl.len(), 4 + 5 * 8);
+        assert!(crate::ext4::xattr::canonical_acl(&acl).is_ok());
+    }
 
     #[test]
     fn pax_times() {

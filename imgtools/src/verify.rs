@@ -33,7 +33,9 @@ pub fn walk<R: ReadAt>(img: &Image<R>) -> Result<Walk, ReadError> {
     let mut seen_dirs = std::collections::HashSet::new();
     let root = img.inode(2)?;
     if !root.is_dir() {
-        return Err(ReadError::Corrupt("the root inode is not a directory".into()));
+        return Err(ReadError::Corrupt(
+            "the root inode is not a directory".into(),
+        ));
     }
     let mut stack = vec![(Vec::new(), root.clone(), 2u32)];
     entries.push((Vec::new(), root));
@@ -68,13 +70,20 @@ pub fn walk<R: ReadAt>(img: &Image<R>) -> Result<Walk, ReadError> {
                 _ => 0,
             };
             if want_ftype == 0 || (ftype != 0 && ftype != want_ftype) {
-                problems.push(format!("{}: directory entry type {ftype} does not match inode {ino} ({})", show_path(&p), node.kind_name()));
+                problems.push(format!(
+                    "{}: directory entry type {ftype} does not match inode {ino} ({})",
+                    show_path(&p),
+                    node.kind_name()
+                ));
             }
             *names.entry(ino).or_default() += 1;
             if node.is_dir() {
                 *subdirs.entry(dir.ino).or_default() += 1;
                 if !seen_dirs.insert(ino) {
-                    problems.push(format!("{}: directory inode {ino} is reachable twice", show_path(&p)));
+                    problems.push(format!(
+                        "{}: directory inode {ino} is reachable twice",
+                        show_path(&p)
+                    ));
                     continue;
                 }
                 stack.push((p.clone(), node.clone(), dir.ino));
@@ -82,18 +91,29 @@ pub fn walk<R: ReadAt>(img: &Image<R>) -> Result<Walk, ReadError> {
             entries.push((p, node));
         }
         if !has_dot || !has_dotdot {
-            problems.push(format!("{}: missing or wrong `.` or `..` entry", show_path(&path)));
+            problems.push(format!(
+                "{}: missing or wrong `.` or `..` entry",
+                show_path(&path)
+            ));
         }
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Walk { entries, names, subdirs, problems })
+    Ok(Walk {
+        entries,
+        names,
+        subdirs,
+        problems,
+    })
 }
 
 /// Hash every regular file of `walk`, on all cores.
 fn hash_files<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<Option<String>>, ReadError> {
     let n = walk.entries.len();
     let next = AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
     let results: Vec<Result<Vec<(usize, String)>, ReadError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
@@ -115,7 +135,13 @@ fn hash_files<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<Option<Strin
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(ReadError::Corrupt("a hashing thread panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ReadError::Corrupt("a hashing thread panicked".into())))
+            })
+            .collect()
     });
     let mut hashes = vec![None; n];
     for r in results {
@@ -127,8 +153,16 @@ fn hash_files<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<Option<Strin
 }
 
 /// The manifest of an image (content hashed unless `with_content` is false).
-pub fn manifest<R: ReadAt>(img: &Image<R>, walk: &Walk, with_content: bool) -> Result<Manifest, ReadError> {
-    let hashes = if with_content { hash_files(img, walk)? } else { vec![None; walk.entries.len()] };
+pub fn manifest<R: ReadAt>(
+    img: &Image<R>,
+    walk: &Walk,
+    with_content: bool,
+) -> Result<Manifest, ReadError> {
+    let hashes = if with_content {
+        hash_files(img, walk)?
+    } else {
+        vec![None; walk.entries.len()]
+    };
     let mut entries = Vec::with_capacity(walk.entries.len());
     for ((path, ino), sha) in walk.entries.iter().zip(hashes) {
         let kind = ino.kind_name();
@@ -147,7 +181,12 @@ pub fn manifest<R: ReadAt>(img: &Image<R>, walk: &Walk, with_content: bool) -> R
         let xattrs = img
             .xattrs(ino)?
             .into_iter()
-            .map(|(k, v)| (escape(&k), base64::engine::general_purpose::STANDARD.encode(v)))
+            .map(|(k, v)| {
+                (
+                    escape(&k),
+                    base64::engine::general_purpose::STANDARD.encode(v),
+                )
+            })
             .collect();
         entries.push(Entry {
             path: show_path(path),
@@ -175,7 +214,10 @@ fn claim(owner: &mut [u32], b: u64, who: u32, problems: &mut Vec<String>) {
         return;
     };
     if *o != 0 && *o != who && problems.len() < 200 {
-        problems.push(format!("block {b} is claimed twice (by {} and {})", *o, who));
+        problems.push(format!(
+            "block {b} is claimed twice (by {} and {})",
+            *o, who
+        ));
     }
     *o = who;
 }
@@ -203,12 +245,22 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
     for (path, ino) in &walk.entries {
         let want = if ino.is_dir() {
             let n = 2 + walk.subdirs.get(&ino.ino).copied().unwrap_or(0);
-            if n > 64999 && ino.links == 1 { 1 } else { n }
+            if n > 64999 && ino.links == 1 {
+                1
+            } else {
+                n
+            }
         } else {
             walk.names.get(&ino.ino).copied().unwrap_or(0)
         };
         if ino.links as u32 != want {
-            problems.push(format!("{}: link count {} but {} names point at inode {}", show_path(path), ino.links, want, ino.ino));
+            problems.push(format!(
+                "{}: link count {} but {} names point at inode {}",
+                show_path(path),
+                ino.links,
+                want,
+                ino.ino
+            ));
         }
     }
     // Reachable inodes against the inode bitmaps.
@@ -239,21 +291,32 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
             }
             let r = reachable[ino as usize];
             if used && !r {
-                problems.push(format!("inode {ino} is marked in use but no directory entry reaches it"));
+                problems.push(format!(
+                    "inode {ino} is marked in use but no directory entry reaches it"
+                ));
             } else if r && !used {
                 problems.push(format!("inode {ino} is reachable but marked free"));
             }
         }
         if free != gd.free_inodes {
-            problems.push(format!("group {g}: {} free inodes recorded, {free} in the bitmap", gd.free_inodes));
+            problems.push(format!(
+                "group {g}: {} free inodes recorded, {free} in the bitmap",
+                gd.free_inodes
+            ));
         }
         if dirs_in_group[g] != gd.used_dirs {
-            problems.push(format!("group {g}: {} directories recorded, {} found", gd.used_dirs, dirs_in_group[g]));
+            problems.push(format!(
+                "group {g}: {} directories recorded, {} found",
+                gd.used_dirs, dirs_in_group[g]
+            ));
         }
         free_inodes += free as u64;
     }
     if free_inodes != sb.free_inodes as u64 {
-        problems.push(format!("superblock: {} free inodes recorded, {free_inodes} counted", sb.free_inodes));
+        problems.push(format!(
+            "superblock: {} free inodes recorded, {free_inodes} counted",
+            sb.free_inodes
+        ));
     }
     // Blocks: metadata plus what inodes own, against the block bitmaps.
     if sb.compat & 0x10 != 0 {
@@ -284,7 +347,11 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         }
     }
     let mut owners: Vec<&RawInode> = walk.entries.iter().map(|(_, i)| i).collect();
-    let journal = if sb.compat & 0x4 != 0 && sb.journal_inum != 0 { Some(img.inode(sb.journal_inum)?) } else { None };
+    let journal = if sb.compat & 0x4 != 0 && sb.journal_inum != 0 {
+        Some(img.inode(sb.journal_inum)?)
+    } else {
+        None
+    };
     owners.extend(journal.as_ref());
     let mut done = std::collections::HashSet::new();
     for ino in owners {
@@ -310,7 +377,10 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         }
         let sectors = count * (sb.block_size as u64 / 512);
         if ino.sectors != sectors && ino.flags & 0x40000 == 0 {
-            problems.push(format!("inode {}: i_blocks is {} but it owns {} sectors", ino.ino, ino.sectors, sectors));
+            problems.push(format!(
+                "inode {}: i_blocks is {} but it owns {} sectors",
+                ino.ino, ino.sectors, sectors
+            ));
         }
     }
     let mut free_blocks = 0u64;
@@ -334,17 +404,26 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
                 problems.push(if used {
                     format!("block {b} is marked in use but nothing owns it")
                 } else {
-                    format!("block {b} is owned by {} but marked free", owner[b as usize])
+                    format!(
+                        "block {b} is owned by {} but marked free",
+                        owner[b as usize]
+                    )
                 });
             }
         }
         if free != gd.free_blocks {
-            problems.push(format!("group {g}: {} free blocks recorded, {free} in the bitmap", gd.free_blocks));
+            problems.push(format!(
+                "group {g}: {} free blocks recorded, {free} in the bitmap",
+                gd.free_blocks
+            ));
         }
         free_blocks += free as u64;
     }
     if free_blocks != sb.free_blocks {
-        problems.push(format!("superblock: {} free blocks recorded, {free_blocks} counted", sb.free_blocks));
+        problems.push(format!(
+            "superblock: {} free blocks recorded, {free_blocks} counted",
+            sb.free_blocks
+        ));
     }
     Ok(problems)
 }

@@ -94,17 +94,39 @@ impl Super {
     /// Feature names, in the order `dumpe2fs` prints them.
     pub fn feature_names(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        for (bit, name) in [(0x4, "has_journal"), (0x8, "ext_attr"), (0x10, "resize_inode"), (0x20, "dir_index"), (0x1000, "orphan_file")] {
+        for (bit, name) in [
+            (0x4, "has_journal"),
+            (0x8, "ext_attr"),
+            (0x10, "resize_inode"),
+            (0x20, "dir_index"),
+            (0x1000, "orphan_file"),
+        ] {
             if self.compat & bit != 0 {
                 v.push(name);
             }
         }
-        for (bit, name) in [(0x2, "filetype"), (0x4, "needs_recovery"), (0x40, "extent"), (0x80, "64bit"), (0x200, "flex_bg"), (0x2000, "metadata_csum_seed"), (0x8000, "inline_data")] {
+        for (bit, name) in [
+            (0x2, "filetype"),
+            (0x4, "needs_recovery"),
+            (0x40, "extent"),
+            (0x80, "64bit"),
+            (0x200, "flex_bg"),
+            (0x2000, "metadata_csum_seed"),
+            (0x8000, "inline_data"),
+        ] {
             if self.incompat & bit != 0 {
                 v.push(name);
             }
         }
-        for (bit, name) in [(0x1, "sparse_super"), (0x2, "large_file"), (0x8, "huge_file"), (0x10, "uninit_bg"), (0x20, "dir_nlink"), (0x40, "extra_isize"), (0x400, "metadata_csum")] {
+        for (bit, name) in [
+            (0x1, "sparse_super"),
+            (0x2, "large_file"),
+            (0x8, "huge_file"),
+            (0x10, "uninit_bg"),
+            (0x20, "dir_nlink"),
+            (0x40, "extra_isize"),
+            (0x400, "metadata_csum"),
+        ] {
             if self.ro_compat & bit != 0 {
                 v.push(name);
             }
@@ -207,7 +229,10 @@ fn decode_time(raw: &[u8], at: usize, extra: usize, extra_ok: bool) -> Time {
         return Time { sec: lo, nsec: 0 };
     }
     let x = le32(raw, extra);
-    Time { sec: lo + (((x & 3) as i64) << 32), nsec: x >> 2 }
+    Time {
+        sec: lo + (((x & 3) as i64) << 32),
+        nsec: x >> 2,
+    }
 }
 
 impl<R: ReadAt> Image<R> {
@@ -216,11 +241,16 @@ impl<R: ReadAt> Image<R> {
         let mut b = vec![0u8; 1024];
         r.read_at(&mut b, 1024)?;
         if le16(&b, 0x38) != 0xEF53 {
-            return Err(ReadError::NotExt4("no ext2/3/4 superblock magic at byte 1024".into()));
+            return Err(ReadError::NotExt4(
+                "no ext2/3/4 superblock magic at byte 1024".into(),
+            ));
         }
         let log = le32(&b, 0x18);
         if log > 6 {
-            return Err(ReadError::NotExt4(format!("block size 2^{} is impossible", 10 + log)));
+            return Err(ReadError::NotExt4(format!(
+                "block size 2^{} is impossible",
+                10 + log
+            )));
         }
         let mut label = b[0x78..0x88].to_vec();
         while label.last() == Some(&0) {
@@ -233,15 +263,33 @@ impl<R: ReadAt> Image<R> {
         }
         let bit64 = incompat & 0x80 != 0;
         let sb = Super {
-            blocks: le32(&b, 0x04) as u64 | if bit64 { (le32(&b, 0x150) as u64) << 32 } else { 0 },
-            free_blocks: le32(&b, 0x0C) as u64 | if bit64 { (le32(&b, 0x158) as u64) << 32 } else { 0 },
+            blocks: le32(&b, 0x04) as u64
+                | if bit64 {
+                    (le32(&b, 0x150) as u64) << 32
+                } else {
+                    0
+                },
+            free_blocks: le32(&b, 0x0C) as u64
+                | if bit64 {
+                    (le32(&b, 0x158) as u64) << 32
+                } else {
+                    0
+                },
             inodes: le32(&b, 0x00),
             free_inodes: le32(&b, 0x10),
             block_size: 1024 << log,
             blocks_per_group: le32(&b, 0x20),
             inodes_per_group: le32(&b, 0x28),
-            inode_size: if le32(&b, 0x4C) == 0 { 128 } else { le16(&b, 0x58) },
-            first_ino: if le32(&b, 0x4C) == 0 { 11 } else { le32(&b, 0x54) },
+            inode_size: if le32(&b, 0x4C) == 0 {
+                128
+            } else {
+                le16(&b, 0x58)
+            },
+            first_ino: if le32(&b, 0x4C) == 0 {
+                11
+            } else {
+                le32(&b, 0x54)
+            },
             first_data_block: le32(&b, 0x14),
             compat: le32(&b, 0x5C),
             incompat,
@@ -256,24 +304,39 @@ impl<R: ReadAt> Image<R> {
             hash_seed,
             log_groups_per_flex: b[0x174],
         };
-        if sb.blocks_per_group == 0 || sb.inodes_per_group == 0 || sb.inode_size < 128 || sb.desc_size < 32 {
+        if sb.blocks_per_group == 0
+            || sb.inodes_per_group == 0
+            || sb.inode_size < 128
+            || sb.desc_size < 32
+        {
             return Err(corrupt("superblock geometry is zero or impossible".into()));
         }
         if sb.has_csum() {
             let want = le32(&b, 0x3FC);
             let got = crc(!0, &b[..0x3FC]);
             if want != got {
-                return Err(corrupt(format!("superblock checksum {want:#010x} does not match its content ({got:#010x})")));
+                return Err(corrupt(format!(
+                    "superblock checksum {want:#010x} does not match its content ({got:#010x})"
+                )));
             }
         }
         let bad = incompat & !(0x2 | 0x4 | 0x40 | 0x80 | 0x200 | 0x2000);
         if bad != 0 {
-            return Err(ReadError::Unsupported(format!("incompat feature bits {bad:#x} (e.g. inline_data, meta_bg, casefold)")));
+            return Err(ReadError::Unsupported(format!(
+                "incompat feature bits {bad:#x} (e.g. inline_data, meta_bg, casefold)"
+            )));
         }
         if incompat & 0x4 != 0 {
-            return Err(ReadError::Unsupported("the journal needs recovery; mount and unmount the image or run e2fsck first".into()));
+            return Err(ReadError::Unsupported(
+                "the journal needs recovery; mount and unmount the image or run e2fsck first"
+                    .into(),
+            ));
         }
-        let fs_seed = if incompat & 0x2000 != 0 { le32(&b, 0x270) } else { crc(!0, &sb.uuid) };
+        let fs_seed = if incompat & 0x2000 != 0 {
+            le32(&b, 0x270)
+        } else {
+            crc(!0, &sb.uuid)
+        };
         let bs = sb.block_size as u64;
         let ngroups = sb.groups();
         let gdt_start = (sb.first_data_block as u64 + 1) * bs;
@@ -283,9 +346,17 @@ impl<R: ReadAt> Image<R> {
         for g in 0..ngroups as usize {
             let d = &gdt[g * sb.desc_size as usize..(g + 1) * sb.desc_size as usize];
             let hi = |lo_off: usize, hi_off: usize, wide: bool| -> u64 {
-                let lo = if wide { le32(d, lo_off) as u64 } else { le16(d, lo_off) as u64 };
+                let lo = if wide {
+                    le32(d, lo_off) as u64
+                } else {
+                    le16(d, lo_off) as u64
+                };
                 let h = if sb.desc_size >= 64 {
-                    if wide { le32(d, hi_off) as u64 } else { le16(d, hi_off) as u64 }
+                    if wide {
+                        le32(d, hi_off) as u64
+                    } else {
+                        le16(d, hi_off) as u64
+                    }
                 } else {
                     0
                 };
@@ -315,7 +386,12 @@ impl<R: ReadAt> Image<R> {
                 inode_bitmap_csum: hi(0x1A, 0x3A, false) as u32,
             });
         }
-        Ok(Image { r, sb, groups, fs_seed })
+        Ok(Image {
+            r,
+            sb,
+            groups,
+            fs_seed,
+        })
     }
 
     /// The underlying reader.
@@ -325,7 +401,10 @@ impl<R: ReadAt> Image<R> {
 
     fn block(&self, n: u64) -> Result<Vec<u8>, ReadError> {
         if n >= self.sb.blocks {
-            return Err(corrupt(format!("block {n} is past the end of the filesystem ({} blocks)", self.sb.blocks)));
+            return Err(corrupt(format!(
+                "block {n} is past the end of the filesystem ({} blocks)",
+                self.sb.blocks
+            )));
         }
         let mut b = vec![0u8; self.sb.block_size as usize];
         self.r.read_at(&mut b, n * self.sb.block_size as u64)?;
@@ -342,8 +421,15 @@ impl<R: ReadAt> Image<R> {
         let idx = ((ino - 1) % ipg) as u64;
         let isz = self.sb.inode_size as usize;
         let mut raw = vec![0u8; isz];
-        self.r.read_at(&mut raw, self.groups[g].inode_table * self.sb.block_size as u64 + idx * isz as u64)?;
-        let extra_isize = if isz > 128 { le16(&raw, 0x80) as usize } else { 0 };
+        self.r.read_at(
+            &mut raw,
+            self.groups[g].inode_table * self.sb.block_size as u64 + idx * isz as u64,
+        )?;
+        let extra_isize = if isz > 128 {
+            le16(&raw, 0x80) as usize
+        } else {
+            0
+        };
         if self.sb.has_csum() && raw.iter().any(|&b| b != 0) {
             let generation = le32(&raw, 0x64);
             let mut z = raw.clone();
@@ -355,14 +441,20 @@ impl<R: ReadAt> Image<R> {
                 z[0x83] = 0;
             }
             let c = crc(inode_seed(self.fs_seed, ino, generation), &z);
-            let stored = le16(&raw, 0x7C) as u32 | if has_hi { (le16(&raw, 0x82) as u32) << 16 } else { 0 };
+            let stored = le16(&raw, 0x7C) as u32
+                | if has_hi {
+                    (le16(&raw, 0x82) as u32) << 16
+                } else {
+                    0
+                };
             let want = if has_hi { c } else { c & 0xFFFF };
             if stored != want {
                 return Err(corrupt(format!("inode {ino} has a bad checksum")));
             }
         }
         let extra_ok = extra_isize >= 24;
-        let extra = if isz > 128 + extra_isize + 4 && le32(&raw, 128 + extra_isize) == xattr::MAGIC {
+        let extra = if isz > 128 + extra_isize + 4 && le32(&raw, 128 + extra_isize) == xattr::MAGIC
+        {
             raw[128 + extra_isize + 4..].to_vec()
         } else {
             Vec::new()
@@ -391,12 +483,18 @@ impl<R: ReadAt> Image<R> {
                 if ino.size == 0 && ino.sectors == 0 {
                     return Ok((Vec::new(), Vec::new()));
                 }
-                return Err(ReadError::Unsupported(format!("inode {} uses block maps, not extents", ino.ino)));
+                return Err(ReadError::Unsupported(format!(
+                    "inode {} uses block maps, not extents",
+                    ino.ino
+                )));
             }
             return Ok((Vec::new(), Vec::new()));
         }
         if ino.flags & 0x10000000 != 0 {
-            return Err(ReadError::Unsupported(format!("inode {} has inline data", ino.ino)));
+            return Err(ReadError::Unsupported(format!(
+                "inode {} has inline data",
+                ino.ino
+            )));
         }
         let mut out = Vec::new();
         let mut tree = Vec::new();
@@ -404,27 +502,48 @@ impl<R: ReadAt> Image<R> {
         Ok((out, tree))
     }
 
-    fn walk_extents(&self, ino: &RawInode, node: &[u8], max: usize, level: u32, out: &mut Vec<Extent>, tree: &mut Vec<u64>) -> Result<(), ReadError> {
+    fn walk_extents(
+        &self,
+        ino: &RawInode,
+        node: &[u8],
+        max: usize,
+        level: u32,
+        out: &mut Vec<Extent>,
+        tree: &mut Vec<u64>,
+    ) -> Result<(), ReadError> {
         if level > 5 || le16(node, 0) != 0xF30A {
             return Err(corrupt(format!("inode {}: bad extent header", ino.ino)));
         }
         let n = le16(node, 2) as usize;
         let depth = le16(node, 6);
         if n > max || n > le16(node, 4) as usize {
-            return Err(corrupt(format!("inode {}: extent node holds {n} entries, more than it has room for", ino.ino)));
+            return Err(corrupt(format!(
+                "inode {}: extent node holds {n} entries, more than it has room for",
+                ino.ino
+            )));
         }
         for i in 0..n {
             let e = &node[12 + 12 * i..24 + 12 * i];
             if depth == 0 {
                 let raw_len = le16(e, 4) as u64;
                 if raw_len > 32768 {
-                    return Err(ReadError::Unsupported(format!("inode {}: uninitialized extents", ino.ino)));
+                    return Err(ReadError::Unsupported(format!(
+                        "inode {}: uninitialized extents",
+                        ino.ino
+                    )));
                 }
                 let pblk = le32(e, 8) as u64 | (le16(e, 6) as u64) << 32;
                 if pblk + raw_len > self.sb.blocks {
-                    return Err(corrupt(format!("inode {}: extent points past the end of the filesystem", ino.ino)));
+                    return Err(corrupt(format!(
+                        "inode {}: extent points past the end of the filesystem",
+                        ino.ino
+                    )));
                 }
-                out.push(Extent { lblk: le32(e, 0) as u64, len: raw_len, pblk });
+                out.push(Extent {
+                    lblk: le32(e, 0) as u64,
+                    len: raw_len,
+                    pblk,
+                });
             } else {
                 let child = le32(e, 4) as u64 | (le16(e, 8) as u64) << 32;
                 let b = self.block(child)?;
@@ -432,11 +551,17 @@ impl<R: ReadAt> Image<R> {
                 if self.sb.has_csum() {
                     let end = 12 + 12 * le16(&b, 4) as usize;
                     if end + 4 > b.len() {
-                        return Err(corrupt(format!("inode {}: extent block {child} has a bad header", ino.ino)));
+                        return Err(corrupt(format!(
+                            "inode {}: extent block {child} has a bad header",
+                            ino.ino
+                        )));
                     }
                     let c = crc(inode_seed(self.fs_seed, ino.ino, ino.generation), &b[..end]);
                     if le32(&b, end) != c {
-                        return Err(corrupt(format!("inode {}: extent block {child} has a bad checksum", ino.ino)));
+                        return Err(corrupt(format!(
+                            "inode {}: extent block {child} has a bad checksum",
+                            ino.ino
+                        )));
                     }
                 }
                 tree.push(child);
@@ -460,7 +585,8 @@ impl<R: ReadAt> Image<R> {
                 // Index blocks: the root (lblk 0 of an indexed dir) and
                 // interior nodes (a fake entry spanning the block).
                 let is_root = lblk == 0 && dir.flags & 0x1000 != 0;
-                let is_node = dir.flags & 0x1000 != 0 && le32(&b, 0) == 0 && le16(&b, 4) as usize == bs;
+                let is_node =
+                    dir.flags & 0x1000 != 0 && le32(&b, 0) == 0 && le16(&b, 4) as usize == bs;
                 if is_root || is_node {
                     let count_off = if is_root { 0x20 } else { 0x08 };
                     if self.sb.has_csum() {
@@ -468,13 +594,19 @@ impl<R: ReadAt> Image<R> {
                         let count = le16(&b, count_off + 2) as usize;
                         let tail = count_off + limit * 8;
                         if tail + 8 > bs || count > limit {
-                            return Err(corrupt(format!("directory inode {}: bad htree block {lblk}", dir.ino)));
+                            return Err(corrupt(format!(
+                                "directory inode {}: bad htree block {lblk}",
+                                dir.ino
+                            )));
                         }
                         let mut c = crc(seed, &b[..count_off + count * 8]);
                         c = crc(c, &b[tail..tail + 4]);
                         c = crc(c, &[0; 4]);
                         if le32(&b, tail + 4) != c {
-                            return Err(corrupt(format!("directory inode {}: htree block {lblk} has a bad checksum", dir.ino)));
+                            return Err(corrupt(format!(
+                                "directory inode {}: htree block {lblk} has a bad checksum",
+                                dir.ino
+                            )));
                         }
                     }
                     if is_root {
@@ -486,7 +618,10 @@ impl<R: ReadAt> Image<R> {
                 let limit = if self.sb.has_csum() {
                     let c = crc(seed, &b[..bs - 12]);
                     if le32(&b, bs - 4) != c || le16(&b, bs - 8) != 12 {
-                        return Err(corrupt(format!("directory inode {}: block {lblk} has a bad checksum", dir.ino)));
+                        return Err(corrupt(format!(
+                            "directory inode {}: block {lblk} has a bad checksum",
+                            dir.ino
+                        )));
                     }
                     bs - 12
                 } else {
@@ -495,13 +630,19 @@ impl<R: ReadAt> Image<R> {
                 let mut p = 0;
                 while p < limit {
                     if p + 8 > limit {
-                        return Err(corrupt(format!("directory inode {}: entry runs past block {lblk}", dir.ino)));
+                        return Err(corrupt(format!(
+                            "directory inode {}: entry runs past block {lblk}",
+                            dir.ino
+                        )));
                     }
                     let ino = le32(&b, p);
                     let rec = le16(&b, p + 4) as usize;
                     let nl = b[p + 6] as usize;
                     if rec < 8 || p + rec > limit || 8 + nl > rec {
-                        return Err(corrupt(format!("directory inode {}: bad entry at block {lblk} offset {p}", dir.ino)));
+                        return Err(corrupt(format!(
+                            "directory inode {}: bad entry at block {lblk} offset {p}",
+                            dir.ino
+                        )));
                     }
                     if ino != 0 {
                         out.push((b[p + 8..p + 8 + nl].to_vec(), ino, b[p + 7]));
@@ -517,11 +658,15 @@ impl<R: ReadAt> Image<R> {
     /// followed). `None` when a component does not exist.
     pub fn lookup(&self, path: &[u8]) -> Result<Option<RawInode>, ReadError> {
         let mut cur = self.inode(2)?;
-        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for comp in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             if !cur.is_dir() {
                 return Ok(None);
             }
-            let Some((_, ino, _)) = self.read_dir(&cur)?.into_iter().find(|(n, _, _)| n == comp) else {
+            let Some((_, ino, _)) = self.read_dir(&cur)?.into_iter().find(|(n, _, _)| n == comp)
+            else {
                 return Ok(None);
             };
             cur = self.inode(ino)?;
@@ -533,29 +678,45 @@ impl<R: ReadAt> Image<R> {
     pub fn xattrs(&self, ino: &RawInode) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, ReadError> {
         let mut all = Vec::new();
         if !ino.extra.is_empty() {
-            all.extend(xattr::decode(&ino.extra, 0, 0).map_err(|e| corrupt(format!("inode {}: {e}", ino.ino)))?);
+            all.extend(
+                xattr::decode(&ino.extra, 0, 0)
+                    .map_err(|e| corrupt(format!("inode {}: {e}", ino.ino)))?,
+            );
         }
         if ino.file_acl != 0 {
             let b = self.block(ino.file_acl)?;
             if le32(&b, 0) != xattr::MAGIC {
-                return Err(corrupt(format!("inode {}: attribute block {} has no magic", ino.ino, ino.file_acl)));
+                return Err(corrupt(format!(
+                    "inode {}: attribute block {} has no magic",
+                    ino.ino, ino.file_acl
+                )));
             }
             if self.sb.has_csum() {
                 let mut z = b.clone();
                 z[0x10..0x14].fill(0);
                 let c = crc(crc(self.fs_seed, &ino.file_acl.to_le_bytes()), &z);
                 if le32(&b, 0x10) != c {
-                    return Err(corrupt(format!("inode {}: attribute block {} has a bad checksum", ino.ino, ino.file_acl)));
+                    return Err(corrupt(format!(
+                        "inode {}: attribute block {} has a bad checksum",
+                        ino.ino, ino.file_acl
+                    )));
                 }
             }
-            all.extend(xattr::decode(&b, 32, 0).map_err(|e| corrupt(format!("inode {}: {e}", ino.ino)))?);
+            all.extend(
+                xattr::decode(&b, 32, 0).map_err(|e| corrupt(format!("inode {}: {e}", ino.ino)))?,
+            );
         }
         let mut out = BTreeMap::new();
         for a in all {
-            let name = xattr::join_name(a.index, &a.name)
-                .ok_or_else(|| ReadError::Unsupported(format!("inode {}: attribute name index {}", ino.ino, a.index)))?;
+            let name = xattr::join_name(a.index, &a.name).ok_or_else(|| {
+                ReadError::Unsupported(format!(
+                    "inode {}: attribute name index {}",
+                    ino.ino, a.index
+                ))
+            })?;
             let value = if a.index == 2 || a.index == 3 {
-                xattr::acl_from_disk(&a.value).map_err(|e| corrupt(format!("inode {}: {e}", ino.ino)))?
+                xattr::acl_from_disk(&a.value)
+                    .map_err(|e| corrupt(format!("inode {}: {e}", ino.ino)))?
             } else {
                 a.value
             };
@@ -621,9 +782,15 @@ impl<R: ReadAt> Image<R> {
         let b = self.block(self.groups[g].block_bitmap)?;
         if self.sb.has_csum() {
             let c = crc(self.fs_seed, &b[..(self.sb.blocks_per_group / 8) as usize]);
-            let want = if self.sb.desc_size >= 64 { c } else { c & 0xFFFF };
+            let want = if self.sb.desc_size >= 64 {
+                c
+            } else {
+                c & 0xFFFF
+            };
             if self.groups[g].block_bitmap_csum != want {
-                return Err(corrupt(format!("group {g}: block bitmap checksum mismatch")));
+                return Err(corrupt(format!(
+                    "group {g}: block bitmap checksum mismatch"
+                )));
             }
         }
         Ok(b)
@@ -634,9 +801,15 @@ impl<R: ReadAt> Image<R> {
         let b = self.block(self.groups[g].inode_bitmap)?;
         if self.sb.has_csum() {
             let c = crc(self.fs_seed, &b[..(self.sb.inodes_per_group / 8) as usize]);
-            let want = if self.sb.desc_size >= 64 { c } else { c & 0xFFFF };
+            let want = if self.sb.desc_size >= 64 {
+                c
+            } else {
+                c & 0xFFFF
+            };
             if self.groups[g].inode_bitmap_csum != want {
-                return Err(corrupt(format!("group {g}: inode bitmap checksum mismatch")));
+                return Err(corrupt(format!(
+                    "group {g}: inode bitmap checksum mismatch"
+                )));
             }
         }
         Ok(b)

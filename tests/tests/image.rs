@@ -1,0 +1,910 @@
+//! `umlctl image ...` end to end: images built by our ext4 writer checked by
+//! independent oracles (e2fsck -fn, a loop mount by the host kernel,
+//! debugfs, a UML guest booting the image), determinism, bad input, and
+//! reading images (also through COW overlays).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+fn umlctl(args: &[&str]) -> Output {
+    Command::new(umlctl_bin())
+        .args(args)
+        .output()
+        .expect("run umlctl")
+}
+
+fn umlctl_os<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(args: I) -> Output {
+    Command::new(umlctl_bin())
+        .args(args)
+        .output()
+        .expect("run umlctl")
+}
+
+fn need_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the image tests run as root (loop mounts, mknod, chown)"
+    );
+}
+
+fn tool(name: &str, pkg: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "{name} is missing: apt-get install {pkg}");
+}
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fsck_clean(img: &Path) {
+    tool("e2fsck", "e2fsprogs");
+    let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {} is not clean:\n{}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mount `img` read-only and return a listing of everything under it with
+/// type, mode, owner, size, mtime (ns), link target, device, xattrs and
+/// content digest, in a form comparable with the same listing of a source
+/// directory.
+struct Mounted {
+    dir: PathBuf,
+}
+
+impl Mounted {
+    fn new(img: &Path, at: &Path) -> Mounted {
+        fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-o", "loop,ro"])
+            .arg(img)
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "loop mount of {} failed", img.display());
+        Mounted {
+            dir: at.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// `find`-based listing (the host's view, independent of umlctl).
+fn listing(root: &Path, skip_lost_found: bool) -> String {
+    tool("getfattr", "attr");
+    let script = format!(
+        r#"cd '{}' && find . -mindepth 1 {} ! -type d -printf '%p %y %m %U %G %s %T@ %l %n\n' | LC_ALL=C sort;
+           find . -mindepth 1 -type d -printf '%p %y %m %U %G %T@ %n\n' | grep -v '^./lost+found ' | LC_ALL=C sort;
+           find . -mindepth 1 {} \( -type c -o -type b \) -exec stat -c '%n %t:%T' {{}} + | LC_ALL=C sort;
+           find . -mindepth 1 {} -type f -exec sha256sum {{}} + | LC_ALL=C sort -k2;
+           getfattr -R -P -h -d -m - --absolute-names . 2>/dev/null | grep -v '^$' || true"#,
+        root.display(),
+        if skip_lost_found {
+            "-path ./lost+found -prune -o"
+        } else {
+            ""
+        },
+        if skip_lost_found {
+            "-path ./lost+found -prune -o"
+        } else {
+            ""
+        },
+        if skip_lost_found {
+            "-path ./lost+found -prune -o"
+        } else {
+            ""
+        },
+    );
+    sh(&script).replace("-prune", "")
+}
+
+/// Compare two listings, showing only the lines that differ.
+fn same_listing(a: &str, b: &str, what: &str) {
+    let mut sa: Vec<&str> = a.lines().collect();
+    let mut sb: Vec<&str> = b.lines().collect();
+    sa.sort_unstable();
+    sb.sort_unstable();
+    if sa == sb {
+        return;
+    }
+    let la: std::collections::BTreeSet<&str> = a.lines().collect();
+    let lb: std::collections::BTreeSet<&str> = b.lines().collect();
+    let only_a: Vec<&&str> = la.difference(&lb).take(15).collect();
+    let only_b: Vec<&&str> = lb.difference(&la).take(15).collect();
+    panic!("{what}: the mounted image differs from the source\nonly in the source: {only_a:#?}\nonly in the image: {only_b:#?}");
+}
+
+/// A tree with every kind of entry a root filesystem has.
+fn rich_tree(root: &Path) {
+    fs::create_dir_all(root.join("etc/sub")).unwrap();
+    fs::create_dir_all(root.join("big dir")).unwrap();
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::hard_link(root.join("etc/passwd"), root.join("etc/sub/hard")).unwrap();
+    symlink("passwd", root.join("etc/fast")).unwrap();
+    symlink("x".repeat(300), root.join("etc/slow")).unwrap();
+    let mut data = vec![0u8; 3 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    fs::write(root.join("data.bin"), &data).unwrap();
+    // Sparse: a hole then a tail.
+    let f = fs::File::create(root.join("sparse")).unwrap();
+    f.set_len(50 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"tail", 50 << 20).unwrap();
+    fs::write(root.join("setuid"), "x").unwrap();
+    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(root.join("etc/sub"), fs::Permissions::from_mode(0o1777)).unwrap();
+    sh(&format!(
+        "cd '{}' && mknod null c 1 3 && mknod disk b 259 65537 && mkfifo fifo && chown 1234:5678 setuid && chown -h 70000:70001 etc/fast \
+         && python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.bind(\"sock\")' \
+         && printf nonutf8 > \"$(printf 'name\\377\\376')\"",
+        root.display()
+    ));
+    tool("setfattr", "attr");
+    tool("setcap", "libcap2-bin");
+    tool("setfacl", "acl");
+    sh(&format!(
+        "cd '{}' && setfattr -n user.color -v blue etc/passwd && setfattr -n user.big -v \"$(head -c 2000 /dev/zero | tr '\\0' a)\" data.bin \
+         && setcap cap_net_raw+ep setuid && setfacl -m u:1000:r,g:50:rw etc/passwd && setfacl -d -m u:1000:rwx etc",
+        root.display()
+    ));
+    for i in 0..2000 {
+        fs::write(
+            root.join("big dir")
+                .join(format!("file-{i:05}-{}", "n".repeat(i % 40))),
+            format!("{i}"),
+        )
+        .unwrap();
+    }
+    // Nanosecond mtimes survive.
+    sh(&format!(
+        "touch -h -d '2021-03-04 05:06:07.123456789' '{}/etc/passwd' '{}/etc/fast'",
+        root.display(),
+        root.display()
+    ));
+}
+
+#[test]
+fn built_image_passes_fsck_and_mounts_as_the_source() {
+    need_root();
+    let s = scratch();
+    let src = s.path().join("src");
+    rich_tree(&src);
+    let img = s.path().join("out.ext4");
+    let man = s.path().join("m.json");
+    let out = umlctl_os(["image", "build", "-o"].iter().map(Path::new).chain([
+        img.as_path(),
+        Path::new("--manifest"),
+        man.as_path(),
+        src.as_path(),
+    ]));
+    assert_ok(&out, "image build");
+    fsck_clean(&img);
+    let m = Mounted::new(&img, &s.path().join("mnt"));
+    let a = listing(&src, false);
+    let b = listing(&m.dir, true);
+    same_listing(&a, &b, "rich tree");
+    // debugfs: device numbers, link counts, xattrs, as e2fsprogs reads them.
+    let dbg = |req: &str| {
+        sh(&format!(
+            "debugfs -R '{req}' '{}' 2>/dev/null",
+            img.display()
+        ))
+    };
+    assert!(
+        dbg("stat /disk").contains("Device major/minor number: 259:65537"),
+        "{}",
+        dbg("stat /disk")
+    );
+    assert!(dbg("stat /etc/passwd").contains("Links: 2"));
+    let ea = dbg("ea_list /setuid");
+    assert!(ea.contains("security.capability"), "{ea}");
+    drop(m);
+    // Our own verify agrees, and the manifest of the image equals the build's.
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("verify"),
+            &img,
+            Path::new("--manifest"),
+            &man,
+        ]),
+        "verify",
+    );
+    let derived = s.path().join("derived.json");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("manifest"),
+            &img,
+            Path::new("-o"),
+            &derived,
+        ]),
+        "manifest",
+    );
+    assert_ok(
+        &umlctl_os([Path::new("image"), Path::new("diff"), &man, &derived]),
+        "diff of the two manifests",
+    );
+}
+
+#[test]
+fn same_inputs_give_the_same_bytes() {
+    need_root();
+    let s = scratch();
+    let a = s.path().join("a");
+    rich_tree(&a);
+    // The same tree created in another order (different readdir order).
+    let b = s.path().join("b");
+    fs::create_dir(&b).unwrap();
+    sh(&format!(
+        "cd '{a}' && find . -mindepth 1 | sort -r > ../order && cd '{b}' && tar -C '{a}' --no-recursion --xattrs --xattrs-include='*' --acls -cf - -T ../order | tar --xattrs --xattrs-include='*' --acls -xpf - ",
+        a = a.display(),
+        b = b.display()
+    ));
+    // tar cannot carry sockets: make the copy's by hand, with the same time.
+    sh(&format!(
+        "cd '{b}' && python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.bind(\"sock\")' && touch -h -r '{a}/sock' sock && touch -d @1600000000 '{a}' '{b}'",
+        a = a.display(),
+        b = b.display()
+    ));
+    let build = |src: &Path, out: &Path| {
+        assert_ok(
+            &umlctl_os([
+                Path::new("image"),
+                Path::new("build"),
+                Path::new("--epoch"),
+                Path::new("1700000000"),
+                Path::new("-o"),
+                out,
+                src,
+            ]),
+            "build",
+        )
+    };
+    let (i1, i2, i3) = (
+        s.path().join("1.img"),
+        s.path().join("2.img"),
+        s.path().join("3.img"),
+    );
+    build(&a, &i1);
+    build(&a, &i2);
+    build(&b, &i3);
+    assert_eq!(
+        sha256_file(&i1),
+        sha256_file(&i2),
+        "two builds of the same tree differ"
+    );
+    assert_eq!(
+        sha256_file(&i1),
+        sha256_file(&i3),
+        "a tree created in another order gives other bytes"
+    );
+    // A tarball of the tree gives the same manifest digest as the tree.
+    let tgz = s.path().join("a.tar.gz");
+    sh(&format!(
+        "tar -C '{}' --xattrs --xattrs-include='*' --acls --format=posix -czf '{}' .",
+        a.display(),
+        tgz.display()
+    ));
+    let from_tar = s.path().join("4.img");
+    build(&tgz, &from_tar);
+    fsck_clean(&from_tar);
+    // Identical but for the socket, which tar cannot carry.
+    let d = umlctl_os([Path::new("image"), Path::new("diff"), &i1, &from_tar]);
+    assert_eq!(
+        String::from_utf8_lossy(&d.stdout),
+        "/sock: missing\n",
+        "diff dir-built and tar-built images"
+    );
+    assert_eq!(d.status.code(), Some(1));
+}
+
+#[test]
+fn layers_and_whiteouts() {
+    let s = scratch();
+    let l1 = s.path().join("l1");
+    let l2 = s.path().join("l2");
+    fs::create_dir_all(l1.join("etc/keep")).unwrap();
+    fs::create_dir_all(l1.join("opt/old")).unwrap();
+    fs::write(l1.join("etc/gone"), "x").unwrap();
+    fs::write(l1.join("etc/replaced"), "old").unwrap();
+    fs::write(l1.join("etc/keep/f"), "keep").unwrap();
+    fs::write(l1.join("opt/old/f"), "old").unwrap();
+    fs::create_dir_all(l2.join("etc")).unwrap();
+    fs::create_dir_all(l2.join("opt")).unwrap();
+    fs::write(l2.join("etc/.wh.gone"), "").unwrap();
+    fs::write(l2.join("etc/replaced"), "new").unwrap();
+    fs::write(l2.join("opt/.wh..wh..opq"), "").unwrap();
+    fs::write(l2.join("opt/new"), "new").unwrap();
+    let t1 = s.path().join("l1.tar");
+    let t2 = s.path().join("l2.tar.gz");
+    sh(&format!(
+        "tar -C '{}' -cf '{}' . && tar -C '{}' -czf '{}' .",
+        l1.display(),
+        t1.display(),
+        l2.display(),
+        t2.display()
+    ));
+    let img = s.path().join("i.img");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            &t1,
+            &t2,
+        ]),
+        "layered build",
+    );
+    fsck_clean(&img);
+    let ls = |p: &str| {
+        assert_ok(
+            &umlctl_os([Path::new("image"), Path::new("ls"), &img, Path::new(p)]),
+            "ls",
+        )
+    };
+    let etc = ls("/etc");
+    assert!(
+        !etc.contains("gone") && etc.contains("keep") && etc.contains("replaced"),
+        "{etc}"
+    );
+    assert_eq!(
+        ls("/opt").trim(),
+        "new",
+        "the opaque marker hides the lower /opt"
+    );
+    let cat = assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("cat"),
+            &img,
+            Path::new("/etc/replaced"),
+        ]),
+        "cat",
+    );
+    assert_eq!(cat, "new");
+}
+
+#[test]
+fn verify_catches_a_flipped_byte_and_a_changed_mode() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8 + 1).collect();
+    fs::write(src.join("file"), &data).unwrap();
+    fs::write(src.join("other"), "x").unwrap();
+    let img = s.path().join("i.img");
+    let man = s.path().join("m.json");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            Path::new("--manifest"),
+            &man,
+            &src,
+        ]),
+        "build",
+    );
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("verify"),
+            &img,
+            Path::new("--manifest"),
+            &man,
+        ]),
+        "verify",
+    );
+    // Flip one byte of the file's content.
+    let blk: u64 = sh(&format!(
+        "debugfs -R 'bmap /file 20' '{}' 2>/dev/null",
+        img.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    let bad = s.path().join("bad.img");
+    fs::copy(&img, &bad).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&bad)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, blk * 4096 + 123).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], blk * 4096 + 123).unwrap();
+    }
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("verify"),
+        &bad,
+        Path::new("--manifest"),
+        &man,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a flipped byte must fail verify"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/file: sha256"), "{text}");
+    // Change a mode and an owner with debugfs (it fixes the checksums).
+    let bad2 = s.path().join("bad2.img");
+    fs::copy(&img, &bad2).unwrap();
+    sh(&format!(
+        "debugfs -w -R 'sif /other mode 0100600' '{}' && debugfs -w -R 'sif /other uid 42' '{}'",
+        bad2.display(),
+        bad2.display()
+    ));
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("verify"),
+        &bad2,
+        Path::new("--manifest"),
+        &man,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("/other: mode is 0600 but 0644 was expected"),
+        "{text}"
+    );
+    assert!(
+        text.contains("/other: uid is 42 but 0 was expected"),
+        "{text}"
+    );
+    // A corrupted inode (checksum) is a structural problem, named.
+    let bad3 = s.path().join("bad3.img");
+    fs::copy(&img, &bad3).unwrap();
+    let ino: u64 = sh(&format!("stat -c %i /dev/null >/dev/null; debugfs -R 'stat /other' '{}' 2>/dev/null | sed -n 's/^Inode: \\([0-9]*\\).*/\\1/p'", bad3.display())).trim().parse().unwrap();
+    let itable: u64 = sh(&format!(
+        "dumpe2fs '{}' 2>/dev/null | sed -n 's/.*Inode table at \\([0-9]*\\)-.*/\\1/p' | head -1",
+        bad3.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&bad3).unwrap();
+        f.write_all_at(&[0x5a], itable * 4096 + (ino - 1) * 256 + 0x2c)
+            .unwrap();
+    }
+    let out = umlctl_os([Path::new("image"), Path::new("verify"), &bad3]);
+    assert_ne!(out.status.code(), Some(0));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("inode {ino} has a bad checksum")),
+        "{text}"
+    );
+}
+
+fn build_fails(s: &Path, args: &[&Path], needle: &str) {
+    let out_img = s.join("never.img");
+    let mut all: Vec<&Path> = vec![
+        Path::new("image"),
+        Path::new("build"),
+        Path::new("-o"),
+        &out_img,
+    ];
+    all.extend_from_slice(args);
+    let out = umlctl_os(all);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "expected failure with {needle:?}, got: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "message {err:?} does not mention {needle:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !out_img.exists(),
+        "a failed build left {}",
+        out_img.display()
+    );
+    let leftovers: Vec<_> = fs::read_dir(s)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("umlctl-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// Make a tar with Python's tarfile so that hostile entries can be crafted.
+fn py_tar(out: &Path, body: &str) {
+    let script = format!("import tarfile, io\nt = tarfile.open('{}', 'w', format=tarfile.GNU_FORMAT)\ndef add(name, data=b'', **kw):\n    i = tarfile.TarInfo(name)\n    i.size = len(data)\n    for k, v in kw.items(): setattr(i, k, v)\n    t.addfile(i, io.BytesIO(data))\n{}\nt.close()\n", out.display(), body);
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_leaves_nothing() {
+    let s = scratch();
+    let p = s.path();
+    let t = |n: &str| p.join(n);
+    // Corrupt gzip.
+    fs::write(
+        t("c.tar.gz"),
+        [
+            0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3,
+        ],
+    )
+    .unwrap();
+    build_fails(p, &[&t("c.tar.gz")], "c.tar.gz");
+    // Truncated tar: cut inside a file's data.
+    py_tar(&t("full.tar"), "add('f', b'x' * 100000)");
+    let full = fs::read(t("full.tar")).unwrap();
+    fs::write(t("trunc.tar"), &full[..50_000]).unwrap();
+    build_fails(p, &[&t("trunc.tar")], "truncated");
+    py_tar(&t("abs.tar"), "add('/etc/passwd', b'x')");
+    build_fails(p, &[&t("abs.tar")], "absolute paths are not allowed");
+    py_tar(&t("dotdot.tar"), "add('a/../../x', b'x')");
+    build_fails(p, &[&t("dotdot.tar")], "`..` components");
+    py_tar(
+        &t("link.tar"),
+        "add('l', type=tarfile.LNKTYPE, linkname='missing')",
+    );
+    build_fails(p, &[&t("link.tar")], "hard link \"/l\" -> \"/missing\"");
+    py_tar(&t("long.tar"), "add('d/' + 'n' * 256, b'x')");
+    build_fails(p, &[&t("long.tar")], "longer than 255 bytes");
+    py_tar(&t("parent.tar"), "add('f', b'x')\nadd('f/g', b'y')");
+    build_fails(p, &[&t("parent.tar")], "parent \"/f\" is not a directory");
+    py_tar(&t("ok.tar"), "add('big', b'\\1' * (3 << 20))");
+    build_fails(
+        p,
+        &[Path::new("--size"), Path::new("1M"), &t("ok.tar")],
+        "use --size",
+    );
+    build_fails(p, &[&t("nope.tar")], "nope.tar");
+    // A failed build does not touch an existing OUT either.
+    let keep = p.join("keep.img");
+    fs::write(&keep, "precious").unwrap();
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("build"),
+        Path::new("-o"),
+        &keep,
+        &t("abs.tar"),
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(fs::read(&keep).unwrap(), b"precious");
+}
+
+/// A tiny deterministic generator for randomized trees.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn random_tree(root: &Path, seed: u64) {
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut dirs = vec![root.to_path_buf()];
+    let mut files: Vec<PathBuf> = Vec::new();
+    fs::create_dir_all(root).unwrap();
+    for i in 0..(50 + r.below(400)) {
+        let parent = dirs[r.below(dirs.len() as u64) as usize].clone();
+        let len = 1 + r.below(60) as usize;
+        let mut name: Vec<u8> = (0..len)
+            .map(|_| {
+                let c = 1 + r.below(255) as u8;
+                if c == b'/' {
+                    b'_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        name.extend_from_slice(format!("-{i}").as_bytes());
+        if name == b"." || name == b".." || name.starts_with(b".wh.") {
+            continue;
+        }
+        let p = parent.join(std::ffi::OsStr::from_bytes(&name));
+        match r.below(10) {
+            0..=1 => {
+                fs::create_dir(&p).unwrap();
+                dirs.push(p);
+            }
+            2..=6 => {
+                let size = match r.below(4) {
+                    0 => 0,
+                    1 => r.below(5000),
+                    2 => r.below(200_000),
+                    _ => 4096 * r.below(64),
+                };
+                let mut data: Vec<u8> = (0..size).map(|_| r.below(256) as u8).collect();
+                if size > 20_000 && r.below(2) == 0 {
+                    // Zero runs become holes.
+                    let a = r.below(size / 2) as usize;
+                    data[a..a + 12_000].fill(0);
+                }
+                fs::write(&p, &data).unwrap();
+                if r.below(4) == 0 {
+                    let v: Vec<u8> = (0..1 + r.below(300)).map(|_| r.below(256) as u8).collect();
+                    let name = std::ffi::CString::new(format!("user.r{}", r.below(9))).unwrap();
+                    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+                    // SAFETY: NUL-terminated strings and a valid buffer.
+                    let rc = unsafe {
+                        libc::setxattr(c.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0)
+                    };
+                    assert_eq!(rc, 0, "setxattr");
+                }
+                files.push(p);
+            }
+            7 if !files.is_empty() => {
+                let target = &files[r.below(files.len() as u64) as usize];
+                fs::hard_link(target, &p).unwrap();
+            }
+            8 => {
+                let tl = 1 + r.below(200) as usize;
+                let t: String = (0..tl)
+                    .map(|_| (b'a' + r.below(26) as u8) as char)
+                    .collect();
+                symlink(t, &p).unwrap();
+            }
+            _ => {
+                fs::write(&p, b"").unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode((r.below(0o10000)) as u32))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+use std::os::unix::ffi::OsStrExt;
+
+#[test]
+fn randomized_trees_are_fsck_clean_and_round_trip() {
+    need_root();
+    tool("setfattr", "attr");
+    for seed in 1..=6u64 {
+        let s = scratch();
+        let src = s.path().join("src");
+        random_tree(&src, seed);
+        let img = s.path().join("r.img");
+        let man = s.path().join("m.json");
+        let out = umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            Path::new("--manifest"),
+            &man,
+            &src,
+        ]);
+        assert_ok(&out, &format!("build seed {seed}"));
+        fsck_clean(&img);
+        assert_ok(
+            &umlctl_os([
+                Path::new("image"),
+                Path::new("verify"),
+                &img,
+                Path::new("--manifest"),
+                &man,
+            ]),
+            &format!("verify seed {seed}"),
+        );
+        let m = Mounted::new(&img, &s.path().join("mnt"));
+        same_listing(
+            &listing(&src, false),
+            &listing(&m.dir, true),
+            &format!("seed {seed}"),
+        );
+        // The image's root also holds lost+found.
+        let nlinks = fs::symlink_metadata(&src).unwrap().nlink();
+        assert_eq!(
+            nlinks + 1,
+            fs::symlink_metadata(&m.dir).unwrap().nlink(),
+            "seed {seed}: root link count"
+        );
+    }
+}
+
+#[test]
+fn a_guest_boots_a_built_image_and_overlays_read_back() {
+    let s = scratch();
+    let root = s.path().join("root");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox is missing: apt-get install busybox-static");
+    for t in ["sh", "cat", "ls", "echo", "getfattr", "stat", "sha256sum"] {
+        symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    fs::write(root.join("etc/marker"), "built by umlctl\n").unwrap();
+    let tgz = s.path().join("root.tar.gz");
+    sh(&format!(
+        "tar -C '{}' -czf '{}' .",
+        root.display(),
+        tgz.display()
+    ));
+    let img = s.path().join("root.img");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            &tgz,
+        ]),
+        "build",
+    );
+    let base_sum = sha256_file(&img);
+    let cow = s.path().join("disk.cow");
+    let (code, out, err) = run(
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--overlay",
+            cow.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/marker && echo written-in-guest > /root/note && stat -c %s /bin/busybox",
+        ],
+    );
+    assert_eq!(code, 0, "guest run failed: {err}");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("built by umlctl\n"), "{out}");
+    assert_eq!(sha256_file(&img), base_sum, "the base image changed");
+    // Read the guest's disk as it is now, through the overlay.
+    let cat = assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("cat"),
+            &cow,
+            Path::new("/root/note"),
+        ]),
+        "cat via overlay",
+    );
+    assert_eq!(cat, "written-in-guest\n");
+    assert_ok(
+        &umlctl_os([Path::new("image"), Path::new("verify"), &cow]),
+        "verify via overlay",
+    );
+    let diff = umlctl_os([Path::new("image"), Path::new("diff"), &img, &cow]);
+    assert_eq!(diff.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&diff.stdout).contains("/root/note: not expected"),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    let dest = s.path().join("extracted");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("extract"),
+            &cow,
+            Path::new("/root"),
+            &dest,
+        ]),
+        "extract via overlay",
+    );
+    assert_eq!(
+        fs::read_to_string(dest.join("note")).unwrap(),
+        "written-in-guest\n"
+    );
+}
+
+#[test]
+fn info_and_ls_describe_the_image() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), "hi").unwrap();
+    let img = s.path().join("i.img");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("--label"),
+            Path::new("rootfs"),
+            Path::new("--uuid"),
+            Path::new("01234567-89ab-4def-8123-456789abcdef"),
+            Path::new("--size"),
+            Path::new("64M"),
+            Path::new("-o"),
+            &img,
+            &src,
+        ]),
+        "build",
+    );
+    let info = assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("info"),
+            Path::new("--json"),
+            &img,
+        ]),
+        "info",
+    );
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["label"], "rootfs");
+    assert_eq!(v["uuid"], "01234567-89ab-4def-8123-456789abcdef");
+    assert_eq!(v["size"], 64 << 20);
+    assert_eq!(
+        sh(&format!("blkid -o value -s UUID '{}'", img.display())).trim(),
+        "01234567-89ab-4def-8123-456789abcdef"
+    );
+    let ls = assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("ls"),
+            Path::new("-l"),
+            &img,
+            Path::new("/d"),
+        ]),
+        "ls -l",
+    );
+    assert!(
+        ls.contains("-rw-r--r--") && ls.trim_end().ends_with(" f"),
+        "{ls}"
+    );
+    let missing = umlctl_os([
+        Path::new("image"),
+        Path::new("cat"),
+        &img,
+        Path::new("/nope"),
+    ]);
+    assert_eq!(missing.status.code(), Some(125));
+    let _ = umlctl(&["image", "--help"]);
+}
