@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ext4::BLOCK;
 use crate::progress::Progress;
-use crate::tree::{self, DataSource, FileData, Inode, Kind, Meta, Run, Time, Tree, TreeError};
+use crate::tree::{self, FileData, Inode, Kind, Meta, Run, Time, Tree, TreeError};
 
 /// Why a source could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +46,37 @@ pub struct Stats {
     pub bytes: u64,
 }
 
-/// Where stream content waits until the image is written: an unnamed file
-/// (O_TMPFILE) next to the output, so nothing is left behind by a kill and
-/// the final copy can stay inside one filesystem.
+/// Where file content goes while the sources are read. Normally that is
+/// the image file itself, from block `base` on, skipping the places where
+/// backup superblocks may go: the data is then already where the image
+/// needs it and is never copied again. Images over 256 GiB use an unnamed
+/// file next to the output instead and copy from it.
 pub struct Spool {
-    w: BufWriter<File>,
-    len: u64,
+    file: File,
+    buf: Vec<u8>,
+    buf_at: u64,
+    /// Next write position (bytes).
+    pos: u64,
+    /// Blocks kept free after each potential backup group start
+    /// (superblock + descriptor blocks), when writing into the image.
+    reserve: Option<u64>,
 }
 
+/// Where a build's file content lives, for the ext4 writer.
+pub enum SpoolKind {
+    /// In the image file, between block `base` and block `end`, with
+    /// `reserve` blocks skipped at every potential backup group start.
+    InImage { base: u64, end: u64, reserve: u64 },
+    /// In a separate file: runs' `src` are offsets into it.
+    File(File),
+}
+
+/// Blocks of descriptor table reserved by an in-image spool (enough for
+/// 2048 groups, a 256 GiB image).
+pub const GDT_RESERVE: u64 = 16;
+
 impl Spool {
-    /// Make a spool in `dir`.
+    /// A spool in an unnamed file in `dir`.
     pub fn new(dir: &Path) -> std::io::Result<Spool> {
         let f = match std::fs::OpenOptions::new()
             .read(true)
@@ -79,21 +100,93 @@ impl Spool {
             }
         };
         Ok(Spool {
-            w: BufWriter::with_capacity(1 << 20, f),
-            len: 0,
+            file: f,
+            buf: Vec::with_capacity(1 << 20),
+            buf_at: 0,
+            pos: 0,
+            reserve: None,
         })
     }
 
-    fn append(&mut self, data: &[u8]) -> std::io::Result<u64> {
-        let at = self.len;
-        self.w.write_all(data)?;
-        self.len += data.len() as u64;
-        Ok(at)
+    /// A spool writing into the image file `file` from block 1 + GDT_RESERVE.
+    pub fn in_image(file: File) -> Spool {
+        let base = (1 + GDT_RESERVE) * BLOCK as u64;
+        Spool {
+            file,
+            buf: Vec::with_capacity(1 << 20),
+            buf_at: base,
+            pos: base,
+            reserve: Some(1 + GDT_RESERVE),
+        }
     }
 
-    /// Finish writing and hand out the file for reading.
-    pub fn into_file(self) -> std::io::Result<File> {
-        self.w.into_inner().map_err(|e| e.into_error())
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if !self.buf.is_empty() {
+            self.file.write_all_at(&self.buf, self.buf_at)?;
+            self.buf.clear();
+        }
+        self.buf_at = self.pos;
+        Ok(())
+    }
+
+    /// Append whole blocks; returns where they went as (offset, bytes)
+    /// pieces (more than one when a reserved area is stepped over).
+    fn append(&mut self, mut data: &[u8]) -> std::io::Result<Vec<(u64, u64)>> {
+        let mut pieces = Vec::new();
+        let bpg = crate::ext4::BLOCKS_PER_GROUP;
+        while !data.is_empty() {
+            let mut room = data.len() as u64;
+            if let Some(reserve) = self.reserve {
+                let blk = self.pos / BLOCK as u64;
+                let (g, off) = (blk / bpg, blk % bpg);
+                if crate::ext4::is_backup_group(g) && off < reserve {
+                    self.flush()?;
+                    self.pos = (g * bpg + reserve) * BLOCK as u64;
+                    self.buf_at = self.pos;
+                    continue;
+                }
+                let next = if crate::ext4::is_backup_group(g + 1) {
+                    (g + 1) * bpg
+                } else {
+                    u64::MAX / BLOCK as u64
+                };
+                room = room.min((next - blk) * BLOCK as u64);
+            }
+            let n = room as usize;
+            if self.buf.len() + n > (1 << 20) && !self.buf.is_empty() {
+                self.flush()?;
+            }
+            if self.buf.is_empty() {
+                self.buf_at = self.pos;
+            }
+            if n >= (1 << 20) {
+                use std::os::unix::fs::FileExt;
+                self.file.write_all_at(&data[..n], self.pos)?;
+            } else {
+                self.buf.extend_from_slice(&data[..n]);
+            }
+            pieces.push((self.pos, n as u64));
+            self.pos += n as u64;
+            if n >= (1 << 20) {
+                self.buf_at = self.pos;
+            }
+            data = &data[n..];
+        }
+        Ok(pieces)
+    }
+
+    /// Finish writing; what the ext4 writer needs to find the content.
+    pub fn finish(mut self) -> std::io::Result<SpoolKind> {
+        self.flush()?;
+        Ok(match self.reserve {
+            Some(reserve) => SpoolKind::InImage {
+                base: reserve,
+                end: self.pos.div_ceil(BLOCK as u64),
+                reserve,
+            },
+            None => SpoolKind::File(self.file),
+        })
     }
 }
 
@@ -170,19 +263,24 @@ impl Ingest {
                 }
                 let l = lblk + (start / BLOCK) as u64;
                 let n = ((i - start) / BLOCK) as u64;
-                let src = match spool.as_deref_mut() {
+                let mut l = l;
+                let pieces = match spool.as_deref_mut() {
                     Some(s) => s.append(&self.buf[start..i])?,
-                    None => l * BLOCK as u64,
+                    None => vec![(l * BLOCK as u64, n * BLOCK as u64)],
                 };
-                match runs.last_mut() {
-                    Some(r) if r.lblk + r.len == l && r.src + r.len * BLOCK as u64 == src => {
-                        r.len += n
+                for (src, bytes) in pieces {
+                    let n = bytes / BLOCK as u64;
+                    match runs.last_mut() {
+                        Some(r) if r.lblk + r.len == l && r.src + r.len * BLOCK as u64 == src => {
+                            r.len += n
+                        }
+                        _ => runs.push(Run {
+                            lblk: l,
+                            len: n,
+                            src,
+                        }),
                     }
-                    _ => runs.push(Run {
-                        lblk: l,
-                        len: n,
-                        src,
-                    }),
+                    l += n;
                 }
             }
             total += got as u64;
@@ -195,7 +293,6 @@ impl Ingest {
             size: total,
             sha256: hasher.finalize().into(),
             runs,
-            source: DataSource::Spool,
         };
         Ok((data, total))
     }
@@ -495,35 +592,26 @@ fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl<'p> Builder<'p> {
-    /// A builder whose spool lives in `spool_dir`; timestamps are clamped
-    /// to `epoch` when given.
-    pub fn new(
-        spool_dir: &Path,
-        epoch: Option<i64>,
-        progress: &'p dyn Progress,
-    ) -> Result<Builder<'p>, SourceError> {
-        let spool = Spool::new(spool_dir).map_err(|source| SourceError::Io {
-            path: spool_dir.into(),
-            op: "create a spool file in",
-            source,
-        })?;
-        Ok(Builder {
+    /// A builder spooling content into `spool`; timestamps are clamped to
+    /// `epoch` when given.
+    pub fn new(spool: Spool, epoch: Option<i64>, progress: &'p dyn Progress) -> Builder<'p> {
+        Builder {
             tree: Tree::new(epoch),
             spool,
             ingest: Ingest { buf: Vec::new() },
             layer: 0,
             progress,
-        })
+        }
     }
 
-    /// Finish: the tree and the spool holding stream content.
-    pub fn finish(self) -> Result<(Tree, File), SourceError> {
-        let f = self.spool.into_file().map_err(|source| SourceError::Io {
-            path: "(spool)".into(),
-            op: "write",
+    /// Finish: the tree and where its content is.
+    pub fn finish(self) -> Result<(Tree, SpoolKind), SourceError> {
+        let k = self.spool.finish().map_err(|source| SourceError::Io {
+            path: "(image)".into(),
+            op: "write file content to",
             source,
         })?;
-        Ok((self.tree, f))
+        Ok((self.tree, k))
     }
 
     /// Add one source (a directory, or a tar archive, plain or gzip/zstd
@@ -870,9 +958,9 @@ impl<'p> Builder<'p> {
                 Kind::Dir
             } else if ft.is_file() {
                 let mut f = File::open(&host).map_err(|e| io_err("open", e))?;
-                let (mut data, n) = self
+                let (data, n) = self
                     .ingest
-                    .read(&mut f, md.len(), false, None)
+                    .read(&mut f, md.len(), false, Some(&mut self.spool))
                     .map_err(|e| io_err("read", e))?;
                 if n != md.len() {
                     return Err(io_err(
@@ -880,7 +968,6 @@ impl<'p> Builder<'p> {
                         std::io::Error::other("the file changed size while it was read"),
                     ));
                 }
-                data.source = DataSource::Host(host.clone());
                 stats.bytes += n;
                 self.progress.advance(n);
                 Kind::File(data)

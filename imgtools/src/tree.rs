@@ -7,7 +7,6 @@
 //! replaces it, as `tar -x` does; OCI whiteouts remove paths of lower layers.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 /// Longest name one directory entry can hold.
 pub const NAME_MAX: usize = 255;
@@ -51,17 +50,8 @@ pub struct Meta {
     pub mtime: Time,
 }
 
-/// Where a regular file's content is read from when the image is written.
-#[derive(Clone, Debug)]
-pub enum DataSource {
-    /// The build's spool file (content that came from a stream).
-    Spool,
-    /// A file on the host (content that came from a directory source).
-    Host(PathBuf),
-}
-
 /// A run of non-zero 4 KiB blocks of a file: logical block `lblk`, `len`
-/// blocks, stored at byte `src` of the file's [`DataSource`].
+/// blocks, stored at byte `src` of the build's spool (see `source::Spool`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
     pub lblk: u64,
@@ -76,7 +66,6 @@ pub struct FileData {
     pub size: u64,
     pub sha256: [u8; 32],
     pub runs: Vec<Run>,
-    pub source: DataSource,
 }
 
 impl FileData {

@@ -14,7 +14,7 @@ pub mod read;
 mod write;
 pub mod xattr;
 
-pub use write::{write_image, Headroom, Ids, Options, Report, WriteError};
+pub use write::{is_backup_group, write_image, Headroom, Ids, Options, Report, WriteError};
 
 /// Block size of every image we write.
 pub const BLOCK: usize = 4096;

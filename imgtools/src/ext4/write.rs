@@ -21,7 +21,8 @@ use super::hash::{crc, inode_seed};
 use super::xattr::{self, DiskAttr};
 use super::{BLOCK, BLOCKS_PER_GROUP, INODE_SIZE};
 use crate::progress::Progress;
-use crate::tree::{show, DataSource, Kind, Time, Tree};
+use crate::source::SpoolKind;
+use crate::tree::{show, Kind, Time, Tree};
 
 /// How much free space an automatically sized image gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +206,8 @@ fn name_of(path: &[u8]) -> &[u8] {
 }
 
 /// Groups with a backup superblock (sparse_super): 1 and powers of 3, 5, 7.
-fn is_backup_group(g: u64) -> bool {
+/// Groups with a backup superblock under sparse_super.
+pub fn is_backup_group(g: u64) -> bool {
     if g == 0 {
         return false;
     }
@@ -467,6 +469,29 @@ fn build_map(exts: &[Ext], alloc: &mut Alloc) -> Option<BlockMap> {
     Some(BlockMap { i_block, tree })
 }
 
+/// Add `n` blocks at logical `lblk` / physical `pblk` to an extent list,
+/// merging with the last extent and splitting at the extent length limit.
+fn push_extents(exts: &mut Vec<Ext>, mut lblk: u64, mut pblk: u64, mut n: u64) {
+    while n > 0 {
+        match exts.last_mut() {
+            Some(e) if e.lblk + e.len == lblk && e.pblk + e.len == pblk && e.len < EXT_MAX_LEN => {
+                let k = n.min(EXT_MAX_LEN - e.len);
+                e.len += k;
+                lblk += k;
+                pblk += k;
+                n -= k;
+            }
+            _ => {
+                let k = n.min(EXT_MAX_LEN);
+                exts.push(Ext { lblk, len: k, pblk });
+                lblk += k;
+                pblk += k;
+                n -= k;
+            }
+        }
+    }
+}
+
 /// Allocate `n` blocks at logical `lblk` onwards, as extents of at most
 /// 32768 blocks; also returns the physical runs with their source offsets.
 fn alloc_extents(
@@ -478,18 +503,7 @@ fn alloc_extents(
     let mut runs = Vec::new();
     while n > 0 {
         let (p, got) = alloc.take(n.min(EXT_MAX_LEN))?;
-        match exts.last_mut() {
-            Some(e)
-                if e.lblk + e.len == lblk && e.pblk + e.len == p && e.len + got <= EXT_MAX_LEN =>
-            {
-                e.len += got
-            }
-            _ => exts.push(Ext {
-                lblk,
-                len: got,
-                pblk: p,
-            }),
-        }
+        push_extents(exts, lblk, p, got);
         runs.push((p, got));
         lblk += got;
         n -= got;
@@ -743,7 +757,7 @@ fn body_blocks(p: &Planned, tree: &Tree) -> u64 {
 /// Write the image for `tree` to `out` (a new, empty file).
 pub fn write_image(
     tree: &Tree,
-    spool: Option<&File>,
+    spool: &SpoolKind,
     opts: &Options,
     ids: &Ids,
     out: &File,
@@ -763,7 +777,27 @@ pub fn write_image(
     }
     let mut planned = plan(tree, &hash_seed, fs_seed)?;
     let max_ino = planned.iter().map(|p| p.ino).max().unwrap_or(11) as u64;
-    let content: u64 = planned.iter().map(|p| body_blocks(p, tree)).sum();
+    let in_image = match spool {
+        SpoolKind::InImage { end, reserve, .. } => Some((*end, *reserve)),
+        SpoolKind::File(_) => None,
+    };
+    let spooled: u64 = if in_image.is_some() {
+        planned
+            .iter()
+            .map(|p| match &p.body {
+                Body::File { tree_inode } => match &tree.inode(*tree_inode).kind {
+                    Kind::File(fd) => fd.blocks(),
+                    _ => 0,
+                },
+                _ => 0,
+            })
+            .sum()
+    } else {
+        0
+    };
+    // With an in-image spool, file data already sits below `spool_end`.
+    let spool_end = in_image.map_or(0, |(e, _)| e);
+    let content: u64 = planned.iter().map(|p| body_blocks(p, tree)).sum::<u64>() - spooled;
     // Extent-tree blocks: exact for the runs, plus slack for runs split at
     // superblock copies (one extra extent per copy at most).
     let tree_est: u64 = planned
@@ -804,8 +838,9 @@ pub fn write_image(
         }
     }
     let nplanned = planned.len() as u64;
-    let need_for =
-        |g: &Geometry| g.overhead() + g.journal + content + tree_est + nplanned / 64 + g.groups;
+    let need_for = |g: &Geometry| {
+        spool_end + g.overhead() + g.journal + content + tree_est + nplanned / 64 + g.groups
+    };
     let geo = match opts.size {
         Some(size) => {
             let mut blocks = size / BLOCK as u64;
@@ -868,9 +903,15 @@ pub fn write_image(
         need_mib: (need_for(&geo) * 4).div_ceil(1024) + 1,
         have_mib: geo.blocks * 4 / 1024,
     };
+    if let Some((_, reserve)) = in_image {
+        if 1 + geo.gdt > reserve {
+            return Err(WriteError::TooLarge);
+        }
+    }
 
     // Allocate: metadata, journal, then each inode's blocks.
     let mut alloc = Alloc::new(&geo);
+    alloc.next = spool_end;
     let mut bb = Vec::new();
     let mut ib = Vec::new();
     let mut it = Vec::new();
@@ -933,7 +974,18 @@ pub fn write_image(
                 used_dirs[((p.ino as u64 - 1) / geo.ipg) as usize] += 1;
             }
             Body::File { tree_inode } => {
-                if let Kind::File(fd) = &tree.inode(*tree_inode).kind {
+                if let (Kind::File(fd), Some(_)) = (&tree.inode(*tree_inode).kind, in_image) {
+                    // Already in place: map the runs, mark their blocks.
+                    for r in &fd.runs {
+                        let pb = r.src / BLOCK as u64;
+                        if pb + r.len > geo.blocks {
+                            return Err(too_small());
+                        }
+                        alloc.mark(pb, r.len);
+                        push_extents(&mut exts, r.lblk, pb, r.len);
+                        nblocks += r.len;
+                    }
+                } else if let Kind::File(fd) = &tree.inode(*tree_inode).kind {
                     let mut list = Vec::new();
                     for r in &fd.runs {
                         let runs = alloc_extents(&mut alloc, r.lblk, r.len, &mut exts)
@@ -1047,26 +1099,10 @@ pub fn write_image(
         let Kind::File(fd) = &tree.inode(*ti).kind else {
             continue;
         };
-        let host;
-        let (src, src_path): (&File, &Path) = match &fd.source {
-            DataSource::Spool => match spool {
-                Some(s) => (s, &spool_path),
-                None => continue,
-            },
-            DataSource::Host(path) => {
-                let f = File::open(path).map_err(io("open", path))?;
-                let now = f.metadata().map_err(io("stat", path))?.len();
-                if now != fd.size {
-                    return Err(WriteError::SourceChanged {
-                        path: path.clone(),
-                        was: fd.size,
-                        now,
-                    });
-                }
-                host = f;
-                (&host, path)
-            }
+        let SpoolKind::File(src) = spool else {
+            continue;
         };
+        let src_path = &spool_path;
         for &(pb, n, s) in list {
             copy_range(src, s, out, pb * BLOCK as u64, n * BLOCK as u64, &mut buf)
                 .map_err(io("copy file data from", src_path))?;
