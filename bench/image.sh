@@ -37,16 +37,21 @@ fi
 cat "$tgz" >/dev/null
 rm -f "$WORK/ours.img" "$WORK/mke2fs.img" "$WORK/manifest.json"
 
+# `sync` before each timed step: no step pays for an earlier one's writeback.
 parse_out=$(mktemp)
+sync
 parse=$( { /usr/bin/time -f %e "$TARPARSE" "$tgz" >"$parse_out"; } 2>&1 )
+sync
 ours=$( { /usr/bin/time -f "%e %M" "$UMLCTL" image build -o "$WORK/ours.img" --manifest "$WORK/manifest.json" \
   --epoch 1700000000 "$tgz" >/dev/null; } 2>&1 | tail -1)
 ours_t=${ours% *}; ours_rss=${ours#* }
 size=$(stat -c %s "$WORK/ours.img")
 e2fsck -fn "$WORK/ours.img" >/dev/null 2>&1 && fsck=clean || fsck="NOT CLEAN"
+sync
 mke=$( { /usr/bin/time -f %e mke2fs -q -F -t ext4 -d "$tree" "$WORK/mke2fs.img" "$((size / 1024))k"; } 2>&1 | tail -1)
 content=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sum(e['size'] for e in m['entries'] if e['type']=='file'))" "$WORK/manifest.json")
 entries=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['entries']))" "$WORK/manifest.json")
+sync
 ver=$( { /usr/bin/time -f "%e %M" "$UMLCTL" image verify "$WORK/ours.img" --manifest "$WORK/manifest.json" >/dev/null; } 2>&1 | tail -1)
 ver_t=${ver% *}; ver_rss=${ver#* }
 

@@ -313,7 +313,7 @@ impl Pipelined {
         mut r: R,
         counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Pipelined {
-        let (tx, rx) = mpsc::sync_channel(4);
+        let (tx, rx) = mpsc::sync_channel(32);
         let (back, spare) = mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || loop {
             let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0; 1 << 20]);

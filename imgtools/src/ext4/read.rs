@@ -741,10 +741,16 @@ impl<R: ReadAt> Image<R> {
         exts.sort_by_key(|e| e.lblk);
         let bs = self.sb.block_size as u64;
         let mut pos = 0u64;
-        let zeros = vec![0u8; 1 << 20];
-        let mut buf = vec![0u8; 1 << 20];
         let size = ino.size;
-        let emit_zeros = |mut n: u64, sink: &mut dyn FnMut(&[u8])| {
+        // Buffers sized to the file: most files are small, and zeroing a
+        // large buffer per file would cost more than reading them.
+        let chunk = (size.min(1 << 20) as usize).max(1);
+        let mut zeros: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        let mut emit_zeros = |mut n: u64, sink: &mut dyn FnMut(&[u8])| {
+            if n > 0 && zeros.is_empty() {
+                zeros.resize(chunk, 0);
+            }
             while n > 0 {
                 let k = n.min(zeros.len() as u64) as usize;
                 sink(&zeros[..k]);
