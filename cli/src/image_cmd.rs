@@ -539,7 +539,9 @@ fn ls_cmd(a: LsArgs) -> Result<u8, String> {
     let path = abs(&a.path);
     let err = |e: ext4_view::Ext4Error| format!("{}:{path}: {e}", a.img.display());
     let md = fs.symlink_metadata(path.as_str()).map_err(err)?;
-    let mut rows: Vec<(Vec<u8>, Option<ext4_view::Metadata>, Option<Vec<u8>>)> = Vec::new();
+    // (name, metadata with -l, symlink target with -l)
+    type Row = (Vec<u8>, Option<ext4_view::Metadata>, Option<Vec<u8>>);
+    let mut rows: Vec<Row> = Vec::new();
     if md.is_dir() {
         for e in fs.read_dir(path.as_str()).map_err(err)? {
             let e = e.map_err(err)?;

@@ -614,6 +614,44 @@ impl<'p> Builder<'p> {
         Ok((self.tree, k))
     }
 
+    /// Insert an entry of source `src` into the tree.
+    fn put(
+        &mut self,
+        src: &Path,
+        rel: &[u8],
+        kind: Kind,
+        meta: Meta,
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Result<(), SourceError> {
+        let inode = Inode {
+            kind,
+            meta,
+            xattrs,
+            implicit: false,
+        };
+        self.tree
+            .insert(rel, inode, self.layer)
+            .map_err(|source| SourceError::Tree {
+                path: src.into(),
+                source,
+            })
+    }
+
+    /// Apply `rel` as an OCI whiteout if it is one (`.wh.NAME` removes NAME,
+    /// `.wh..wh..opq` empties its directory of lower layers).
+    fn whiteout(&mut self, rel: &[u8]) -> bool {
+        let (dir, name) = split_last(rel);
+        if name == b".wh..wh..opq" {
+            self.tree.remove_children(dir, self.layer);
+            true
+        } else if let Some(victim) = name.strip_prefix(b".wh.") {
+            self.tree.remove(&join(dir, victim));
+            true
+        } else {
+            false
+        }
+    }
+
     /// Add one source (a directory, or a tar archive, plain or gzip/zstd
     /// compressed), layered over what was added before.
     pub fn add(&mut self, path: &Path) -> Result<Stats, SourceError> {
@@ -783,14 +821,7 @@ impl<'p> Builder<'p> {
                 gid,
                 mtime,
             };
-            // OCI whiteouts.
-            let (dir, name) = split_last(&rel);
-            if name == b".wh..wh..opq" {
-                self.tree.remove_children(dir, self.layer);
-                continue;
-            }
-            if let Some(victim) = name.strip_prefix(b".wh.") {
-                self.tree.remove(&join(dir, victim));
+            if self.whiteout(&rel) {
                 continue;
             }
             let kind = match etype {
@@ -852,21 +883,7 @@ impl<'p> Builder<'p> {
                 tar::EntryType::Fifo => Kind::Fifo,
                 other => return Err(bad(format!("unsupported tar entry type {:?}", other))),
             };
-            self.tree
-                .insert(
-                    &rel,
-                    Inode {
-                        kind,
-                        meta,
-                        xattrs,
-                        implicit: false,
-                    },
-                    self.layer,
-                )
-                .map_err(|source| SourceError::Tree {
-                    path: path.into(),
-                    source,
-                })?;
+            self.put(path, &rel, kind, meta, xattrs)?;
             stats.entries += 1;
         }
         let now = counter.load(std::sync::atomic::Ordering::Relaxed);
@@ -911,16 +928,8 @@ impl<'p> Builder<'p> {
                     .map_err(|e| io_err("read extended attributes of", e))?;
                 xattrs.insert(name, v);
             }
-            if !rel.is_empty() {
-                let (dir, name) = split_last(&rel);
-                if name == b".wh..wh..opq" {
-                    self.tree.remove_children(dir, self.layer);
-                    continue;
-                }
-                if let Some(victim) = name.strip_prefix(b".wh.") {
-                    self.tree.remove(&join(dir, victim));
-                    continue;
-                }
+            if !rel.is_empty() && self.whiteout(&rel) {
+                continue;
             }
             if !ft.is_dir() && md.nlink() > 1 {
                 if let Some(first) = seen.get(&(md.dev(), md.ino())) {
@@ -987,21 +996,7 @@ impl<'p> Builder<'p> {
             } else {
                 Kind::Socket
             };
-            self.tree
-                .insert(
-                    &rel,
-                    Inode {
-                        kind,
-                        meta,
-                        xattrs,
-                        implicit: false,
-                    },
-                    self.layer,
-                )
-                .map_err(|source| SourceError::Tree {
-                    path: root.into(),
-                    source,
-                })?;
+            self.put(root, &rel, kind, meta, xattrs)?;
             stats.entries += 1;
         }
         self.progress.finish();

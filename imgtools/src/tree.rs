@@ -115,6 +115,23 @@ pub struct Inode {
     pub implicit: bool,
 }
 
+impl Inode {
+    /// A directory no source named (root:root, 0755, the default time).
+    pub fn implicit_dir() -> Inode {
+        Inode {
+            kind: Kind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: Time::default(),
+            },
+            xattrs: BTreeMap::new(),
+            implicit: true,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     inode: usize,
@@ -225,17 +242,7 @@ impl Tree {
             inodes: Vec::new(),
             epoch,
         };
-        let root = t.push(Inode {
-            kind: Kind::Dir,
-            meta: Meta {
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: Time::default(),
-            },
-            xattrs: BTreeMap::new(),
-            implicit: true,
-        });
+        let root = t.push(Inode::implicit_dir());
         t.paths.insert(
             Vec::new(),
             Slot {
@@ -271,17 +278,7 @@ impl Tree {
             }),
             None => {
                 self.ensure_parents(parent, layer)?;
-                let ino = self.push(Inode {
-                    kind: Kind::Dir,
-                    meta: Meta {
-                        mode: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        mtime: Time::default(),
-                    },
-                    xattrs: BTreeMap::new(),
-                    implicit: true,
-                });
+                let ino = self.push(Inode::implicit_dir());
                 self.paths
                     .insert(parent.to_vec(), Slot { inode: ino, layer });
                 Ok(())
