@@ -26,6 +26,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(w) = verify::walk(&img) {
         let _ = verify::check(&img, &w);
-        let _ = verify::manifest(&img, &w, true);
+        // Content is not read: a legitimately huge sparse file would only
+        // make the run slow.
+        let _ = verify::manifest(&img, &w, false);
     }
 });

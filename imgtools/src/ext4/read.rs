@@ -249,7 +249,7 @@ impl<R: ReadAt> Image<R> {
         if log > 6 {
             return Err(ReadError::NotExt4(format!(
                 "block size 2^{} is impossible",
-                10 + log
+                10 + log as u64
             )));
         }
         let mut label = b[0x78..0x88].to_vec();
@@ -304,12 +304,20 @@ impl<R: ReadAt> Image<R> {
             hash_seed,
             log_groups_per_flex: b[0x174],
         };
-        if sb.blocks_per_group == 0
-            || sb.inodes_per_group == 0
-            || sb.inode_size < 128
-            || sb.desc_size < 32
-        {
-            return Err(corrupt("superblock geometry is zero or impossible".into()));
+        let bs = sb.block_size;
+        let sane = sb.blocks > sb.first_data_block as u64
+            && (1..=8 * bs).contains(&sb.blocks_per_group)
+            && (1..=8 * bs).contains(&sb.inodes_per_group)
+            && sb.inode_size.is_power_of_two()
+            && (128..=bs).contains(&(sb.inode_size as u32))
+            && sb.desc_size.is_power_of_two()
+            && (32..=1024).contains(&sb.desc_size)
+            && sb.inodes as u64 <= sb.inodes_per_group as u64 * sb.groups()
+            && sb.groups() <= 1 << 24;
+        if !sane {
+            return Err(corrupt(
+                "superblock geometry is impossible (block, group or inode counts and sizes)".into(),
+            ));
         }
         if sb.has_csum() {
             let want = le32(&b, 0x3FC);
