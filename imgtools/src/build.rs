@@ -250,7 +250,6 @@ pub fn build(
         stats.push(b.add(s)?);
     }
     let (mut tree, spool) = b.finish()?;
-    let t_read = std::time::Instant::now();
     // Times the sources do not give: the epoch, else the newest mtime.
     let default_time = match opts.epoch {
         Some(e) => Time {
@@ -285,10 +284,6 @@ pub fn build(
         hash_seed,
         time: default_time.sec,
     };
-    if std::env::var_os("UMLCTL_TIMING").is_some() {
-        eprintln!("timing: sources read in {:?}", t_read.elapsed());
-    }
-    let t_write = std::time::Instant::now();
     let report = ext4::write_image(
         &tree,
         &spool,
@@ -299,9 +294,6 @@ pub fn build(
         write_progress,
     )?;
     drop(spool);
-    if std::env::var_os("UMLCTL_TIMING").is_some() {
-        eprintln!("timing: image written in {:?}", t_write.elapsed());
-    }
     atomic.commit().map_err(|source| BuildError::Io {
         path: out.into(),
         op: "move the finished image into place at",

@@ -793,36 +793,47 @@ impl<R: ReadAt> Image<R> {
 
     /// The block bitmap of group `g` (checked against its checksum).
     pub fn block_bitmap(&self, g: usize) -> Result<Vec<u8>, ReadError> {
-        let b = self.block(self.groups[g].block_bitmap)?;
-        if self.sb.has_csum() {
-            let c = crc(self.fs_seed, &b[..(self.sb.blocks_per_group / 8) as usize]);
-            let want = if self.sb.desc_size >= 64 {
-                c
-            } else {
-                c & 0xFFFF
-            };
-            if self.groups[g].block_bitmap_csum != want {
-                return Err(corrupt(format!(
-                    "group {g}: block bitmap checksum mismatch"
-                )));
-            }
-        }
-        Ok(b)
+        let gd = &self.groups[g];
+        self.bitmap(
+            g,
+            "block",
+            gd.block_bitmap,
+            self.sb.blocks_per_group,
+            gd.block_bitmap_csum,
+        )
     }
 
     /// The inode bitmap of group `g` (checked against its checksum).
     pub fn inode_bitmap(&self, g: usize) -> Result<Vec<u8>, ReadError> {
-        let b = self.block(self.groups[g].inode_bitmap)?;
+        let gd = &self.groups[g];
+        self.bitmap(
+            g,
+            "inode",
+            gd.inode_bitmap,
+            self.sb.inodes_per_group,
+            gd.inode_bitmap_csum,
+        )
+    }
+
+    fn bitmap(
+        &self,
+        g: usize,
+        what: &str,
+        at: u64,
+        bits: u32,
+        stored: u32,
+    ) -> Result<Vec<u8>, ReadError> {
+        let b = self.block(at)?;
         if self.sb.has_csum() {
-            let c = crc(self.fs_seed, &b[..(self.sb.inodes_per_group / 8) as usize]);
+            let c = crc(self.fs_seed, &b[..(bits / 8) as usize]);
             let want = if self.sb.desc_size >= 64 {
                 c
             } else {
                 c & 0xFFFF
             };
-            if self.groups[g].inode_bitmap_csum != want {
+            if stored != want {
                 return Err(corrupt(format!(
-                    "group {g}: inode bitmap checksum mismatch"
+                    "group {g}: {what} bitmap checksum mismatch"
                 )));
             }
         }

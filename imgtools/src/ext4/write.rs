@@ -108,8 +108,10 @@ pub enum WriteError {
     LabelTooLong { label: String, len: usize },
     #[error("--journal needs an image of at least 8 MiB")]
     JournalTooSmall,
-    #[error("{path}: the file changed while the image was being built (size {was} became {now}); build again from a quiet tree")]
-    SourceChanged { path: PathBuf, was: u64, now: u64 },
+    #[error(
+        "the sources need an image over 256 GiB; give --size explicitly for images that large"
+    )]
+    NeedsExplicitSize,
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -905,7 +907,7 @@ pub fn write_image(
     };
     if let Some((_, reserve)) = in_image {
         if 1 + geo.gdt > reserve {
-            return Err(WriteError::TooLarge);
+            return Err(WriteError::NeedsExplicitSize);
         }
     }
 
