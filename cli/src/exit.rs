@@ -11,3 +11,10 @@ pub const FAILURE: u8 = 125;
 pub const USAGE: u8 = FAILURE;
 /// `doctor`: at least one check failed.
 pub const CHECK_FAILED: u8 = 1;
+/// `kernel test`: a test failed (or none ran).
+pub const TESTS_FAILED: u8 = 1;
+/// `kernel test`: the kernel crashed, or its output stopped before every
+/// announced test reported.
+pub const KERNEL_CRASHED: u8 = 2;
+/// `run`'s `--timeout`, and `kernel test`'s: the guest was stopped.
+pub const TIMEOUT: u8 = 124;

@@ -47,3 +47,49 @@ impl Progress for TermBar {
         }
     }
 }
+
+/// A kernel build's progress: a bar of compile steps on a terminal, one line
+/// per phase on stderr otherwise.
+pub struct BuildBar {
+    bar: Option<ProgressBar>,
+}
+
+impl BuildBar {
+    pub fn new() -> Self {
+        BuildBar {
+            bar: std::io::stderr().is_terminal().then(|| {
+                let b = ProgressBar::new(0);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg:<12} [{bar:30}] {pos}/~{len} steps {elapsed}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                b
+            }),
+        }
+    }
+
+    /// Remove the bar.
+    pub fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl umlctl_kernel::build::Observer for BuildBar {
+    fn phase(&self, what: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(what.to_string()),
+            None => eprintln!("umlctl: {what}"),
+        }
+    }
+    fn step(&self, done: u64, estimate: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(estimate);
+            b.set_position(done);
+        }
+    }
+}

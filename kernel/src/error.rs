@@ -48,6 +48,23 @@ pub enum Error {
     #[error("{0}")]
     Boot(String),
 
+    /// A step of a kernel build failed.
+    #[error("{step} failed ({status}); the build log is {}\n{tail}", log.display())]
+    BuildFailed {
+        step: &'static str,
+        status: String,
+        tail: String,
+        log: PathBuf,
+    },
+
+    /// Requested kernel options are not in the final configuration.
+    #[error("requested kernel options did not land in {}:\n{missing}\nfix: enable what they depend on (fragments and --set are applied after defconfig; `make ARCH=um menuconfig` shows the dependencies), or drop them; the log is {}", config.display(), log.display())]
+    ConfigNotApplied {
+        config: PathBuf,
+        missing: String,
+        log: PathBuf,
+    },
+
     /// A disk image or overlay is unusable.
     #[error(transparent)]
     Disk(#[from] umlctl_imgtools::cow::CowError),
@@ -77,6 +94,7 @@ impl Error {
             Error::Usage(_) => "usage",
             Error::Boot(_) => "boot",
             Error::Disk(_) => "image",
+            Error::BuildFailed { .. } | Error::ConfigNotApplied { .. } => "build",
         }
     }
 }

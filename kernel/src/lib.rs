@@ -8,6 +8,8 @@
 //! * [`init`]: the guest side of `run` (umlctl as PID 1 in the guest) and
 //!   [`protocol`], what the two sides say to each other.
 
+pub mod build;
+pub mod cache;
 pub mod cmdline;
 pub mod detached;
 pub mod error;
@@ -15,6 +17,8 @@ pub mod init;
 pub mod initroot;
 pub mod inspect;
 pub mod instance;
+pub mod ktap;
+pub mod kunit;
 pub mod locate;
 pub mod mconsole;
 pub mod overlay;

@@ -6,9 +6,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::cache;
 use crate::error::{Error, Result};
 use crate::inspect::{inspect, KernelInfo};
-use crate::paths;
 
 /// Where a kernel came from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -50,21 +50,10 @@ pub struct Located {
     pub tried: Vec<Attempt>,
 }
 
-/// The kernel cache directory (`<cache>/kernels`).
-pub fn kernel_cache_dir() -> Result<PathBuf> {
-    Ok(paths::cache_dir()?.join("kernels"))
-}
-
-/// The cache's default kernel: `<cache>/kernels/default` holds a name,
-/// and `<cache>/kernels/<name>/linux` is the binary.
+/// The cache's default kernel: its name and `<cache>/kernels/<name>/linux`.
 fn cache_default() -> Option<(String, PathBuf)> {
-    let dir = kernel_cache_dir().ok()?;
-    let name = fs::read_to_string(dir.join("default")).ok()?;
-    let name = name.trim().to_string();
-    if name.is_empty() || name.contains('/') {
-        return None;
-    }
-    let path = dir.join(&name).join("linux");
+    let name = cache::default_name()?;
+    let path = cache::kernel_dir(&name).ok()?.join("linux");
     Some((name, path))
 }
 
@@ -132,7 +121,7 @@ pub fn locate(explicit: Option<&Path>) -> Result<Located> {
             ),
         },
         None => {
-            let where_ = kernel_cache_dir()
+            let where_ = cache::dir()
                 .map(|d| d.display().to_string())
                 .unwrap_or_default();
             note(
