@@ -9,9 +9,12 @@ cd "$(dirname "$0")/.."
 # test images; uml-utilities: uml_mkcow/uml_moo/uml_mconsole oracles;
 # iproute2: network namespaces; util-linux: setpriv for the unprivileged case;
 # attr, acl, libcap2-bin, python3, tar: the image tests make trees with
-# xattrs, ACLs, file capabilities and crafted archives.
+# xattrs, ACLs, file capabilities and crafted archives;
+# linux-source-6.12, bc, bison, flex, xz-utils: the kernel tests build a real
+# 6.12 UML kernel (once per machine, cached in /var/tmp/umlctl-test-kernels)
+# and compare with kunit.py (python3).
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
-  attr acl libcap2-bin python3 tar
+  attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils
 ensure_cargo
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.
 cargo build --workspace --locked

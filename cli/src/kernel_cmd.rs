@@ -279,6 +279,10 @@ fn test(a: TestArgs) -> u8 {
     } else {
         explain(&out.report, &format!("; its console is in {log}"));
     }
+    if code == exit::KERNEL_CRASHED || code == exit::TIMEOUT {
+        eprintln!("umlctl: the console ended with:");
+        eprintln!("{}", umlctl_kernel::detached::tail(&out.console_log, 8));
+    }
     code
 }
 

@@ -984,12 +984,16 @@ pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Res
     let size = c.header.size;
     let total = c.allocated_sectors() * SECTOR;
     progress.start(total);
-    // Per run of overlay sectors: read it from the overlay and from the
-    // backing file, and write it only where it differs (a rerun after a kill
-    // skips what is already done). Nothing else of the backing file is read
-    // or written.
+    // Per run of overlay sectors: read it from the overlay and write it into
+    // the backing file. Nothing else of the backing file is read or written.
+    // When resuming a killed merge, a run is compared first and written only
+    // where it differs (what is already done is skipped).
     let mut new = Vec::new();
     let mut old = Vec::new();
+    // Writeback is started every WRITEBACK bytes, so that the final fsync
+    // finds most of the data already on its way to the disk.
+    const WRITEBACK: u64 = 32 << 20;
+    let mut unsynced = 0u64;
     for (s, n, set) in c.runs(0, c.header.sectors()) {
         if !set {
             continue;
@@ -999,16 +1003,36 @@ pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Res
         while a < end {
             let len = CHUNK.min(end - a) as usize;
             new.resize(len, 0);
-            old.resize(len, 0);
             new.fill(0);
-            old.fill(0);
             read_full_at(&c.file, &mut new, c.header.data_offset() + a)
                 .map_err(io_err("read COW data", cow))?;
-            read_full_at(&backing, &mut old, a).map_err(io_err("read backing file", &bpath))?;
-            if new != old {
+            let write = if resuming {
+                old.resize(len, 0);
+                old.fill(0);
+                read_full_at(&backing, &mut old, a).map_err(io_err("read backing file", &bpath))?;
+                new != old
+            } else {
+                true
+            };
+            if write {
                 backing
                     .write_all_at(&new, a)
                     .map_err(io_err("write backing file", &bpath))?;
+                unsynced += len as u64;
+                if unsynced >= WRITEBACK {
+                    // Only a hint: the fsync below is what makes it durable.
+                    // SAFETY: sync_file_range takes a valid open fd (ours,
+                    // alive for the call) and integers; nix has no wrapper.
+                    let _ = unsafe {
+                        libc::sync_file_range(
+                            std::os::fd::AsRawFd::as_raw_fd(&backing),
+                            0,
+                            0,
+                            libc::SYNC_FILE_RANGE_WRITE,
+                        )
+                    };
+                    unsynced = 0;
+                }
             }
             a += len as u64;
             progress.advance(len as u64);

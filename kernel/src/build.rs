@@ -383,6 +383,8 @@ fn resolve_source(given: &Path, obs: &dyn Observer) -> Result<Source> {
     let root = paths::cache_dir()?.join("kernel-src");
     paths::ensure_dir(&root)?;
     let dest = root.join(&id);
+    // One extraction at a time per tarball; a waiter finds it complete.
+    let _lock = lock(&root.join(format!(".{id}.lock")))?;
     if !dest.join(".umlctl-complete").exists() {
         obs.phase("extracting the source tarball");
         let tmp = root.join(format!(".{id}.tmp-{}", std::process::id()));
@@ -429,6 +431,18 @@ fn resolve_source(given: &Path, obs: &dyn Observer) -> Result<Source> {
         given: canon,
         fingerprint: id,
     })
+}
+
+/// Hold an exclusive lock on `path` (created if missing) until dropped.
+fn lock(path: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::io("lock", path, crate::error::errno(e)))
 }
 
 /// The source tree `given` names: the directory itself, or where its
@@ -551,15 +565,7 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
         .join("kernel-build")
         .join(&hex(h.finalize())[..20]);
     paths::ensure_dir(&build_dir)?;
-    let lock_path = build_dir.join(".umlctl-lock");
-    let lock_file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| Error::io("open", &lock_path, e))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::io("lock", &lock_path, crate::error::errno(e)))?;
+    let _lock = lock(&build_dir.join(".umlctl-lock"))?;
 
     let release_file = build_dir.join("include/config/kernel.release");
     let default_name = |release: &str| {
