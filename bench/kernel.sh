@@ -25,7 +25,7 @@ UMLCTL=$(realpath "$UMLCTL")
 work=$(mktemp -d /var/tmp/umlctl-bench-kernel.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 now() { date +%s.%N; }
-secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
+secs() { python3 -c "print(f'{$2 - $1:.${3:-1}f}')"; }
 
 export UMLCTL_CACHE_DIR=$work/cache
 printf 'CONFIG_KUNIT=y\nCONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_KUNIT_TEST=y\n' > "$work/small.kunitconfig"
@@ -64,7 +64,7 @@ t8=$(now)
 times=()
 for _ in $(seq "$RUNS"); do
   a=$(now); "$UMLCTL" run --kernel "$kernel" -- true; b=$(now)
-  times+=("$(secs "$a" "$b")")
+  times+=("$(secs "$a" "$b" 3)")
 done
 median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
 

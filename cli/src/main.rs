@@ -7,6 +7,7 @@ mod fmt;
 mod guest_cmd;
 mod image_cmd;
 mod kernel_cmd;
+mod net_cmd;
 mod progress;
 mod run_cmd;
 
@@ -51,6 +52,11 @@ enum Cmd {
     /// Create, inspect, merge and rebase UML copy-on-write overlays.
     #[command(subcommand)]
     Cow(cow_cmd::CowCmd),
+    /// The privileged network helper daemon (run as root): taps on host bridges under a policy.
+    Netd(net_cmd::NetdArgs),
+    /// Networking as netd offers it to me.
+    #[command(subcommand)]
+    Net(net_cmd::NetCmd),
     /// The guest side of `run` (umlctl as PID 1 in the guest).
     #[command(hide = true)]
     GuestInit,
@@ -87,6 +93,8 @@ fn main() -> ExitCode {
         Cmd::Logs(a) => guest_cmd::logs(a),
         Cmd::Ctl(a) => guest_cmd::ctl(a),
         Cmd::Gc => guest_cmd::gc(),
+        Cmd::Netd(a) => net_cmd::netd(a),
+        Cmd::Net(c) => net_cmd::main(c),
         Cmd::GuestInit => {
             eprintln!(
                 "umlctl: guest-init only runs as PID 1 inside a UML guest started by `umlctl run`"

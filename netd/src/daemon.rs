@@ -1,0 +1,565 @@
+//! The daemon: on start it removes the taps a previous run left (its state
+//! file), creates or adopts its bridges, and listens on its socket. Each
+//! connection is its own task, so a slow, malformed or oversized client
+//! only ever stalls itself. A tap lives as long as the connection that
+//! asked for it; when the connection closes, for any reason, the tap is
+//! removed and its lease freed. Every decision is written to stderr (the
+//! audit log), refusals included.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::config::{Config, ConfigError};
+use crate::lease;
+use crate::link::{self, LinkError};
+use crate::policy::{self, Peer, Refusal};
+use crate::protocol::{self, BridgeInfo, DecodeError, ErrorCode, Lease, Reply, Request, TapMode};
+use crate::tap::{self, TapError};
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many connections are served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another netd is already listening on {}; stop it first, or give this one another --socket", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("netlink: {0}")]
+    Netlink(std::io::Error),
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+struct Tap {
+    lease: Lease,
+    conn: u64,
+    /// Fd mode: netd's own descriptor, which keeps the tap alive.
+    _fd: Option<OwnedFd>,
+}
+
+struct Shared {
+    config: Config,
+    nl: rtnetlink::Handle,
+    bridges: BTreeMap<String, u32>,
+    taps: Mutex<BTreeMap<String, Tap>>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct State {
+    /// Taps this netd created and has not removed.
+    taps: Vec<String>,
+}
+
+fn audit(peer: &Peer, what: impl std::fmt::Display) {
+    eprintln!("netd: uid {} pid {}: {what}", peer.uid, peer.pid);
+}
+
+/// Run the daemon until SIGTERM or SIGINT (then every tap it made is
+/// removed). Builds its own single-threaded runtime.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| io("start runtime for", &config.socket)(e))?;
+    rt.block_on(serve(config))
+}
+
+async fn save_state(config: &Config, taps: &BTreeMap<String, Tap>) {
+    let state = State {
+        taps: taps.keys().cloned().collect(),
+    };
+    let tmp = config.state.with_extension("tmp");
+    let data = serde_json::to_vec(&state).unwrap_or_default();
+    let res = std::fs::write(&tmp, data).and_then(|_| std::fs::rename(&tmp, &config.state));
+    if let Err(e) = res {
+        eprintln!("netd: write state {}: {e}", config.state.display());
+    }
+}
+
+fn make_parent(p: &Path) -> Result<(), DaemonError> {
+    if let Some(d) = p.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(d)
+            .map_err(io("create directory", d))?;
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<(), DaemonError> {
+    let nl = link::connect().map_err(DaemonError::Netlink)?;
+
+    // Whatever a previous run created is gone with its connections.
+    make_parent(&config.state)?;
+    if let Ok(data) = std::fs::read(&config.state) {
+        let old: State = serde_json::from_slice(&data).unwrap_or_default();
+        for name in old.taps {
+            if name.starts_with(lease::TAP_PREFIX) {
+                match link::remove(&nl, &name).await {
+                    Ok(()) => eprintln!("netd: removed {name}, left by a previous run"),
+                    Err(e) => eprintln!("netd: {e}"),
+                }
+            }
+        }
+    }
+
+    let mut bridges = BTreeMap::new();
+    for b in &config.bridges {
+        let index = link::ensure_bridge(&nl, b).await?;
+        eprintln!(
+            "netd: bridge {} ready (forwarding {})",
+            link::describe(b),
+            if b.forward { "on" } else { "off" }
+        );
+        bridges.insert(b.name.clone(), index);
+    }
+
+    let listener = bind(&config)?;
+    let shared = Arc::new(Shared {
+        config,
+        nl,
+        bridges,
+        taps: Mutex::new(BTreeMap::new()),
+    });
+    save_state(&shared.config, &BTreeMap::new()).await;
+    eprintln!("netd: listening on {}", shared.config.socket.display());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("handle SIGTERM for", &shared.config.socket))?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let ids = AtomicU64::new(1);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let sh = shared.clone();
+                tokio::spawn(async move {
+                    connection(sh, stream, id).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                eprintln!("netd: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    eprintln!("netd: stopping; removing every tap");
+    let mut taps = shared.taps.lock().await;
+    for name in taps.keys() {
+        if let Err(e) = link::remove(&shared.nl, name).await {
+            eprintln!("netd: {e}");
+        }
+    }
+    taps.clear();
+    save_state(&shared.config, &taps).await;
+    let _ = std::fs::remove_file(&shared.config.socket);
+    Ok(())
+}
+
+/// Bind the socket: refuse if another netd answers on it, replace a stale
+/// one, then set its mode and group.
+fn bind(config: &Config) -> Result<UnixListener, DaemonError> {
+    let path = &config.socket;
+    make_parent(path)?;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::AlreadyRunning(path.clone()));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove stale socket", path)(e)),
+    }
+    let l = UnixListener::bind(path).map_err(io("bind", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(io("chmod", path))?;
+    if let Some(g) = config.socket_group {
+        nix::unistd::chown(path.as_path(), None, Some(nix::unistd::Gid::from_raw(g)))
+            .map_err(|e| io("chown", path)(std::io::Error::from_raw_os_error(e as i32)))?;
+    }
+    Ok(l)
+}
+
+/// The uid's groups from the system database (its primary gid at least).
+fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
+    let mut out = vec![gid];
+    if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        if let Ok(name) = std::ffi::CString::new(u.name) {
+            if let Ok(gs) = nix::unistd::getgrouplist(&name, u.gid) {
+                out.extend(gs.into_iter().map(|g| g.as_raw()));
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+enum Line {
+    Got(Vec<u8>),
+    Eof,
+    TooLarge,
+}
+
+async fn read_line(r: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(protocol::MAX_MESSAGE as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if !buf.ends_with(b"\n") {
+        return Ok(if buf.len() > protocol::MAX_MESSAGE {
+            Line::TooLarge
+        } else {
+            Line::Eof
+        });
+    }
+    Ok(Line::Got(buf))
+}
+
+/// Send one reply, with `fd` as SCM_RIGHTS on its first byte.
+async fn send(w: &mut OwnedWriteHalf, reply: &Reply, fd: Option<&OwnedFd>) -> std::io::Result<()> {
+    let bytes = protocol::encode(reply);
+    let Some(fd) = fd else {
+        return w.write_all(&bytes).await;
+    };
+    let raw = [fd.as_raw_fd()];
+    let sent = loop {
+        w.as_ref().writable().await?;
+        let res = w.as_ref().try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(&bytes)];
+            let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+            nix::sys::socket::sendmsg::<()>(
+                w.as_ref().as_raw_fd(),
+                &iov,
+                &cmsg,
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+        });
+        match res {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    w.write_all(&bytes[sent..]).await
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
+    Reply::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            pid: c.pid().unwrap_or(0),
+            uid: c.uid(),
+            gids: groups_of(c.uid(), c.gid()),
+        },
+        Err(e) => {
+            eprintln!("netd: SO_PEERCRED: {e}; closing the connection");
+            return;
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut hello = false;
+    loop {
+        let line = if hello {
+            read_line(&mut r).await
+        } else {
+            match tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut r)).await {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = send(
+                        &mut w,
+                        &error(ErrorCode::Version, "no hello within 10 s"),
+                        None,
+                    )
+                    .await;
+                    break;
+                }
+            }
+        };
+        let line = match line {
+            Ok(Line::Got(l)) => l,
+            Ok(Line::Eof) | Err(_) => break,
+            Ok(Line::TooLarge) => {
+                audit(&peer, "refused: message over the size limit; closing");
+                let msg = format!("message over {} bytes", protocol::MAX_MESSAGE);
+                let _ = send(&mut w, &error(ErrorCode::BadRequest, msg), None).await;
+                break;
+            }
+        };
+        let req = match protocol::decode::<Request>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let code = match e {
+                    DecodeError::Version(_) => ErrorCode::Version,
+                    _ => ErrorCode::BadRequest,
+                };
+                audit(&peer, format_args!("refused: {e}"));
+                if send(&mut w, &error(code, e.to_string()), None)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+        };
+        let (reply, fd) = match req {
+            Request::Hello { versions } => match protocol::negotiate(&versions) {
+                Some(v) => {
+                    hello = true;
+                    (
+                        Reply::Hello {
+                            version: v,
+                            server: format!("umlctl-netd {}", env!("CARGO_PKG_VERSION")),
+                        },
+                        None,
+                    )
+                }
+                None => (
+                    error(
+                        ErrorCode::Version,
+                        format!("no common protocol version: you speak {versions:?}, this netd speaks [{}]", protocol::VERSION),
+                    ),
+                    None,
+                ),
+            },
+            _ if !hello => (error(ErrorCode::Version, "say hello first"), None),
+            Request::CreateTap { bridge, mode, tag } => match create(&sh, &peer, id, &bridge, mode, tag).await {
+                Ok((lease, fd)) => (Reply::Tap { lease }, fd),
+                Err(reply) => (reply, None),
+            },
+            Request::List {} => {
+                let taps = sh.taps.lock().await;
+                let mine = taps.values().filter(|t| t.lease.uid == peer.uid).map(|t| t.lease.clone()).collect();
+                (Reply::Taps { taps: mine }, None)
+            }
+            Request::Bridges {} => {
+                let taps = sh.taps.lock().await;
+                let held = taps.values().filter(|t| t.lease.uid == peer.uid).count() as u32;
+                let bridges = policy::visible(&sh.config, &peer)
+                    .into_iter()
+                    .map(|(b, max)| BridgeInfo {
+                        name: b.name.clone(),
+                        address: b.address,
+                        prefix: b.prefix,
+                        forward: b.forward,
+                        taps_left: max.saturating_sub(held),
+                    })
+                    .collect();
+                (Reply::Bridges { bridges }, None)
+            }
+            Request::Release { ifname } => (release(&sh, &peer, id, &ifname).await, None),
+        };
+        let sent = send(&mut w, &reply, fd.as_ref()).await;
+        // The client has its own copy now (or is gone); ours is not kept:
+        // the tap lives on through netd's registry copy.
+        drop(fd);
+        if sent.is_err() {
+            break;
+        }
+    }
+    // The connection is gone: so are its taps.
+    let mut taps = sh.taps.lock().await;
+    let mine: Vec<String> = taps
+        .iter()
+        .filter(|(_, t)| t.conn == id)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in &mine {
+        if let Err(e) = link::remove(&sh.nl, name).await {
+            eprintln!("netd: {e}");
+        }
+        taps.remove(name);
+        audit(&peer, format_args!("connection closed: removed {name}"));
+    }
+    if !mine.is_empty() {
+        save_state(&sh.config, &taps).await;
+    }
+}
+
+async fn create(
+    sh: &Shared,
+    peer: &Peer,
+    conn: u64,
+    bridge: &str,
+    mode: TapMode,
+    tag: Option<String>,
+) -> Result<(Lease, Option<OwnedFd>), Reply> {
+    let mut taps = sh.taps.lock().await;
+    let held = taps.values().filter(|t| t.lease.uid == peer.uid).count() as u32;
+    if let Err(r) = policy::check(&sh.config, peer, bridge, held) {
+        audit(peer, format_args!("refused: {r}"));
+        let code = match r {
+            Refusal::NoSuchBridge(_) => ErrorCode::NoSuchBridge,
+            Refusal::Denied { .. } => ErrorCode::Denied,
+            Refusal::Limit { .. } => ErrorCode::Limit,
+        };
+        return Err(error(code, r.to_string()));
+    }
+    if tag.as_ref().is_some_and(|t| t.len() > 256) {
+        return Err(error(ErrorCode::BadRequest, "tag over 256 bytes"));
+    }
+    let (Some(b), Some(&index)) = (sh.config.bridge(bridge), sh.bridges.get(bridge)) else {
+        return Err(error(
+            ErrorCode::NoSuchBridge,
+            format!("no such bridge {bridge:?}"),
+        ));
+    };
+    let used: BTreeSet<_> = taps
+        .values()
+        .filter(|t| t.lease.bridge == bridge)
+        .map(|t| t.lease.address)
+        .collect();
+    let Some(address) = lease::free_address(b, &used) else {
+        audit(
+            peer,
+            format_args!("refused: bridge {bridge} has no free address"),
+        );
+        return Err(error(
+            ErrorCode::Exhausted,
+            format!(
+                "bridge {bridge:?} has no free address left in {}/{}",
+                b.network(),
+                b.prefix
+            ),
+        ));
+    };
+    let names: BTreeSet<String> = taps.keys().cloned().collect();
+    let ifname = lease::free_name(&names);
+    let internal = |e: &dyn std::fmt::Display| {
+        eprintln!("netd: {e}");
+        error(ErrorCode::Internal, e.to_string())
+    };
+    // A leftover link of that name (not ours any more) is replaced.
+    link::remove(&sh.nl, &ifname)
+        .await
+        .map_err(|e| internal(&e))?;
+    let fd = match mode {
+        TapMode::Owned => tap::create_owned(&ifname, peer.uid).map(|()| None),
+        TapMode::Fd => tap::create_fd(&ifname).map(Some),
+    }
+    .map_err(|e: TapError| internal(&e))?;
+    if let Err(e) = link::attach(&sh.nl, &ifname, index, b.mtu).await {
+        let _ = link::remove(&sh.nl, &ifname).await;
+        return Err(internal(&e));
+    }
+    let lease = Lease {
+        mac: lease::mac(
+            bridge,
+            peer.uid,
+            tag.as_deref().unwrap_or(&address.to_string()),
+        ),
+        ifname: ifname.clone(),
+        bridge: bridge.to_string(),
+        mode,
+        address,
+        prefix: b.prefix,
+        gateway: b.address,
+        mtu: b.mtu,
+        uid: peer.uid,
+    };
+    let client_fd = match &fd {
+        Some(f) => Some(f.try_clone().map_err(|e| internal(&e))?),
+        None => None,
+    };
+    taps.insert(
+        ifname.clone(),
+        Tap {
+            lease: lease.clone(),
+            conn,
+            _fd: fd,
+        },
+    );
+    save_state(&sh.config, &taps).await;
+    audit(
+        peer,
+        format_args!(
+            "created {ifname} on {bridge} ({address}/{}, {mode:?})",
+            b.prefix
+        ),
+    );
+    Ok((lease, client_fd))
+}
+
+async fn release(sh: &Shared, peer: &Peer, conn: u64, ifname: &str) -> Reply {
+    let mut taps = sh.taps.lock().await;
+    match taps.get(ifname) {
+        None => error(ErrorCode::NoSuchTap, format!("no tap {ifname:?}")),
+        Some(t) if t.lease.uid != peer.uid || t.conn != conn => {
+            audit(
+                peer,
+                format_args!("refused: release of {ifname}, which is not this connection's"),
+            );
+            error(
+                ErrorCode::Denied,
+                format!("{ifname} is not one of this connection's taps"),
+            )
+        }
+        Some(_) => {
+            if let Err(e) = link::remove(&sh.nl, ifname).await {
+                eprintln!("netd: {e}");
+                return error(ErrorCode::Internal, e.to_string());
+            }
+            taps.remove(ifname);
+            save_state(&sh.config, &taps).await;
+            audit(peer, format_args!("released {ifname}"));
+            Reply::Released {
+                ifname: ifname.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Link work through rtnetlink: create or adopt bridges, give them their
+//! address, attach taps, remove taps. Never through `ip`.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::Handle;
+
+use crate::config::Bridge;
+
+/// A netlink operation that failed, with the interface and the operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {name}: {detail}")]
+pub struct LinkError {
+    pub op: &'static str,
+    pub name: String,
+    pub detail: String,
+}
+
+fn fail<'a>(op: &'static str, name: &'a str) -> impl FnOnce(rtnetlink::Error) -> LinkError + 'a {
+    move |e| LinkError {
+        op,
+        name: name.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// A netlink connection (its task runs on the current tokio runtime).
+pub fn connect() -> std::io::Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// The link called `name`, if there is one.
+pub async fn get(h: &Handle, name: &str) -> Result<Option<LinkMessage>, LinkError> {
+    let mut s = h.link().get().match_name(name.to_string()).execute();
+    match s.try_next().await {
+        Ok(m) => Ok(m),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(fail("look up", name)(e)),
+    }
+}
+
+fn is_bridge(m: &LinkMessage) -> bool {
+    m.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+        _ => false,
+    })
+}
+
+/// Create bridge `b` (or adopt the existing one), give it its address if it
+/// lacks it, set its MTU and bring it up. A link of that name that is not a
+/// bridge is an error: netd does not take over other interfaces.
+pub async fn ensure_bridge(h: &Handle, b: &Bridge) -> Result<u32, LinkError> {
+    let existing = get(h, &b.name).await?;
+    let index = match existing {
+        Some(m) if is_bridge(&m) => m.header.index,
+        Some(_) => return Err(LinkError {
+            op: "adopt",
+            name: b.name.clone(),
+            detail:
+                "exists and is not a bridge; name another bridge in the config or remove that link"
+                    .into(),
+        }),
+        None => {
+            h.link()
+                .add()
+                .bridge(b.name.clone())
+                .execute()
+                .await
+                .map_err(fail("create bridge", &b.name))?;
+            get(h, &b.name)
+                .await?
+                .ok_or_else(|| LinkError {
+                    op: "create bridge",
+                    name: b.name.clone(),
+                    detail: "created but not found".into(),
+                })?
+                .header
+                .index
+        }
+    };
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
+    let mut has = false;
+    while let Some(a) = addrs
+        .try_next()
+        .await
+        .map_err(fail("list addresses of", &b.name))?
+    {
+        let mine = a.header.prefix_len == b.prefix
+            && a.attributes.iter().any(|x| matches!(x, AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) if *v == b.address));
+        has |= mine;
+    }
+    if !has {
+        h.address()
+            .add(index, IpAddr::V4(b.address), b.prefix)
+            .execute()
+            .await
+            .map_err(fail("add address to", &b.name))?;
+    }
+    h.link()
+        .set(index)
+        .mtu(b.mtu)
+        .up()
+        .execute()
+        .await
+        .map_err(fail("bring up", &b.name))?;
+    set_forwarding(&b.name, b.forward).map_err(|e| LinkError {
+        op: "set forwarding on",
+        name: b.name.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(index)
+}
+
+/// Whether packets arriving on `name` are routed to other interfaces
+/// (`net.ipv4.conf.NAME.forwarding`; the host-wide setting is not touched).
+pub fn set_forwarding(name: &str, on: bool) -> std::io::Result<()> {
+    std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/{name}/forwarding"),
+        if on { "1\n" } else { "0\n" },
+    )
+}
+
+/// Put tap `tap` on bridge index `bridge` with `mtu` and bring it up.
+pub async fn attach(h: &Handle, tap: &str, bridge: u32, mtu: u32) -> Result<(), LinkError> {
+    let index = get(h, tap)
+        .await?
+        .ok_or_else(|| LinkError {
+            op: "attach",
+            name: tap.to_string(),
+            detail: "no such link".into(),
+        })?
+        .header
+        .index;
+    h.link()
+        .set(index)
+        .controller(bridge)
+        .mtu(mtu)
+        .up()
+        .execute()
+        .await
+        .map_err(fail("attach to bridge", tap))
+}
+
+/// Remove link `name`; a link that is already gone is fine.
+pub async fn remove(h: &Handle, name: &str) -> Result<(), LinkError> {
+    let Some(m) = get(h, name).await? else {
+        return Ok(());
+    };
+    match h.link().del(m.header.index).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        Err(e) => Err(fail("remove", name)(e)),
+    }
+}
+
+/// Names of every link starting with `prefix`.
+pub async fn names_with_prefix(h: &Handle, prefix: &str) -> Result<Vec<String>, LinkError> {
+    let mut out = Vec::new();
+    let mut s = h.link().get().execute();
+    while let Some(m) = s.try_next().await.map_err(fail("list links", prefix))? {
+        for a in &m.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                if n.starts_with(prefix) {
+                    out.push(n.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The bridge's address as configured, for messages.
+pub fn describe(b: &Bridge) -> String {
+    format!("{} ({}/{})", b.name, b.address, b.prefix)
+}

@@ -1,0 +1,271 @@
+//! netd's wire protocol: one JSON object per line over a unix stream
+//! socket, each carrying the protocol version `v`. A client says `hello`
+//! first (the versions it speaks; netd answers with the one it chose), then
+//! asks for taps. A tap created for a connection lives as long as that
+//! connection. Who the client is comes from `SO_PEERCRED`, never from a
+//! message.
+//!
+//! With `mode: "fd"` the reply to `create_tap` carries the open tap file
+//! descriptor as `SCM_RIGHTS` ancillary data on the reply's first byte.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The largest message either side accepts, newline included.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+
+/// How the client will use its tap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TapMode {
+    /// A persistent tap owned by the client's uid, which UML opens by name
+    /// (`vecN:transport=tap`, with vnet headers and offloads: fast). Needs
+    /// `/dev/net/tun` to be openable by the client.
+    #[default]
+    Owned,
+    /// netd opens the tap and passes its descriptor (`transport=fd`): works
+    /// when `/dev/net/tun` is not accessible, the client never gets to open
+    /// other taps, but no offloads (one frame per system call).
+    Fd,
+}
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The versions the client speaks.
+    Hello { versions: Vec<u32> },
+    /// A tap on `bridge`. `tag` (a guest name) makes the MAC stable across runs.
+    CreateTap {
+        bridge: String,
+        #[serde(default)]
+        mode: TapMode,
+        #[serde(default)]
+        tag: Option<String>,
+    },
+    /// The caller's taps (on every connection of its uid). (Empty struct
+    /// variants, not unit ones: serde only denies unknown fields on those.)
+    List {},
+    /// The bridges the caller may use.
+    Bridges {},
+    /// Give back a tap of this connection.
+    Release { ifname: String },
+}
+
+/// What a tap lease gives the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ifname: String,
+    pub bridge: String,
+    pub mode: TapMode,
+    /// A locally administered unicast MAC, `02:…`.
+    pub mac: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    /// The bridge's host address: the guest's default route.
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+    /// The uid the tap belongs to.
+    pub uid: u32,
+}
+
+/// A bridge as the caller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeInfo {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    /// Guests may reach other networks through the host.
+    pub forward: bool,
+    /// Taps the caller may still take on it (over all bridges).
+    pub taps_left: u32,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a request this version understands (or too large).
+    BadRequest,
+    /// No common protocol version, or `hello` missing.
+    Version,
+    /// The policy does not allow it.
+    Denied,
+    /// The caller holds as many taps as the policy allows.
+    Limit,
+    NoSuchBridge,
+    NoSuchTap,
+    /// The bridge's subnet has no free address.
+    Exhausted,
+    /// netd itself failed (netlink, tun); the message says what.
+    Internal,
+}
+
+/// netd's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Hello { version: u32, server: String },
+    Tap { lease: Lease },
+    Taps { taps: Vec<Lease> },
+    Bridges { bridges: Vec<BridgeInfo> },
+    Released { ifname: String },
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+/// A message that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message over {MAX_MESSAGE} bytes")]
+    TooLarge,
+    #[error("protocol version {0} is not spoken here (this netd speaks {VERSION})")]
+    Version(u32),
+    #[error("not a valid message: {0}")]
+    Invalid(String),
+}
+
+/// One line: the JSON of `body` with the version, and `\n`.
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(&Envelope { v: VERSION, body }).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// Decode one line (with or without its newline).
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, DecodeError> {
+    if line.len() > MAX_MESSAGE {
+        return Err(DecodeError::TooLarge);
+    }
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    // The version first, so that a newer client gets a version error
+    // rather than a parse error about fields it added.
+    #[derive(Deserialize)]
+    struct V {
+        v: u32,
+    }
+    let v: V = serde_json::from_slice(line).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if v.v != VERSION {
+        return Err(DecodeError::Version(v.v));
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if let Some(o) = value.as_object_mut() {
+        o.remove("v");
+    }
+    serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+/// The version both sides speak, if any.
+pub fn negotiate(client: &[u32]) -> Option<u32> {
+    client.iter().copied().filter(|&v| v == VERSION).max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let reqs = [
+            Request::Hello {
+                versions: vec![1, 2],
+            },
+            Request::CreateTap {
+                bridge: "umlbr0".into(),
+                mode: TapMode::Fd,
+                tag: Some("web".into()),
+            },
+            Request::List {},
+            Request::Bridges {},
+            Request::Release {
+                ifname: "umltap3".into(),
+            },
+        ];
+        for r in reqs {
+            let line = encode(&r);
+            assert!(line.ends_with(b"\n") && !line[..line.len() - 1].contains(&b'\n'));
+            assert_eq!(decode::<Request>(&line).unwrap(), r);
+        }
+        let lease = Lease {
+            ifname: "umltap0".into(),
+            bridge: "umlbr0".into(),
+            mode: TapMode::Owned,
+            mac: "02:00:00:00:00:01".into(),
+            address: Ipv4Addr::new(10, 0, 0, 2),
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            mtu: 1500,
+            uid: 1000,
+        };
+        let r = Reply::Tap { lease };
+        assert_eq!(decode::<Reply>(&encode(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn wire_shape_is_stable() {
+        let line = encode(&Request::CreateTap {
+            bridge: "b".into(),
+            mode: TapMode::Owned,
+            tag: None,
+        });
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"v\":1,\"op\":\"create_tap\",\"bridge\":\"b\",\"mode\":\"owned\",\"tag\":null}\n"
+        );
+        // Defaults: mode and tag may be left out.
+        assert_eq!(
+            decode::<Request>(br#"{"v":1,"op":"create_tap","bridge":"b"}"#).unwrap(),
+            Request::CreateTap {
+                bridge: "b".into(),
+                mode: TapMode::Owned,
+                tag: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_input() {
+        assert_eq!(
+            decode::<Request>(br#"{"v":2,"op":"list"}"#),
+            Err(DecodeError::Version(2))
+        );
+        for bad in [
+            &b"not json"[..],
+            br#"{"op":"list"}"#,
+            br#"{"v":1}"#,
+            br#"{"v":1,"op":"format_disk"}"#,
+            br#"{"v":1,"op":"list","uid":0}"#,
+            br#"{"v":1,"op":"create_tap"}"#,
+            br#"{"v":1,"op":"create_tap","bridge":7}"#,
+            br#"[1,2]"#,
+            b"",
+        ] {
+            assert!(
+                matches!(decode::<Request>(bad), Err(DecodeError::Invalid(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let big = vec![b' '; MAX_MESSAGE + 1];
+        assert_eq!(decode::<Request>(&big), Err(DecodeError::TooLarge));
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(negotiate(&[1]), Some(1));
+        assert_eq!(negotiate(&[0, 1, 7]), Some(1));
+        assert_eq!(negotiate(&[2, 3]), None);
+        assert_eq!(negotiate(&[]), None);
+    }
+}

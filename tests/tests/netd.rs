@@ -1,0 +1,675 @@
+//! `umlctl netd` end to end. Each test makes its own network namespace and
+//! runs netd in it, so the host's interfaces are never touched; `ip -n NS`
+//! is the oracle for what exists. Clients: the client library, the
+//! `umlctl net ls` binary, and an independent raw-protocol client in Python
+//! (for malformed, oversized and slow-drip input, and for running as
+//! uid 65534 through setpriv).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use umlctl_netd::client::{Client, ClientError};
+use umlctl_netd::protocol::{ErrorCode, TapMode};
+
+fn sh(script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh")
+}
+
+fn need_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the netd tests run as root (network namespaces, taps)"
+    );
+    assert!(
+        sh("command -v ip").status.success(),
+        "ip is missing: apt-get install iproute2"
+    );
+}
+
+/// A network namespace of our own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("umlctl-{tag}-{}", std::process::id());
+        let _ = sh(&format!("ip netns del {name} 2>/dev/null"));
+        let out = sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        assert!(
+            out.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns(name)
+    }
+
+    /// Interface names in the namespace.
+    fn links(&self) -> Vec<String> {
+        let out = sh(&format!("ip -n {} -o link show", self.0));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    fn taps(&self) -> Vec<String> {
+        self.links()
+            .into_iter()
+            .filter(|l| l.starts_with("umltap"))
+            .collect()
+    }
+
+    fn link_detail(&self, name: &str) -> String {
+        String::from_utf8_lossy(&sh(&format!("ip -n {} -d link show {name}", self.0)).stdout)
+            .into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip netns del {}", self.0));
+    }
+}
+
+/// netd running in a namespace, with its config, socket, state and log.
+struct Netd {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+const CONFIG: &str = r#"
+socket_mode = "0666"
+
+[[bridge]]
+name = "br0"
+address = "10.99.0.1/24"
+forward = true
+
+[[bridge]]
+name = "iso0"
+address = "10.98.0.1/29"
+
+[[allow]]
+users = [0]
+bridges = ["*"]
+max_taps = 2000
+
+[[allow]]
+users = ["nobody"]
+bridges = ["br0"]
+max_taps = 1
+"#;
+
+impl Netd {
+    fn start(tag: &str) -> Netd {
+        need_root();
+        let ns = Netns::new(tag);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = format!(
+            "socket = \"{}\"\nstate = \"{}\"\n{CONFIG}",
+            dir.path().join("netd.sock").display(),
+            dir.path().join("netd.state").display()
+        );
+        std::fs::write(dir.path().join("netd.toml"), cfg).unwrap();
+        // The socket is reached by path; let uid 65534 through the directory.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut d = Netd {
+            ns,
+            dir,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("netd.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("netd.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("netd.log"))
+            .unwrap();
+        let before = self.log().matches("listening on").count();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.0])
+            .arg(umlctl_bin())
+            .arg("netd")
+            .arg("--config")
+            .arg(self.dir.path().join("netd.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start netd");
+        self.child = Some(child);
+        let t = Instant::now();
+        while self.log().matches("listening on").count() <= before {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "netd did not start:\n{}",
+                self.log()
+            );
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("netd exited ({st}):\n{}", self.log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket()).expect("connect to netd")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Netd {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = sh(&format!("kill -TERM {}", c.id()));
+        }
+        if let Some(mut c) = self.child.take() {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw-protocol client in Python: sends `lines`, prints every reply
+/// line, then sleeps `linger` seconds (holding the connection).
+const PY_CLIENT: &str = r#"
+import socket, sys, time, json
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+for line in json.loads(sys.argv[2]):
+    f.write(line.encode() + b"\n"); f.flush()
+    print(f.readline().decode().strip(), flush=True)
+time.sleep(float(sys.argv[3]))
+"#;
+
+fn py_client(sock: &Path, lines: &[&str], linger: f64, as_nobody: bool) -> Command {
+    let mut c = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", PYTHON]);
+        c
+    } else {
+        Command::new(PYTHON)
+    };
+    c.arg("-c")
+        .arg(PY_CLIENT)
+        .arg(sock)
+        .arg(serde_json::to_string(lines).unwrap())
+        .arg(linger.to_string());
+    c
+}
+
+/// Debian's python3 (readable by every user, unlike a per-user install).
+const PYTHON: &str = "/usr/bin/python3";
+
+const HELLO: &str = r#"{"v":1,"op":"hello","versions":[1]}"#;
+
+fn replies(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn taps_are_on_their_bridge_and_live_exactly_as_long_as_the_connection() {
+    let d = Netd::start("life");
+    // Bridges were created with their addresses; forwarding as configured.
+    let br = String::from_utf8_lossy(&sh(&format!("ip -n {} -o addr show br0", d.ns.0)).stdout)
+        .into_owned();
+    assert!(br.contains("10.99.0.1/24"), "{br}");
+    let fwd = |b: &str| {
+        String::from_utf8_lossy(
+            &sh(&format!(
+                "ip netns exec {} cat /proc/sys/net/ipv4/conf/{b}/forwarding",
+                d.ns.0
+            ))
+            .stdout,
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!((fwd("br0").as_str(), fwd("iso0").as_str()), ("1", "0"));
+
+    let mut c = d.client();
+    let (a, fd) = c.create_tap("br0", TapMode::Owned, Some("web")).unwrap();
+    assert!(fd.is_none());
+    assert_eq!(
+        (a.ifname.as_str(), a.address.to_string().as_str(), a.prefix),
+        ("umltap0", "10.99.0.2", 24)
+    );
+    assert_eq!(a.gateway.to_string(), "10.99.0.1");
+    assert_eq!(a.mac, umlctl_netd::lease::mac("br0", 0, "web"));
+    let detail = d.ns.link_detail("umltap0");
+    assert!(
+        detail.contains("master br0") && detail.contains("tun type tap"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("persist on") || detail.contains("persist"),
+        "{detail}"
+    );
+
+    // Fd mode: the descriptor is a working tap fd (attached, so the device
+    // is not persistent; it is on the bridge).
+    let (b, fd) = c.create_tap("iso0", TapMode::Fd, None).unwrap();
+    let fd = fd.expect("fd-mode tap comes with its descriptor");
+    assert_eq!(b.address.to_string(), "10.98.0.2");
+    assert!(d.ns.link_detail(&b.ifname).contains("master iso0"));
+    let st = nix_fstat_is_char(&fd);
+    assert!(st, "the passed descriptor is not /dev/net/tun");
+
+    let mine = c.list().unwrap();
+    assert_eq!(mine.len(), 2);
+    c.release(&a.ifname).unwrap();
+    assert_eq!(d.ns.taps(), std::slice::from_ref(&b.ifname));
+    assert!(matches!(
+        c.release(&a.ifname),
+        Err(ClientError::Refused {
+            code: ErrorCode::NoSuchTap,
+            ..
+        })
+    ));
+
+    // The connection ends: its taps go, even with the fd still open here.
+    drop(c);
+    wait_until(
+        || d.ns.taps().is_empty(),
+        "taps removed after the connection closed",
+        &d,
+    );
+    drop(fd);
+    assert!(d.log().contains("uid 0 pid"), "{}", d.log());
+
+    // Leases are freed: the next tap gets the first address again.
+    let mut c = d.client();
+    let (a2, _) = c.create_tap("br0", TapMode::Owned, None).unwrap();
+    assert_eq!(a2.address.to_string(), "10.99.0.2");
+}
+
+fn nix_fstat_is_char(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let p = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default();
+    p == Path::new("/dev/net/tun")
+}
+
+fn wait_until(mut f: impl FnMut() -> bool, what: &str, d: &Netd) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting: {what}\nnetd log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_policy_decides_by_peer_credentials_with_an_audit_line() {
+    let d = Netd::start("policy");
+    // uid 65534 may take one tap on br0, none on iso0; what it claims does not matter.
+    let out = py_client(
+        &d.socket(),
+        &[
+            HELLO,
+            r#"{"v":1,"op":"create_tap","bridge":"iso0"}"#,
+            r#"{"v":1,"op":"create_tap","bridge":"br0","uid":0}"#,
+            r#"{"v":1,"op":"create_tap","bridge":"br0","mode":"fd"}"#,
+            r#"{"v":1,"op":"create_tap","bridge":"br0","mode":"fd"}"#,
+            r#"{"v":1,"op":"bridges"}"#,
+        ],
+        0.0,
+        true,
+    )
+    .output()
+    .unwrap();
+    let r = replies(&out);
+    assert_eq!(r.len(), 6, "{r:?} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r[1]["code"], "denied", "{r:?}");
+    assert!(
+        r[1]["message"].as_str().unwrap().contains("uid 65534"),
+        "{r:?}"
+    );
+    assert_eq!(
+        r[2]["code"], "bad_request",
+        "a claimed uid is not even accepted: {r:?}"
+    );
+    assert_eq!(r[3]["reply"], "tap", "{r:?}");
+    assert_eq!(r[3]["lease"]["uid"], 65534);
+    assert_eq!(r[4]["code"], "limit", "{r:?}");
+    let names: Vec<&str> = r[5]["bridges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["br0"]);
+    assert!(
+        d.log().contains("uid 65534")
+            && d.log()
+                .contains("refused: uid 65534 may not attach to bridge \"iso0\""),
+        "{}",
+        d.log()
+    );
+
+    // `umlctl net ls` as that user.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(umlctl_bin())
+        .args(["net", "ls", "--json", "--netd-socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&out, "net ls as nobody")).unwrap();
+    assert_eq!(v["bridges"][0]["name"], "br0");
+    assert_eq!(v["bridges"][0]["taps_left"], 1);
+
+    // Another user's tap cannot be released; root holding one does not
+    // let nobody release it either.
+    let mut root = d.client();
+    let (t, _) = root.create_tap("br0", TapMode::Owned, None).unwrap();
+    let out = py_client(
+        &d.socket(),
+        &[
+            HELLO,
+            &format!(r#"{{"v":1,"op":"release","ifname":"{}"}}"#, t.ifname),
+        ],
+        0.0,
+        true,
+    )
+    .output()
+    .unwrap();
+    assert_eq!(replies(&out)[1]["code"], "denied");
+    assert!(d.ns.taps().contains(&t.ifname));
+
+    // netd not running: a clear error naming the socket.
+    let out = Command::new(umlctl_bin())
+        .args(["net", "ls", "--netd-socket", "/nonexistent/netd.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("netd is not running") && e.contains("/nonexistent/netd.sock"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_input_never_stalls_or_crashes_netd() {
+    let d = Netd::start("input");
+    let out = py_client(
+        &d.socket(),
+        &[
+            r#"{"v":1,"op":"list"}"#,
+            "not json",
+            r#"{"v":9,"op":"list"}"#,
+            r#"{"v":1,"op":"hello","versions":[7]}"#,
+            HELLO,
+            r#"{"v":1,"op":"frobnicate"}"#,
+            r#"{"v":1,"op":"create_tap","bridge":"nope"}"#,
+            r#"{"v":1,"op":"create_tap","bridge":"br0","tag":"x","extra":1}"#,
+            r#"{"v":1,"op":"list"}"#,
+        ],
+        0.0,
+        false,
+    )
+    .output()
+    .unwrap();
+    let r = replies(&out);
+    let codes: Vec<String> = r
+        .iter()
+        .map(|x| {
+            x["code"]
+                .as_str()
+                .unwrap_or(x["reply"].as_str().unwrap())
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "version",
+            "bad_request",
+            "version",
+            "version",
+            "hello",
+            "bad_request",
+            "no_such_bridge",
+            "bad_request",
+            "taps"
+        ]
+    );
+
+    // A slow-drip client and an oversized one, while others are served at once.
+    let mut slow = UnixStream::connect(d.socket()).unwrap();
+    slow.write_all(b"{\"v\":1,").unwrap();
+    let mut big = UnixStream::connect(d.socket()).unwrap();
+    let mut junk = vec![b'x'; 20_000];
+    junk.push(b'\n');
+    let _ = big.write_all(&junk);
+    let mut line = String::new();
+    BufReader::new(&big).read_line(&mut line).unwrap();
+    assert!(
+        line.contains("bad_request") && line.contains("16384"),
+        "{line}"
+    );
+    let mut rest = Vec::new();
+    let _ = big.read_to_end(&mut rest);
+    let t = Instant::now();
+    for _ in 0..20 {
+        let mut c = d.client();
+        c.list().unwrap();
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "netd stalled behind a slow client"
+    );
+    slow.write_all(b"\"op\":\"hello\",\"versions\":[1]}\n")
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&slow).read_line(&mut line).unwrap();
+    assert!(line.contains("\"reply\":\"hello\""), "{line}");
+    // A silent client is dropped after the hello timeout; netd lives on.
+    assert!(d.client().list().is_ok());
+}
+
+#[test]
+fn a_thousand_cycles_and_a_hundred_killed_clients_leave_nothing() {
+    let d = Netd::start("churn");
+    let mut c = d.client();
+    for i in 0..1000 {
+        let mode = if i % 2 == 0 {
+            TapMode::Owned
+        } else {
+            TapMode::Fd
+        };
+        let (t, fd) = c.create_tap("br0", mode, None).unwrap();
+        assert_eq!(
+            t.address.to_string(),
+            "10.99.0.2",
+            "lease not freed at cycle {i}"
+        );
+        drop(fd);
+        c.release(&t.ifname).unwrap();
+    }
+    assert!(d.ns.taps().is_empty(), "{:?}", d.ns.taps());
+    drop(c);
+
+    // 100 clients each take a tap and hold it; all are SIGKILLed.
+    let create = r#"{"v":1,"op":"create_tap","bridge":"br0"}"#;
+    let mut kids: Vec<Child> = (0..100)
+        .map(|_| {
+            py_client(&d.socket(), &[HELLO, create], 60.0, false)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for k in &mut kids {
+        let mut line = String::new();
+        let out = k.stdout.as_mut().unwrap();
+        let mut r = BufReader::new(out);
+        r.read_line(&mut line).unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"reply\":\"tap\""), "{line}");
+    }
+    assert_eq!(d.ns.taps().len(), 100);
+    for k in &mut kids {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+    wait_until(
+        || d.ns.taps().is_empty(),
+        "100 killed clients' taps removed",
+        &d,
+    );
+    // Every lease is free again: a new tap gets the first address.
+    let (t, _) = d.client().create_tap("br0", TapMode::Owned, None).unwrap();
+    assert_eq!(t.address.to_string(), "10.99.0.2");
+}
+
+#[test]
+fn netd_killed_and_restarted_removes_what_it_created() {
+    let mut d = Netd::start("crash");
+    let mut holders: Vec<Child> = (0..3)
+        .map(|_| {
+            py_client(
+                &d.socket(),
+                &[HELLO, r#"{"v":1,"op":"create_tap","bridge":"br0"}"#],
+                60.0,
+                false,
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    wait_until(|| d.ns.taps().len() == 3, "three taps", &d);
+    d.kill9();
+    // Persistent taps outlive a killed netd…
+    assert_eq!(d.ns.taps().len(), 3);
+    // …and the restarted one removes them, from its state file.
+    d.spawn();
+    wait_until(
+        || d.ns.taps().is_empty(),
+        "leftover taps removed at restart",
+        &d,
+    );
+    assert!(d.log().contains("left by a previous run"), "{}", d.log());
+    for h in &mut holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    // A second netd on the same socket is refused while the first runs.
+    let mut second = Command::new("ip")
+        .args(["netns", "exec", &d.ns.0])
+        .arg(umlctl_bin())
+        .arg("netd")
+        .arg("--config")
+        .arg(d.dir.path().join("netd.toml"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second netd on the same socket kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(125), "{err}");
+    assert!(err.contains("already listening"), "{err}");
+    assert!(d.client().list().is_ok(), "the first netd still serves");
+}
+
+#[test]
+fn configs_are_checked_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(
+        &p,
+        "[[bridge]]\nname = \"br0\"\naddress = \"10.0.0.1/33\"\n",
+    )
+    .unwrap();
+    let out = Command::new(umlctl_bin())
+        .arg("netd")
+        .arg("--config")
+        .arg(&p)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("bridge[0].address") && e.contains("bad.toml"),
+        "{e}"
+    );
+    std::fs::write(&p, CONFIG).unwrap();
+    let out = Command::new(umlctl_bin())
+        .arg("netd")
+        .arg("--config")
+        .arg(&p)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(assert_ok(&out, "netd --check").contains("2 bridge(s), 2 rule(s)"));
+}
