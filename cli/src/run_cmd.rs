@@ -60,6 +60,13 @@ pub struct RunArgs {
     /// Give CMD an interactive terminal.
     #[arg(long, value_enum, default_value = "auto")]
     tty: TtyArg,
+    /// Connect the guest to this host bridge through netd (vec0, vec1, … in order; the first
+    /// one's gateway is the default route). Repeatable.
+    #[arg(long = "net", value_name = "BRIDGE")]
+    nets: Vec<String>,
+    /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
+    #[arg(long, value_name = "PATH")]
+    netd_socket: Option<PathBuf>,
     /// Print a JSON result object (exit_code, reason, timings) as the last line of stderr.
     #[arg(long)]
     json: bool,
@@ -78,6 +85,8 @@ pub struct RunArgs {
 
 fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     let mut spec = GuestSpec::new(a.command);
+    spec.nets = a.nets;
+    spec.netd_socket = a.netd_socket;
     spec.kernel = a.kernel;
     spec.image = a.image;
     spec.overlay = a.overlay;

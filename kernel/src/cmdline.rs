@@ -78,6 +78,63 @@ pub struct BootPlan {
     pub lines: Vec<(u32, Chan, Chan)>,
     /// `key=value` words the kernel passes on to init's environment.
     pub init_env: Vec<(String, String)>,
+    /// Network interfaces, `vec0`, `vec1`, … in order.
+    pub nics: Vec<Nic>,
+}
+
+/// How a guest interface reaches the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicTransport {
+    /// A tap UML opens by name (vnet headers, offloads).
+    Tap { ifname: String },
+    /// A tap descriptor UML inherits at this number (no offloads).
+    Fd { fd: i32 },
+}
+
+/// One guest network interface (UML's vector driver).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub transport: NicTransport,
+    /// `02:…`, six hex octets.
+    pub mac: String,
+}
+
+fn valid_mac(m: &str) -> bool {
+    let parts: Vec<&str> = m.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl Nic {
+    /// `vecN:transport=…` for interface `n`.
+    fn arg(&self, n: usize) -> Result<String> {
+        if !valid_mac(&self.mac) {
+            return Err(Error::Usage(format!("invalid MAC address {:?}", self.mac)));
+        }
+        Ok(match &self.transport {
+            NicTransport::Tap { ifname } => {
+                let ok = !ifname.is_empty()
+                    && ifname.len() <= 15
+                    && ifname
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !ok {
+                    return Err(Error::Usage(format!(
+                        "tap name {ifname:?} cannot be passed on UML's command line"
+                    )));
+                }
+                format!(
+                    "vec{n}:transport=tap,ifname={ifname},depth=128,mac={}",
+                    self.mac
+                )
+            }
+            NicTransport::Fd { fd } => {
+                format!("vec{n}:transport=fd,fd={fd},vec=0,mac={}", self.mac)
+            }
+        })
+    }
 }
 
 /// Characters that cannot appear in a path on the UML command line.
@@ -219,6 +276,9 @@ impl BootPlan {
         for (n, i, o) in &self.lines {
             a.push(format!("ssl{n}={},{}", i.spec(), o.spec()));
         }
+        for (n, nic) in self.nics.iter().enumerate() {
+            a.push(nic.arg(n)?);
+        }
         a.push("console=tty0".into());
         a.push("noreboot".into());
         for (k, v) in &self.init_env {
@@ -260,6 +320,66 @@ impl BootPlan {
 mod tests {
     use super::*;
 
+    #[test]
+    fn nics() {
+        let mut p = plan();
+        p.nics = vec![
+            Nic {
+                transport: NicTransport::Tap {
+                    ifname: "umltap0".into(),
+                },
+                mac: "02:aa:bb:cc:dd:ee".into(),
+            },
+            Nic {
+                transport: NicTransport::Fd { fd: 8 },
+                mac: "02:00:00:00:00:01".into(),
+            },
+        ];
+        let a = p.to_args().unwrap();
+        assert!(
+            a.contains(
+                &"vec0:transport=tap,ifname=umltap0,depth=128,mac=02:aa:bb:cc:dd:ee".to_string()
+            ),
+            "{a:?}"
+        );
+        assert!(
+            a.contains(&"vec1:transport=fd,fd=8,vec=0,mac=02:00:00:00:00:01".to_string()),
+            "{a:?}"
+        );
+        for (t, mac) in [
+            (
+                NicTransport::Tap {
+                    ifname: "a,b".into(),
+                },
+                "02:00:00:00:00:01",
+            ),
+            (
+                NicTransport::Tap {
+                    ifname: "a=b".into(),
+                },
+                "02:00:00:00:00:01",
+            ),
+            (
+                NicTransport::Tap {
+                    ifname: "umltap0".into(),
+                },
+                "02:00:00:00:00",
+            ),
+            (
+                NicTransport::Tap {
+                    ifname: "umltap0".into(),
+                },
+                "zz:00:00:00:00:01",
+            ),
+        ] {
+            p.nics = vec![Nic {
+                transport: t,
+                mac: mac.into(),
+            }];
+            assert!(p.to_args().is_err());
+        }
+    }
+
     fn plan() -> BootPlan {
         BootPlan {
             mem_bytes: 256 << 20,
@@ -272,6 +392,7 @@ mod tests {
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
             init_env: vec![],
+            nics: vec![],
         }
     }
 

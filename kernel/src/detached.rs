@@ -177,6 +177,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines: vec![],
         init_env: vec![],
+        nics: vec![],
     };
     let args = plan.to_args()?;
 

@@ -65,6 +65,10 @@ pub enum Error {
         log: PathBuf,
     },
 
+    /// The network helper is unavailable or refused.
+    #[error(transparent)]
+    Network(#[from] umlctl_netd::client::ClientError),
+
     /// A disk image or overlay is unusable.
     #[error(transparent)]
     Disk(#[from] umlctl_imgtools::cow::CowError),
@@ -94,6 +98,7 @@ impl Error {
             Error::Usage(_) => "usage",
             Error::Boot(_) => "boot",
             Error::Disk(_) => "image",
+            Error::Network(_) => "network",
             Error::BuildFailed { .. } | Error::ConfigNotApplied { .. } => "build",
         }
     }

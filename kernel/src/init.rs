@@ -156,42 +156,6 @@ fn mount_pseudo(root: &str) -> Result<(), String> {
 }
 
 /// Bring up `lo` (SIOCGIFFLAGS / SIOCSIFFLAGS; no wrapper exists in nix).
-fn loopback_up() -> Result<(), String> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let s = socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("socket for lo: {e}"))?;
-    // SAFETY: ifreq is plain old data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads ifr_name and writes ifr_flags of `req`,
-    // which outlives the call.
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
-        return Err(format!(
-            "SIOCGIFFLAGS lo: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled.
-    unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    }
-    // SAFETY: SIOCSIFFLAGS reads `req`, valid for the call.
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
-        return Err(format!(
-            "SIOCSIFFLAGS lo: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
-
 fn setup_host_root(tmpfs: &[String], binds: &[String]) -> Result<(), String> {
     mount_pseudo("")?;
     for t in tmpfs {
@@ -579,8 +543,12 @@ pub fn main() -> ! {
     }
     tstamp("rootdone");
     let _ = nix::unistd::sethostname(&spec.hostname);
-    if let Err(e) = loopback_up() {
-        console(&e);
+    if spec.nics.is_empty() {
+        if let Err(e) = crate::guestnet::up("lo") {
+            console(&e);
+        }
+    } else if let Err(e) = crate::guestnet::setup(&spec.nics) {
+        g.fail(format!("network setup: {e}"));
     }
 
     let io = match open_stdio(&spec) {

@@ -78,6 +78,21 @@ pub struct InitSpec {
     pub hostname: String,
     /// Present when the command gets an interactive terminal.
     pub tty: Option<TtySpec>,
+    /// Network interfaces to configure before the command runs.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+}
+
+/// One guest interface's configuration (from netd's lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// `vec0`, `vec1`, …
+    pub device: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// The default route goes through the first interface's gateway.
+    pub gateway: std::net::Ipv4Addr,
+    pub mtu: u32,
 }
 
 mod bytes_list {
@@ -284,6 +299,13 @@ mod tests {
                 cols: 80,
                 stderr_on_tty: true,
             }),
+            nics: vec![NicSpec {
+                device: "vec0".into(),
+                address: "10.0.0.2".parse().unwrap(),
+                prefix: 24,
+                gateway: "10.0.0.1".parse().unwrap(),
+                mtu: 1500,
+            }],
         }
     }
 

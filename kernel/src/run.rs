@@ -95,6 +95,10 @@ pub struct GuestSpec {
     pub verbose: bool,
     pub shim: ShimMode,
     pub tty: TtyMode,
+    /// `--net`: a tap on each of these bridges, from netd.
+    pub nets: Vec<String>,
+    /// netd's socket (default: `$UMLCTL_NETD_SOCKET`, else /run/umlctl/netd.sock).
+    pub netd_socket: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -113,8 +117,92 @@ impl GuestSpec {
             verbose: false,
             shim: ShimMode::Auto,
             tty: TtyMode::Auto,
+            nets: Vec::new(),
+            netd_socket: None,
         }
     }
+}
+
+/// Guest interfaces from netd: the connection (which keeps the taps alive),
+/// the command-line entries, the guest-side configuration, and the tap
+/// descriptors UML inherits (fd mode), in order from fd [`FIRST_TAP_FD`].
+pub struct Network {
+    _client: Option<umlctl_netd::client::Client>,
+    pub nics: Vec<crate::cmdline::Nic>,
+    pub specs: Vec<crate::protocol::NicSpec>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Where UML finds the first fd-mode tap descriptor.
+pub const FIRST_TAP_FD: i32 = 8;
+
+/// Ask netd for a tap on each bridge. An owned tap (UML opens it, with
+/// offloads) when this process can open /dev/net/tun, else netd's
+/// descriptor (the `fd` transport).
+pub fn attach_network(
+    bridges: &[String],
+    socket: Option<&Path>,
+    tag: Option<&str>,
+) -> Result<Network> {
+    use crate::cmdline::{Nic, NicTransport};
+    use umlctl_netd::protocol::TapMode;
+    let mut net = Network {
+        _client: None,
+        nics: vec![],
+        specs: vec![],
+        fds: vec![],
+    };
+    if bridges.is_empty() {
+        return Ok(net);
+    }
+    if bridges.len() > 16 {
+        return Err(Error::Usage(format!(
+            "{} --net given; at most 16",
+            bridges.len()
+        )));
+    }
+    let path = umlctl_netd::client::socket_path(socket);
+    let mut client = umlctl_netd::client::Client::connect(&path)?;
+    let mode = if umlctl_netd::client::can_open_tun() {
+        TapMode::Owned
+    } else {
+        TapMode::Fd
+    };
+    for (i, bridge) in bridges.iter().enumerate() {
+        let tag = tag.map(|t| format!("{t}/{i}"));
+        let (lease, fd) = client.create_tap(bridge, mode, tag.as_deref())?;
+        let transport = match fd {
+            Some(fd) => {
+                let n = FIRST_TAP_FD + net.fds.len() as i32;
+                net.fds.push(fd);
+                NicTransport::Fd { fd: n }
+            }
+            None => {
+                if !Path::new("/sys/class/net").join(&lease.ifname).exists() {
+                    return Err(Error::Usage(format!(
+                        "netd's tap {} is not in this network namespace: run umlctl in the network namespace netd runs in",
+                        lease.ifname
+                    )));
+                }
+                NicTransport::Tap {
+                    ifname: lease.ifname.clone(),
+                }
+            }
+        };
+        net.nics.push(Nic {
+            transport,
+            mac: lease.mac.clone(),
+        });
+        net.specs.push(crate::protocol::NicSpec {
+            device: format!("vec{i}"),
+            address: lease.address,
+            prefix: lease.prefix,
+            gateway: lease.gateway,
+            mtu: lease.mtu,
+        });
+    }
+    net._client = Some(client);
+    Ok(net)
 }
 
 /// Why the run ended.
@@ -565,7 +653,12 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     if spec.image.is_some() {
         need.extend(["ubd", "ext4"]);
     }
+    if !spec.nets.is_empty() {
+        need.push("vector-net");
+    }
     let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
+    // Held until the guest is gone: the taps live as long as this connection.
+    let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None)?;
     let info = &prep.located.info;
     let use_shim = prep.shim.is_some();
 
@@ -649,6 +742,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         root: root_spec,
         hostname: "uml".into(),
         tty: tty_spec,
+        nics: network.specs.clone(),
     };
 
     // The run directory: UML's instance directory and the overlay.
@@ -737,6 +831,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         } else {
             vec![]
         },
+        nics: network.nics.clone(),
     };
     let args = plan.to_args()?;
 
@@ -759,27 +854,29 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         ))
         .stderr(Stdio::from(log_w));
     prep.apply_env(&mut cmd);
-    let fds: [RawFd; 5] = [
+    // 3..=7 the lines, then the fd-mode taps from FIRST_TAP_FD (= 8).
+    let mut fds: Vec<RawFd> = vec![
         stdin_for_uml.as_raw_fd(),
         out_w.as_raw_fd(),
         err_w.as_raw_fd(),
         ctl_r.as_raw_fd(),
         st_w.as_raw_fd(),
     ];
+    fds.extend(network.fds.iter().map(|f| f.as_raw_fd()));
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe calls (fcntl, dup2, prctl).
     unsafe {
         cmd.pre_exec(move || {
             // Move the sources out of the way first, so that placing one
             // cannot clobber another that happens to sit on a target number.
-            let mut high = [0; 5];
+            let mut high = [0; 32];
             for (i, fd) in fds.iter().enumerate() {
                 high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
                 if high[i] < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
-            for (i, fd) in high.iter().enumerate() {
+            for (i, fd) in high[..fds.len()].iter().enumerate() {
                 if libc::dup2(*fd, 3 + i as i32) < 0 {
                     return Err(io::Error::last_os_error());
                 }

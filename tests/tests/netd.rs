@@ -673,3 +673,118 @@ fn configs_are_checked_with_the_key_named() {
         .unwrap();
     assert!(assert_ok(&out, "netd --check").contains("2 bridge(s), 2 rule(s)"));
 }
+
+/// `umlctl run --net` inside the namespace (host root via hostfs; the
+/// host's busybox provides ping).
+fn guest(d: &Netd, bridge: &str, script: &str, as_nobody: bool) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &d.ns.0]);
+    if as_nobody {
+        c.args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "HOME=/nonexistent",
+        ]);
+    }
+    c.arg(umlctl_bin())
+        .args(["run", "--net", bridge, "--netd-socket"])
+        .arg(d.socket())
+        .args(["--", "sh", "-c", script]);
+    c
+}
+
+#[test]
+fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bridge() {
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing: apt-get install busybox-static"
+    );
+    let d = Netd::start("guests");
+    // Guest A on br0 (first lease: 10.99.0.2) stays up.
+    let mut a = guest(
+        &d,
+        "br0",
+        "busybox ip -4 addr show vec0; echo ready; sleep 60",
+        false,
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = BufReader::new(a.stdout.take().unwrap());
+    let mut seen = String::new();
+    let t = Instant::now();
+    while !seen.contains("ready") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "guest A did not come up: {seen}\n{}",
+            d.log()
+        );
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap() == 0 {
+            panic!("guest A ended: {seen}\n{}", d.log());
+        }
+        seen.push_str(&l);
+    }
+    assert!(seen.contains("inet 10.99.0.2/24"), "{seen}");
+
+    // Guest B on the same bridge, as uid 65534 (it cannot open
+    // /dev/net/tun, so netd passes the tap's descriptor): it reaches A and
+    // the bridge's host address.
+    let o = guest(
+        &d,
+        "br0",
+        "busybox ping -c 1 -W 5 10.99.0.1 && busybox ping -c 1 -W 5 10.99.0.2",
+        true,
+    )
+    .output()
+    .unwrap();
+    assert_ok(&o, "guest B pings the host and guest A");
+    assert!(
+        d.log().contains("uid 65534") && d.log().contains(", Fd)"),
+        "{}",
+        d.log()
+    );
+
+    // Guest C on the isolated bridge reaches its gateway, but not A.
+    let o = guest(
+        &d,
+        "iso0",
+        "busybox ping -c 1 -W 5 10.98.0.1 && ! busybox ping -c 2 -W 2 10.99.0.2",
+        false,
+    )
+    .output()
+    .unwrap();
+    assert_ok(&o, "guest C: own gateway yes, the other bridge no");
+
+    // A's tap goes with A.
+    let _ = sh(&format!("kill -TERM {}", a.id()));
+    let _ = a.wait();
+    wait_until(
+        || d.ns.taps().is_empty(),
+        "taps removed after the guests ended",
+        &d,
+    );
+
+    // netd not running: run --net fails before booting, naming the socket.
+    let o = Command::new(umlctl_bin())
+        .args([
+            "run",
+            "--net",
+            "br0",
+            "--netd-socket",
+            "/nonexistent/netd.sock",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("/nonexistent/netd.sock"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
