@@ -256,6 +256,8 @@ pub struct RunOutcome {
 
 enum Event {
     Status(Status),
+    /// The status line reached its end (every writer, UML included, is gone).
+    StatusEof,
     UmlExited(ExitStatus),
     Signal(i32),
     OutputBroken,
@@ -438,7 +440,10 @@ fn read_status(from: File, tx: Sender<Event>) {
         loop {
             line.clear();
             match io::BufRead::read_until(&mut from, b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Event::StatusEof);
+                    break;
+                }
                 Ok(_) => {
                     if let Some(s) = Status::parse(&String::from_utf8_lossy(&line)) {
                         if tx.send(Event::Status(s)).is_err() {
@@ -1107,16 +1112,32 @@ fn supervise(
     // When set: SIGTERM UML at this instant (then SIGKILL after KILL_GRACE).
     let mut stop_at: Option<Instant> = None;
     let mut kill_at: Option<Instant> = None;
+    // After UML exited: how long to wait for the rest of the status line.
+    // UML's exit can be seen before the status reader has read (or sent)
+    // the final record; deciding without it would turn a finished command
+    // into "exited before the command finished".
+    let mut drain_until: Option<Instant> = None;
+    let mut status_eof = false;
     let send = |c: Control| {
         let _ = control.send(c.encode());
     };
     loop {
         let now = Instant::now();
-        let mut next = [deadline.filter(|_| !s.timed_out), stop_at, kill_at]
-            .into_iter()
-            .flatten()
-            .min();
-        if let Some(d) = deadline.filter(|_| !s.timed_out) {
+        if let Some(t) = drain_until {
+            if now >= t {
+                break;
+            }
+        }
+        let mut next = [
+            deadline.filter(|_| !s.timed_out && s.uml.is_none()),
+            stop_at,
+            kill_at,
+            drain_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(d) = deadline.filter(|_| !s.timed_out && s.uml.is_none()) {
             if now >= d {
                 s.timed_out = true;
                 stop_at = Some(now);
@@ -1153,7 +1174,19 @@ fn supervise(
             Event::UmlExited(st) => {
                 s.uml = Some(st);
                 s.exited_at = Instant::now();
-                break;
+                if s.final_status.is_some() || status_eof {
+                    break;
+                }
+                // UML is reaped: no more signals to its pid (it may be reused).
+                stop_at = None;
+                kill_at = None;
+                drain_until = Some(s.exited_at + Duration::from_secs(2));
+            }
+            Event::StatusEof => {
+                status_eof = true;
+                if s.uml.is_some() {
+                    break;
+                }
             }
             Event::Status(Status::Started) => {
                 s.started = Some(Instant::now());
@@ -1168,6 +1201,9 @@ fn supervise(
             Event::Status(st) => {
                 s.ended = Some(Instant::now());
                 s.final_status = Some(st);
+                if s.uml.is_some() {
+                    break;
+                }
                 if stop_at.is_none() && kill_at.is_none() {
                     stop_at = Some(Instant::now() + POWEROFF_GRACE);
                 }
