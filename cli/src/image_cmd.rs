@@ -155,6 +155,10 @@ pub struct BuildArgs {
     /// Clamp every newer timestamp to SECS and use it for the superblock times.
     #[arg(long, value_name = "SECS", env = "SOURCE_DATE_EPOCH")]
     epoch: Option<i64>,
+    /// Owner of every entry read from a directory source (e.g. 0:0 to build a
+    /// root filesystem as an ordinary user); tar entries keep their owners.
+    #[arg(long, value_name = "UID:GID")]
+    dir_owner: Option<String>,
     /// Include an empty journal (default: none).
     #[arg(long)]
     journal: bool,
@@ -210,6 +214,16 @@ fn write_atomic(path: &Path, text: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("{}: move into place: {e}", path.display()))
 }
 
+/// `UID:GID`, both numeric: an image's owners are numbers, and the names a
+/// host gives them need not be the guest's.
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let bad = || {
+        format!("invalid --dir-owner {s:?}: expected numeric UID:GID, for example 0:0 (names are not looked up: the guest's users are not the host's)")
+    };
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
+}
+
 fn build_cmd(a: BuildArgs) -> Result<u8, String> {
     let size = a
         .size
@@ -230,6 +244,7 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
             ));
         }
     }
+    let dir_owner = a.dir_owner.as_deref().map(parse_owner).transpose()?;
     let opts = BuildOptions {
         ext4: Options {
             size,
@@ -240,6 +255,7 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
         },
         uuid,
         epoch: a.epoch,
+        dir_owner,
     };
     let read_bar = bar("reading");
     let write_bar = bar("writing");

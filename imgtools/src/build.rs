@@ -28,6 +28,8 @@ pub struct BuildOptions {
     pub uuid: Option<[u8; 16]>,
     /// Clamp every timestamp to this and use it for the superblock times.
     pub epoch: Option<i64>,
+    /// Owner (uid, gid) of every entry read from a directory source.
+    pub dir_owner: Option<(u32, u32)>,
 }
 
 /// The result of a build.
@@ -245,6 +247,7 @@ pub fn build(
         Spool::in_image(f)
     };
     let mut b = Builder::new(spool, opts.epoch, read_progress);
+    b.set_dir_owner(opts.dir_owner);
     let mut stats = Vec::new();
     for s in sources {
         stats.push(b.add(s)?);

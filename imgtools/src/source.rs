@@ -400,6 +400,7 @@ pub struct Builder<'p> {
     ingest: Ingest,
     layer: u32,
     progress: &'p dyn Progress,
+    dir_owner: Option<(u32, u32)>,
 }
 
 fn meta_time(sec: i64, nsec: i64) -> Time {
@@ -601,7 +602,16 @@ impl<'p> Builder<'p> {
             ingest: Ingest { buf: Vec::new() },
             layer: 0,
             progress,
+            dir_owner: None,
         }
+    }
+
+    /// Give every entry read from a directory source this owner (uid, gid)
+    /// instead of the host's; tar entries keep the owners they carry.
+    /// Building a root filesystem as an ordinary user (or in a Nix build,
+    /// whose build user means nothing in the guest) needs this.
+    pub fn set_dir_owner(&mut self, owner: Option<(u32, u32)>) {
+        self.dir_owner = owner;
     }
 
     /// Finish: the tree and where its content is.
@@ -916,10 +926,11 @@ impl<'p> Builder<'p> {
             };
             let md = std::fs::symlink_metadata(&host).map_err(|e| io_err("stat", e))?;
             let ft = md.file_type();
+            let (uid, gid) = self.dir_owner.unwrap_or((md.uid(), md.gid()));
             let meta = Meta {
                 mode: (md.mode() & 0o7777) as u16,
-                uid: md.uid(),
-                gid: md.gid(),
+                uid,
+                gid,
                 mtime: meta_time(md.mtime(), md.mtime_nsec()),
             };
             let mut xattrs = BTreeMap::new();
