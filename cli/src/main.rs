@@ -2,6 +2,7 @@
 //! exit codes. Everything else lives in the library crates.
 
 mod cow_cmd;
+mod docs;
 mod exit;
 mod fmt;
 mod guest_cmd;
@@ -13,7 +14,7 @@ mod run_cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Run commands and guests in User-mode Linux.
 #[derive(Parser)]
@@ -57,9 +58,10 @@ enum Cmd {
     /// Networking as netd offers it to me.
     #[command(subcommand)]
     Net(net_cmd::NetCmd),
-    /// The guest side of `run` (umlctl as PID 1 in the guest).
-    #[command(hide = true)]
-    GuestInit,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Write man pages (umlctl.1 and one per subcommand) into DIR.
+    Manpages(docs::ManpagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +73,17 @@ fn main() -> ExitCode {
     // A killed `run`'s reaper execs us to remove its run directory.
     if std::env::var_os(umlctl_kernel::reaper::CLEAN_ENV).is_some() {
         umlctl_kernel::reaper::clean();
+    }
+    // The guest side of `run` is not a subcommand (so completions and man
+    // pages do not offer it); outside a guest it only explains itself.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "guest-init")
+    {
+        eprintln!(
+            "umlctl: guest-init only runs as PID 1 inside a UML guest started by `umlctl run`"
+        );
+        return ExitCode::from(exit::USAGE);
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -95,12 +108,8 @@ fn main() -> ExitCode {
         Cmd::Gc => guest_cmd::gc(),
         Cmd::Netd(a) => net_cmd::netd(a),
         Cmd::Net(c) => net_cmd::main(c),
-        Cmd::GuestInit => {
-            eprintln!(
-                "umlctl: guest-init only runs as PID 1 inside a UML guest started by `umlctl run`"
-            );
-            exit::USAGE
-        }
+        Cmd::Completions(a) => docs::completions(a, Cli::command()),
+        Cmd::Manpages(a) => docs::manpages(a, Cli::command()),
     };
     ExitCode::from(code)
 }
