@@ -85,6 +85,82 @@ fn umlctl_options() -> Vec<String> {
         .collect()
 }
 
+/// packages.uml-kernel's configure phase, as nix/uml-kernel.nix generates
+/// it, run for real on a copy of the same 6.12 tree: umlctl's options get
+/// the values `umlctl kernel build` gave them, and an option that cannot
+/// land fails the phase, named.
+#[test]
+fn the_nix_kernel_packages_configure_phase_configures_a_real_tree_like_kernel_build() {
+    let src = tree();
+    let dir = scratch();
+    let copy = dir.path().join("linux");
+    // Hard links when possible: Kconfig only creates files (.config, its
+    // own objects, include/config), it never rewrites the tree's.
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(&src)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    if !linked.success() {
+        let _ = fs::remove_dir_all(&copy);
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(&src)
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let configure = |script: &str| {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("set -eu -o pipefail\nrunHook() {{ :; }}\n{script}"))
+            .current_dir(&copy)
+            .output()
+            .unwrap()
+    };
+    let v = nix_eval(dir.path(), &[]);
+    let out = configure(v["kernel"]["configurePhase"].as_str().unwrap());
+    assert!(
+        out.status.success(),
+        "the Nix configure phase failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |config: &str, name: &str| -> Option<String> {
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_string))
+    };
+    let nix_config = fs::read_to_string(copy.join(".config")).unwrap();
+    let ours = fs::read_to_string(built_path().with_file_name("config")).unwrap();
+    for opt in umlctl_options() {
+        let name = opt
+            .trim_start_matches("# ")
+            .split(['=', ' '])
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            value(&nix_config, &name),
+            value(&ours, &name),
+            "{name}: the Nix kernel package and `umlctl kernel build` disagree"
+        );
+    }
+
+    let frag = dir.path().join("bad.config");
+    fs::write(&frag, "CONFIG_HOSTFS=y\nCONFIG_UMLCTL_NO_SUCH_OPTION=y\n").unwrap();
+    let arg = frag.display().to_string();
+    let v = nix_eval(dir.path(), &[("--arg", "kernelConfig", &arg)]);
+    let out = configure(v["kernelWith"].as_str().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an option that cannot land passed");
+    assert!(
+        err.contains("did not land in .config: CONFIG_UMLCTL_NO_SUCH_OPTION=y"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_built_6_12_kernel_has_umlctls_options_and_runs_acl_and_capability_images() {
     let path = built_path();

@@ -276,3 +276,43 @@ pub fn last_json(stderr: &str) -> serde_json::Value {
     serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("last stderr line is not JSON ({e}): {stderr}"))
 }
+
+// --- Nix: the flake evaluated against tests/nix/stub-nixpkgs.nix ---
+
+pub const NIX_INSTANTIATE: &str = "/usr/bin/nix-instantiate";
+
+pub fn repo() -> PathBuf {
+    fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")).unwrap()
+}
+
+pub fn need_nix() {
+    assert!(
+        Path::new(NIX_INSTANTIATE).exists(),
+        "{NIX_INSTANTIATE} is missing: apt-get install nix-bin (scripts/test.sh does)"
+    );
+}
+
+/// Evaluate tests/nix/eval.nix (the flake against the stand-in nixpkgs,
+/// derivations' outputs under `out_dir`); `args` are extra `--arg`/`--argstr` pairs.
+pub fn nix_eval(out_dir: &Path, args: &[(&str, &str, &str)]) -> serde_json::Value {
+    need_nix();
+    let mut c = Command::new(NIX_INSTANTIATE);
+    c.args(["--eval", "--strict", "--json"])
+        .arg(repo().join("tests/nix/eval.nix"))
+        .arg("--arg")
+        .arg("repo")
+        .arg(repo())
+        .arg("--argstr")
+        .arg("outDir")
+        .arg(out_dir);
+    for (kind, name, value) in args {
+        c.args([kind, name, value]);
+    }
+    let out = c.output().expect("run nix-instantiate");
+    assert!(
+        out.status.success(),
+        "evaluating the flake failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
