@@ -43,6 +43,14 @@ pub struct StartArgs {
     /// Do not preload the xstate shim.
     #[arg(long)]
     no_xstate_shim: bool,
+    /// Connect the guest to this host bridge through netd (vec0, vec1, … in order). The tap
+    /// lives as long as the guest; the image's init configures the address from the
+    /// UMLCTL_NET<i>_* variables in its environment. Repeatable.
+    #[arg(long = "net", value_name = "BRIDGE")]
+    nets: Vec<String>,
+    /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
+    #[arg(long, value_name = "PATH")]
+    netd_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -105,6 +113,8 @@ pub fn start(a: StartArgs) -> u8 {
     spec.kernel = a.kernel;
     spec.disks = a.disks;
     spec.init = a.init;
+    spec.nets = a.nets;
+    spec.netd_socket = a.netd_socket;
     spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
     spec.shim = if a.no_xstate_shim {
         ShimMode::Off

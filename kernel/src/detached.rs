@@ -43,6 +43,10 @@ pub struct StartSpec {
     /// How long the kernel may take to come up.
     pub boot_timeout: Duration,
     pub shim: ShimMode,
+    /// Host bridges to attach through netd (vec0, vec1, …).
+    pub nets: Vec<String>,
+    /// netd's socket; `None`: the default.
+    pub netd_socket: Option<PathBuf>,
 }
 
 impl StartSpec {
@@ -57,6 +61,8 @@ impl StartSpec {
             init: None,
             boot_timeout: Duration::from_secs(60),
             shim: ShimMode::Auto,
+            nets: Vec::new(),
+            netd_socket: None,
         }
     }
 }
@@ -161,6 +167,23 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
             read_only: false,
         });
     }
+    // Taps from netd. UML inherits the netd connection (fd 7) along with
+    // any passed tap descriptors (from fd 8): the taps live exactly as long
+    // as the guest, with no umlctl process staying behind.
+    let mut network =
+        crate::run::attach_network(&spec.nets, spec.netd_socket.as_deref(), Some(&name))?;
+    let keepalive = network.client.take().map(|c| c.into_fd());
+    let nic_notes: Vec<String> = network
+        .specs
+        .iter()
+        .zip(&network.nics)
+        .map(|(n, nic)| {
+            format!(
+                "{} {}/{} gateway {} mtu {} mac {}",
+                n.device, n.address, n.prefix, n.gateway, n.mtu, nic.mac
+            )
+        })
+        .collect();
     let notify_sock =
         UnixDatagram::bind(layout.notify()).map_err(|e| Error::io("bind", layout.notify(), e))?;
     let plan = BootPlan {
@@ -176,8 +199,8 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         disks,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines: vec![],
-        init_env: vec![],
-        nics: vec![],
+        init_env: net_env(&network),
+        nics: network.nics.clone(),
     };
     let args = plan.to_args()?;
 
@@ -204,6 +227,12 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         // reach the guest (UML calls setsid() itself, too).
         .process_group(0);
     prep.apply_env(&mut cmd);
+    if let Some(k) = &keepalive {
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![k.as_raw_fd()];
+        fds.extend(network.fds.iter().map(|f| f.as_raw_fd()));
+        crate::run::place_fds(&mut cmd, fds, crate::run::FIRST_TAP_FD - 1, false);
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::io("start kernel", &prep.located.info.path, e))?;
@@ -221,7 +250,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         overlay: spec.overlay.clone().unwrap_or(overlay),
         ephemeral_overlay: spec.overlay.is_none(),
         disks: spec.disks.clone(),
-        nics: vec![],
+        nics: nic_notes,
         xstate_shim: prep.shim.is_some(),
     };
     instance::save(&layout, &record)?;
@@ -280,6 +309,23 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     std::mem::forget(child);
     std::mem::forget(cleanup);
     Ok(Guest { record, layout })
+}
+
+/// What the image's own init needs to configure interface `i`:
+/// `UMLCTL_NET<i>_DEVICE` (vecN), `_ADDRESS` (a.b.c.d/prefix), `_GATEWAY`,
+/// `_MTU` and `_MAC`, passed on the kernel command line (which hands
+/// unknown `K=V` parameters to init as its environment).
+fn net_env(net: &crate::run::Network) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for (i, (n, nic)) in net.specs.iter().zip(&net.nics).enumerate() {
+        let k = |what: &str| format!("UMLCTL_NET{i}_{what}");
+        env.push((k("DEVICE"), n.device.clone()));
+        env.push((k("ADDRESS"), format!("{}/{}", n.address, n.prefix)));
+        env.push((k("GATEWAY"), n.gateway.to_string()));
+        env.push((k("MTU"), n.mtu.to_string()));
+        env.push((k("MAC"), nic.mac.clone()));
+    }
+    env
 }
 
 fn log_contains(path: &Path, needle: &[u8]) -> bool {

@@ -127,7 +127,7 @@ impl GuestSpec {
 /// the command-line entries, the guest-side configuration, and the tap
 /// descriptors UML inherits (fd mode), in order from fd [`FIRST_TAP_FD`].
 pub struct Network {
-    _client: Option<umlctl_netd::client::Client>,
+    pub client: Option<umlctl_netd::client::Client>,
     pub nics: Vec<crate::cmdline::Nic>,
     pub specs: Vec<crate::protocol::NicSpec>,
     pub fds: Vec<OwnedFd>,
@@ -147,7 +147,7 @@ pub fn attach_network(
     use crate::cmdline::{Nic, NicTransport};
     use umlctl_netd::protocol::TapMode;
     let mut net = Network {
-        _client: None,
+        client: None,
         nics: vec![],
         specs: vec![],
         fds: vec![],
@@ -201,8 +201,37 @@ pub fn attach_network(
             mtu: lease.mtu,
         });
     }
-    net._client = Some(client);
+    net.client = Some(client);
     Ok(net)
+}
+
+/// Make `fds` the child's descriptors `first`, `first + 1`, … (inherited
+/// across exec); with `pdeathsig`, the child is killed when we die.
+pub(crate) fn place_fds(cmd: &mut Command, fds: Vec<RawFd>, first: i32, pdeathsig: bool) {
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (fcntl, dup2, prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move the sources out of the way first, so that placing one
+            // cannot clobber another that happens to sit on a target number.
+            let mut high = [0; 32];
+            for (i, fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (i, fd) in high[..fds.len()].iter().enumerate() {
+                if libc::dup2(*fd, first + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if pdeathsig {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Why the run ended.
@@ -868,28 +897,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         st_w.as_raw_fd(),
     ];
     fds.extend(network.fds.iter().map(|f| f.as_raw_fd()));
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (fcntl, dup2, prctl).
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move the sources out of the way first, so that placing one
-            // cannot clobber another that happens to sit on a target number.
-            let mut high = [0; 32];
-            for (i, fd) in fds.iter().enumerate() {
-                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
-                if high[i] < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            for (i, fd) in high[..fds.len()].iter().enumerate() {
-                if libc::dup2(*fd, 3 + i as i32) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            Ok(())
-        });
-    }
+    place_fds(&mut cmd, fds, 3, true);
 
     let (tx, rx) = mpsc::channel::<Event>();
     let signals = install_signals(interactive, tx.clone())?;

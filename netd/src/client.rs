@@ -55,6 +55,12 @@ pub struct Client {
 }
 
 impl Client {
+    /// The connection itself, for a process that must keep the taps alive
+    /// after this one is gone (a detached guest's UML inherits it).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.sock)
+    }
+
     /// Connect and say hello.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         let sock = UnixStream::connect(path).map_err(|e| match e.kind() {

@@ -788,3 +788,208 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `start --net`: a detached guest's tap lives exactly as long as its UML
+/// (UML holds the netd connection; no umlctl stays behind), and the image's
+/// own init configures the lease from the UMLCTL_NET0_* variables.
+#[test]
+fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
+    let d = Netd::start("start");
+    let dir = scratch();
+    let root = dir.path().join("root");
+    for sub in ["bin", "sbin", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for t in ["sh", "ip", "sleep", "mount", "echo", "cat"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    let init = root.join("sbin/netinit");
+    std::fs::write(
+        &init,
+        "#!/bin/sh\n\
+         mount -t proc proc /proc\n\
+         ip addr add \"$UMLCTL_NET0_ADDRESS\" dev \"$UMLCTL_NET0_DEVICE\"\n\
+         ip link set \"$UMLCTL_NET0_DEVICE\" mtu \"$UMLCTL_NET0_MTU\" up\n\
+         ip route add default via \"$UMLCTL_NET0_GATEWAY\"\n\
+         echo \"net-configured $UMLCTL_NET0_ADDRESS mac $UMLCTL_NET0_MAC\"\n\
+         while :; do sleep 1000; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let img = dir.path().join("net.ext4");
+    mkfs_ext4(&root, &img);
+    // uid 65534 gets the tap's descriptor from netd (fd mode) and needs
+    // its own guest and cache directories, and a way to the image.
+    let nobody_dir = dir.path().join("nobody");
+    std::fs::create_dir_all(&nobody_dir).unwrap();
+    for p in [dir.path(), nobody_dir.as_path()] {
+        let mode = if p == dir.path() { 0o755 } else { 0o777 };
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let mut up = dir.path().parent();
+    while let Some(p) = up {
+        let m = std::fs::metadata(p).unwrap();
+        assert!(
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o001 != 0,
+            "{} is not traversable by uid 65534",
+            p.display()
+        );
+        up = p.parent().filter(|p| *p != Path::new("/"));
+    }
+    let as_nobody = std::cell::Cell::new(false);
+    let umlctl = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &d.ns.0]);
+        if as_nobody.get() {
+            c.args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ]);
+            c.env("UMLCTL_UML_DIR", nobody_dir.join("uml"))
+                .env("UMLCTL_CACHE_DIR", nobody_dir.join("cache"))
+                .env("HOME", "/nonexistent");
+        } else {
+            c.env("UMLCTL_UML_DIR", dir.path().join("uml"))
+                .env("UMLCTL_CACHE_DIR", cache_dir());
+        }
+        c.arg(umlctl_bin())
+            .args(args)
+            .env("UMLCTL_NETD_SOCKET", d.socket())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let start = |name: &str| {
+        let img = img.display().to_string();
+        let o = umlctl(&[
+            "start",
+            "--name",
+            name,
+            "--image",
+            &img,
+            "--init",
+            "/sbin/netinit",
+            "--mem",
+            "64M",
+            "--net",
+            "br0",
+        ]);
+        assert_ok(&o, "start --net");
+        let ps: serde_json::Value =
+            serde_json::from_slice(&umlctl(&["ps", "--json"]).stdout).unwrap();
+        let g = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in ps: {ps}"))
+            .clone();
+        g
+    };
+
+    let g = start("netg");
+    assert_eq!(d.ns.taps().len(), 1, "one tap while the guest runs");
+    let nic = g["nics"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no nic in ps: {g}"));
+    assert!(nic.starts_with("vec0 10.99.0."), "{nic}");
+    let addr = nic
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    wait_until(
+        || {
+            String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout)
+                .contains(&format!("net-configured {addr}/24 mac 02:"))
+        },
+        "the guest's init configured its lease",
+        &d,
+    );
+    // umlctl start has exited; the guest answers from the bridge's host side.
+    let mut answered = false;
+    for _ in 0..20 {
+        if sh(&format!(
+            "ip netns exec {} busybox ping -c 1 -W 1 {addr}",
+            d.ns.0
+        ))
+        .status
+        .success()
+        {
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "no answer from {addr}:\n{}",
+        String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout)
+    );
+    // A stable MAC: the same name gets the same one next time.
+    let mac = nic.rsplit(' ').next().unwrap().to_string();
+    assert_ok(&umlctl(&["stop", "netg"]), "stop");
+    wait_until(|| d.ns.taps().is_empty(), "the tap removed after stop", &d);
+
+    // Killed hard: the tap goes when the last UML process is gone.
+    let g = start("netg");
+    assert_eq!(
+        g["nics"][0].as_str().unwrap().rsplit(' ').next().unwrap(),
+        mac
+    );
+    assert_eq!(d.ns.taps().len(), 1);
+    let pid = g["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until(
+        || d.ns.taps().is_empty(),
+        "the tap removed after SIGKILL of UML",
+        &d,
+    );
+    let _ = umlctl(&["gc"]);
+
+    // uid 65534 (allowed on br0, one tap): netd passes the descriptor; the
+    // guest answers just the same, and the tap goes at stop.
+    as_nobody.set(true);
+    let g = start("netn");
+    assert_eq!(d.ns.taps().len(), 1);
+    let addr = g["nics"][0]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut answered = false;
+    for _ in 0..20 {
+        if sh(&format!(
+            "ip netns exec {} busybox ping -c 1 -W 1 {addr}",
+            d.ns.0
+        ))
+        .status
+        .success()
+        {
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "no answer from the fd-mode guest at {addr}:\n{}",
+        String::from_utf8_lossy(&umlctl(&["logs", "netn"]).stdout)
+    );
+    assert_ok(&umlctl(&["stop", "netn"]), "stop (nobody)");
+    wait_until(
+        || d.ns.taps().is_empty(),
+        "the fd-mode tap removed after stop",
+        &d,
+    );
+}
