@@ -144,6 +144,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         );
         bridges.insert(b.name.clone(), index);
     }
+    // Isolated bridges: unreachable from other networks (a previous run's
+    // rules go first).
+    link::remove_rules(&nl).await?;
+    let rules = link::isolate(&nl, &config.bridges).await?;
+    if rules > 0 {
+        eprintln!("netd: {rules} rules keep other networks out of the isolated bridges");
+    }
 
     let listener = bind(&config)?;
     let shared = Arc::new(Shared {
@@ -194,6 +201,9 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     taps.clear();
     save_state(&shared.config, &taps).await;
+    if let Err(e) = link::remove_rules(&shared.nl).await {
+        eprintln!("netd: {e}");
+    }
     let _ = std::fs::remove_file(&shared.config.socket);
     Ok(())
 }

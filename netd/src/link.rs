@@ -181,3 +181,77 @@ pub async fn names_with_prefix(h: &Handle, prefix: &str) -> Result<Vec<String>, 
 pub fn describe(b: &Bridge) -> String {
     format!("{} ({}/{})", b.name, b.address, b.prefix)
 }
+
+/// The priority range of the policy-routing rules netd owns; it removes
+/// whatever lies in it at start and at exit.
+pub const RULE_PRIORITIES: std::ops::Range<u32> = 10_700..10_800;
+
+/// Make every bridge without `forward` unreachable from the rest of the
+/// host's networks (another bridge's guests, uplinks) while its own guests
+/// and the host itself still reach it: for each such subnet S, in order,
+/// `iif BRIDGE to S → main`, `iif lo to S → main` (the host's own traffic),
+/// `to S → prohibit`. Routed traffic is all these see; a bridge's guests
+/// talk to each other at layer 2, untouched.
+pub async fn isolate(h: &Handle, bridges: &[Bridge]) -> Result<usize, LinkError> {
+    use netlink_packet_route::rule::RuleAction;
+    let mut prio = RULE_PRIORITIES.start;
+    let mut n = 0;
+    for b in bridges.iter().filter(|b| !b.forward) {
+        if prio + 3 > RULE_PRIORITIES.end {
+            return Err(LinkError {
+                op: "isolate",
+                name: b.name.clone(),
+                detail: "too many isolated bridges (at most 33)".into(),
+            });
+        }
+        for iif in [Some(b.name.as_str()), Some("lo"), None] {
+            let mut req = h
+                .rule()
+                .add()
+                .v4()
+                .destination_prefix(b.network(), b.prefix)
+                .priority(prio);
+            req = match iif {
+                Some(i) => req
+                    .input_interface(i.to_string())
+                    .action(RuleAction::ToTable),
+                None => {
+                    let mut r = req.action(RuleAction::Prohibit);
+                    r.message_mut().header.table = 0;
+                    r
+                }
+            };
+            req.execute()
+                .await
+                .map_err(fail("add an isolation rule for", &b.name))?;
+            prio += 1;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Remove netd's rules (those in [`RULE_PRIORITIES`]).
+pub async fn remove_rules(h: &Handle) -> Result<usize, LinkError> {
+    use netlink_packet_route::rule::RuleAttribute;
+    let mut mine = Vec::new();
+    let mut s = h.rule().get(rtnetlink::IpVersion::V4).execute();
+    while let Some(m) = s.try_next().await.map_err(fail("list rules", "(ipv4)"))? {
+        let prio = m.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        });
+        if prio.is_some_and(|p| RULE_PRIORITIES.contains(&p)) {
+            mine.push(m);
+        }
+    }
+    let n = mine.len();
+    for m in mine {
+        h.rule()
+            .del(m)
+            .execute()
+            .await
+            .map_err(fail("remove a rule of", "netd"))?;
+    }
+    Ok(n)
+}

@@ -702,7 +702,7 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         Path::new("/bin/busybox").exists(),
         "/bin/busybox is missing: apt-get install busybox-static"
     );
-    let d = Netd::start("guests");
+    let mut d = Netd::start("guests");
     // Guest A on br0 (first lease: 10.99.0.2) stays up.
     let mut a = guest(
         &d,
@@ -748,16 +748,74 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         d.log()
     );
 
-    // Guest C on the isolated bridge reaches its gateway, but not A.
-    let o = guest(
+    // Guest C on the isolated bridge reaches its gateway, but not A; it
+    // stays up to be reached.
+    let mut c = guest(
         &d,
         "iso0",
-        "busybox ping -c 1 -W 5 10.98.0.1 && ! busybox ping -c 2 -W 2 10.99.0.2",
+        "busybox ping -c 1 -W 5 10.98.0.1 && ! busybox ping -c 2 -W 2 10.99.0.2 && echo ready-c && sleep 12 && cat /proc/net/snmp",
         false,
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out_c = BufReader::new(c.stdout.take().unwrap());
+    let mut seen_c = String::new();
+    while !seen_c.contains("ready-c") {
+        let mut l = String::new();
+        if out_c.read_line(&mut l).unwrap() == 0 {
+            panic!(
+                "guest C: own gateway yes, the other bridge no — it ended:\n{seen_c}\n{}",
+                d.log()
+            );
+        }
+        seen_c.push_str(&l);
+    }
+    // Into the isolated bridge: the host itself yes, a guest of the
+    // forwarding bridge no (netd's policy rules; `ip rule` is the oracle).
+    let rules =
+        String::from_utf8_lossy(&sh(&format!("ip -n {} rule show", d.ns.0)).stdout).into_owned();
+    for r in [
+        "10700:\tfrom all to 10.98.0.0/29 iif iso0 lookup main",
+        "10701:\tfrom all to 10.98.0.0/29 iif lo lookup main",
+        "10702:\tfrom all to 10.98.0.0/29 prohibit",
+    ] {
+        assert!(rules.contains(r), "missing rule {r:?} in:\n{rules}");
+    }
+    assert!(
+        !rules.contains("10.99.0.0/24"),
+        "the forwarding bridge is not isolated:\n{rules}"
+    );
+    let o = sh(&format!(
+        "ip netns exec {} busybox ping -c 1 -W 5 10.98.0.2",
+        d.ns.0
+    ));
+    assert_ok(&o, "the host reaches the isolated guest");
+    let o = guest(
+        &d,
+        "br0",
+        "busybox ping -c 1 -W 5 10.99.0.1 && ! busybox ping -c 2 -W 2 10.98.0.2",
+        true,
     )
     .output()
     .unwrap();
-    assert_ok(&o, "guest C: own gateway yes, the other bridge no");
+    assert_ok(&o, "a guest of br0 cannot reach into iso0");
+    // Not even one way (its replies could not leave iso0 anyway): C saw
+    // the host's echo request and none of B's.
+    let mut rest = String::new();
+    out_c.read_to_string(&mut rest).unwrap();
+    let _ = c.wait();
+    let icmp: Vec<Vec<&str>> = rest
+        .lines()
+        .filter(|l| l.starts_with("Icmp: "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(icmp.len(), 2, "no Icmp counters from guest C:\n{rest}");
+    let col = icmp[0].iter().position(|h| *h == "InEchos").unwrap();
+    assert_eq!(
+        icmp[1][col], "1",
+        "echo requests that reached the isolated guest:\n{rest}"
+    );
 
     // A's tap goes with A.
     let _ = sh(&format!("kill -TERM {}", a.id()));
@@ -767,6 +825,9 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         "taps removed after the guests ended",
         &d,
     );
+
+    // netd's rules go with it.
+    stop_and_check_rules_gone(&mut d);
 
     // netd not running: run --net fails before booting, naming the socket.
     let o = Command::new(umlctl_bin())
@@ -786,6 +847,23 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         String::from_utf8_lossy(&o.stderr).contains("/nonexistent/netd.sock"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Stop netd (SIGTERM) and check that its policy rules went with it.
+fn stop_and_check_rules_gone(d: &mut Netd) {
+    if let Some(c) = &d.child {
+        let _ = sh(&format!("kill -TERM {}", c.id()));
+    }
+    if let Some(mut c) = d.child.take() {
+        let _ = c.wait();
+    }
+    let rules =
+        String::from_utf8_lossy(&sh(&format!("ip -n {} rule show", d.ns.0)).stdout).into_owned();
+    assert!(
+        !rules.contains("107"),
+        "netd left rules behind:\n{rules}\n{}",
+        d.log()
     );
 }
 
