@@ -325,3 +325,68 @@ fn cow_merge_pending(cow: &Path) -> bool {
         v["allocated_sectors"].as_u64().unwrap_or(1) > 0
     }
 }
+
+/// On a filesystem with shared extents (XFS with reflink, loop-mounted
+/// here), `cow merge -o` clones the backing file and writes only the
+/// overlay's sectors: the output equals uml_moo's byte for byte, and
+/// filefrag (e2fsprogs) shows its unchanged data shared with the backing file.
+#[test]
+fn merge_to_a_new_file_clones_where_the_filesystem_shares_extents() {
+    assert!(
+        Path::new("/usr/sbin/mkfs.xfs").exists(),
+        "mkfs.xfs is missing: apt-get install xfsprogs (scripts/test.sh does)"
+    );
+    let dir = scratch();
+    let fsimg = dir.path().join("xfs.img");
+    File::create(&fsimg).unwrap().set_len(512 << 20).unwrap();
+    assert!(tool("mkfs.xfs", &["-q", "-m", "reflink=1", s(&fsimg)])
+        .status
+        .success());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = tool("mount", &["-o", "loop", s(&fsimg), s(&mnt)]);
+    assert!(
+        m.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&m.stderr)
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+
+    let size = 64u64 << 20;
+    let base = mnt.join("base.img");
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+    fs::write(&base, &data).unwrap();
+    let cow = mnt.join("c.cow");
+    assert!(tool("uml_mkcow", &[s(&cow), s(&base)]).status.success());
+    let sectors: Vec<u64> = (0..size / 512).step_by(97).collect();
+    poke_sectors(&cow, size, &sectors, |s| (s % 200) as u8 + 7);
+
+    let ours = mnt.join("ours.img");
+    ok(&umlctl(&["cow", "merge", s(&cow), "-o", s(&ours)]));
+    let theirs = mnt.join("theirs.img");
+    assert!(tool("uml_moo", &[s(&cow), s(&theirs)]).status.success());
+    assert_eq!(
+        sha256_file(&ours),
+        sha256_file(&theirs),
+        "umlctl and uml_moo differ"
+    );
+    // The base is untouched, and most of the output shares its extents.
+    assert_eq!(sha256(&fs::read(&base).unwrap()), sha256(&data));
+    let frag = tool("filefrag", &["-v", s(&ours)]);
+    let text = String::from_utf8_lossy(&frag.stdout);
+    assert!(
+        text.contains("shared"),
+        "no shared extents in the merged image:\n{text}"
+    );
+    let frag = tool("filefrag", &["-v", s(&theirs)]);
+    assert!(
+        !String::from_utf8_lossy(&frag.stdout).contains("shared"),
+        "uml_moo's copy shares extents?"
+    );
+}
