@@ -553,6 +553,35 @@ impl Cow {
         count
     }
 
+    /// Call `f(offset, data)` for the overlay's data, in order, in chunks of
+    /// at most CHUNK bytes, one run of written sectors at a time (sectors
+    /// the overlay does not hold are neither read nor passed).
+    fn for_each_overlay_chunk(
+        &self,
+        cow: &Path,
+        mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let size = self.header.size;
+        let mut buf = Vec::new();
+        for (s, n, set) in self.runs(0, self.header.sectors()) {
+            if !set {
+                continue;
+            }
+            let mut a = s * SECTOR;
+            let end = ((s + n) * SECTOR).min(size);
+            while a < end {
+                let len = CHUNK.min(end - a) as usize;
+                buf.resize(len, 0);
+                buf.fill(0);
+                read_full_at(&self.file, &mut buf, self.header.data_offset() + a)
+                    .map_err(io_err("read COW data", cow))?;
+                f(a, &buf)?;
+                a += len as u64;
+            }
+        }
+        Ok(())
+    }
+
     /// Maximal runs of sectors with the same bit, `(start, len, set)`, in
     /// `[from, to)`.
     fn runs(&self, from: u64, to: u64) -> Vec<(u64, u64, bool)> {
@@ -918,26 +947,13 @@ pub fn merge_to(cow: &Path, out: &Path, replace: bool, progress: &dyn Progress) 
             .set_len(size)
             .map_err(io_err("size", &tmp.path))?;
         progress.start(c.allocated_sectors() * SECTOR);
-        let mut buf = Vec::new();
-        for (s, n, set) in c.runs(0, c.header.sectors()) {
-            if !set {
-                continue;
-            }
-            let mut a = s * SECTOR;
-            let end = ((s + n) * SECTOR).min(size);
-            while a < end {
-                let len = CHUNK.min(end - a) as usize;
-                buf.resize(len, 0);
-                buf.fill(0);
-                read_full_at(&c.file, &mut buf, c.header.data_offset() + a)
-                    .map_err(io_err("read COW data", cow))?;
-                tmp.file()
-                    .write_all_at(&buf, a)
-                    .map_err(io_err("write", &tmp.path))?;
-                a += len as u64;
-                progress.advance(len as u64);
-            }
-        }
+        c.for_each_overlay_chunk(cow, |a, data| {
+            tmp.file()
+                .write_all_at(data, a)
+                .map_err(io_err("write", &tmp.path))?;
+            progress.advance(data.len() as u64);
+            Ok(())
+        })?;
         tmp.persist(out, replace)?;
         progress.finish();
         return Ok(size);
@@ -1032,24 +1048,14 @@ pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Res
     // the backing file. Nothing else of the backing file is read or written.
     // When resuming a killed merge, a run is compared first and written only
     // where it differs (what is already done is skipped).
-    let mut new = Vec::new();
     let mut old = Vec::new();
     // Writeback is started every WRITEBACK bytes, so that the final fsync
     // finds most of the data already on its way to the disk.
     const WRITEBACK: u64 = 32 << 20;
     let mut unsynced = 0u64;
-    for (s, n, set) in c.runs(0, c.header.sectors()) {
-        if !set {
-            continue;
-        }
-        let mut a = s * SECTOR;
-        let end = ((s + n) * SECTOR).min(size);
-        while a < end {
-            let len = CHUNK.min(end - a) as usize;
-            new.resize(len, 0);
-            new.fill(0);
-            read_full_at(&c.file, &mut new, c.header.data_offset() + a)
-                .map_err(io_err("read COW data", cow))?;
+    c.for_each_overlay_chunk(cow, |a, new| {
+        let len = new.len();
+        {
             let write = if resuming {
                 old.resize(len, 0);
                 old.fill(0);
@@ -1060,7 +1066,7 @@ pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Res
             };
             if write {
                 backing
-                    .write_all_at(&new, a)
+                    .write_all_at(new, a)
                     .map_err(io_err("write backing file", &bpath))?;
                 unsynced += len as u64;
                 if unsynced >= WRITEBACK {
@@ -1078,10 +1084,10 @@ pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Res
                     unsynced = 0;
                 }
             }
-            a += len as u64;
-            progress.advance(len as u64);
         }
-    }
+        progress.advance(len as u64);
+        Ok(())
+    })?;
     backing.sync_all().map_err(io_err("fsync", &bpath))?;
     drop(backing);
     // Empty and re-stamp the overlay.

@@ -147,7 +147,14 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     // Isolated bridges: unreachable from other networks (a previous run's
     // rules go first).
     link::remove_rules(&nl).await?;
-    let rules = link::isolate(&nl, &config.bridges).await?;
+    let rules = match link::isolate(&nl, &config.bridges).await {
+        Ok(n) => n,
+        Err(e) => {
+            // No half of the isolation stays behind.
+            let _ = link::remove_rules(&nl).await;
+            return Err(e.into());
+        }
+    };
     if rules > 0 {
         eprintln!("netd: {rules} rules keep other networks out of the isolated bridges");
     }

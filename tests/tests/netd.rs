@@ -867,6 +867,32 @@ fn stop_and_check_rules_gone(d: &mut Netd) {
     );
 }
 
+/// The address of a guest's first interface, from `ps --json`'s nic note
+/// (`vec0 10.99.0.2/24 gateway …`).
+fn nic_address(g: &serde_json::Value) -> String {
+    let nic = g["nics"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no nic in ps: {g}"));
+    nic.split_whitespace()
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .to_string()
+}
+
+/// Whether `addr` answers a ping from the namespace (retrying for ~20 s
+/// while a guest comes up).
+fn answers(ns: &Netns, addr: &str) -> bool {
+    (0..20).any(|_| {
+        sh(&format!(
+            "ip netns exec {} busybox ping -c 1 -W 1 {addr}",
+            ns.0
+        ))
+        .status
+        .success()
+    })
+}
+
 /// `start --net`: a detached guest's tap lives exactly as long as its UML
 /// (UML holds the netd connection; no umlctl stays behind), and the image's
 /// own init configures the lease from the UMLCTL_NET0_* variables.
@@ -974,14 +1000,7 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         .as_str()
         .unwrap_or_else(|| panic!("no nic in ps: {g}"));
     assert!(nic.starts_with("vec0 10.99.0."), "{nic}");
-    let addr = nic
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = nic_address(&g);
     wait_until(
         || {
             String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout)
@@ -991,21 +1010,8 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         &d,
     );
     // umlctl start has exited; the guest answers from the bridge's host side.
-    let mut answered = false;
-    for _ in 0..20 {
-        if sh(&format!(
-            "ip netns exec {} busybox ping -c 1 -W 1 {addr}",
-            d.ns.0
-        ))
-        .status
-        .success()
-        {
-            answered = true;
-            break;
-        }
-    }
     assert!(
-        answered,
+        answers(&d.ns, &addr),
         "no answer from {addr}:\n{}",
         String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout)
     );
@@ -1036,33 +1042,16 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
     as_nobody.set(true);
     let g = start("netn");
     assert_eq!(d.ns.taps().len(), 1);
-    let addr = g["nics"][0]
-        .as_str()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let mut answered = false;
-    for _ in 0..20 {
-        if sh(&format!(
-            "ip netns exec {} busybox ping -c 1 -W 1 {addr}",
-            d.ns.0
-        ))
-        .status
-        .success()
-        {
-            answered = true;
-            break;
-        }
-    }
+    let addr = nic_address(&g);
     assert!(
-        answered,
+        answers(&d.ns, &addr),
         "no answer from the fd-mode guest at {addr}:\n{}",
         String::from_utf8_lossy(&umlctl(&["logs", "netn"]).stdout)
+    );
+    assert!(
+        d.log().contains("uid 65534 pid") && d.log().contains(&format!("({addr}/24, Fd)")),
+        "the uid 65534 guest did not get its tap as a descriptor:\n{}",
+        d.log()
     );
     assert_ok(&umlctl(&["stop", "netn"]), "stop (nobody)");
     wait_until(
