@@ -31,15 +31,16 @@ in
         socket_mode = "0660";
         bridge = [
           { name = "umlbr0"; address = "10.77.0.1/24"; forward = false; }
+          { name = "natbr0"; address = "10.78.0.1/24"; nat = true; uplink = "eth0"; }
         ];
         allow = [
-          { groups = [ "uml" ]; bridges = [ "umlbr0" ]; max_taps = 4; }
+          { groups = [ "uml" ]; bridges = [ "umlbr0" "natbr0" ]; max_taps = 4; }
         ];
       };
       description = ''
         netd's configuration, written out as its TOML file: `socket`,
         `socket_mode`, `socket_group`, `state`, a list of `bridge`s
-        (`name`, `address` as CIDR, `forward`, `mtu`) and a list of `allow`
+        (`name`, `address` as CIDR, `forward`, `mtu`, `nat`, `uplink`) and a list of `allow`
         rules (`users`, `groups`, `bridges`, `max_taps`). The file is checked
         with `umlctl netd --check` before the daemon starts. A `socket_group`
         given by name is created.

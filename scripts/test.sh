@@ -14,9 +14,11 @@ cd "$(dirname "$0")/.."
 # 6.12 UML kernel (once per machine, cached in /var/tmp/umlctl-test-kernels)
 # and compare with kunit.py (python3);
 # nix-bin: nix-instantiate parses and evaluates flake.nix and nix/*.nix;
-# xfsprogs: a reflink filesystem (loop-mounted) for cow merge's clone path.
+# xfsprogs: a reflink filesystem (loop-mounted) for cow merge's clone path;
+# nftables: `nft` is the oracle for the NAT table netd writes over netlink.
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
-  attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs
+  attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
+  nftables
 ensure_cargo
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.
 cargo build --workspace --locked

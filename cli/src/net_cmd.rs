@@ -114,15 +114,20 @@ fn ls(a: LsArgs) -> u8 {
         return 0;
     }
     println!(
-        "{:<16} {:<20} {:<8} {:>9}",
-        "BRIDGE", "ADDRESS", "FORWARD", "TAPS LEFT"
+        "{:<16} {:<20} {:<20} {:>9}",
+        "BRIDGE", "ADDRESS", "OUTSIDE", "TAPS LEFT"
     );
     for b in &bridges {
+        let outside = match (&b.nat, b.forward) {
+            (Some(uplink), _) => format!("nat via {uplink}"),
+            (None, true) => "routed".to_string(),
+            (None, false) => "isolated".to_string(),
+        };
         println!(
-            "{:<16} {:<20} {:<8} {:>9}",
+            "{:<16} {:<20} {:<20} {:>9}",
             b.name,
             format!("{}/{}", b.address, b.prefix),
-            if b.forward { "yes" } else { "no" },
+            outside,
             b.taps_left
         );
     }

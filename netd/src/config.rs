@@ -14,6 +14,12 @@
 //! forward = false            # may guests reach other networks? (default no)
 //! mtu = 1500
 //!
+//! [[bridge]]
+//! name = "natbr0"
+//! address = "10.78.0.1/24"
+//! nat = true                 # masquerade guests behind the uplink (implies forward)
+//! uplink = "eth0"            # default: the IPv4 default route's interface at start
+//!
 //! [[allow]]
 //! users = ["alice", 1001]    # names or uids
 //! groups = ["umlctl"]        # names or gids (primary or supplementary)
@@ -47,6 +53,11 @@ pub struct Bridge {
     pub prefix: u8,
     pub forward: bool,
     pub mtu: u32,
+    /// Masquerade the guests' traffic behind the host's uplink.
+    pub nat: bool,
+    /// The uplink NAT'd traffic leaves by; `None`: the interface of the
+    /// IPv4 default route when netd starts.
+    pub uplink: Option<String>,
 }
 
 impl Bridge {
@@ -116,9 +127,11 @@ struct RawConfig {
 struct RawBridge {
     name: String,
     address: String,
-    #[serde(default)]
-    forward: bool,
+    forward: Option<bool>,
     mtu: Option<u32>,
+    #[serde(default)]
+    nat: bool,
+    uplink: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -260,12 +273,34 @@ impl Config {
                     format!("prefix /{prefix}: use /8 to /30 (guests need addresses)"),
                 ));
             }
+            if b.nat && b.forward == Some(false) {
+                return Err(bad(
+                    format!("{key}.forward"),
+                    "nat = true needs forwarding (guests reach the uplink through the host); remove forward = false".into(),
+                ));
+            }
+            if let Some(u) = &b.uplink {
+                if !b.nat {
+                    return Err(bad(
+                        format!("{key}.uplink"),
+                        "only means something with nat = true".into(),
+                    ));
+                }
+                if !valid_ifname(u) || *u == b.name {
+                    return Err(bad(
+                        format!("{key}.uplink"),
+                        format!("{u:?} is not an interface name other than the bridge's own"),
+                    ));
+                }
+            }
             let br = Bridge {
                 name: b.name.clone(),
                 address,
                 prefix,
-                forward: b.forward,
+                forward: b.forward.unwrap_or(b.nat),
                 mtu: b.mtu.unwrap_or(1500),
+                nat: b.nat,
+                uplink: b.uplink.clone(),
             };
             let host = u32::from(address) & !mask(prefix);
             if host == 0 || host == !mask(prefix) {
@@ -287,6 +322,18 @@ impl Config {
                 ));
             }
             bridges.push(br);
+        }
+        for (i, b) in bridges.iter().enumerate() {
+            if let Some(u) = b
+                .uplink
+                .as_ref()
+                .filter(|u| bridges.iter().any(|o| &o.name == *u))
+            {
+                return Err(bad(
+                    format!("bridge[{i}].uplink"),
+                    format!("{u:?} is one of netd's own bridges, not an uplink"),
+                ));
+            }
         }
 
         let mut allow = Vec::new();
@@ -382,6 +429,12 @@ forward = true
 name = "iso0"
 address = "10.78.0.1/28"
 
+[[bridge]]
+name = "nat0"
+address = "10.79.0.1/24"
+nat = true
+uplink = "eth0"
+
 [[allow]]
 users = ["alice", 2000]
 bridges = ["umlbr0"]
@@ -398,9 +451,15 @@ bridges = ["*"]
         assert_eq!(c.socket, PathBuf::from("/run/test/netd.sock"));
         assert_eq!((c.socket_mode, c.socket_group), (0o666, Some(990)));
         assert_eq!(c.state, PathBuf::from(DEFAULT_STATE));
-        assert_eq!(c.bridges.len(), 2);
+        assert_eq!(c.bridges.len(), 3);
         let b = c.bridge("iso0").unwrap();
         assert_eq!((b.prefix, b.forward, b.mtu), (28, false, 1500));
+        assert_eq!((b.nat, b.uplink.as_deref()), (false, None));
+        let n = c.bridge("nat0").unwrap();
+        assert_eq!(
+            (n.nat, n.forward, n.uplink.as_deref()),
+            (true, true, Some("eth0"))
+        );
         assert_eq!(b.network(), Ipv4Addr::new(10, 78, 0, 0));
         assert_eq!(c.allow[0].uids, BTreeSet::from([1001, 2000]));
         assert_eq!(c.allow[0].max_taps, 2);
@@ -422,6 +481,11 @@ bridges = ["*"]
             ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\n[[bridge]]\nname = \"c\"\naddress = \"10.0.0.129/25\"", "bridge[1].address"),
             ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\n[[bridge]]\nname = \"b\"\naddress = \"10.1.0.1/24\"", "bridge[1].name"),
             ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nmtu = 100", "bridge[0].mtu"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nforward = false", "bridge[0].forward"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nuplink = \"eth0\"", "bridge[0].uplink"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nuplink = \"b\"", "bridge[0].uplink"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nuplink = \"a b\"", "bridge[0].uplink"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nuplink = \"c\"\n[[bridge]]\nname = \"c\"\naddress = \"10.1.0.1/24\"", "bridge[0].uplink"),
             ("[[allow]]\nusers = [\"mallory\"]\nbridges = [\"*\"]", "allow[0].users"),
             ("[[allow]]\nbridges = [\"*\"]", "allow[0]"),
             ("[[allow]]\nusers = [1]\nbridges = [\"nope\"]", "allow[0].bridges"),

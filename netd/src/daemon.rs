@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, Semaphore};
 use crate::config::{Config, ConfigError};
 use crate::lease;
 use crate::link::{self, LinkError};
+use crate::nat::{Nat, NatBridge, NatError};
 use crate::policy::{self, Peer, Refusal};
 use crate::protocol::{self, BridgeInfo, DecodeError, ErrorCode, Lease, Reply, Request, TapMode};
 use crate::tap::{self, TapError};
@@ -50,6 +51,10 @@ pub enum DaemonError {
     Link(#[from] LinkError),
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
+    #[error(transparent)]
+    Nat(#[from] NatError),
+    #[error("bridge {bridge}: {problem}")]
+    Uplink { bridge: String, problem: String },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
@@ -71,6 +76,10 @@ struct Shared {
     config: Config,
     nl: rtnetlink::Handle,
     bridges: BTreeMap<String, u32>,
+    /// NAT bridges and their uplinks.
+    uplinks: BTreeMap<String, String>,
+    /// Uplinks whose forwarding netd turned on, with the value to restore.
+    restore: BTreeMap<String, bool>,
     taps: Mutex<BTreeMap<String, Tap>>,
 }
 
@@ -78,6 +87,9 @@ struct Shared {
 struct State {
     /// Taps this netd created and has not removed.
     taps: Vec<String>,
+    /// `net.ipv4.conf.IF.forwarding` values netd changed, as they were.
+    #[serde(default)]
+    forwarding: BTreeMap<String, bool>,
 }
 
 fn audit(peer: &Peer, what: impl std::fmt::Display) {
@@ -94,9 +106,14 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     rt.block_on(serve(config))
 }
 
-async fn save_state(config: &Config, taps: &BTreeMap<String, Tap>) {
+async fn save_state(
+    config: &Config,
+    restore: &BTreeMap<String, bool>,
+    taps: &BTreeMap<String, Tap>,
+) {
     let state = State {
         taps: taps.keys().cloned().collect(),
+        forwarding: restore.clone(),
     };
     let tmp = config.state.with_extension("tmp");
     let data = serde_json::to_vec(&state).unwrap_or_default();
@@ -132,7 +149,11 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
                 }
             }
         }
+        restore_forwarding(&old.forwarding, "as before a previous run");
     }
+
+    // NAT uplinks are found before anything is changed.
+    let uplinks = resolve_uplinks(&nl, &config).await?;
 
     let mut bridges = BTreeMap::new();
     for b in &config.bridges {
@@ -158,15 +179,31 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     if rules > 0 {
         eprintln!("netd: {rules} rules keep other networks out of the isolated bridges");
     }
+    let (nat, restore) = match start_nat(&config, &uplinks) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = link::remove_rules(&nl).await;
+            return Err(e);
+        }
+    };
 
-    let listener = bind(&config)?;
+    let listener = match bind(&config) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = link::remove_rules(&nl).await;
+            stop_nat(nat, &restore);
+            return Err(e);
+        }
+    };
     let shared = Arc::new(Shared {
         config,
         nl,
         bridges,
+        uplinks,
+        restore,
         taps: Mutex::new(BTreeMap::new()),
     });
-    save_state(&shared.config, &BTreeMap::new()).await;
+    save_state(&shared.config, &shared.restore, &BTreeMap::new()).await;
     eprintln!("netd: listening on {}", shared.config.socket.display());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -207,12 +244,130 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     taps.clear();
-    save_state(&shared.config, &taps).await;
+    save_state(&shared.config, &shared.restore, &taps).await;
     if let Err(e) = link::remove_rules(&shared.nl).await {
         eprintln!("netd: {e}");
     }
+    stop_nat(nat, &shared.restore);
+    save_state(&shared.config, &BTreeMap::new(), &taps).await;
     let _ = std::fs::remove_file(&shared.config.socket);
     Ok(())
+}
+
+/// Each NAT bridge's uplink: the configured one, or the default route's
+/// interface; it must exist.
+async fn resolve_uplinks(
+    nl: &rtnetlink::Handle,
+    config: &Config,
+) -> Result<BTreeMap<String, String>, DaemonError> {
+    let mut out = BTreeMap::new();
+    for b in config.bridges.iter().filter(|b| b.nat) {
+        let bad = |problem: String| DaemonError::Uplink {
+            bridge: b.name.clone(),
+            problem,
+        };
+        let uplink = match &b.uplink {
+            Some(u) => u.clone(),
+            None => link::default_route_interface(nl).await?.ok_or_else(|| {
+                bad("nat = true, but this host has no IPv4 default route to find the uplink by; name it with uplink = \"IFNAME\"".into())
+            })?,
+        };
+        if link::get(nl, &uplink).await?.is_none() {
+            return Err(bad(format!(
+                "uplink {uplink} does not exist; name an existing interface with uplink = \"IFNAME\""
+            )));
+        }
+        if config.bridge(&uplink).is_some() {
+            return Err(bad(format!(
+                "the default route leaves by {uplink}, one of netd's own bridges; name the uplink with uplink = \"IFNAME\""
+            )));
+        }
+        out.insert(b.name.clone(), uplink);
+    }
+    Ok(out)
+}
+
+/// Create the NAT table and turn on forwarding on the uplinks (returning
+/// what to restore). Nothing stays behind on failure.
+fn start_nat(
+    config: &Config,
+    uplinks: &BTreeMap<String, String>,
+) -> Result<(Option<Nat>, BTreeMap<String, bool>), DaemonError> {
+    if uplinks.is_empty() {
+        return Ok((None, BTreeMap::new()));
+    }
+    let list: Vec<NatBridge> = config
+        .bridges
+        .iter()
+        .filter_map(|b| {
+            Some(NatBridge {
+                bridge: b.name.clone(),
+                network: b.network(),
+                prefix: b.prefix,
+                uplink: uplinks.get(&b.name)?.clone(),
+            })
+        })
+        .collect();
+    let mut nat = Nat::open()?;
+    nat.apply(&list)?;
+    let mut restore = BTreeMap::new();
+    for u in uplinks.values() {
+        if restore.contains_key(u) {
+            continue;
+        }
+        let res = link::forwarding(u).and_then(|was| {
+            if !was {
+                link::set_forwarding(u, true)?;
+            }
+            Ok(was)
+        });
+        match res {
+            Ok(was) => {
+                restore.insert(u.clone(), was);
+            }
+            Err(e) => {
+                stop_nat(Some(nat), &restore);
+                return Err(DaemonError::Io {
+                    op: "turn on forwarding on the uplink",
+                    path: format!("/proc/sys/net/ipv4/conf/{u}/forwarding").into(),
+                    source: e,
+                });
+            }
+        }
+    }
+    for b in &list {
+        eprintln!(
+            "netd: NAT for bridge {} ({}/{}) out of {}",
+            b.bridge, b.network, b.prefix, b.uplink
+        );
+    }
+    // Only what netd changed is restored.
+    restore.retain(|_, was| !*was);
+    Ok((Some(nat), restore))
+}
+
+/// Remove the NAT table and put the uplinks' forwarding back.
+fn stop_nat(nat: Option<Nat>, restore: &BTreeMap<String, bool>) {
+    if let Some(mut nat) = nat {
+        if let Err(e) = nat.remove() {
+            eprintln!("netd: {e}");
+        }
+    }
+    restore_forwarding(restore, "as before netd");
+}
+
+fn restore_forwarding(restore: &BTreeMap<String, bool>, why: &str) {
+    for (u, was) in restore {
+        match link::set_forwarding(u, *was) {
+            Ok(()) => eprintln!(
+                "netd: forwarding on {u} back {} ({why})",
+                if *was { "on" } else { "off" }
+            ),
+            // The interface went away: nothing left to restore.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("netd: restore forwarding on {u}: {e}"),
+        }
+    }
 }
 
 /// Bind the socket: refuse if another netd answers on it, replace a stale
@@ -414,6 +569,7 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
                         address: b.address,
                         prefix: b.prefix,
                         forward: b.forward,
+                        nat: sh.uplinks.get(&b.name).cloned(),
                         taps_left: max.saturating_sub(held),
                     })
                     .collect();
@@ -444,7 +600,7 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
         audit(&peer, format_args!("connection closed: removed {name}"));
     }
     if !mine.is_empty() {
-        save_state(&sh.config, &taps).await;
+        save_state(&sh.config, &sh.restore, &taps).await;
     }
 }
 
@@ -541,7 +697,7 @@ async fn create(
             _fd: fd,
         },
     );
-    save_state(&sh.config, &taps).await;
+    save_state(&sh.config, &sh.restore, &taps).await;
     audit(
         peer,
         format_args!(
@@ -572,7 +728,7 @@ async fn release(sh: &Shared, peer: &Peer, conn: u64, ifname: &str) -> Reply {
                 return error(ErrorCode::Internal, e.to_string());
             }
             taps.remove(ifname);
-            save_state(&sh.config, &taps).await;
+            save_state(&sh.config, &sh.restore, &taps).await;
             audit(peer, format_args!("released {ifname}"));
             Reply::Released {
                 ifname: ifname.to_string(),

@@ -57,6 +57,8 @@ mod tests {
             prefix,
             forward: false,
             mtu: 1500,
+            nat: false,
+            uplink: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! * [`protocol`]: the versioned JSON-lines wire protocol;
 //! * [`lease`]: addresses, stable MACs, tap names;
 //! * [`tap`] and [`link`]: tun ioctls and rtnetlink (never `ip`);
+//! * [`nat`]: masquerading to the uplink, nftables over netlink (never `nft`);
 //! * [`daemon`]: the daemon loop; [`client`]: the blocking client.
 //!
 //! A leaf crate: it depends on none of umlctl's other crates.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod lease;
 pub mod link;
+pub mod nat;
 pub mod policy;
 pub mod protocol;
 pub mod tap;

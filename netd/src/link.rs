@@ -255,3 +255,62 @@ pub async fn remove_rules(h: &Handle) -> Result<usize, LinkError> {
     }
     Ok(n)
 }
+
+/// The interface of the main table's IPv4 default route (the lowest
+/// metric when there are several), if there is one.
+pub async fn default_route_interface(h: &Handle) -> Result<Option<String>, LinkError> {
+    use netlink_packet_route::route::{RouteAttribute, RouteHeader};
+    let mut best: Option<(u32, u32)> = None;
+    let mut s = h.route().get(rtnetlink::IpVersion::V4).execute();
+    while let Some(m) = s.try_next().await.map_err(fail("list routes", "(ipv4)"))? {
+        let table = m
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(m.header.table));
+        if m.header.destination_prefix_length != 0 || table != u32::from(RouteHeader::RT_TABLE_MAIN)
+        {
+            continue;
+        }
+        let oif = m.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let metric = m
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if let Some(oif) = oif {
+            if best.map_or(true, |(m, _)| metric < m) {
+                best = Some((metric, oif));
+            }
+        }
+    }
+    let Some((_, index)) = best else {
+        return Ok(None);
+    };
+    let mut s = h.link().get().match_index(index).execute();
+    let m = s
+        .try_next()
+        .await
+        .map_err(fail("look up the default route's interface", "(ipv4)"))?;
+    Ok(m.and_then(|m| {
+        m.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        })
+    }))
+}
+
+/// `net.ipv4.conf.NAME.forwarding` as it is now.
+pub fn forwarding(name: &str) -> std::io::Result<bool> {
+    let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"))?;
+    Ok(v.trim() != "0")
+}

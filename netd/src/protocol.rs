@@ -81,6 +81,9 @@ pub struct BridgeInfo {
     pub prefix: u8,
     /// Guests may reach other networks through the host.
     pub forward: bool,
+    /// The uplink the guests' traffic is masqueraded behind, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
     /// Taps the caller may still take on it (over all bridges).
     pub taps_left: u32,
 }

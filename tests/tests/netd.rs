@@ -117,11 +117,18 @@ max_taps = 1
 
 impl Netd {
     fn start(tag: &str) -> Netd {
+        Netd::start_with(tag, CONFIG, |_| {})
+    }
+
+    /// netd with `config` (socket and state are added), after `prepare`
+    /// has set up the namespace.
+    fn start_with(tag: &str, config: &str, prepare: impl FnOnce(&Netns)) -> Netd {
         need_root();
         let ns = Netns::new(tag);
+        prepare(&ns);
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "socket = \"{}\"\nstate = \"{}\"\n{CONFIG}",
+            "socket = \"{}\"\nstate = \"{}\"\n{config}",
             dir.path().join("netd.sock").display(),
             dir.path().join("netd.state").display()
         );
@@ -713,21 +720,7 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut out = BufReader::new(a.stdout.take().unwrap());
-    let mut seen = String::new();
-    let t = Instant::now();
-    while !seen.contains("ready") {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "guest A did not come up: {seen}\n{}",
-            d.log()
-        );
-        let mut l = String::new();
-        if out.read_line(&mut l).unwrap() == 0 {
-            panic!("guest A ended: {seen}\n{}", d.log());
-        }
-        seen.push_str(&l);
-    }
+    let (_out, seen) = until_line(&mut a, "ready", "guest A", &d);
     assert!(seen.contains("inet 10.99.0.2/24"), "{seen}");
 
     // Guest B on the same bridge, as uid 65534 (it cannot open
@@ -759,18 +752,12 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut out_c = BufReader::new(c.stdout.take().unwrap());
-    let mut seen_c = String::new();
-    while !seen_c.contains("ready-c") {
-        let mut l = String::new();
-        if out_c.read_line(&mut l).unwrap() == 0 {
-            panic!(
-                "guest C: own gateway yes, the other bridge no — it ended:\n{seen_c}\n{}",
-                d.log()
-            );
-        }
-        seen_c.push_str(&l);
-    }
+    let (mut out_c, _) = until_line(
+        &mut c,
+        "ready-c",
+        "guest C (own gateway yes, the other bridge no)",
+        &d,
+    );
     // Into the isolated bridge: the host itself yes, a guest of the
     // forwarding bridge no (netd's policy rules; `ip rule` is the oracle).
     let rules =
@@ -848,6 +835,32 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Read a spawned guest's stdout until a line contains `marker` (60 s at
+/// most); returns the reader (for the rest) and what was read.
+fn until_line(
+    child: &mut Child,
+    marker: &str,
+    what: &str,
+    d: &Netd,
+) -> (BufReader<std::process::ChildStdout>, String) {
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut seen = String::new();
+    let t = Instant::now();
+    while !seen.lines().any(|l| l.contains(marker)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what} did not come up: {seen}\n{}",
+            d.log()
+        );
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap() == 0 {
+            panic!("{what} ended: {seen}\n{}", d.log());
+        }
+        seen.push_str(&l);
+    }
+    (out, seen)
 }
 
 /// Stop netd (SIGTERM) and check that its policy rules went with it.
@@ -1059,4 +1072,265 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         "the fd-mode tap removed after stop",
         &d,
     );
+}
+
+const NAT_CONFIG: &str = r#"
+socket_mode = "0666"
+
+[[bridge]]
+name = "nat0"
+address = "10.95.0.1/24"
+nat = true
+
+[[bridge]]
+name = "routed0"
+address = "10.94.0.1/24"
+forward = true
+
+[[allow]]
+users = [0, "nobody"]
+bridges = ["*"]
+max_taps = 8
+"#;
+
+/// A process killed and reaped on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nft_table(ns: &Netns) -> Output {
+    sh(&format!(
+        "ip netns exec {} nft list table ip umlctl-netd",
+        ns.0
+    ))
+}
+
+fn forwarding(ns: &Netns, ifname: &str) -> String {
+    let o = sh(&format!(
+        "ip netns exec {} cat /proc/sys/net/ipv4/conf/{ifname}/forwarding",
+        ns.0
+    ));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// NAT: an "outside" namespace joined to netd's by a veth (up0 ↔ out0) is
+/// where netd's default route leads; it has no route back to the bridges.
+/// A NAT bridge's guests reach it under up0's address; a merely routed
+/// bridge's guests do not (no route back); nothing from the outside reaches
+/// a NAT guest, though it does reach a routed one. `nft` (Debian's
+/// nftables) is the oracle for the rules; the table dies with netd, even
+/// with SIGKILL, and up0's forwarding is put back.
+#[test]
+fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_reaches_in() {
+    assert!(
+        sh("command -v nft").status.success(),
+        "nft is missing: apt-get install nftables"
+    );
+    let outside = Netns::new("out");
+    let out = outside.0.clone();
+    let mut d = Netd::start_with("nat", NAT_CONFIG, |ns| {
+        let o = sh(&format!(
+            "set -e; ip link add up0 netns {ns} type veth peer name out0 netns {out}
+             ip -n {ns} addr add 192.0.2.1/24 dev up0; ip -n {ns} link set up0 up
+             ip -n {out} addr add 192.0.2.2/24 dev out0; ip -n {out} link set out0 up
+             ip -n {ns} route add default via 192.0.2.2",
+            ns = ns.0
+        ));
+        assert_ok(&o, "the uplink veth");
+    });
+    assert!(
+        d.log()
+            .contains("NAT for bridge nat0 (10.95.0.0/24) out of up0"),
+        "netd did not find the uplink by the default route:\n{}",
+        d.log()
+    );
+    let table = assert_ok(&nft_table(&d.ns), "nft list table");
+    for r in [
+        "flags owner",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        "oifname \"up0\" ip saddr 10.95.0.0/24 masquerade",
+        "iifname \"up0\" oifname \"nat0\" ct state established,related accept",
+        "iifname \"up0\" oifname \"nat0\" drop",
+    ] {
+        assert!(table.contains(r), "missing {r:?} in:\n{table}");
+    }
+    assert!(
+        !table.contains("10.94.0.0"),
+        "routed0 is not NAT'd:\n{table}"
+    );
+    assert_eq!(forwarding(&d.ns, "up0"), "1", "the uplink forwards");
+    assert_eq!(
+        forwarding(&d.ns, "all"),
+        "0",
+        "the namespace-wide setting is not touched"
+    );
+    let ls = Command::new(umlctl_bin())
+        .args(["net", "ls", "--netd-socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    let ls = assert_ok(&ls, "net ls");
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("nat0") && l.contains("nat via up0")),
+        "{ls}"
+    );
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("routed0") && l.contains("routed")),
+        "{ls}"
+    );
+
+    // The outside answers every TCP connection with the address it came from.
+    let server = Command::new("ip")
+        .args(["netns", "exec", &out, PYTHON, "-c"])
+        .arg(
+            "import socket\n\
+             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('192.0.2.2', 7000)); s.listen()\n\
+             while True:\n    c, a = s.accept(); c.sendall(('seen from %s\\n' % a[0]).encode()); c.close()\n",
+        )
+        .spawn()
+        .unwrap();
+    let _server = Killed(server);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A NAT guest (uid 65534, descriptor-passed tap) reaches the outside,
+    // which sees the uplink's address.
+    let o = guest(
+        &d,
+        "nat0",
+        "busybox ping -c 1 -W 5 192.0.2.2 && busybox nc 192.0.2.2 7000 </dev/null",
+        true,
+    )
+    .output()
+    .unwrap();
+    let got = assert_ok(&o, "a NAT guest reaches the outside");
+    assert!(got.contains("seen from 192.0.2.1"), "{got}");
+    // A routed guest's packets get out but nothing comes back.
+    let o = guest(&d, "routed0", "! busybox ping -c 2 -W 2 192.0.2.2", false)
+        .output()
+        .unwrap();
+    assert_ok(&o, "a routed guest gets no answer from the outside");
+
+    // Inbound, with routes to both bridges on the outside: the routed guest
+    // answers (the path works), the NAT guest does not.
+    let spawn_up = |bridge: &str| {
+        let mut c = guest(
+            &d,
+            bridge,
+            "busybox ip -4 -o addr show vec0; echo ready; sleep 60",
+            false,
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let (_, seen) = until_line(&mut c, "ready", bridge, &d);
+        let addr = seen
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("no address: {seen}"))
+            .to_string();
+        (Killed(c), addr)
+    };
+    let (_n, nat_addr) = spawn_up("nat0");
+    let (_r, routed_addr) = spawn_up("routed0");
+    assert_ok(
+        &sh(&format!(
+            "ip -n {out} route add 10.95.0.0/24 via 192.0.2.1 && ip -n {out} route add 10.94.0.0/24 via 192.0.2.1"
+        )),
+        "outside routes",
+    );
+    let ping_from_outside = |a: &str| {
+        sh(&format!("ip netns exec {out} busybox ping -c 2 -W 2 {a}"))
+            .status
+            .success()
+    };
+    assert!(
+        ping_from_outside(&routed_addr),
+        "the routed guest {routed_addr} does not answer the outside"
+    );
+    assert!(
+        !ping_from_outside(&nat_addr),
+        "the outside reached the NAT guest {nat_addr}"
+    );
+    drop((_n, _r));
+
+    // SIGKILL: the kernel drops the owned table at once; up0 still forwards
+    // until netd comes back, which puts it back, then sets it up again.
+    d.kill9();
+    let t = nft_table(&d.ns);
+    assert!(
+        !t.status.success(),
+        "the NAT table outlived netd:\n{}",
+        String::from_utf8_lossy(&t.stdout)
+    );
+    assert_eq!(forwarding(&d.ns, "up0"), "1");
+    d.spawn();
+    assert!(
+        d.log()
+            .contains("forwarding on up0 back off (as before a previous run)"),
+        "{}",
+        d.log()
+    );
+    assert_ok(&nft_table(&d.ns), "the table again after the restart");
+    assert_eq!(forwarding(&d.ns, "up0"), "1");
+    // SIGTERM: the table goes and up0 is as it was.
+    stop_and_check_rules_gone(&mut d);
+    assert!(
+        !nft_table(&d.ns).status.success(),
+        "the table outlived netd"
+    );
+    assert_eq!(forwarding(&d.ns, "up0"), "0", "up0's forwarding restored");
+}
+
+/// NAT problems are found before netd changes anything, and named.
+#[test]
+fn nat_without_an_uplink_is_refused_with_the_fix_named() {
+    need_root();
+    let ns = Netns::new("nonat");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |cfg: &str| {
+        let p = dir.path().join("netd.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "socket = \"{}\"\nstate = \"{}\"\n{cfg}",
+                dir.path().join("s").display(),
+                dir.path().join("st").display()
+            ),
+        )
+        .unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(umlctl_bin())
+            .arg("netd")
+            .arg("--config")
+            .arg(&p)
+            .output()
+            .unwrap()
+    };
+    let nat = "[[bridge]]\nname = \"nat0\"\naddress = \"10.95.0.1/24\"\nnat = true\n";
+    // No default route in a new namespace.
+    let o = run(nat);
+    assert_eq!(o.status.code(), Some(125));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("bridge nat0") && e.contains("no IPv4 default route") && e.contains("uplink = "),
+        "{e}"
+    );
+    let o = run(&format!("{nat}uplink = \"nosuch0\"\n"));
+    assert_eq!(o.status.code(), Some(125));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("uplink nosuch0 does not exist"), "{e}");
+    // Nothing was made: no bridge, no table.
+    assert!(!ns.links().iter().any(|l| l == "nat0"), "{:?}", ns.links());
+    assert!(!nft_table(&ns).status.success());
 }
