@@ -47,6 +47,8 @@ pub enum DaemonError {
     },
     #[error("another netd is already listening on {}; stop it first, or give this one another --socket", .0.display())]
     AlreadyRunning(PathBuf),
+    #[error("another netd holds {}; it manages this state (one netd per state file and network namespace)", .0.display())]
+    StateInUse(PathBuf),
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error("netlink: {0}")]
@@ -135,10 +137,16 @@ fn make_parent(p: &Path) -> Result<(), DaemonError> {
 }
 
 async fn serve(config: Config) -> Result<(), DaemonError> {
+    // A netd that is already running is left alone: nothing below (its
+    // taps, rules, NAT, the uplinks' forwarding) is touched.
+    if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        return Err(DaemonError::AlreadyRunning(config.socket.clone()));
+    }
+    make_parent(&config.state)?;
+    let _lock = lock_state(&config.state)?;
     let nl = link::connect().map_err(DaemonError::Netlink)?;
 
     // Whatever a previous run created is gone with its connections.
-    make_parent(&config.state)?;
     if let Ok(data) = std::fs::read(&config.state) {
         let old: State = serde_json::from_slice(&data).unwrap_or_default();
         for name in old.taps {
@@ -252,6 +260,24 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     save_state(&shared.config, &BTreeMap::new(), &taps).await;
     let _ = std::fs::remove_file(&shared.config.socket);
     Ok(())
+}
+
+/// Hold `STATE.lock` for netd's lifetime: one netd per state file.
+fn lock_state(state: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let path = state.with_extension("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            DaemonError::StateInUse(path.clone())
+        } else {
+            io("lock", &path)(e.into())
+        }
+    })
 }
 
 /// Each NAT bridge's uplink: the configured one, or the default route's

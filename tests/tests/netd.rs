@@ -614,38 +614,57 @@ fn netd_killed_and_restarted_removes_what_it_created() {
         let _ = h.kill();
         let _ = h.wait();
     }
-    // A second netd on the same socket is refused while the first runs.
-    let mut second = Command::new("ip")
-        .args(["netns", "exec", &d.ns.0])
-        .arg(umlctl_bin())
-        .arg("netd")
-        .arg("--config")
-        .arg(d.dir.path().join("netd.toml"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = second.try_wait().unwrap() {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = second.kill();
-            let _ = second.wait();
-            panic!("a second netd on the same socket kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    // A second netd on the same socket, or on another socket with the same
+    // state file, is refused while the first runs, and touches nothing of
+    // the first's: its tap and its isolation rules stay.
+    let mut holder = d.client();
+    let (lease, _) = holder.create_tap("br0", TapMode::Owned, None).unwrap();
+    let second = |extra: &[&str]| {
+        let mut second = Command::new("ip")
+            .args(["netns", "exec", &d.ns.0])
+            .arg(umlctl_bin())
+            .arg("netd")
+            .arg("--config")
+            .arg(d.dir.path().join("netd.toml"))
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = second.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("a second netd kept running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        second
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(status.code(), Some(125), "{err}");
+        err
     };
-    let mut err = String::new();
-    second
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(125), "{err}");
+    let err = second(&[]);
     assert!(err.contains("already listening"), "{err}");
-    assert!(d.client().list().is_ok(), "the first netd still serves");
+    let other = d.dir.path().join("other.sock");
+    let err = second(&["--socket", other.to_str().unwrap()]);
+    assert!(
+        err.contains("another netd holds") && err.contains("netd.lock"),
+        "{err}"
+    );
+    assert_eq!(d.ns.taps(), vec![lease.ifname.clone()], "{}", d.log());
+    let rules =
+        String::from_utf8_lossy(&sh(&format!("ip -n {} rule show", d.ns.0)).stdout).into_owned();
+    assert!(rules.contains("10702:"), "the first netd's rules: {rules}");
+    assert!(holder.list().is_ok(), "the first netd still serves");
 }
 
 #[test]
