@@ -313,8 +313,9 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
 
 /// What the image's own init needs to configure interface `i`:
 /// `UMLCTL_NET<i>_DEVICE` (vecN), `_ADDRESS` (a.b.c.d/prefix), `_GATEWAY`,
-/// `_MTU` and `_MAC`, passed on the kernel command line (which hands
-/// unknown `K=V` parameters to init as its environment).
+/// `_MTU`, `_MAC` and, when netd gives name servers, `_DNS` (comma
+/// separated), passed on the kernel command line (which hands unknown
+/// `K=V` parameters to init as its environment).
 fn net_env(net: &crate::run::Network) -> Vec<(String, String)> {
     let mut env = Vec::new();
     for (i, (n, nic)) in net.specs.iter().zip(&net.nics).enumerate() {
@@ -324,6 +325,10 @@ fn net_env(net: &crate::run::Network) -> Vec<(String, String)> {
         env.push((k("GATEWAY"), n.gateway.to_string()));
         env.push((k("MTU"), n.mtu.to_string()));
         env.push((k("MAC"), nic.mac.clone()));
+        if !n.dns.is_empty() {
+            let list: Vec<String> = n.dns.iter().map(|a| a.to_string()).collect();
+            env.push((k("DNS"), list.join(",")));
+        }
     }
     env
 }

@@ -1,10 +1,12 @@
 //! Guest-side interface configuration, done by the guest init (PID 1)
 //! before the command runs: loopback up, each leased interface's address,
-//! netmask, MTU and link, and the default route. Plain `SIOCSIF*` and
-//! `SIOCADDRT` ioctls on an `AF_INET` socket: no netlink stack in PID 1.
+//! netmask, MTU and link, the default route, and the resolver's name
+//! servers. Plain `SIOCSIF*` and `SIOCADDRT` ioctls on an `AF_INET`
+//! socket: no netlink stack in PID 1.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 
 use crate::protocol::NicSpec;
 
@@ -135,7 +137,9 @@ pub fn default_route(gw: Ipv4Addr) -> Result<(), String> {
 }
 
 /// Loopback, every interface, then the default route via the first one.
-pub fn setup(nics: &[NicSpec]) -> Result<(), String> {
+/// Name servers are pointed at last; a failure there is returned as a
+/// warning (`Ok(Some(..))`): the network itself works.
+pub fn setup(nics: &[NicSpec]) -> Result<Option<String>, String> {
     up("lo")?;
     for n in nics {
         configure(n)?;
@@ -143,5 +147,124 @@ pub fn setup(nics: &[NicSpec]) -> Result<(), String> {
     if let Some(first) = nics.first() {
         default_route(first.gateway)?;
     }
-    Ok(())
+    let mut servers = Vec::new();
+    for a in nics.iter().flat_map(|n| &n.dns) {
+        if !servers.contains(a) {
+            servers.push(*a);
+        }
+    }
+    if servers.is_empty() {
+        return Ok(None);
+    }
+    Ok(point_resolver(Path::new(RESOLV_CONF), Path::new(OURS), &servers).err())
+}
+
+/// The resolver's configuration file.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// Where the init writes its own (on the guest's /run tmpfs).
+const OURS: &str = "/run/umlctl-resolv.conf";
+
+/// The `resolv.conf` text for `servers`.
+pub fn resolv_conf(servers: &[Ipv4Addr]) -> String {
+    let mut s =
+        String::from("# written by umlctl's guest init: the name servers netd gives this bridge\n");
+    for a in servers {
+        s.push_str(&format!("nameserver {a}\n"));
+    }
+    s
+}
+
+/// Make `conf` (normally /etc/resolv.conf) say `servers`, without writing
+/// the guest's root: the text goes to `ours`, which is bind-mounted over
+/// `conf` (or over the file a symlink `conf` leads to). A symlink into a
+/// directory the guest sees empty (systemd-resolved's `/run/systemd/...`)
+/// gets its target created there; a missing `conf` is created when the
+/// root is writable (an image; a throwaway overlay unless `--overlay`).
+pub fn point_resolver(conf: &Path, ours: &Path, servers: &[Ipv4Addr]) -> Result<(), String> {
+    let text = resolv_conf(servers);
+    std::fs::write(ours, &text).map_err(|e| format!("write {}: {e}", ours.display()))?;
+    // Follow the symlink chain by hand (a dangling one ends at its target).
+    let mut target = conf.to_path_buf();
+    for _ in 0..16 {
+        match std::fs::read_link(&target) {
+            Ok(next) => {
+                target = match target.parent() {
+                    Some(dir) if next.is_relative() => dir.join(next),
+                    _ => next,
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if target.is_file() {
+        return nix::mount::mount(
+            Some(ours),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind-mount the name servers over {}: {e}", target.display()));
+    }
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("create {} for the name servers: {e}", dir.display()))?;
+    }
+    std::fs::write(&target, &text).map_err(|e| {
+        format!(
+            "write the name servers to {} ({} does not lead to a file): {e}",
+            target.display(),
+            conf.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers() -> Vec<Ipv4Addr> {
+        vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]
+    }
+
+    #[test]
+    fn resolv_conf_names_each_server() {
+        let t = resolv_conf(&servers());
+        assert!(t.starts_with("# written by umlctl"));
+        assert!(t.ends_with("nameserver 192.0.2.53\nnameserver 192.0.2.54\n"));
+    }
+
+    /// Without mount privileges only the paths that write files can be
+    /// checked here; the bind mount is checked by the end-to-end tests.
+    #[test]
+    fn dangling_symlinks_get_their_target_and_missing_files_are_created() {
+        let d = tempfile::tempdir().unwrap();
+        let ours = d.path().join("ours.conf");
+        // /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf, dangling.
+        std::fs::create_dir(d.path().join("etc")).unwrap();
+        let conf = d.path().join("etc/resolv.conf");
+        std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", &conf).unwrap();
+        point_resolver(&conf, &ours, &servers()).unwrap();
+        let got = std::fs::read_to_string(&conf).unwrap();
+        assert!(got.contains("nameserver 192.0.2.54"), "{got}");
+        assert!(d
+            .path()
+            .join("run/systemd/resolve/stub-resolv.conf")
+            .is_file());
+        // No resolv.conf at all: created.
+        let conf2 = d.path().join("etc/resolv2.conf");
+        point_resolver(&conf2, &ours, &servers()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&conf2).unwrap(),
+            resolv_conf(&servers())
+        );
+        // Nowhere to write: an error naming the path.
+        let e = point_resolver(
+            Path::new("/proc/nonexistent/resolv.conf"),
+            &ours,
+            &servers(),
+        )
+        .unwrap_err();
+        assert!(e.contains("/proc/nonexistent"), "{e}");
+    }
 }

@@ -547,8 +547,13 @@ pub fn main() -> ! {
         if let Err(e) = crate::guestnet::up("lo") {
             console(&e);
         }
-    } else if let Err(e) = crate::guestnet::setup(&spec.nics) {
-        g.fail(format!("network setup: {e}"));
+    } else {
+        match crate::guestnet::setup(&spec.nics) {
+            Ok(None) => {}
+            // The network works; only the resolver could not be pointed.
+            Ok(Some(w)) => console(&format!("umlctl init: name servers: {w}")),
+            Err(e) => g.fail(format!("network setup: {e}")),
+        }
     }
 
     let io = match open_stdio(&spec) {

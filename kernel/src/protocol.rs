@@ -93,6 +93,9 @@ pub struct NicSpec {
     /// The default route goes through the first interface's gateway.
     pub gateway: std::net::Ipv4Addr,
     pub mtu: u32,
+    /// Name servers from the lease (the guest's resolver is pointed at them).
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 mod bytes_list {
@@ -305,6 +308,7 @@ mod tests {
                 prefix: 24,
                 gateway: "10.0.0.1".parse().unwrap(),
                 mtu: 1500,
+                dns: vec!["10.0.0.53".parse().unwrap()],
             }],
         }
     }

@@ -199,6 +199,7 @@ pub fn attach_network(
             prefix: lease.prefix,
             gateway: lease.gateway,
             mtu: lease.mtu,
+            dns: lease.dns.clone(),
         });
     }
     net.client = Some(client);

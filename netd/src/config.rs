@@ -19,6 +19,8 @@
 //! address = "10.78.0.1/24"
 //! nat = true                 # masquerade guests behind the uplink (implies forward)
 //! uplink = "eth0"            # default: the IPv4 default route's interface at start
+//! dns = ["192.0.2.53"]       # the guests' name servers; NAT bridges default to
+//!                            # the host's (non-loopback) ones, others to none
 //!
 //! [[allow]]
 //! users = ["alice", 1001]    # names or uids
@@ -58,6 +60,9 @@ pub struct Bridge {
     /// The uplink NAT'd traffic leaves by; `None`: the interface of the
     /// IPv4 default route when netd starts.
     pub uplink: Option<String>,
+    /// Name servers for the guests; `None`: not configured (NAT bridges
+    /// then get the host's, see [`host_nameservers`]).
+    pub dns: Option<Vec<Ipv4Addr>>,
 }
 
 impl Bridge {
@@ -132,6 +137,7 @@ struct RawBridge {
     #[serde(default)]
     nat: bool,
     uplink: Option<String>,
+    dns: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +165,42 @@ pub const DEFAULT_SOCKET: &str = "/run/umlctl/netd.sock";
 pub const DEFAULT_STATE: &str = "/run/umlctl/netd.state";
 /// Taps per user when a rule does not say.
 pub const DEFAULT_MAX_TAPS: u32 = 4;
+
+/// The most name servers a bridge hands out (glibc's MAXNS).
+pub const MAX_DNS: usize = 3;
+
+/// The name servers of a `resolv.conf` text that guests can use: IPv4, not
+/// loopback (a resolver on the host's loopback, like systemd-resolved's
+/// 127.0.0.53, is not reachable from a guest), at most [`MAX_DNS`].
+pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for line in resolv_conf.lines() {
+        let mut w = line.split_whitespace();
+        if w.next() != Some("nameserver") {
+            continue;
+        }
+        if let Some(Ok(a)) = w.next().map(str::parse::<Ipv4Addr>) {
+            if !a.is_loopback() && !a.is_unspecified() && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out.truncate(MAX_DNS);
+    out
+}
+
+/// The host's name servers guests can use: those of `/etc/resolv.conf`,
+/// else (a host that only names a local stub) systemd-resolved's upstream
+/// list in `/run/systemd/resolve/resolv.conf`.
+pub fn host_nameservers() -> Vec<Ipv4Addr> {
+    for f in ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"] {
+        let found = nameservers(&std::fs::read_to_string(f).unwrap_or_default());
+        if !found.is_empty() {
+            return found;
+        }
+    }
+    Vec::new()
+}
 
 /// Whether `name` is a usable Linux interface name: 1 to 15 bytes, no `/`,
 /// `:`, whitespace or control characters, not `.` or `..`.
@@ -293,6 +335,33 @@ impl Config {
                     ));
                 }
             }
+            let dns = match &b.dns {
+                None => None,
+                Some(list) => {
+                    let mut out = Vec::new();
+                    for d in list {
+                        let a: Ipv4Addr = d.parse().map_err(|_| {
+                            bad(
+                                format!("{key}.dns"),
+                                format!("{d:?} is not an IPv4 address"),
+                            )
+                        })?;
+                        if !out.contains(&a) {
+                            out.push(a);
+                        }
+                    }
+                    if out.len() > MAX_DNS {
+                        return Err(bad(
+                            format!("{key}.dns"),
+                            format!(
+                                "{} servers; a guest's resolver uses at most {MAX_DNS}",
+                                out.len()
+                            ),
+                        ));
+                    }
+                    Some(out)
+                }
+            };
             let br = Bridge {
                 name: b.name.clone(),
                 address,
@@ -301,6 +370,7 @@ impl Config {
                 mtu: b.mtu.unwrap_or(1500),
                 nat: b.nat,
                 uplink: b.uplink.clone(),
+                dns,
             };
             let host = u32::from(address) & !mask(prefix);
             if host == 0 || host == !mask(prefix) {
@@ -486,6 +556,8 @@ bridges = ["*"]
             ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nuplink = \"b\"", "bridge[0].uplink"),
             ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nuplink = \"a b\"", "bridge[0].uplink"),
             ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\nnat = true\nuplink = \"c\"\n[[bridge]]\nname = \"c\"\naddress = \"10.1.0.1/24\"", "bridge[0].uplink"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\ndns = [\"dns.example\"]", "bridge[0].dns"),
+            ("[[bridge]]\nname = \"b\"\naddress = \"10.0.0.1/24\"\ndns = [\"1.1.1.1\", \"1.1.1.2\", \"1.1.1.3\", \"1.1.1.4\"]", "bridge[0].dns"),
             ("[[allow]]\nusers = [\"mallory\"]\nbridges = [\"*\"]", "allow[0].users"),
             ("[[allow]]\nbridges = [\"*\"]", "allow[0]"),
             ("[[allow]]\nusers = [1]\nbridges = [\"nope\"]", "allow[0].bridges"),
@@ -497,6 +569,17 @@ bridges = ["*"]
         }
         let e = parse("bridges = []").unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn nameservers_guests_can_reach() {
+        let text = "# comment\nsearch example.com\nnameserver 127.0.0.53\nnameserver 10.0.0.2\n\
+                    nameserver ::1\nnameserver   10.0.0.3  # trailing\nnameserver 10.0.0.2\n\
+                    nameserver 0.0.0.0\nnameserver 10.0.0.4\nnameserver 10.0.0.5\n";
+        let a = |x: u8| Ipv4Addr::new(10, 0, 0, x);
+        assert_eq!(nameservers(text), vec![a(2), a(3), a(4)]);
+        assert!(nameservers("nameserver 127.0.0.1\n").is_empty());
+        assert!(nameservers("").is_empty());
     }
 
     #[test]

@@ -82,6 +82,8 @@ struct Shared {
     uplinks: BTreeMap<String, String>,
     /// Uplinks whose forwarding netd turned on, with the value to restore.
     restore: BTreeMap<String, bool>,
+    /// The name servers each bridge's guests get.
+    dns: BTreeMap<String, Vec<std::net::Ipv4Addr>>,
     taps: Mutex<BTreeMap<String, Tap>>,
 }
 
@@ -203,12 +205,14 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
+    let dns = guest_dns(&config);
     let shared = Arc::new(Shared {
         config,
         nl,
         bridges,
         uplinks,
         restore,
+        dns,
         taps: Mutex::new(BTreeMap::new()),
     });
     save_state(&shared.config, &shared.restore, &BTreeMap::new()).await;
@@ -260,6 +264,38 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     save_state(&shared.config, &BTreeMap::new(), &taps).await;
     let _ = std::fs::remove_file(&shared.config.socket);
     Ok(())
+}
+
+/// Each bridge's name servers: its `dns`, else the host's for a NAT bridge
+/// (read once, at start), else none.
+fn guest_dns(config: &Config) -> BTreeMap<String, Vec<std::net::Ipv4Addr>> {
+    let mut out = BTreeMap::new();
+    for b in &config.bridges {
+        let list = match &b.dns {
+            Some(l) => l.clone(),
+            None if b.nat => {
+                let l = crate::config::host_nameservers();
+                if l.is_empty() {
+                    eprintln!(
+                        "netd: bridge {}: the host names no name server its guests can reach (only loopback ones); give them one with dns = [\"ADDRESS\"]",
+                        b.name
+                    );
+                }
+                l
+            }
+            None => Vec::new(),
+        };
+        if !list.is_empty() {
+            let names: Vec<String> = list.iter().map(|a| a.to_string()).collect();
+            eprintln!(
+                "netd: guests on {} get name servers {}",
+                b.name,
+                names.join(", ")
+            );
+        }
+        out.insert(b.name.clone(), list);
+    }
+    out
 }
 
 /// Hold `STATE.lock` for netd's lifetime: one netd per state file.
@@ -596,6 +632,7 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
                         prefix: b.prefix,
                         forward: b.forward,
                         nat: sh.uplinks.get(&b.name).cloned(),
+                        dns: sh.dns.get(&b.name).cloned().unwrap_or_default(),
                         taps_left: max.saturating_sub(held),
                     })
                     .collect();
@@ -710,6 +747,7 @@ async fn create(
         gateway: b.address,
         mtu: b.mtu,
         uid: peer.uid,
+        dns: sh.dns.get(bridge).cloned().unwrap_or_default(),
     };
     let client_fd = match &fd {
         Some(f) => Some(f.try_clone().map_err(|e| internal(&e))?),

@@ -59,6 +59,7 @@ mod tests {
             mtu: 1500,
             nat: false,
             uplink: None,
+            dns: None,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct Lease {
     pub mtu: u32,
     /// The uid the tap belongs to.
     pub uid: u32,
+    /// Name servers for the guest (none: leave its resolver alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// A bridge as the caller sees it.
@@ -84,6 +87,9 @@ pub struct BridgeInfo {
     /// The uplink the guests' traffic is masqueraded behind, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<String>,
+    /// The name servers its guests get.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<Ipv4Addr>,
     /// Taps the caller may still take on it (over all bridges).
     pub taps_left: u32,
 }
@@ -210,9 +216,25 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 0, 1),
             mtu: 1500,
             uid: 1000,
+            dns: vec![],
         };
-        let r = Reply::Tap { lease };
+        let r = Reply::Tap {
+            lease: lease.clone(),
+        };
         assert_eq!(decode::<Reply>(&encode(&r)).unwrap(), r);
+        // No name servers: the field is left out (what older clients read).
+        assert!(!String::from_utf8(encode(&r)).unwrap().contains("dns"));
+        let r = Reply::Tap {
+            lease: Lease {
+                dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
+                ..lease
+            },
+        };
+        let line = encode(&r);
+        assert!(String::from_utf8(line.clone())
+            .unwrap()
+            .contains(r#""dns":["192.0.2.53"]"#));
+        assert_eq!(decode::<Reply>(&line).unwrap(), r);
     }
 
     #[test]

@@ -99,6 +99,7 @@ socket_mode = "0666"
 name = "br0"
 address = "10.99.0.1/24"
 forward = true
+dns = ["10.99.0.1"]
 
 [[bridge]]
 name = "iso0"
@@ -948,7 +949,7 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
          ip addr add \"$UMLCTL_NET0_ADDRESS\" dev \"$UMLCTL_NET0_DEVICE\"\n\
          ip link set \"$UMLCTL_NET0_DEVICE\" mtu \"$UMLCTL_NET0_MTU\" up\n\
          ip route add default via \"$UMLCTL_NET0_GATEWAY\"\n\
-         echo \"net-configured $UMLCTL_NET0_ADDRESS mac $UMLCTL_NET0_MAC\"\n\
+         echo \"net-configured $UMLCTL_NET0_ADDRESS mac $UMLCTL_NET0_MAC dns $UMLCTL_NET0_DNS\"\n\
          while :; do sleep 1000; done\n",
     )
     .unwrap();
@@ -1041,6 +1042,12 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         "the guest's init configured its lease",
         &d,
     );
+    let logs = String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout).into_owned();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("net-configured") && l.ends_with(" dns 10.99.0.1")),
+        "the bridge's name server in UMLCTL_NET0_DNS:\n{logs}"
+    );
     // umlctl start has exited; the guest answers from the bridge's host side.
     assert!(
         answers(&d.ns, &addr),
@@ -1100,6 +1107,13 @@ socket_mode = "0666"
 name = "nat0"
 address = "10.95.0.1/24"
 nat = true
+dns = ["192.0.2.2"]
+
+[[bridge]]
+name = "nat1"
+address = "10.93.0.1/24"
+nat = true
+uplink = "up0"
 
 [[bridge]]
 name = "routed0"
@@ -1110,6 +1124,29 @@ forward = true
 users = [0, "nobody"]
 bridges = ["*"]
 max_taps = 8
+"#;
+
+/// The outside's servers: TCP 7000 answers "seen from ADDRESS"; UDP 53
+/// answers every A question with 203.0.113.7 (others: no records).
+const OUTSIDE_SERVERS: &str = r#"
+import socket, threading
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("192.0.2.2", 7000)); s.listen()
+    while True:
+        c, a = s.accept(); c.sendall(("seen from %s\n" % a[0]).encode()); c.close()
+threading.Thread(target=tcp, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("192.0.2.2", 53))
+while True:
+    q, a = u.recvfrom(4096)
+    i = 12
+    while q[i]:
+        i += q[i] + 1
+    question = q[12:i + 5]
+    answer = b""
+    if q[i + 1:i + 3] == b"\x00\x01":
+        answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([203, 0, 113, 7])
+    u.sendto(q[:2] + b"\x81\x80\x00\x01" + (b"\x00\x01" if answer else b"\x00\x00") + b"\x00\x00\x00\x00" + question + answer, a)
 "#;
 
 /// A process killed and reaped on drop.
@@ -1205,32 +1242,76 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
         "{ls}"
     );
 
-    // The outside answers every TCP connection with the address it came from.
+    // Name servers: nat0's from the config, nat1's the host's own
+    // (non-loopback ones of /etc/resolv.conf), none for routed0.
+    let ls = Command::new(umlctl_bin())
+        .args(["net", "ls", "--json", "--netd-socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    let ls: serde_json::Value = serde_json::from_str(&assert_ok(&ls, "net ls --json")).unwrap();
+    let dns_of = |name: &str| {
+        ls["bridges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {ls}"))["dns"]
+            .clone()
+    };
+    assert_eq!(dns_of("nat0"), serde_json::json!(["192.0.2.2"]));
+    assert_eq!(dns_of("routed0"), serde_json::Value::Null);
+    let host_dns: Vec<String> = std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .map(|a| a.trim().to_string())
+        .filter(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| !a.is_loopback())
+        })
+        .take(3)
+        .collect();
+    if !host_dns.is_empty() {
+        assert_eq!(dns_of("nat1"), serde_json::json!(host_dns));
+    }
+
+    // The outside answers every TCP connection with the address it came
+    // from, and every DNS question for an A record with 203.0.113.7.
     let server = Command::new("ip")
-        .args(["netns", "exec", &out, PYTHON, "-c"])
-        .arg(
-            "import socket\n\
-             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('192.0.2.2', 7000)); s.listen()\n\
-             while True:\n    c, a = s.accept(); c.sendall(('seen from %s\\n' % a[0]).encode()); c.close()\n",
-        )
+        .args(["netns", "exec", &out, PYTHON, "-c", OUTSIDE_SERVERS])
         .spawn()
         .unwrap();
     let _server = Killed(server);
     std::thread::sleep(Duration::from_millis(300));
 
     // A NAT guest (uid 65534, descriptor-passed tap) reaches the outside,
-    // which sees the uplink's address.
+    // which sees the uplink's address, and resolves names through the
+    // bridge's name server (the guest's /etc/resolv.conf is the host's,
+    // read-only; the init mounts netd's list over it).
     let o = guest(
         &d,
         "nat0",
-        "busybox ping -c 1 -W 5 192.0.2.2 && busybox nc 192.0.2.2 7000 </dev/null",
+        "busybox ping -c 1 -W 5 192.0.2.2 && busybox nc 192.0.2.2 7000 </dev/null \
+         && getent hosts far.example.test && cat /etc/resolv.conf",
         true,
     )
     .output()
     .unwrap();
     let got = assert_ok(&o, "a NAT guest reaches the outside");
     assert!(got.contains("seen from 192.0.2.1"), "{got}");
+    assert!(
+        got.lines().any(
+            |l| l.split_whitespace().collect::<Vec<_>>() == ["203.0.113.7", "far.example.test"]
+        ),
+        "{got}"
+    );
+    assert!(got.contains("\nnameserver 192.0.2.2\n"), "{got}");
+    let host_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert!(
+        !host_conf.contains("192.0.2.2"),
+        "the host's resolv.conf was written"
+    );
     // A routed guest's packets get out but nothing comes back.
     let o = guest(&d, "routed0", "! busybox ping -c 2 -W 2 192.0.2.2", false)
         .output()
