@@ -263,31 +263,18 @@ pub async fn default_route_interface(h: &Handle) -> Result<Option<String>, LinkE
     let mut best: Option<(u32, u32)> = None;
     let mut s = h.route().get(rtnetlink::IpVersion::V4).execute();
     while let Some(m) = s.try_next().await.map_err(fail("list routes", "(ipv4)"))? {
-        let table = m
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(m.header.table));
-        if m.header.destination_prefix_length != 0 || table != u32::from(RouteHeader::RT_TABLE_MAIN)
-        {
-            continue;
+        let (mut table, mut oif, mut metric) = (u32::from(m.header.table), None, 0);
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Priority(p) => metric = *p,
+                _ => {}
+            }
         }
-        let oif = m.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        let metric = m
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Priority(p) => Some(*p),
-                _ => None,
-            })
-            .unwrap_or(0);
-        if let Some(oif) = oif {
+        let default_main = m.header.destination_prefix_length == 0
+            && table == u32::from(RouteHeader::RT_TABLE_MAIN);
+        if let (true, Some(oif)) = (default_main, oif) {
             if best.map_or(true, |(m, _)| metric < m) {
                 best = Some((metric, oif));
             }
