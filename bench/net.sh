@@ -10,7 +10,9 @@
 #        fd    — netd opens the tap and passes the descriptor (transport=fd,
 #                no offloads); uid 65534, which cannot open /dev/net/tun.
 #      Peer: the same sender and receiver over a veth pair between two host
-#      namespaces (no UML), for scale.
+#      namespaces (no UML), for scale. And an owned-tap guest on a NAT
+#      bridge sending through netd's masquerade to the other end of that
+#      veth ("the outside").
 #   2. The time to obtain a tap from netd (hello once, then create_tap round
 #      trips, released each time), against `ip tuntap add` + `ip link set
 #      master` doing the same job from the shell.
@@ -41,24 +43,42 @@ gcc -O2 -o "$work/tcpblast" bench/net/tcpblast.c
 
 ip netns add "$ns"
 ip -n "$ns" link set lo up
-cat > "$work/netd.toml" <<TOML
+# The peer namespace: the veth peer for scale, and "the outside" for NAT
+# (the bridge namespace's default route; no route back to the bridges).
+ip netns add "$peer"
+ip link add vb0 netns "$ns" type veth peer name vb1 netns "$peer"
+ip -n "$ns" addr add 10.96.0.1/24 dev vb0 && ip -n "$ns" link set vb0 up
+ip -n "$peer" addr add 10.96.0.2/24 dev vb1 && ip -n "$peer" link set vb1 up
+ip -n "$ns" route add default via 10.96.0.2
+# start_netd [nat]: netd with br0 (no NAT: no conntrack in the namespace,
+# so the plain figures are not taxed by it), or with the NAT bridge nat0.
+start_netd() {
+  local bridge='name = "br0"
+address = "10.97.0.1/24"'
+  [ "${1:-}" = nat ] && bridge='name = "nat0"
+address = "10.98.0.1/24"
+nat = true'
+  cat > "$work/netd.toml" <<TOML
 socket = "$work/netd.sock"
 state = "$work/netd.state"
 socket_mode = "0666"
 
 [[bridge]]
-name = "br0"
-address = "10.97.0.1/24"
+$bridge
 
 [[allow]]
 users = [0, "nobody"]
-bridges = ["br0"]
+bridges = ["*"]
 max_taps = 4
 TOML
-ip netns exec "$ns" "$UMLCTL" netd --config "$work/netd.toml" 2>"$work/netd.log" &
-netd_pid=$!
-for _ in $(seq 100); do [ -S "$work/netd.sock" ] && break; sleep 0.05; done
-[ -S "$work/netd.sock" ] || { cat "$work/netd.log" >&2; exit 1; }
+  if [ -n "$netd_pid" ]; then kill "$netd_pid"; wait "$netd_pid" || true; fi
+  rm -f "$work/netd.sock"
+  ip netns exec "$ns" "$UMLCTL" netd --config "$work/netd.toml" 2>"$work/netd.log" &
+  netd_pid=$!
+  for _ in $(seq 100); do [ -S "$work/netd.sock" ] && break; sleep 0.05; done
+  [ -S "$work/netd.sock" ] || { cat "$work/netd.log" >&2; exit 1; }
+}
+start_netd
 
 # recv NS: start a receiver in NS, print its "BYTES SECONDS GBITS" when done.
 start_recv() {
@@ -69,21 +89,18 @@ start_recv() {
 }
 finish_recv() { wait "$recv_pid"; tail -1 "$work/recv.out" | awk '{print $3}'; }
 
-guest_send() { # MODE CHUNK_KIB
-  local who=()
+guest_send() { # MODE CHUNK_KIB MIB [nat]
+  local who=() bridge=br0 recv_ns=$ns to=10.97.0.1
   [ "$1" = fd ] && who=(setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent)
-  start_recv "$ns"
-  ip netns exec "$ns" "${who[@]}" "$UMLCTL" run "${kernel_args[@]}" --net br0 \
+  [ "${4:-}" = nat ] && { bridge=nat0; recv_ns=$peer; to=10.96.0.2; }
+  start_recv "$recv_ns"
+  ip netns exec "$ns" "${who[@]}" "$UMLCTL" run "${kernel_args[@]}" --net "$bridge" \
     --netd-socket "$work/netd.sock" --workdir "$work" -- \
-    ./tcpblast send 10.97.0.1 5001 "$3" "$2" >/dev/null 2>"$work/guest.err" ||
+    ./tcpblast send "$to" 5001 "$3" "$2" >/dev/null 2>"$work/guest.err" ||
     { cat "$work/guest.err" >&2; exit 1; }
   finish_recv
 }
 
-ip netns add "$peer"
-ip link add vb0 netns "$ns" type veth peer name vb1 netns "$peer"
-ip -n "$ns" addr add 10.96.0.1/24 dev vb0 && ip -n "$ns" link set vb0 up
-ip -n "$peer" addr add 10.96.0.2/24 dev vb1 && ip -n "$peer" link set vb1 up
 host_send() { # CHUNK_KIB
   start_recv "$ns"
   ip netns exec "$peer" "$work/tcpblast" send 10.96.0.1 5001 "$MIB" "$1"
@@ -96,17 +113,21 @@ RUNS=${RUNS:-3}
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 spread() { printf '%s\n' "$@" | sort -g | awk 'NR==1{lo=$1} {hi=$1} END {print lo "-" hi}'; }
 echo "TCP guest -> host, $MIB MiB in 1 MiB writes (median of $RUNS runs, range) and $small MiB in 4 KiB writes (one run), Gbit/s:"
-printf '  %-36s %8s %13s %8s\n' "" "1 MiB" "range" "4 KiB"
+printf '  %-40s %8s %13s %8s\n' "" "1 MiB" "range" "4 KiB"
 row() { # LABEL FN ARG...: RUNS runs of FN ARG... 1024, one of FN ARG... 4
   local label=$1 fn=$2; shift 2
   local v=() i
   for i in $(seq "$RUNS"); do v+=("$($fn "$@" 1024)"); done
   local m; m=$(median "${v[@]}")
-  printf '  %-36s %8s %13s %8s\n' "$label" "$m" "$(spread "${v[@]}")" "$($fn "$@" 4)"
+  printf '  %-40s %8s %13s %8s\n' "$label" "$m" "$(spread "${v[@]}")" "$($fn "$@" 4)"
   echo "$m" > "$work/last.median"
 }
 host_row() { host_send "$2"; }        # (ARG ignored) CHUNK
-guest_row() { guest_send "$1" "$2" "$([ "$2" = 4 ] && echo "$small" || echo "$MIB")"; }
+guest_row() { # MODE [nat] CHUNK
+  local mode=$1 nat=
+  [ "$2" = nat ] && { nat=nat; shift; }
+  guest_send "$mode" "$2" "$([ "$2" = 4 ] && echo "$small" || echo "$MIB")" "$nat"
+}
 row "host veth (peer, no UML)" host_row -; h1=$(cat "$work/last.median")
 row "guest, owned tap (vector, offloads)" guest_row owned; o1=$(cat "$work/last.median")
 row "guest, fd passed (uid 65534)" guest_row fd; f1=$(cat "$work/last.median")
@@ -139,3 +160,8 @@ for i in $(seq 50); do
   ts+=($(( (t1 - t0) / 1000 )))
 done
 printf '%s\n' "${ts[@]}" | sort -n | awk '{a[NR]=$1} END {printf "  ip tuntap add + link set (peer): median %6.2f\n", a[int((NR+1)/2)]/1000}'
+
+echo "Through NAT: guest -> the outside (the veth peer, no route back), netd masquerading, Gbit/s:"
+start_netd nat
+printf '  %-40s %8s %13s %8s\n' "" "1 MiB" "range" "4 KiB"
+row "guest, owned tap, NAT bridge" guest_row owned nat
