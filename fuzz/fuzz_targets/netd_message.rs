@@ -3,7 +3,8 @@
 //! encodes and decodes back to itself; names that pass validation are names
 //! the kernel would accept. Replies are fuzzed too (the client parses them).
 //!
-//!     cargo fuzz run netd_message fuzz/seeds/netd_message   (from the repository root)
+//!     cargo fuzz run netd_message fuzz/corpus/netd_message fuzz/seeds/netd_message
+//!     (from the repository root; new inputs go to fuzz/corpus, not the seeds)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
