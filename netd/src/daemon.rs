@@ -49,6 +49,8 @@ pub enum DaemonError {
     AlreadyRunning(PathBuf),
     #[error("another netd holds {}; it manages this state (one netd per state file and network namespace)", .0.display())]
     StateInUse(PathBuf),
+    #[error("another netd runs in this network namespace (it holds the abstract socket @{NAMESPACE_LOCK}): one netd manages a namespace's bridges, rules and NAT; add bridges to its config instead")]
+    NamespaceInUse,
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error("netlink: {0}")]
@@ -144,6 +146,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         return Err(DaemonError::AlreadyRunning(config.socket.clone()));
     }
+    let _ns_lock = lock_namespace()?;
     make_parent(&config.state)?;
     let _lock = lock_state(&config.state)?;
     let nl = link::connect().map_err(DaemonError::Netlink)?;
@@ -296,6 +299,25 @@ fn guest_dns(config: &Config) -> BTreeMap<String, Vec<std::net::Ipv4Addr>> {
         out.insert(b.name.clone(), list);
     }
     out
+}
+
+/// The abstract unix socket that marks "a netd runs here": abstract names
+/// belong to the network namespace and vanish with the process, so the
+/// kernel itself keeps it to one netd per namespace (bridges, rules and
+/// the NAT table are per namespace).
+pub const NAMESPACE_LOCK: &str = "umlctl-netd";
+
+fn lock_namespace() -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(NAMESPACE_LOCK)
+        .map_err(io("name the abstract socket", Path::new(NAMESPACE_LOCK)))?;
+    std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            DaemonError::NamespaceInUse
+        } else {
+            io("bind the abstract socket", Path::new(NAMESPACE_LOCK))(e)
+        }
+    })
 }
 
 /// Hold `STATE.lock` for netd's lifetime: one netd per state file.

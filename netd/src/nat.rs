@@ -301,9 +301,11 @@ pub fn batch(bridges: &[NatBridge]) -> Vec<Step> {
     steps
 }
 
+const REMOVE_TABLE: &str = "remove the table";
+
 fn delete_table_step() -> Step {
     nft(
-        "remove the table".into(),
+        REMOVE_TABLE.into(),
         NfTablesMessage::DeleteTable(TableMessage {
             attributes: vec![TableAttribute::Name(TABLE.into())],
         }),
@@ -346,7 +348,14 @@ impl Nat {
         match self.send(vec![delete_table_step()]) {
             Ok(()) => {}
             Err(NatError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
-            Err(NatError::Kernel { errno, message, .. }) if errno == libc::EPERM => {
+            // Refused for this table (not for the whole transaction): it
+            // belongs to another process's socket.
+            Err(NatError::Kernel {
+                errno,
+                message,
+                step,
+                ..
+            }) if errno == libc::EPERM && step == REMOVE_TABLE => {
                 return Err(NatError::Kernel {
                     step: "replace a table of the same name".into(),
                     errno,
@@ -389,7 +398,8 @@ impl Nat {
                 op: "send to netlink",
                 source,
             })?;
-        // Steps are numbered first+1 ..= first+len; every one is answered.
+        // The batch start is `first`, the steps first+1 ..= first+len;
+        // every step is answered.
         let mut waiting = steps.len();
         while waiting > 0 {
             let (data, _) = match self.socket.recv_from_full() {
@@ -408,15 +418,20 @@ impl Nat {
                 }
             };
             for (seq, errno, text) in acks(&data) {
-                let Some(i) = seq.checked_sub(first + 1).map(|i| i as usize) else {
+                // 0: the batch's start (answered only when refused as a
+                // whole, e.g. without CAP_NET_ADMIN); 1..: the steps.
+                let Some(i) = seq.checked_sub(first).map(|i| i as usize) else {
                     continue;
                 };
-                if i >= steps.len() {
+                if i > steps.len() || (i == 0 && errno == 0) {
                     continue;
                 }
                 waiting = waiting.saturating_sub(1);
                 if errno != 0 {
-                    let step = std::mem::take(&mut steps[i].what);
+                    let step = match i {
+                        0 => "start a transaction".to_string(),
+                        _ => std::mem::take(&mut steps[i - 1].what),
+                    };
                     let mut message = std::io::Error::from_raw_os_error(errno).to_string();
                     if let Some(t) = text {
                         message = format!("{message} ({t})");

@@ -615,14 +615,15 @@ fn netd_killed_and_restarted_removes_what_it_created() {
         let _ = h.kill();
         let _ = h.wait();
     }
-    // A second netd on the same socket, or on another socket with the same
-    // state file, is refused while the first runs, and touches nothing of
-    // the first's: its tap and its isolation rules stay.
+    // A second netd on the same socket, in the same network namespace, or
+    // with the same state file is refused while the first runs, and touches
+    // nothing of the first's: its tap and its isolation rules stay.
     let mut holder = d.client();
     let (lease, _) = holder.create_tap("br0", TapMode::Owned, None).unwrap();
-    let second = |extra: &[&str]| {
+    let elsewhere = Netns::new("crash2");
+    let second = |ns: &Netns, extra: &[&str]| {
         let mut second = Command::new("ip")
-            .args(["netns", "exec", &d.ns.0])
+            .args(["netns", "exec", &ns.0])
             .arg(umlctl_bin())
             .arg("netd")
             .arg("--config")
@@ -653,13 +654,24 @@ fn netd_killed_and_restarted_removes_what_it_created() {
         assert_eq!(status.code(), Some(125), "{err}");
         err
     };
-    let err = second(&[]);
+    let err = second(&d.ns, &[]);
     assert!(err.contains("already listening"), "{err}");
     let other = d.dir.path().join("other.sock");
-    let err = second(&["--socket", other.to_str().unwrap()]);
+    let other = other.to_str().unwrap();
+    let err = second(&d.ns, &["--socket", other]);
+    assert!(
+        err.contains("another netd runs in this network namespace"),
+        "{err}"
+    );
+    let err = second(&elsewhere, &["--socket", other]);
     assert!(
         err.contains("another netd holds") && err.contains("netd.lock"),
         "{err}"
+    );
+    assert!(
+        elsewhere.links().iter().all(|l| l == "lo"),
+        "{:?}",
+        elsewhere.links()
     );
     assert_eq!(d.ns.taps(), vec![lease.ifname.clone()], "{}", d.log());
     let rules =
