@@ -243,7 +243,7 @@ fn rule(chain: &str, what: String, exprs: Vec<Expressions>) -> Step {
 pub fn batch(bridges: &[NatBridge]) -> Vec<Step> {
     let mut steps = vec![
         nft(
-            "create the table".into(),
+            CREATE_TABLE.into(),
             NfTablesMessage::NewTable(TableMessage {
                 attributes: vec![
                     TableAttribute::Name(TABLE.into()),
@@ -301,6 +301,7 @@ pub fn batch(bridges: &[NatBridge]) -> Vec<Step> {
     steps
 }
 
+const CREATE_TABLE: &str = "create the table";
 const REMOVE_TABLE: &str = "remove the table";
 
 fn delete_table_step() -> Step {
@@ -440,6 +441,9 @@ impl Nat {
                         libc::ENOENT | libc::EOPNOTSUPP if step.starts_with("masquerade") || step.starts_with("create chain") => {
                             " — does the kernel have nf_tables NAT and masquerade (CONFIG_NFT_NAT, CONFIG_NFT_MASQ, CONFIG_NF_NAT)?"
                         }
+                        libc::EOPNOTSUPP | libc::EINVAL if step == CREATE_TABLE => {
+                            " — owned tables (NFT_TABLE_F_OWNER) need Linux 5.12 or later"
+                        }
                         libc::EPERM => " — netd needs CAP_NET_ADMIN",
                         _ => "",
                     };
@@ -536,7 +540,7 @@ mod tests {
         let steps = batch(&[br()]);
         assert_eq!(steps.len(), 3 + 3);
         let whats: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
-        assert_eq!(whats[0], "create the table");
+        assert_eq!(whats[0], CREATE_TABLE);
         assert_eq!(whats[3], "masquerade 10.77.0.0/24 out of eth0 (bridge br0)");
         let two = batch(&[
             br(),

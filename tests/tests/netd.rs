@@ -1273,20 +1273,35 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
     };
     assert_eq!(dns_of("nat0"), serde_json::json!(["192.0.2.2"]));
     assert_eq!(dns_of("routed0"), serde_json::Value::Null);
-    let host_dns: Vec<String> = std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .map(|a| a.trim().to_string())
-        .filter(|a| {
-            a.parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|a| !a.is_loopback())
-        })
-        .take(3)
-        .collect();
-    if !host_dns.is_empty() {
-        assert_eq!(dns_of("nat1"), serde_json::json!(host_dns));
+    // The host's, as the README says: /etc/resolv.conf's non-loopback IPv4
+    // servers, else systemd-resolved's upstream list, else none at all.
+    let usable = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver"))
+            .map(|a| a.trim().to_string())
+            .filter(|a| {
+                a.parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|a| !a.is_loopback())
+            })
+            .take(3)
+            .collect()
+    };
+    let mut host_dns = usable("/etc/resolv.conf");
+    if host_dns.is_empty() {
+        host_dns = usable("/run/systemd/resolve/resolv.conf");
     }
+    let expected = if host_dns.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(host_dns)
+    };
+    assert_eq!(
+        dns_of("nat1"),
+        expected,
+        "nat1 gets the host's name servers"
+    );
 
     // The outside answers every TCP connection with the address it came
     // from, and every DNS question for an A record with 203.0.113.7.
