@@ -51,6 +51,8 @@ pub struct StartArgs {
     /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
     #[arg(long, value_name = "PATH")]
     netd_socket: Option<PathBuf>,
+    #[command(flatten)]
+    jail: crate::run_cmd::JailArgs,
 }
 
 #[derive(Args)]
@@ -115,6 +117,7 @@ pub fn start(a: StartArgs) -> u8 {
     spec.init = a.init;
     spec.nets = a.nets;
     spec.netd_socket = a.netd_socket;
+    spec.jail = a.jail.opts();
     spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
     spec.shim = if a.no_xstate_shim {
         ShimMode::Off

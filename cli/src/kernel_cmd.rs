@@ -69,6 +69,8 @@ pub struct TestArgs {
     /// Guest memory.
     #[arg(long, default_value = "1G")]
     mem: String,
+    #[command(flatten)]
+    jail: crate::run_cmd::JailArgs,
     /// Parallel make jobs (default: the number of CPUs).
     #[arg(long, short = 'j', value_name = "N")]
     jobs: Option<usize>,
@@ -249,6 +251,7 @@ fn test(a: TestArgs) -> u8 {
         jobs: a.jobs,
         timeout: std::time::Duration::from_secs(a.timeout),
         mem: a.mem,
+        jail: a.jail.opts(),
     };
     let obs = BuildBar::new();
     let out = kunit::test(&spec, &obs);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use umlctl_kernel::cmdline::parse_size;
+use umlctl_kernel::run::JailOpts;
 use umlctl_kernel::{GuestSpec, ShimMode, TtyMode};
 
 use crate::exit;
@@ -67,6 +68,8 @@ pub struct RunArgs {
     /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
     #[arg(long, value_name = "PATH")]
     netd_socket: Option<PathBuf>,
+    #[command(flatten)]
+    jail: JailArgs,
     /// Print a JSON result object (exit_code, reason, timings) as the last line of stderr.
     #[arg(long)]
     json: bool,
@@ -83,10 +86,35 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
+/// How UML is confined: shared by `run`, `start` and `kernel test`.
+#[derive(Args, Clone, Copy)]
+pub struct JailArgs {
+    /// Run UML without its jail. UML then sees every host file you can, and a guest that breaks
+    /// out of its kernel acts as you on this host. Only for hosts that cannot build the jail
+    /// (see `umlctl doctor`).
+    #[arg(long)]
+    no_jail: bool,
+    /// When umlctl runs as root: the uid (and gid) UML runs as in its jail (default: 65534,
+    /// "nobody", for image guests; 0 for `run` on the host's root, whose point is your files).
+    /// Uid 0 keeps root's identity without any capability.
+    #[arg(long, value_name = "UID", conflicts_with = "no_jail")]
+    jail_uid: Option<u32>,
+}
+
+impl JailArgs {
+    pub fn opts(&self) -> JailOpts {
+        JailOpts {
+            enabled: !self.no_jail,
+            uid: self.jail_uid,
+        }
+    }
+}
+
 fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     let mut spec = GuestSpec::new(a.command);
     spec.nets = a.nets;
     spec.netd_socket = a.netd_socket;
+    spec.jail = a.jail.opts();
     spec.kernel = a.kernel;
     spec.image = a.image;
     spec.overlay = a.overlay;

@@ -33,17 +33,27 @@ impl Chan {
 /// Where the root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootRoot {
-    /// Host directories through hostfs: `prefix` confines every hostfs
-    /// mount (including the root) to that host directory; `None` is the
-    /// host's `/`. Always mounted read-only.
-    Hostfs { prefix: Option<PathBuf> },
-    /// The first disk (`/dev/ubda`) as root, read-write. hostfs is confined
-    /// to `hostfs_confine` (an empty directory), so the guest cannot mount
-    /// the host's files.
-    Disk {
-        fstype: String,
-        hostfs_confine: PathBuf,
-    },
+    /// The host's `/` (as the UML process sees it) through hostfs,
+    /// read-only.
+    Hostfs,
+    /// The read-only init disk at ubd index `index`: the kernel boots
+    /// umlctl's init from it, which then switches to the image on
+    /// `/dev/ubda`. hostfs is unusable ([`NO_HOST_FILES`]).
+    InitDisk { index: usize },
+    /// The first disk (`/dev/ubda`) as root, read-write. hostfs is unusable
+    /// ([`NO_HOST_FILES`]).
+    Disk { fstype: String },
+}
+
+/// The `hostfs=` prefix for guests that must not reach host files: a path
+/// below a character device, which cannot exist and cannot be created, so
+/// every hostfs mount fails (ENOTDIR) whatever path the guest appends —
+/// `..` chains included, since the host resolves components in order.
+pub const NO_HOST_FILES: &str = "/dev/null/umlctl-no-host-files";
+
+/// The block device name of ubd index `i` (`/dev/ubda`, `/dev/ubdb`, …).
+pub fn ubd_device(i: usize) -> String {
+    format!("/dev/ubd{}", (b'a' + i as u8) as char)
 }
 
 /// A block device (`ubdN`).
@@ -228,26 +238,28 @@ impl BootPlan {
         a.push(format!("uml_dir={uml_dir}"));
         a.push(format!("umid={}", self.umid));
         match &self.root {
-            BootRoot::Hostfs { prefix } => {
-                if let Some(p) = prefix {
-                    a.push(format!("hostfs={}", check_path("hostfs root", p)?));
-                }
+            BootRoot::Hostfs => {
                 a.push("root=/dev/root".into());
                 a.push("rootfstype=hostfs".into());
                 a.push("rootflags=/".into());
                 a.push("ro".into());
             }
-            BootRoot::Disk {
-                fstype,
-                hostfs_confine,
-            } => {
+            BootRoot::InitDisk { index } => {
+                if self.disks.len() <= *index || !self.disks[*index].read_only {
+                    return Err(Error::Usage(format!(
+                        "the init disk must be read-only disk {index}"
+                    )));
+                }
+                a.push(format!("hostfs={NO_HOST_FILES}"));
+                a.push(format!("root={}", ubd_device(*index)));
+                a.push("rootfstype=ext4".into());
+                a.push("ro".into());
+            }
+            BootRoot::Disk { fstype } => {
                 if self.disks.is_empty() {
                     return Err(Error::Usage("a disk root needs at least one disk".into()));
                 }
-                a.push(format!(
-                    "hostfs={}",
-                    check_path("hostfs confinement", hostfs_confine)?
-                ));
+                a.push(format!("hostfs={NO_HOST_FILES}"));
                 a.push("root=/dev/ubda".into());
                 if !fstype.is_empty() {
                     a.push(format!("rootfstype={fstype}"));
@@ -385,7 +397,7 @@ mod tests {
             mem_bytes: 256 << 20,
             umid: "r-abc".into(),
             uml_dir: "/run/user/1000/umlctl/r-abc".into(),
-            root: BootRoot::Hostfs { prefix: None },
+            root: BootRoot::Hostfs,
             init: Some("/usr/bin/umlctl".into()),
             notify: None,
             disks: vec![],
@@ -407,27 +419,39 @@ mod tests {
     }
 
     #[test]
-    fn image_with_cow_and_prefix() {
+    fn image_with_cow_and_init_disk() {
         let mut p = plan();
-        p.root = BootRoot::Hostfs {
-            prefix: Some("/home/u/.cache/umlctl/initroot/abc".into()),
-        };
+        p.root = BootRoot::InitDisk { index: 1 };
         p.init = Some("/umlctl".into());
         p.disks.push(Disk {
             file: "/run/x/overlay.cow".into(),
             backing: Some("/img/root.ext4".into()),
             read_only: false,
         });
+        assert!(p.to_args().is_err(), "no init disk");
         p.disks.push(Disk {
-            file: "/img/data.img".into(),
+            file: "/c/initroot/abc.ext4".into(),
             backing: None,
-            read_only: true,
+            read_only: false,
         });
+        assert!(p.to_args().is_err(), "a writable init disk");
+        p.disks[1].read_only = true;
         let a = p.to_args().unwrap();
-        assert!(a.contains(&"hostfs=/home/u/.cache/umlctl/initroot/abc".to_string()));
+        assert!(a.contains(&format!("hostfs={NO_HOST_FILES}")), "{a:?}");
+        assert!(a.contains(&"root=/dev/ubdb".to_string()), "{a:?}");
         assert!(a.contains(&"ubd0=/run/x/overlay.cow,/img/root.ext4".to_string()));
-        assert!(a.contains(&"ubd1r=/img/data.img".to_string()));
+        assert!(a.contains(&"ubd1r=/c/initroot/abc.ext4".to_string()));
         assert!(a.contains(&"init=/umlctl".to_string()));
+        assert!(!a.iter().any(|w| w == "rw"));
+    }
+
+    #[test]
+    fn no_host_files_cannot_exist() {
+        // A path below a character device is never a directory.
+        assert!(std::fs::metadata(NO_HOST_FILES).is_err());
+        assert!(std::fs::metadata(format!("{NO_HOST_FILES}/../../etc")).is_err());
+        assert_eq!(ubd_device(0), "/dev/ubda");
+        assert_eq!(ubd_device(15), "/dev/ubdp");
     }
 
     #[test]
@@ -435,7 +459,6 @@ mod tests {
         let mut p = plan();
         p.root = BootRoot::Disk {
             fstype: "ext4".into(),
-            hostfs_confine: "/s/empty".into(),
         };
         p.init = None;
         p.notify = Some("/s/notify.sock".into());
@@ -447,7 +470,7 @@ mod tests {
         });
         let a = p.to_args().unwrap().join(" ");
         assert!(
-            a.contains("hostfs=/s/empty root=/dev/ubda rootfstype=ext4 rw"),
+            a.contains(&format!("hostfs={NO_HOST_FILES} root=/dev/ubda rootfstype=ext4 rw")),
             "{a}"
         );
         assert!(

@@ -12,9 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -24,7 +22,8 @@ use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
 use crate::error::{Error, Result};
 use crate::instance::{self, Guest, Layout, Record, State};
 use crate::mconsole::{self, Client, Notify};
-use crate::run::{prepare_kernel, ShimMode, DEFAULT_MEM};
+use crate::jail::{Bind, JailRoot, Launch};
+use crate::run::{prepare_kernel, JailOpts, ShimMode, DEFAULT_MEM};
 
 /// Everything that describes a detached guest.
 #[derive(Debug, Clone)]
@@ -47,6 +46,8 @@ pub struct StartSpec {
     pub nets: Vec<String>,
     /// netd's socket; `None`: the default.
     pub netd_socket: Option<PathBuf>,
+    /// How UML is confined.
+    pub jail: JailOpts,
 }
 
 impl StartSpec {
@@ -63,6 +64,7 @@ impl StartSpec {
             shim: ShimMode::Auto,
             nets: Vec::new(),
             netd_socket: None,
+            jail: JailOpts::default(),
         }
     }
 }
@@ -140,10 +142,19 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         Err(e) => return Err(Error::io("create", &layout.state, e)),
     }
     let mut cleanup = StateGuard(Some(layout.clone()), None);
+    // UML's instance directory lives in umlctl's (the only part of the
+    // guest's files its jail sees); ~/.uml/NAME points there, so that
+    // `uml_mconsole NAME` and UML's own conventions still hold.
     fs::DirBuilder::new()
-        .mode(0o500)
-        .create(layout.hostfs_confine())
-        .map_err(|e| Error::io("create", layout.hostfs_confine(), e))?;
+        .mode(0o700)
+        .create(layout.uml_parent())
+        .map_err(|e| Error::io("create", layout.uml_parent(), e))?;
+    let _ = fs::remove_file(&layout.uml_instance);
+    std::os::unix::fs::symlink(
+        Path::new(&format!("{name}.umlctl")).join("uml").join(&name),
+        &layout.uml_instance,
+    )
+    .map_err(|e| Error::io("symlink", &layout.uml_instance, e))?;
     nix::unistd::mkfifo(
         &layout.console_in(),
         nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -189,10 +200,9 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let plan = BootPlan {
         mem_bytes: spec.mem_bytes,
         umid: name.clone(),
-        uml_dir: uml_dir.clone(),
+        uml_dir: layout.uml_parent(),
         root: BootRoot::Disk {
             fstype: "ext4".into(),
-            hostfs_confine: layout.hostfs_confine(),
         },
         init: spec.init.clone(),
         notify: Some(layout.notify()),
@@ -203,6 +213,33 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         nics: network.nics.clone(),
     };
     let args = plan.to_args()?;
+
+    // The jail: the kernel's files, the guest's disks, its instance
+    // directory and the notify socket. It keeps the host's network
+    // namespace: mconsole replies go to the client's (abstract) address,
+    // which exists only there.
+    let mut jail = prep.jail(JailRoot::Empty, spec.mem_bytes, spec.jail);
+    if let Some(j) = jail.as_mut() {
+        crate::run::bind_disks(j, &plan.disks)?;
+        crate::jail::hand_over(j, &layout.uml_parent())?;
+        crate::jail::hand_over(j, &layout.notify())?;
+        if spec.overlay.is_none() {
+            crate::jail::hand_over(j, &overlay)?;
+        }
+        j.bind(Bind::rw(layout.uml_parent()));
+        j.bind(Bind::rw(layout.notify()));
+        j.share_net = true;
+        if network
+            .nics
+            .iter()
+            .any(|n| matches!(n.transport, crate::cmdline::NicTransport::Tap { .. }))
+        {
+            j.tun = true;
+            crate::jail::hand_over_taps(j, &network.nics)?;
+        }
+    } else {
+        crate::run::warn_unjailed();
+    }
 
     let console_in = OpenOptions::new()
         .read(true)
@@ -215,33 +252,41 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         .mode(0o600)
         .open(layout.console_log())
         .map_err(|e| Error::io("create", layout.console_log(), e))?;
-    let mut cmd = Command::new(&prep.located.info.path);
-    cmd.args(&args)
-        .current_dir(&layout.state)
-        .stdin(Stdio::from(console_in))
-        .stdout(Stdio::from(
-            log.try_clone().map_err(|e| Error::sys("dup", e))?,
-        ))
-        .stderr(Stdio::from(log))
-        // Not in our process group: a Ctrl-C at `umlctl start` must not
-        // reach the guest (UML calls setsid() itself, too).
-        .process_group(0);
-    prep.apply_env(&mut cmd);
+    use std::os::fd::AsRawFd;
+    let mut fds = vec![
+        (console_in.as_raw_fd(), 0),
+        (log.as_raw_fd(), 1),
+        (log.as_raw_fd(), 2),
+    ];
+    // The netd connection at fd 7, the tap descriptors from fd 8.
     if let Some(k) = &keepalive {
-        use std::os::fd::AsRawFd;
-        let mut fds = vec![k.as_raw_fd()];
-        fds.extend(network.fds.iter().map(|f| f.as_raw_fd()));
-        crate::run::place_fds(&mut cmd, fds, crate::run::FIRST_TAP_FD - 1, false);
+        fds.push((k.as_raw_fd(), crate::run::FIRST_TAP_FD - 1));
+        for (i, f) in network.fds.iter().enumerate() {
+            fds.push((f.as_raw_fd(), crate::run::FIRST_TAP_FD + i as i32));
+        }
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::io("start kernel", &prep.located.info.path, e))?;
-    let pid = child.id() as i32;
+    let launch = Launch {
+        program: prep.located.info.path.clone(),
+        args,
+        env: prep.uml_env(jail.is_some()),
+        cwd: layout.state.clone(),
+        fds,
+        // Not in our session: a Ctrl-C at `umlctl start` must not reach the
+        // guest (UML calls setsid() itself, too).
+        new_session: true,
+        die_with_parent: false,
+    };
+    let mut child = crate::run::launch(jail.as_ref(), &launch, false)?;
+    drop((console_in, log));
+    let pid = child.pid.as_raw();
     let pid_start = instance::process_start(pid).unwrap_or(0);
+    let jail_pid = child.jail_pid.map(|p| p.as_raw());
     let record = Record {
         name: name.clone(),
         pid,
         pid_start,
+        jail_pid,
+        jail_pid_start: jail_pid.and_then(instance::process_start),
         started: instance::now(),
         kernel: prep.located.info.path.clone(),
         kernel_version: prep.located.info.version.clone(),
@@ -297,6 +342,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     drop(notify_sock);
     let _ = fs::remove_file(layout.notify());
     if let Some(why) = failure {
+        let _ = kill(child.kill_target(), Signal::SIGKILL);
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = child.wait();
@@ -305,8 +351,8 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         drop(cleanup);
         return Err(Error::Boot(format!("{why}; last console lines:\n{tail}")));
     }
-    // The guest runs on without us; UML is reaped by whoever adopts it.
-    std::mem::forget(child);
+    // The guest runs on without us; it is reaped by whoever adopts it.
+    child.detach();
     std::mem::forget(cleanup);
     Ok(Guest { record, layout })
 }
@@ -416,6 +462,7 @@ pub fn stop(g: &Guest, timeout: Duration, force: bool) -> Result<StopHow> {
             if halted {
                 how = StopHow::Halted;
             } else {
+                g.kill_jail();
                 let pid = g.record.pid;
                 let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

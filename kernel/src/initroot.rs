@@ -1,12 +1,13 @@
-//! The confined init root for guests booted from an image.
+//! The init disk for guests booted from an image.
 //!
-//! With `--image`, the guest must not see the host. Its init (umlctl itself)
-//! still has to be reachable through hostfs at boot, so the hostfs root is
-//! confined (UML's `hostfs=` prefix) to a small directory holding a copy of
+//! With `--image`, the guest must reach nothing of the host, so its init
+//! (umlctl itself) does not come through hostfs: it comes from a small
+//! read-only ext4 disk made by umlctl's own image writer, holding a copy of
 //! the umlctl binary, the dynamic loader and libraries it needs, and the
-//! mount points the init uses. Any later hostfs mount in the guest is
-//! confined to the same directory. The directory lives in the cache, keyed
-//! by the identity of the running binary, and is built atomically.
+//! mount points the init uses. The kernel boots from that disk, the init
+//! mounts the image and switches to it. The disk (and the directory it is
+//! built from) lives in the cache, keyed by the identity of the running
+//! binary, and is built atomically; every guest shares it read-only.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -24,12 +25,12 @@ pub const INIT_NAME: &str = "umlctl";
 /// Mount points the init needs in its root.
 const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys", "newroot", "tmp"];
 
-/// A prepared init root.
+/// A prepared init disk.
 #[derive(Debug, Clone)]
 pub struct InitRoot {
-    /// Host directory to confine hostfs to.
-    pub dir: PathBuf,
-    /// The init, as a path inside that directory.
+    /// The read-only ext4 disk.
+    pub disk: PathBuf,
+    /// The init, as a path inside the disk.
     pub init: PathBuf,
 }
 
@@ -50,44 +51,61 @@ pub fn current_exe() -> Result<PathBuf> {
     Ok(exe)
 }
 
-/// Prepare (or reuse) the init root for the binary `exe`.
+/// Prepare (or reuse) the init disk for the binary `exe`.
 pub fn prepare(exe: &Path) -> Result<InitRoot> {
     let md = fs::metadata(exe).map_err(|e| Error::io("stat", exe, e))?;
-    let key = paths::identity_hex(exe, &md, b"initroot-v1");
+    let key = paths::identity_hex(exe, &md, b"initdisk-v1");
     let base = paths::cache_dir()?.join("initroot");
     paths::ensure_dir(&base)?;
-    let dir = base.join(&key);
     let root = InitRoot {
         init: PathBuf::from("/").join(INIT_NAME),
-        dir: dir.clone(),
+        disk: base.join(format!("{key}.ext4")),
     };
-    if dir.join(".complete").exists() {
+    if root.disk.is_file() {
         return Ok(root);
     }
-
     let tmp = base.join(format!(".tmp-{key}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
-    let built = build(exe, &tmp);
-    if let Err(e) = built {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    match fs::rename(&tmp, &dir) {
-        Ok(()) => {}
-        Err(_) if dir.join(".complete").exists() => {
-            // Another umlctl built it at the same time.
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(Error::io("rename init root into place", &dir, e));
-        }
-    }
+    let built = build_tree(exe, &tmp).and_then(|()| build_disk(&tmp, &root.disk));
+    let _ = fs::remove_dir_all(&tmp);
+    built?;
+    // Which binary the disk belongs to, so that older disks of the same
+    // binary path can go.
+    let _ = fs::write(
+        base.join(format!("{key}.source")),
+        exe.as_os_str().as_encoded_bytes(),
+    );
     prune(&base, &key, exe);
     Ok(root)
 }
 
-fn build(exe: &Path, tmp: &Path) -> Result<()> {
+/// Write the init disk from `dir` (atomically: the image writer links the
+/// file into place only when it is complete, so a concurrent build simply
+/// replaces it with the same bytes). Read-only for everyone: UML opens it
+/// read-only and every guest shares it.
+fn build_disk(dir: &Path, disk: &Path) -> Result<()> {
+    use umlctl_imgtools::build::{build, BuildOptions};
+    use umlctl_imgtools::progress::NoProgress;
+    let opts = BuildOptions {
+        epoch: Some(0),
+        dir_owner: Some((0, 0)),
+        ..BuildOptions::default()
+    };
+    build(&[dir.to_path_buf()], disk, &opts, &NoProgress, &NoProgress).map_err(|e| {
+        Error::Host {
+            check: "init disk",
+            detail: format!("cannot build {}: {e}", disk.display()),
+            fix: format!(
+                "check the space and permissions of {}",
+                disk.parent().unwrap_or(disk).display()
+            ),
+        }
+    })?;
+    fs::set_permissions(disk, fs::Permissions::from_mode(0o444))
+        .map_err(|e| Error::io("chmod", disk, e))
+}
+
+fn build_tree(exe: &Path, tmp: &Path) -> Result<()> {
     paths::ensure_dir(tmp)?;
     for d in MOUNT_POINTS {
         paths::ensure_dir(&tmp.join(d))?;
@@ -101,10 +119,6 @@ fn build(exe: &Path, tmp: &Path) -> Result<()> {
         }
         copy_into(&lib, &dest)?;
     }
-    fs::write(tmp.join(".source"), exe.as_os_str().as_encoded_bytes())
-        .map_err(|e| Error::io("write", tmp.join(".source"), e))?;
-    fs::write(tmp.join(".complete"), b"")
-        .map_err(|e| Error::io("write", tmp.join(".complete"), e))?;
     Ok(())
 }
 
@@ -163,7 +177,8 @@ pub fn dynamic_deps(exe: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-/// Remove older init roots made from the same binary path.
+/// Remove older init disks made from the same binary path (and any
+/// init root directory an older umlctl left).
 fn prune(base: &Path, keep: &str, exe: &Path) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
@@ -171,12 +186,23 @@ fn prune(base: &Path, keep: &str, exe: &Path) {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name == keep || name.starts_with('.') {
+        if name.starts_with('.') {
             continue;
         }
-        let src = fs::read(e.path().join(".source")).unwrap_or_default();
-        if src == exe.as_os_str().as_encoded_bytes() {
+        if e.path().is_dir() {
             let _ = fs::remove_dir_all(e.path());
+            continue;
+        }
+        let Some(key) = name.strip_suffix(".source") else {
+            continue;
+        };
+        if key == keep {
+            continue;
+        }
+        let src = fs::read(e.path()).unwrap_or_default();
+        if src == exe.as_os_str().as_encoded_bytes() {
+            let _ = fs::remove_file(base.join(format!("{key}.ext4")));
+            let _ = fs::remove_file(e.path());
         }
     }
 }

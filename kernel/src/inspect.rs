@@ -45,6 +45,10 @@ pub struct KernelInfo {
     /// How much FP state the kernel can save and restore.
     pub fp: KernelFp,
     pub features: Vec<Feature>,
+    /// The shared libraries (and loader) a dynamic kernel needs, which its
+    /// jail must hold.
+    #[serde(default)]
+    pub libs: Vec<PathBuf>,
 }
 
 /// (name, config options (any of, `|`), used for)
@@ -136,7 +140,7 @@ pub fn inspect(path: &Path) -> Result<KernelInfo> {
 fn identity_key(path: &Path) -> Option<PathBuf> {
     let md = std::fs::metadata(path).ok()?;
     // Bump the salt when KernelInfo or the feature list changes.
-    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v1");
+    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v2");
     let dir = crate::paths::cache_dir().ok()?.join("kernel-info");
     crate::paths::ensure_dir(&dir).ok()?;
     Some(dir.join(format!("{hex}.json")))
@@ -185,6 +189,10 @@ pub fn inspect_uncached(path: &Path) -> Result<KernelInfo> {
         None => Linkage::Static,
     };
     drop(elf);
+    let libs = match linkage {
+        Linkage::Dynamic { .. } => crate::initroot::dynamic_deps(path)?,
+        Linkage::Static => Vec::new(),
+    };
 
     let version = run_quietly(path, "--version")?;
     let version = version.trim().to_string();
@@ -212,6 +220,7 @@ pub fn inspect_uncached(path: &Path) -> Result<KernelInfo> {
         release,
         linkage,
         features,
+        libs,
     })
 }
 

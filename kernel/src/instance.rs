@@ -22,6 +22,12 @@ pub struct Record {
     /// Its start time (clock ticks since boot, /proc/PID/stat field 22), to
     /// tell a reused pid apart.
     pub pid_start: u64,
+    /// The jail's PID 1 (killing it ends everything in the jail) and its
+    /// start time; `None` for a guest started with `--no-jail`.
+    #[serde(default)]
+    pub jail_pid: Option<i32>,
+    #[serde(default)]
+    pub jail_pid_start: Option<u64>,
     /// Seconds since the epoch.
     pub started: u64,
     pub kernel: PathBuf,
@@ -128,8 +134,10 @@ impl Layout {
     pub fn notify(&self) -> PathBuf {
         self.state.join("notify.sock")
     }
-    pub fn hostfs_confine(&self) -> PathBuf {
-        self.state.join("no-host-files")
+    /// The directory UML makes its instance directory in (`uml_dir=`);
+    /// `uml_instance` is a symlink to `<this>/<name>`.
+    pub fn uml_parent(&self) -> PathBuf {
+        self.state.join("uml")
     }
 }
 
@@ -179,9 +187,23 @@ impl Guest {
                 self.record.name
             )));
         }
+        self.kill_jail();
         self.kill_leftovers();
         remove_dir(&self.layout.uml_instance)?;
         remove_dir(&self.layout.state)
+    }
+
+    /// SIGKILL the guest's jail (its PID 1, and with it everything in the
+    /// jail), if it is still the process the record names.
+    pub fn kill_jail(&self) {
+        if let (Some(p), Some(start)) = (self.record.jail_pid, self.record.jail_pid_start) {
+            if process_start(p) == Some(start) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 
     /// SIGKILL processes of this guest's UML that are still around: members

@@ -5,13 +5,13 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::build::{self, Base, BuildSpec, Built, Observer};
 use crate::error::{Error, Result};
+use crate::jail::{Bind, JailRoot, Launch};
 use crate::ktap::{self, Report};
 use crate::run::{prepare_kernel, ShimMode};
 
@@ -32,6 +32,8 @@ pub struct KunitSpec {
     pub timeout: Duration,
     /// Guest memory (`mem=`).
     pub mem: String,
+    /// How the kernel is confined.
+    pub jail: crate::run::JailOpts,
 }
 
 /// How a test run ended.
@@ -95,13 +97,16 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
 
     obs.phase("running the tests");
     let prep = prepare_kernel(Some(&kernel.path), &[], ShimMode::Auto)?;
+    let mem_bytes = crate::cmdline::parse_size(&spec.mem)?;
     let uml_dir = tempfile_dir()?;
-    let mut cmd = Command::new(&kernel.path);
-    cmd.arg(format!("mem={}", spec.mem))
-        .arg("console=tty")
-        .arg("kunit_shutdown=halt")
-        .arg(format!("umid=umlctl-kunit-{}", std::process::id()))
-        .arg(format!("uml_dir={}/", uml_dir.display()));
+    let _cleanup = crate::run::RunDirGuard(uml_dir.clone());
+    let mut args = vec![
+        format!("mem={}", spec.mem),
+        "console=tty".into(),
+        "kunit_shutdown=halt".into(),
+        format!("umid=umlctl-kunit-{}", std::process::id()),
+        format!("uml_dir={}/", uml_dir.display()),
+    ];
     if let Some(g) = &spec.filter_glob {
         if g.is_empty() || g.contains(char::is_whitespace) {
             let _ = fs::remove_dir_all(&uml_dir);
@@ -109,29 +114,43 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
                 "filter {g:?}: a glob over suite names, or suite.case, without spaces (e.g. 'example*' or 'example.example_simple_test')"
             )));
         }
-        cmd.arg(format!("kunit.filter_glob={g}"));
+        args.push(format!("kunit.filter_glob={g}"));
     }
     let (reader, writer) =
         nix::unistd::pipe().map_err(|e| Error::sys("pipe", crate::error::errno(e)))?;
-    let writer = fs::File::from(writer);
-    let err_w = writer.try_clone().map_err(|e| Error::sys("dup", e))?;
-    cmd.current_dir(&uml_dir)
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(err_w)
-        .process_group(0);
-    prep.apply_env(&mut cmd);
+    let mut jail = prep.jail(JailRoot::Empty, mem_bytes, spec.jail);
+    match jail.as_mut() {
+        Some(j) => {
+            crate::jail::hand_over(j, &uml_dir)?;
+            j.bind(Bind::rw(&uml_dir));
+        }
+        None => crate::run::warn_unjailed(),
+    }
+    let null = fs::File::open("/dev/null").map_err(|e| Error::io("open", "/dev/null", e))?;
+    let launch = Launch {
+        program: kernel.path.clone(),
+        args,
+        env: prep.uml_env(jail.is_some()),
+        cwd: uml_dir.clone(),
+        fds: vec![
+            (null.as_raw_fd(), 0),
+            (writer.as_raw_fd(), 1),
+            (writer.as_raw_fd(), 2),
+        ],
+        new_session: true,
+        die_with_parent: true,
+    };
     let started = Instant::now();
-    let spawned = cmd.spawn();
-    drop(cmd);
+    let spawned = crate::run::launch(jail.as_ref(), &launch, true);
+    drop(writer);
+    drop(null);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let _ = fs::remove_dir_all(&uml_dir);
-            return Err(Error::io("start kernel", &kernel.path, e));
+            return Err(e);
         }
     };
-    let pid = child.id() as i32;
     let collector = std::thread::spawn(move || {
         let mut out = Vec::new();
         let _ = fs::File::from(reader).read_to_end(&mut out);
@@ -149,12 +168,12 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
             Err(_) => break,
         }
     }
-    // UML and whatever helpers it forked: its process group (UML also calls
-    // setsid, which keeps the group id equal to its pid).
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    // Everything the kernel started goes: the jail's PID 1 (its PID
+    // namespace), or unjailed UML's process group (UML calls setsid, which
+    // keeps the group id equal to its pid).
+    let target = child.kill_target();
+    let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::killpg(child.pid, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
     let run_secs = started.elapsed().as_secs_f64();
     let output = collector.join().unwrap_or_default();

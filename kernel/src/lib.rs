@@ -16,6 +16,7 @@ pub mod error;
 pub mod guestnet;
 pub mod init;
 pub mod initroot;
+pub mod jail;
 pub mod inspect;
 pub mod instance;
 pub mod ktap;

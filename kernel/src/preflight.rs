@@ -69,7 +69,36 @@ pub fn host_checks(kernel: Option<&KernelInfo>, shim_enabled: bool) -> Vec<Check
         check_tmp_exec(),
         check_tun(),
         check_xstate(kernel, shim_enabled),
+        check_jail(),
     ]
+}
+
+/// Whether UML's jail can be built here: a real attempt (namespaces,
+/// mounts, dropping privileges, starting a program inside).
+pub fn check_jail() -> Check {
+    const NAME: &str = "jail";
+    match crate::jail::probe() {
+        Ok(()) => {
+            let spec = crate::jail::JailSpec::new(crate::jail::JailRoot::Empty, 0);
+            let (u, _) = spec.identity();
+            let ns = if nix::unistd::geteuid().is_root() {
+                "mount, PID, network, IPC and UTS namespaces"
+            } else {
+                "user, mount, PID, network, IPC and UTS namespaces"
+            };
+            ok(
+                NAME,
+                format!("UML runs in {ns}, as uid {u}, without capabilities or host files"),
+            )
+        }
+        Err(crate::error::Error::Host { detail, fix, .. }) => bad(NAME, Level::Fail, detail, format!("{fix}")),
+        Err(e) => bad(
+            NAME,
+            Level::Fail,
+            e.to_string(),
+            "--no-jail runs UML without a jail (the guest is then not contained)",
+        ),
+    }
 }
 
 /// `kernel.yama.ptrace_scope`: 3 forbids ptrace entirely; 2 lets only

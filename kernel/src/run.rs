@@ -15,9 +15,9 @@ use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -30,6 +30,7 @@ use nix::unistd::{pipe2, Pid};
 use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
 use crate::error::{errno, Error, Result};
 use crate::initroot;
+use crate::jail::{Bind, JailRoot, JailSpec, Launch, Spawned};
 use crate::locate::{locate, Located};
 use crate::paths;
 use crate::protocol::{Control, InitSpec, RootSpec, Status, TtySpec};
@@ -99,6 +100,27 @@ pub struct GuestSpec {
     pub nets: Vec<String>,
     /// netd's socket (default: `$UMLCTL_NETD_SOCKET`, else /run/umlctl/netd.sock).
     pub netd_socket: Option<PathBuf>,
+    /// How UML is confined.
+    pub jail: JailOpts,
+}
+
+/// Whether and how UML runs jailed ([`crate::jail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailOpts {
+    /// `false` (`--no-jail`): UML runs as umlctl's own process, seeing what
+    /// umlctl sees.
+    pub enabled: bool,
+    /// `--jail-uid`: when umlctl is root, the uid UML runs as.
+    pub uid: Option<u32>,
+}
+
+impl Default for JailOpts {
+    fn default() -> Self {
+        JailOpts {
+            enabled: true,
+            uid: None,
+        }
+    }
 }
 
 impl GuestSpec {
@@ -119,6 +141,7 @@ impl GuestSpec {
             tty: TtyMode::Auto,
             nets: Vec::new(),
             netd_socket: None,
+            jail: JailOpts::default(),
         }
     }
 }
@@ -204,35 +227,6 @@ pub fn attach_network(
     }
     net.client = Some(client);
     Ok(net)
-}
-
-/// Make `fds` the child's descriptors `first`, `first + 1`, … (inherited
-/// across exec); with `pdeathsig`, the child is killed when we die.
-pub(crate) fn place_fds(cmd: &mut Command, fds: Vec<RawFd>, first: i32, pdeathsig: bool) {
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (fcntl, dup2, prctl).
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move the sources out of the way first, so that placing one
-            // cannot clobber another that happens to sit on a target number.
-            let mut high = [0; 32];
-            for (i, fd) in fds.iter().enumerate() {
-                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
-                if high[i] < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            for (i, fd) in high[..fds.len()].iter().enumerate() {
-                if libc::dup2(*fd, first + i as i32) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if pdeathsig {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Why the run ended.
@@ -604,23 +598,96 @@ pub struct PreparedKernel {
 }
 
 impl PreparedKernel {
-    /// Set up `cmd` (the UML process) to preload the shim, or make sure it
-    /// does not inherit an LD_PRELOAD meant for something else.
-    pub fn apply_env(&self, cmd: &mut Command) {
-        match &self.shim {
-            Some(s) => {
-                let mut v = s.as_os_str().to_os_string();
-                if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
-                    v.push(":");
-                    v.push(old);
+    /// UML's environment: in a jail the whole of it (a private `/tmp` for
+    /// its memory file, the shim if used); without one, what is added to
+    /// umlctl's own (the shim, or nothing: an LD_PRELOAD meant for
+    /// something else is dropped).
+    pub fn uml_env(&self, jailed: bool) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if jailed {
+            env.push(("TMPDIR".into(), crate::jail::MEMORY_DIR.into()));
+            env.push(("PATH".into(), "/usr/bin:/bin".into()));
+        }
+        if let Some(s) = &self.shim {
+            env.push(("LD_PRELOAD".into(), s.to_string_lossy().into_owned()));
+        }
+        env
+    }
+
+    /// A jail for this kernel: its binary, libraries and shim, read-only;
+    /// the caller adds the guest's own files. `None` with `--no-jail`.
+    pub fn jail(&self, root: JailRoot, mem_bytes: u64, opts: JailOpts) -> Option<JailSpec> {
+        if !opts.enabled {
+            return None;
+        }
+        let mut j = JailSpec::new(root, mem_bytes);
+        j.uid = opts.uid;
+        let info = &self.located.info;
+        j.bind(Bind::ro(&info.path));
+        for lib in &info.libs {
+            j.bind(Bind::ro(lib));
+        }
+        if let Some(s) = &self.shim {
+            j.bind(Bind::ro(s));
+        }
+        Some(j)
+    }
+}
+
+/// Say loudly, once per command, what `--no-jail` gives up.
+pub fn warn_unjailed() {
+    eprintln!(
+        "umlctl: warning: --no-jail: UML runs with your identity and sees every host file you can; \
+a guest (even one booted from an image) that breaks out of its kernel acts as you on this host"
+    );
+}
+
+/// Start UML: in `jail`, or (`None`) as a plain child process.
+pub fn launch(jail: Option<&JailSpec>, l: &Launch, want_status: bool) -> Result<Spawned> {
+    match jail {
+        Some(j) => crate::jail::spawn(j, l, want_status),
+        None => crate::jail::spawn_unjailed(l),
+    }
+}
+
+/// Add the guest's disks to its jail: each file read-write, its backing
+/// image (from the COW header, under both the resolved path and the path
+/// the header names) read-only.
+pub fn bind_disks(jail: &mut JailSpec, disks: &[Disk]) -> Result<()> {
+    for d in disks {
+        let file = fs::canonicalize(&d.file).map_err(|e| Error::io("resolve", &d.file, e))?;
+        if d.read_only {
+            jail.bind(Bind::ro(&file));
+        } else {
+            jail.bind(Bind::rw(&file));
+        }
+        // The path as given, when it is not itself a symlink (one in a bound
+        // directory, as overlay.rs makes, resolves to `file` in the jail).
+        let literal = std::path::absolute(&d.file).map_err(|e| Error::io("resolve", &d.file, e))?;
+        let is_link = fs::symlink_metadata(&d.file).is_ok_and(|m| m.file_type().is_symlink());
+        if literal != file && !is_link {
+            jail.bind(Bind {
+                src: file.clone(),
+                dst: literal,
+                writable: !d.read_only,
+            });
+        }
+        if let Ok(c) = umlctl_imgtools::cow::Cow::open(&file) {
+            let named = c.header.backing.clone();
+            let real = c.backing_path();
+            if let Ok(src) = fs::canonicalize(&real) {
+                jail.bind(Bind::ro(&src));
+                if named.is_absolute() && named != src {
+                    jail.bind(Bind {
+                        src,
+                        dst: named,
+                        writable: false,
+                    });
                 }
-                cmd.env("LD_PRELOAD", v);
-            }
-            None => {
-                cmd.env_remove("LD_PRELOAD");
             }
         }
     }
+    Ok(())
 }
 
 /// Locate the kernel, require `features`, and decide on the xstate shim.
@@ -684,9 +751,11 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             "--overlay needs --image (it is an overlay over that image)".into(),
         ));
     }
-    let mut need = vec!["hostfs", "serial-lines", "devtmpfs", "exitcode", "tmpfs"];
+    let mut need = vec!["serial-lines", "devtmpfs", "exitcode", "tmpfs"];
     if spec.image.is_some() {
         need.extend(["ubd", "ext4"]);
+    } else {
+        need.push("hostfs");
     }
     if !spec.nets.is_empty() {
         need.push("vector-net");
@@ -799,19 +868,63 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     };
 
     let (boot_root, init_path, disks) = match &root {
-        Root::Host { init } => (BootRoot::Hostfs { prefix: None }, init.clone(), vec![]),
+        Root::Host { init } => (BootRoot::Hostfs, init.clone(), vec![]),
         Root::Image { image, initroot } => (
-            BootRoot::Hostfs {
-                prefix: Some(initroot.dir.clone()),
-            },
+            BootRoot::InitDisk { index: 1 },
             initroot.init.clone(),
-            vec![Disk {
-                file: crate::overlay::prepare(image, spec.overlay.as_deref(), &rundir)?,
-                backing: None,
-                read_only: false,
-            }],
+            vec![
+                Disk {
+                    file: crate::overlay::prepare(image, spec.overlay.as_deref(), &rundir)?,
+                    backing: None,
+                    read_only: false,
+                },
+                Disk {
+                    file: initroot.disk.clone(),
+                    backing: None,
+                    read_only: true,
+                },
+            ],
         ),
     };
+
+    // The jail: UML sees its kernel files, its disks and its run directory
+    // (image), or the host's root read-only (host root).
+    let jail = match &root {
+        Root::Host { init } => prep.jail(JailRoot::HostReadOnly, spec.mem_bytes, spec.jail).map(|mut j| {
+            // Under the jail's private /tmp, /run…: the init itself, and
+            // the command's directory (the guest's hostfs reaches it).
+            j.bind(Bind::ro(init));
+            if crate::jail::hidden_in_host_root(&workdir) {
+                if let Ok(w) = fs::canonicalize(&workdir) {
+                    j.bind(Bind::ro(w));
+                }
+            }
+            j
+        }),
+        Root::Image { .. } => prep.jail(JailRoot::Empty, spec.mem_bytes, spec.jail),
+    };
+    let mut jail = jail;
+    if let Some(j) = jail.as_mut() {
+        bind_disks(j, &disks)?;
+        crate::jail::hand_over(j, &rundir)?;
+        for d in &disks {
+            if d.file.starts_with(&rundir) && !d.read_only {
+                crate::jail::hand_over(j, &d.file)?;
+            }
+        }
+        j.bind(Bind::rw(&rundir));
+        if network
+            .nics
+            .iter()
+            .any(|n| matches!(n.transport, crate::cmdline::NicTransport::Tap { .. }))
+        {
+            j.tun = true;
+            j.share_net = true;
+            crate::jail::hand_over_taps(j, &network.nics)?;
+        }
+    } else {
+        warn_unjailed();
+    }
 
     // The UML process's descriptors: 0 console in, 1+2 kernel log, 3 stdin
     // line, 4 stdout line, 5 stderr line, 6 control line, 7 status line.
@@ -880,39 +993,42 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
-    let mut cmd = Command::new(&info.path);
-    cmd.args(&args)
-        .current_dir(&rundir)
-        .stdin(Stdio::from(con_in_r))
-        .stdout(Stdio::from(
-            log_w.try_clone().map_err(|e| Error::sys("dup", e))?,
-        ))
-        .stderr(Stdio::from(log_w));
-    prep.apply_env(&mut cmd);
-    // 3..=7 the lines, then the fd-mode taps from FIRST_TAP_FD (= 8).
-    let mut fds: Vec<RawFd> = vec![
-        stdin_for_uml.as_raw_fd(),
-        out_w.as_raw_fd(),
-        err_w.as_raw_fd(),
-        ctl_r.as_raw_fd(),
-        st_w.as_raw_fd(),
+    // 0 console in, 1+2 kernel log, 3..=7 the lines, then the fd-mode taps
+    // from FIRST_TAP_FD (= 8).
+    let mut fds: Vec<(RawFd, i32)> = vec![
+        (con_in_r.as_raw_fd(), 0),
+        (log_w.as_raw_fd(), 1),
+        (log_w.as_raw_fd(), 2),
+        (stdin_for_uml.as_raw_fd(), 3),
+        (out_w.as_raw_fd(), 4),
+        (err_w.as_raw_fd(), 5),
+        (ctl_r.as_raw_fd(), 6),
+        (st_w.as_raw_fd(), 7),
     ];
-    fds.extend(network.fds.iter().map(|f| f.as_raw_fd()));
-    place_fds(&mut cmd, fds, 3, true);
+    for (i, f) in network.fds.iter().enumerate() {
+        fds.push((f.as_raw_fd(), FIRST_TAP_FD + i as i32));
+    }
+    let uml_launch = Launch {
+        program: info.path.clone(),
+        args,
+        env: prep.uml_env(jail.is_some()),
+        cwd: rundir.clone(),
+        fds,
+        new_session: false,
+        die_with_parent: true,
+    };
 
     let (tx, rx) = mpsc::channel::<Event>();
     let signals = install_signals(interactive, tx.clone())?;
 
     let reaper = crate::reaper::Reaper::spawn(&initroot::current_exe()?, &rundir)?;
     let t0 = Instant::now();
-    let child: Child = cmd
-        .spawn()
-        .map_err(|e| Error::io("start kernel", &info.path, e))?;
-    reaper.watch(child.id());
-    drop(cmd);
+    let child = launch(jail.as_ref(), &uml_launch, true)?;
+    reaper.watch(child.kill_target().as_raw() as u32);
     // Close our copies of the UML ends so that EOFs arrive when UML exits.
-    drop((stdin_for_uml, out_w, err_w, ctl_r, st_w));
-    let uml_pid = Pid::from_raw(child.id() as i32);
+    drop((con_in_r, log_w, stdin_for_uml, out_w, err_w, ctl_r, st_w));
+    let uml_pid = child.pid;
+    let jail_pid = child.kill_target();
 
     let tail = Arc::new(Mutex::new(LogTail::default()));
     let log_thread = read_log(File::from(log_r), console_log, spec.verbose, tail.clone());
@@ -953,7 +1069,6 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     }
     {
         let tx = tx.clone();
-        let mut child = child;
         thread::spawn(move || {
             if let Ok(st) = child.wait() {
                 let _ = tx.send(Event::UmlExited(st));
@@ -967,7 +1082,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         &control,
         control_go,
         stdin_go,
-        uml_pid,
+        (uml_pid, jail_pid),
         spec.timeout,
         t0,
     );
@@ -1051,7 +1166,7 @@ fn sweep_stale_rundirs(runtime: &Path) {
 }
 
 /// Removes the run directory on every path out of `run`.
-struct RunDirGuard(PathBuf);
+pub(crate) struct RunDirGuard(pub(crate) PathBuf);
 
 impl Drop for RunDirGuard {
     fn drop(&mut self) {
@@ -1104,7 +1219,7 @@ fn supervise(
     control: &Sender<String>,
     control_go: Sender<()>,
     mut stdin_go: Option<Sender<()>>,
-    uml: Pid,
+    (uml, jail): (Pid, Pid),
     timeout: Option<Duration>,
     t0: Instant,
 ) -> Supervised {
@@ -1163,7 +1278,8 @@ fn supervise(
         }
         if let Some(t) = kill_at {
             if now >= t {
-                let _ = kill(uml, Signal::SIGKILL);
+                // The jail's PID 1 (or UML itself, unjailed): everything goes.
+                let _ = kill(jail, Signal::SIGKILL);
                 kill_at = None;
                 next = None;
             }

@@ -85,6 +85,17 @@ pub fn create_owned(name: &str, uid: u32) -> Result<(), TapError> {
     Ok(())
 }
 
+/// Give an existing persistent tap to another owner (needs CAP_NET_ADMIN):
+/// a root umlctl hands the tap netd made for it to the unprivileged uid its
+/// jailed UML runs as.
+pub fn set_owner(name: &str, uid: u32) -> Result<(), TapError> {
+    let fd = attach(name)?;
+    // SAFETY: fd is an attached tun fd; the argument is a plain integer.
+    unsafe { tun_set_owner(fd.as_raw_fd(), uid as libc::c_int) }
+        .map_err(err("TUNSETOWNER", name))?;
+    Ok(())
+}
+
 /// Create tap `name` and return its descriptor (no vnet header, as UML's
 /// `fd` transport expects). The tap exists while the descriptor (or a copy
 /// of it) is open.
