@@ -7,7 +7,7 @@ use clap::Args;
 use umlctl_kernel::cmdline::parse_size;
 use umlctl_kernel::detached::{self, StartSpec, StopHow};
 use umlctl_kernel::instance::{self, State};
-use umlctl_kernel::{Error, ShimMode};
+use umlctl_kernel::ShimMode;
 
 use crate::exit;
 
@@ -276,10 +276,7 @@ pub fn ctl(a: CtlArgs) -> u8 {
         Ok(g) => g,
         Err(e) => return fail(e),
     };
-    let reply = detached::client(&g).and_then(|c| {
-        c.request(&command)
-            .map_err(|e| Error::Boot(format!("guest {}: {e}", a.name)))
-    });
+    let reply = detached::ctl(&g, &command);
     match reply {
         Ok(r) => {
             if a.json {

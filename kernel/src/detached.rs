@@ -379,6 +379,27 @@ fn net_env(net: &crate::run::Network) -> Vec<(String, String)> {
     env
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_commands_name_their_files() {
+        let f = |c: &str| ubd_config_files(c);
+        assert_eq!(f("config ubdb=/d/x.img"), Some((vec!["/d/x.img".into()], true)));
+        assert_eq!(f("config ubdbr=/d/x.img"), Some((vec!["/d/x.img".into()], false)));
+        assert_eq!(f("config ubd1r=/d/x.img"), Some((vec!["/d/x.img".into()], false)));
+        assert_eq!(
+            f("config ubdc=/d/x.cow,/d/base.img"),
+            Some((vec!["/d/x.cow".into(), "/d/base.img".into()], true))
+        );
+        assert_eq!(f("config ubdb"), None);
+        assert_eq!(f("config eth0=tuntap"), None);
+        assert_eq!(f("version"), None);
+        assert_eq!(f("remove ubdb"), None);
+    }
+}
+
 fn log_contains(path: &Path, needle: &[u8]) -> bool {
     fs::read(path).is_ok_and(|d| memchr::memmem::find(&d, needle).is_some())
 }
@@ -409,6 +430,44 @@ pub fn client(g: &Guest) -> Result<Client> {
     }
     Client::new(&g.layout.mconsole())
         .map_err(|e| Error::sys("mconsole client", std::io::Error::other(e)))
+}
+
+/// Send an mconsole command to a running guest. `config ubdN[flags]=FILE[,BACKING]`
+/// first makes the files visible at their own paths in the guest's jail
+/// (a jailed UML sees no other host file).
+pub fn ctl(g: &Guest, command: &str) -> Result<mconsole::Reply> {
+    let c = client(g)?;
+    if let (Some(jp), Some(files)) = (g.record.jail_pid, ubd_config_files(command)) {
+        let (files, writable) = files;
+        for (i, f) in files.iter().enumerate() {
+            // The backing file of a COW (the second name) is opened read-only.
+            crate::jail::attach(Pid::from_raw(jp), Pid::from_raw(g.record.pid), f, writable && i == 0)?;
+        }
+    }
+    c.request(command)
+        .map_err(|e| Error::Boot(format!("guest {}: {e}", g.record.name)))
+}
+
+/// The host files named by an mconsole `config ubd…=SPEC` command, and
+/// whether the first is writable (no `r` flag).
+fn ubd_config_files(command: &str) -> Option<(Vec<PathBuf>, bool)> {
+    let rest = command.trim().strip_prefix("config")?.trim_start();
+    let (dev, spec) = rest.split_once('=')?;
+    // ubd + (a number | a letter) + flags (r s d c t).
+    let tail = dev.trim().strip_prefix("ubd")?;
+    let flags = if tail.starts_with(|c: char| c.is_ascii_digit()) {
+        tail.trim_start_matches(|c: char| c.is_ascii_digit())
+    } else {
+        tail.get(1..)?
+    };
+    let writable = !flags.contains('r');
+    let files: Vec<PathBuf> = spec
+        .trim()
+        .split([',', ':'])
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    (!files.is_empty()).then_some((files, writable))
 }
 
 /// How a guest was stopped.
