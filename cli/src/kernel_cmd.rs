@@ -478,6 +478,7 @@ fn info(a: InfoArgs) -> u8 {
             "linkage": located.info.linkage,
             "fp": located.info.fp,
             "features": located.info.features,
+            "libs": located.info.libs,
             "host_xstate": host,
             "needs_xstate_shim": needs_shim,
             "xstate_shim_path": shim_path,
@@ -499,7 +500,10 @@ fn print_info(l: &Located, host: Option<xstate::HostXstate>, needs_shim: Option<
     println!("version:   {}", i.version);
     match &i.linkage {
         Linkage::Static => println!("linkage:   static"),
-        Linkage::Dynamic { interpreter } => println!("linkage:   dynamic ({interpreter})"),
+        Linkage::Dynamic { interpreter } => println!(
+            "linkage:   dynamic ({interpreter}; its jail holds {} libraries)",
+            i.libs.len()
+        ),
     }
     match i.fp {
         KernelFp::Fixed { bytes } => {

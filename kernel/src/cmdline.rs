@@ -470,7 +470,9 @@ mod tests {
         });
         let a = p.to_args().unwrap().join(" ");
         assert!(
-            a.contains(&format!("hostfs={NO_HOST_FILES} root=/dev/ubda rootfstype=ext4 rw")),
+            a.contains(&format!(
+                "hostfs={NO_HOST_FILES} root=/dev/ubda rootfstype=ext4 rw"
+            )),
             "{a}"
         );
         assert!(

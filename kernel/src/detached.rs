@@ -21,8 +21,8 @@ use nix::unistd::Pid;
 use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
 use crate::error::{Error, Result};
 use crate::instance::{self, Guest, Layout, Record, State};
-use crate::mconsole::{self, Client, Notify};
 use crate::jail::{Bind, JailRoot, Launch};
+use crate::mconsole::{self, Client, Notify};
 use crate::run::{prepare_kernel, JailOpts, ShimMode, DEFAULT_MEM};
 
 /// Everything that describes a detached guest.
@@ -386,9 +386,18 @@ mod tests {
     #[test]
     fn config_commands_name_their_files() {
         let f = |c: &str| ubd_config_files(c);
-        assert_eq!(f("config ubdb=/d/x.img"), Some((vec!["/d/x.img".into()], true)));
-        assert_eq!(f("config ubdbr=/d/x.img"), Some((vec!["/d/x.img".into()], false)));
-        assert_eq!(f("config ubd1r=/d/x.img"), Some((vec!["/d/x.img".into()], false)));
+        assert_eq!(
+            f("config ubdb=/d/x.img"),
+            Some((vec!["/d/x.img".into()], true))
+        );
+        assert_eq!(
+            f("config ubdbr=/d/x.img"),
+            Some((vec!["/d/x.img".into()], false))
+        );
+        assert_eq!(
+            f("config ubd1r=/d/x.img"),
+            Some((vec!["/d/x.img".into()], false))
+        );
         assert_eq!(
             f("config ubdc=/d/x.cow,/d/base.img"),
             Some((vec!["/d/x.cow".into(), "/d/base.img".into()], true))
@@ -441,7 +450,12 @@ pub fn ctl(g: &Guest, command: &str) -> Result<mconsole::Reply> {
         let (files, writable) = files;
         for (i, f) in files.iter().enumerate() {
             // The backing file of a COW (the second name) is opened read-only.
-            crate::jail::attach(Pid::from_raw(jp), Pid::from_raw(g.record.pid), f, writable && i == 0)?;
+            crate::jail::attach(
+                Pid::from_raw(jp),
+                Pid::from_raw(g.record.pid),
+                f,
+                writable && i == 0,
+            )?;
         }
     }
     c.request(command)

@@ -154,7 +154,9 @@ impl JailSpec {
 /// The memory tmpfs must hold UML's memory file (as large as the guest's
 /// memory) and a little more.
 pub fn tmp_size(mem_bytes: u64) -> u64 {
-    mem_bytes.saturating_add(mem_bytes / 8).saturating_add(64 << 20)
+    mem_bytes
+        .saturating_add(mem_bytes / 8)
+        .saturating_add(64 << 20)
 }
 
 fn is_root() -> bool {
@@ -327,7 +329,9 @@ fn place_fds_raw(fds: &[(RawFd, i32)]) -> std::result::Result<(), i32> {
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 // Constants of the new mount API (linux/mount.h), spelled out so that they
@@ -371,9 +375,14 @@ enum Op {
         mode: libc::mode_t,
     },
     /// Create an empty file (a bind target) unless something is there.
-    Touch { path: CString },
+    Touch {
+        path: CString,
+    },
     /// Create a file with this content.
-    Write { path: CString, data: Vec<u8> },
+    Write {
+        path: CString,
+        data: Vec<u8>,
+    },
     /// Create a device node owned by (uid, gid).
     Mknod {
         path: CString,
@@ -382,7 +391,10 @@ enum Op {
         owner: (u32, u32),
     },
     /// Attach a detached mount tree (prepared by the parent) here.
-    MoveMount { fd: RawFd, dst: CString },
+    MoveMount {
+        fd: RawFd,
+        dst: CString,
+    },
 }
 
 /// Steps outside the op list, for error reports.
@@ -451,7 +463,13 @@ const HOST_ROOT_PRIVATE: &[&str] = &["/tmp", "/var/tmp", "/run", "/proc", "/sys"
 pub const MEMORY_DIR: &str = "/dev/shm";
 
 /// Device nodes every jail gets.
-const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
 
 struct Builder {
     ops: Vec<Op>,
@@ -491,7 +509,12 @@ impl Builder {
 /// Prepare every step for `spec` and `launch`, with `work` as the mount
 /// point of the new root and `idmaps` the detached idmapped trees for binds
 /// the jail user could not otherwise open.
-fn plan(spec: &JailSpec, launch: &Launch, work: &Path, idmaps: &[(usize, OwnedFd)]) -> Result<Plan> {
+fn plan(
+    spec: &JailSpec,
+    launch: &Launch,
+    work: &Path,
+    idmaps: &[(usize, OwnedFd)],
+) -> Result<Plan> {
     let mut b = Builder {
         ops: Vec::new(),
         descs: Vec::new(),
@@ -759,9 +782,15 @@ fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> Result<OwnedFd> {
     let res = (|| {
         // The idmap namespace's ids are the on-disk ids: on-disk `from`
         // (an id inside this namespace) maps to host `to`.
-        fs::write(format!("/proc/{pid}/uid_map"), format!("{} {} 1\n", from.0, to.0))?;
+        fs::write(
+            format!("/proc/{pid}/uid_map"),
+            format!("{} {} 1\n", from.0, to.0),
+        )?;
         fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
-        fs::write(format!("/proc/{pid}/gid_map"), format!("{} {} 1\n", from.1, to.1))?;
+        fs::write(
+            format!("/proc/{pid}/gid_map"),
+            format!("{} {} 1\n", from.1, to.1),
+        )?;
         File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from)
     })();
     drop(w);
@@ -786,7 +815,11 @@ fn idmapped_tree(src: &Path, writable: bool, to: (u32, u32)) -> Result<OwnedFd> 
         )
     };
     if fd < 0 {
-        return Err(Error::io("open_tree (bind for the jail)", src, io::Error::last_os_error()));
+        return Err(Error::io(
+            "open_tree (bind for the jail)",
+            src,
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: fd is a new descriptor we own.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
@@ -858,7 +891,13 @@ pub fn hand_over(spec: &JailSpec, path: &Path) -> Result<()> {
         Some(nix::unistd::Uid::from_raw(u)),
         Some(nix::unistd::Gid::from_raw(g)),
     )
-    .map_err(|e| Error::io("hand over to the jail's uid (chown)", path, crate::error::errno(e)))
+    .map_err(|e| {
+        Error::io(
+            "hand over to the jail's uid (chown)",
+            path,
+            crate::error::errno(e),
+        )
+    })
 }
 
 /// Whether a host-root jail hides `path` behind one of its private
@@ -901,7 +940,8 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
             let need_write = b.writable && !md.is_dir();
             let ok = can_access(&md, ident.0, ident.1, false)
                 && (!need_write || can_access(&md, ident.0, ident.1, true))
-                && (!md.is_dir() || md.mode() & 0o111 != 0 && can_access(&md, ident.0, ident.1, b.writable));
+                && (!md.is_dir()
+                    || md.mode() & 0o111 != 0 && can_access(&md, ident.0, ident.1, b.writable));
             if !ok {
                 idmaps.push((i, idmapped_tree(&b.src, b.writable, ident)?));
             }
@@ -917,7 +957,8 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
     let (err_r, err_w) = pipe()?;
     let status = if want_status { Some(pipe()?) } else { None };
 
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if !root {
         flags |= libc::CLONE_NEWUSER;
     }
@@ -944,14 +985,7 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
     }
     if pid == 0 {
         // SAFETY: see above.
-        unsafe {
-            jail_init(
-                &plan,
-                sync_r.as_raw_fd(),
-                err_w.as_raw_fd(),
-                status_w,
-            )
-        }
+        unsafe { jail_init(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), status_w) }
     }
     let jail_pid = Pid::from_raw(pid as i32);
     drop(sync_r);
@@ -997,7 +1031,11 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
     // The program is PID 1's only child.
     let uml = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+        })
         .map(Pid::from_raw)
         .unwrap_or(jail_pid);
     Ok(Spawned {
@@ -1142,7 +1180,13 @@ unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, status_fd: RawFd
             }
             Op::Touch { path } => {
                 let mut st: libc::stat = std::mem::zeroed();
-                if libc::fstatat(libc::AT_FDCWD, path.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0 {
+                if libc::fstatat(
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    &mut st,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                ) == 0
+                {
                     true
                 } else {
                     let fd = libc::open(
@@ -1245,7 +1289,13 @@ unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, status_fd: RawFd
         pid: 0,
     };
     let data = [CapData::default(); 2];
-    libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    libc::prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL,
+        0,
+        0,
+        0,
+    );
     if libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) != 0 {
         die(err_fd, STEP_CAPS);
     }
@@ -1365,10 +1415,15 @@ pub fn attach(jail_pid: Pid, uml_pid: Pid, src: &Path, writable: bool) -> Result
             .and_then(|v| v.parse::<u32>().ok())
     };
     let (Some(u), Some(g)) = (id("Uid:"), id("Gid:")) else {
-        return Err(Error::Usage(format!("cannot read the guest's uid from /proc/{uml_pid}")));
+        return Err(Error::Usage(format!(
+            "cannot read the guest's uid from /proc/{uml_pid}"
+        )));
     };
     let root = is_root();
-    let tree = if root && u != 0 && !(can_access(&md, u, g, false) && (!writable || can_access(&md, u, g, true))) {
+    let tree = if root
+        && u != 0
+        && !(can_access(&md, u, g, false) && (!writable || can_access(&md, u, g, true)))
+    {
         idmapped_tree(&src, writable, (u, g))?
     } else {
         let c = cstr(&src)?;
@@ -1382,7 +1437,11 @@ pub fn attach(jail_pid: Pid, uml_pid: Pid, src: &Path, writable: bool) -> Result
             )
         };
         if fd < 0 {
-            return Err(Error::io("open_tree (bind for the jail)", &src, io::Error::last_os_error()));
+            return Err(Error::io(
+                "open_tree (bind for the jail)",
+                &src,
+                io::Error::last_os_error(),
+            ));
         }
         // SAFETY: a new descriptor we own.
         unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
@@ -1413,14 +1472,25 @@ pub fn attach(jail_pid: Pid, uml_pid: Pid, src: &Path, writable: bool) -> Result
     if pid == 0 {
         // SAFETY: as above.
         unsafe {
-            let step = attach_child(userns.as_ref().map(|f| f.as_raw_fd()), mntns.as_raw_fd(), tree.as_raw_fd(), &dirs, &target, set);
+            let step = attach_child(
+                userns.as_ref().map(|f| f.as_raw_fd()),
+                mntns.as_raw_fd(),
+                tree.as_raw_fd(),
+                &dirs,
+                &target,
+                set,
+            );
             libc::_exit(step);
         }
     }
     let mut st = 0;
     // SAFETY: waitpid writes the status into `st`.
     unsafe { libc::waitpid(pid as i32, &mut st, 0) };
-    let code = if libc::WIFEXITED(st) { libc::WEXITSTATUS(st) } else { 255 };
+    let code = if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else {
+        255
+    };
     if code == 0 {
         return Ok(());
     }
@@ -1486,8 +1556,19 @@ unsafe fn attach_child(
         }
     }
     let mut st: libc::stat = std::mem::zeroed();
-    if rc == 0 && libc::fstatat(libc::AT_FDCWD, target.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
-        let fd = libc::open(target.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+    if rc == 0
+        && libc::fstatat(
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        ) != 0
+    {
+        let fd = libc::open(
+            target.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        );
         if fd < 0 {
             rc = 4;
         } else {

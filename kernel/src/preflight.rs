@@ -91,7 +91,7 @@ pub fn check_jail() -> Check {
                 format!("UML runs in {ns}, as uid {u}, without capabilities or host files"),
             )
         }
-        Err(crate::error::Error::Host { detail, fix, .. }) => bad(NAME, Level::Fail, detail, format!("{fix}")),
+        Err(crate::error::Error::Host { detail, fix, .. }) => bad(NAME, Level::Fail, detail, fix),
         Err(e) => bad(
             NAME,
             Level::Fail,

@@ -890,17 +890,19 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     // The jail: UML sees its kernel files, its disks and its run directory
     // (image), or the host's root read-only (host root).
     let jail = match &root {
-        Root::Host { init } => prep.jail(JailRoot::HostReadOnly, spec.mem_bytes, spec.jail).map(|mut j| {
-            // Under the jail's private /tmp, /run…: the init itself, and
-            // the command's directory (the guest's hostfs reaches it).
-            j.bind(Bind::ro(init));
-            if crate::jail::hidden_in_host_root(&workdir) {
-                if let Ok(w) = fs::canonicalize(&workdir) {
-                    j.bind(Bind::ro(w));
+        Root::Host { init } => prep
+            .jail(JailRoot::HostReadOnly, spec.mem_bytes, spec.jail)
+            .map(|mut j| {
+                // Under the jail's private /tmp, /run…: the init itself, and
+                // the command's directory (the guest's hostfs reaches it).
+                j.bind(Bind::ro(init));
+                if crate::jail::hidden_in_host_root(&workdir) {
+                    if let Ok(w) = fs::canonicalize(&workdir) {
+                        j.bind(Bind::ro(w));
+                    }
                 }
-            }
-            j
-        }),
+                j
+            }),
         Root::Image { .. } => prep.jail(JailRoot::Empty, spec.mem_bytes, spec.jail),
     };
     let mut jail = jail;
