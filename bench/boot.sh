@@ -6,7 +6,11 @@
 #   RUNS=21 bench/boot.sh            (runs per measurement; the median is reported)
 #   UMLCTL=path/to/umlctl            (default: target/release/umlctl, built if missing)
 #
-# Prints one row per kernel: median wall time of each, and their ratio.
+# Prints one row per kernel: median wall time of each, and their ratio; and
+# `umlctl run --no-jail -- true` measured interleaved with the jailed runs,
+# with the jail's cost (the difference of the medians, in ms). A second table
+# times 200,000 guest system calls (`dd bs=1 count=100000` from /dev/zero to
+# /dev/null in the guest), jailed and not, interleaved (median of SYSCALL_RUNS=5).
 # Needs gcc with static libc (libc6-dev) for the minimal init.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +55,7 @@ now() { date +%s%N; }
 # median of the numbers on stdin (nanoseconds) printed as seconds
 median() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m/1e9}'; }
 
-printf '%-22s %-10s %11s %11s %7s %15s %7s\n' kernel version "umlctl run" "bare boot" ratio "bare+true" ratio
+printf '%-22s %-10s %11s %11s %7s %15s %7s %11s %9s\n' kernel version "umlctl run" "bare boot" ratio "bare+true" ratio "--no-jail" "jail ms"
 for k in "${kernels[@]}"; do
   info=$("$UMLCTL" kernel info --json "$k")
   ver=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
@@ -60,9 +64,15 @@ for k in "${kernels[@]}"; do
   "$UMLCTL" run --kernel "$k" -- true
   (cd "$work" && env ${shim:+LD_PRELOAD=$shim} "$k" mem=256M rootfstype=hostfs rootflags=/ ro init="$work/init" \
       con=null con0=fd:0,fd:1 ssl=null uml_dir="$work/" umid=bare noreboot </dev/null >/dev/null 2>&1) || true
-  ours=$(for _ in $(seq "$RUNS"); do
-    t=$(now); "$UMLCTL" run --kernel "$k" -- true; echo $(( $(now) - t ))
-  done | median)
+  "$UMLCTL" run --no-jail --kernel "$k" -- true 2>/dev/null
+  pairs=$(for _ in $(seq "$RUNS"); do
+    t=$(now); "$UMLCTL" run --kernel "$k" -- true; a=$(( $(now) - t ))
+    t=$(now); "$UMLCTL" run --no-jail --kernel "$k" -- true 2>/dev/null; b=$(( $(now) - t ))
+    echo "$a $b"
+  done)
+  ours=$(printf '%s\n' "$pairs" | awk '{print $1}' | median)
+  nojail=$(printf '%s\n' "$pairs" | awk '{print $2}' | median)
+  jailms=$(awk -v a="$ours" -v b="$nojail" 'BEGIN {printf "%.1f", (a-b)*1000}')
   bare_with() {
     for _ in $(seq "$RUNS"); do
       t=$(now)
@@ -75,5 +85,21 @@ for k in "${kernels[@]}"; do
   baretrue=$(bare_with init-true)
   ratio=$(awk -v a="$ours" -v b="$bare" 'BEGIN {printf "%.2f", a/b}')
   ratio2=$(awk -v a="$ours" -v b="$baretrue" 'BEGIN {printf "%.2f", a/b}')
-  printf '%-22s %-10s %10ss %10ss %7s %14ss %7s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$ours" "$bare" "$ratio" "$baretrue" "$ratio2"
+  printf '%-22s %-10s %10ss %10ss %7s %14ss %7s %10ss %9s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$ours" "$bare" "$ratio" "$baretrue" "$ratio2" "$nojail" "$jailms"
+done
+
+SYSCALL_RUNS=${SYSCALL_RUNS:-5}
+echo
+printf '%-22s %-10s %14s %14s %9s\n' kernel version "dd jailed" "dd --no-jail" "jail ms"
+for k in "${kernels[@]}"; do
+  ver=$("$UMLCTL" kernel info --json "$k" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
+  pairs=$(for _ in $(seq "$SYSCALL_RUNS"); do
+    t=$(now); "$UMLCTL" run --kernel "$k" -- dd if=/dev/zero of=/dev/null bs=1 count=100000 2>/dev/null; a=$(( $(now) - t ))
+    t=$(now); "$UMLCTL" run --no-jail --kernel "$k" -- dd if=/dev/zero of=/dev/null bs=1 count=100000 2>/dev/null; b=$(( $(now) - t ))
+    echo "$a $b"
+  done)
+  j=$(printf '%s\n' "$pairs" | awk '{print $1}' | median)
+  n=$(printf '%s\n' "$pairs" | awk '{print $2}' | median)
+  d=$(awk -v a="$j" -v b="$n" 'BEGIN {printf "%.1f", (a-b)*1000}')
+  printf '%-22s %-10s %13ss %13ss %9s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$j" "$n" "$d"
 done

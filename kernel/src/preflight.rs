@@ -223,7 +223,8 @@ pub fn uml_tempdir() -> PathBuf {
 }
 
 /// UML maps its guest memory from a file in its temp directory with
-/// PROT_EXEC; a `noexec` mount makes it exit at start.
+/// PROT_EXEC; a `noexec` mount makes it exit at start. A jailed UML uses
+/// the jail's own tmpfs, so this matters only with `--no-jail`.
 pub fn check_tmp_exec() -> Check {
     const NAME: &str = "exec mappings";
     let dir = uml_tempdir();
@@ -231,15 +232,15 @@ pub fn check_tmp_exec() -> Check {
         Ok(()) => ok(NAME, format!("PROT_EXEC mappings work in {}", dir.display())),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => bad(
             NAME,
-            Level::Fail,
-            format!("{} is mounted noexec, and UML maps guest memory there executable", dir.display()),
-            "set TMPDIR to a directory on a filesystem without noexec (tmpfs is fastest), or remount it with exec",
+            Level::Warn,
+            format!("{} is mounted noexec, and UML maps guest memory there executable (jailed guests use the jail's own tmpfs; this matters only with --no-jail)", dir.display()),
+            "with --no-jail: set TMPDIR to a directory on a filesystem without noexec (tmpfs is fastest), or remount it with exec",
         ),
         Err(e) => bad(
             NAME,
-            Level::Fail,
-            format!("cannot map a file in {}: {e}", dir.display()),
-            "set TMPDIR to a writable directory (tmpfs is fastest)",
+            Level::Warn,
+            format!("cannot map a file in {}: {e} (matters only with --no-jail)", dir.display()),
+            "with --no-jail: set TMPDIR to a writable directory (tmpfs is fastest)",
         ),
     }
 }
