@@ -22,4 +22,18 @@ ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static 
 ensure_cargo
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.
 cargo build --workspace --locked
-cargo test --workspace --locked "$@"
+# Every test binary runs even when an earlier one fails; the last line says
+# what failed.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+failed=$(sed -nE 's/^test (.*) \.\.\. FAILED$/\1/p' "$log" | sort -u | tr '\n' ' ')
+if [ "$rc" -eq 0 ]; then
+  echo "scripts/test.sh: every test passed"
+else
+  echo "scripts/test.sh: FAILED (exit $rc): ${failed:-a test binary failed to build or crashed; see above}"
+fi
+exit "$rc"

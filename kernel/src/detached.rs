@@ -220,7 +220,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     // which exists only there.
     let mut jail = prep.jail(JailRoot::Empty, spec.mem_bytes, spec.jail);
     if let Some(j) = jail.as_mut() {
-        crate::run::bind_disks(j, &plan.disks)?;
+        crate::run::bind_disks(j, &plan.disks, std::slice::from_ref(&image))?;
         crate::jail::hand_over(j, &layout.uml_parent())?;
         crate::jail::hand_over(j, &layout.notify())?;
         if spec.overlay.is_none() {
@@ -385,7 +385,7 @@ mod tests {
 
     #[test]
     fn config_commands_name_their_files() {
-        let f = |c: &str| ubd_config_files(c);
+        let f = |c: &str| ubd_config_files(c).map(|(_, f, w)| (f, w));
         assert_eq!(
             f("config ubdb=/d/x.img"),
             Some((vec!["/d/x.img".into()], true))
@@ -403,6 +403,7 @@ mod tests {
             Some((vec!["/d/x.cow".into(), "/d/base.img".into()], true))
         );
         assert_eq!(f("config ubdb"), None);
+        assert_eq!(ubd_config_files("config ubd1r=x").unwrap().0, "ubd1r");
         assert_eq!(f("config eth0=tuntap"), None);
         assert_eq!(f("version"), None);
         assert_eq!(f("remove ubdb"), None);
@@ -421,6 +422,9 @@ impl Drop for StateGuard {
     fn drop(&mut self) {
         if let Some(l) = self.0.take() {
             let _ = fs::remove_dir_all(&l.state);
+            if fs::symlink_metadata(&l.uml_instance).is_ok_and(|m| m.file_type().is_symlink()) {
+                let _ = fs::remove_file(&l.uml_instance);
+            }
         }
         if let Some(o) = self.1.take() {
             let _ = fs::remove_file(o);
@@ -442,29 +446,40 @@ pub fn client(g: &Guest) -> Result<Client> {
 }
 
 /// Send an mconsole command to a running guest. `config ubdN[flags]=FILE[,BACKING]`
-/// first makes the files visible at their own paths in the guest's jail
-/// (a jailed UML sees no other host file).
+/// first makes the files (and the backing file a COW header names) visible
+/// at their own paths in the guest's jail, since a jailed UML sees no other
+/// host file, and passes UML their absolute paths.
 pub fn ctl(g: &Guest, command: &str) -> Result<mconsole::Reply> {
     let c = client(g)?;
-    if let (Some(jp), Some(files)) = (g.record.jail_pid, ubd_config_files(command)) {
-        let (files, writable) = files;
+    let mut command = command.to_string();
+    if let (Some(jp), Some((dev, files, writable))) =
+        (g.record.jail_pid, ubd_config_files(&command))
+    {
+        let (jp, up) = (Pid::from_raw(jp), Pid::from_raw(g.record.pid));
+        let mut resolved = Vec::new();
         for (i, f) in files.iter().enumerate() {
-            // The backing file of a COW (the second name) is opened read-only.
-            crate::jail::attach(
-                Pid::from_raw(jp),
-                Pid::from_raw(g.record.pid),
-                f,
-                writable && i == 0,
-            )?;
+            let abs = fs::canonicalize(f).map_err(|e| Error::io("resolve", f, e))?;
+            // The backing file (the second name) is opened read-only.
+            crate::jail::attach(jp, up, &abs, writable && i == 0, true)?;
+            resolved.push(abs);
         }
+        if resolved.len() == 1 {
+            if let Ok(cow) = umlctl_imgtools::cow::Cow::open(&resolved[0]) {
+                if let Ok(b) = fs::canonicalize(cow.backing_path()) {
+                    crate::jail::attach(jp, up, &b, false, false)?;
+                }
+            }
+        }
+        let names: Vec<String> = resolved.iter().map(|p| p.display().to_string()).collect();
+        command = format!("config {dev}={}", names.join(","));
     }
-    c.request(command)
+    c.request(&command)
         .map_err(|e| Error::Boot(format!("guest {}: {e}", g.record.name)))
 }
 
-/// The host files named by an mconsole `config ubd…=SPEC` command, and
-/// whether the first is writable (no `r` flag).
-fn ubd_config_files(command: &str) -> Option<(Vec<PathBuf>, bool)> {
+/// The device, the host files named by an mconsole `config ubd…=SPEC`
+/// command, and whether the first is writable (no `r` flag).
+fn ubd_config_files(command: &str) -> Option<(String, Vec<PathBuf>, bool)> {
     let rest = command.trim().strip_prefix("config")?.trim_start();
     let (dev, spec) = rest.split_once('=')?;
     // ubd + (a number | a letter) + flags (r s d c t).
@@ -481,7 +496,7 @@ fn ubd_config_files(command: &str) -> Option<(Vec<PathBuf>, bool)> {
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
         .collect();
-    (!files.is_empty()).then_some((files, writable))
+    (!files.is_empty()).then(|| (dev.trim().to_string(), files, writable))
 }
 
 /// How a guest was stopped.

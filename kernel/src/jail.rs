@@ -74,6 +74,11 @@ pub struct Bind {
     /// Where it appears in the jail (absolute; usually `src` itself).
     pub dst: PathBuf,
     pub writable: bool,
+    /// Named by the user (a kernel, image, overlay or disk they gave), so a
+    /// root umlctl may id-map it for a jail uid that could not open it.
+    /// `false` for files only a COW header names: the jail's uid must be
+    /// able to read those by itself.
+    pub explicit: bool,
 }
 
 impl Bind {
@@ -84,6 +89,7 @@ impl Bind {
             src: p.clone(),
             dst: p,
             writable: false,
+            explicit: true,
         }
     }
     /// `path` at its own place, writable.
@@ -942,6 +948,21 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
                 && (!need_write || can_access(&md, ident.0, ident.1, true))
                 && (!md.is_dir()
                     || md.mode() & 0o111 != 0 && can_access(&md, ident.0, ident.1, b.writable));
+            if !ok && !b.explicit {
+                return Err(Error::Host {
+                    check: "jail",
+                    detail: format!(
+                        "the jail's uid {} cannot read {}, which a disk's COW header names as its backing file",
+                        ident.0,
+                        b.src.display()
+                    ),
+                    fix: format!(
+                        "make {} readable by uid {} if you trust that overlay, or name the file yourself (--image)",
+                        b.src.display(),
+                        ident.0
+                    ),
+                });
+            }
             if !ok {
                 idmaps.push((i, idmapped_tree(&b.src, b.writable, ident)?));
             }
@@ -1396,7 +1417,16 @@ struct CapData {
 /// Make host file `src` appear at the same path inside the running jail
 /// whose PID 1 is `jail_pid` (for disks attached to a running guest
 /// through mconsole). The jail's uid is read from `uml_pid`.
-pub fn attach(jail_pid: Pid, uml_pid: Pid, src: &Path, writable: bool) -> Result<()> {
+///
+/// `explicit`: the user named the file (it may be id-mapped for a jail uid
+/// that cannot open it); `false` for a file only a COW header names.
+pub fn attach(
+    jail_pid: Pid,
+    uml_pid: Pid,
+    src: &Path,
+    writable: bool,
+    explicit: bool,
+) -> Result<()> {
     let src = fs::canonicalize(src).map_err(|e| Error::io("resolve", src, e))?;
     let md = fs::metadata(&src).map_err(|e| Error::io("stat", &src, e))?;
     if md.is_dir() {
@@ -1420,10 +1450,18 @@ pub fn attach(jail_pid: Pid, uml_pid: Pid, src: &Path, writable: bool) -> Result
         )));
     };
     let root = is_root();
-    let tree = if root
-        && u != 0
-        && !(can_access(&md, u, g, false) && (!writable || can_access(&md, u, g, true)))
-    {
+    let usable = can_access(&md, u, g, false) && (!writable || can_access(&md, u, g, true));
+    if root && u != 0 && !usable && !explicit {
+        return Err(Error::Host {
+            check: "jail",
+            detail: format!(
+                "the guest's uid {u} cannot read {}, which a COW header names as a backing file",
+                src.display()
+            ),
+            fix: format!("make it readable by uid {u} if you trust that overlay"),
+        });
+    }
+    let tree = if root && u != 0 && !usable {
         idmapped_tree(&src, writable, (u, g))?
     } else {
         let c = cstr(&src)?;

@@ -650,17 +650,19 @@ pub fn launch(jail: Option<&JailSpec>, l: &Launch, want_status: bool) -> Result<
     }
 }
 
-/// Add the guest's disks to its jail: each file read-write, its backing
-/// image (from the COW header, under both the resolved path and the path
-/// the header names) read-only.
-pub fn bind_disks(jail: &mut JailSpec, disks: &[Disk]) -> Result<()> {
+/// Add the guest's disks to its jail: each file read-write (read-only if
+/// the disk is), and the backing file its COW header names, read-only,
+/// under both the resolved path and the path the header names. Backing
+/// files the user did not name in `explicit` (an image given with
+/// `--image`) must be readable by the jail's uid on their own: a COW file
+/// cannot make a root umlctl open an arbitrary host file for the guest.
+pub fn bind_disks(jail: &mut JailSpec, disks: &[Disk], explicit: &[PathBuf]) -> Result<()> {
     for d in disks {
         let file = fs::canonicalize(&d.file).map_err(|e| Error::io("resolve", &d.file, e))?;
-        if d.read_only {
-            jail.bind(Bind::ro(&file));
-        } else {
-            jail.bind(Bind::rw(&file));
-        }
+        jail.bind(Bind {
+            writable: !d.read_only,
+            ..Bind::ro(&file)
+        });
         // The path as given, when it is not itself a symlink (one in a bound
         // directory, as overlay.rs makes, resolves to `file` in the jail).
         let literal = std::path::absolute(&d.file).map_err(|e| Error::io("resolve", &d.file, e))?;
@@ -670,18 +672,26 @@ pub fn bind_disks(jail: &mut JailSpec, disks: &[Disk]) -> Result<()> {
                 src: file.clone(),
                 dst: literal,
                 writable: !d.read_only,
+                explicit: true,
             });
         }
         if let Ok(c) = umlctl_imgtools::cow::Cow::open(&file) {
             let named = c.header.backing.clone();
             let real = c.backing_path();
             if let Ok(src) = fs::canonicalize(&real) {
-                jail.bind(Bind::ro(&src));
+                let explicit = explicit
+                    .iter()
+                    .any(|e| fs::canonicalize(e).is_ok_and(|e| e == src));
+                jail.bind(Bind {
+                    explicit,
+                    ..Bind::ro(&src)
+                });
                 if named.is_absolute() && named != src {
                     jail.bind(Bind {
                         src,
                         dst: named,
                         writable: false,
+                        explicit,
                     });
                 }
             }
@@ -907,7 +917,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     };
     let mut jail = jail;
     if let Some(j) = jail.as_mut() {
-        bind_disks(j, &disks)?;
+        bind_disks(j, &disks, spec.image.as_slice())?;
         crate::jail::hand_over(j, &rundir)?;
         for d in &disks {
             if d.file.starts_with(&rundir) && !d.read_only {

@@ -349,6 +349,7 @@ fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
     );
     assert_eq!(env.state("bad"), None);
     assert!(!env.uml_dir().join("bad.umlctl").exists());
+    assert!(fs::symlink_metadata(env.uml_dir().join("bad")).is_err());
     assert!(
         !overlay.exists(),
         "the overlay this failed start created was left behind"

@@ -655,3 +655,74 @@ fn doctor_reports_a_working_jail() {
         "{jail}"
     );
 }
+
+#[test]
+fn a_cow_disk_cannot_make_root_expose_a_file_it_names() {
+    // A COW file is data: its header may name any host file as backing.
+    // Run by root, the jail must not hand a file the jail's uid could not
+    // read to the guest just because a header names it.
+    let inv = Invoker::root();
+    let secret = inv.work().join("secret.img");
+    fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let hostile = inv.work().join("hostile.cow");
+    assert_ok(
+        &inv.output(&[
+            "cow",
+            "create",
+            "--backing",
+            secret.to_str().unwrap(),
+            hostile.to_str().unwrap(),
+        ]),
+        "cow create",
+    );
+    let img = inv.image(Some("#!/bin/sh\nwhile true; do sleep 1; done\n"));
+    let o = inv.output(&[
+        "start",
+        "--name",
+        "hostile",
+        "--image",
+        img.to_str().unwrap(),
+        "--disk",
+        hostile.to_str().unwrap(),
+        "--mem",
+        "64M",
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(125), "{out}");
+    assert!(
+        out.contains("COW header names") && out.contains(&secret.display().to_string()),
+        "{out}"
+    );
+    assert!(
+        !inv.work().join("uml/hostile.umlctl").exists(),
+        "the failed start left its directory"
+    );
+    assert!(
+        fs::symlink_metadata(inv.work().join("uml/hostile")).is_err(),
+        "the failed start left its instance link"
+    );
+    // Through mconsole, the same.
+    assert_ok(
+        &inv.output(&[
+            "start",
+            "--name",
+            "plain",
+            "--image",
+            img.to_str().unwrap(),
+            "--mem",
+            "64M",
+        ]),
+        "start",
+    );
+    let o = inv.output(&[
+        "ctl",
+        "plain",
+        "config",
+        &format!("ubdb={}", hostile.display()),
+    ]);
+    let _ = inv.output(&["stop", "--force", "plain"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(125), "{out}");
+    assert!(out.contains("COW header names"), "{out}");
+}
