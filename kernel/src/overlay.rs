@@ -35,6 +35,11 @@ pub fn locked_by(path: &Path) -> Option<i32> {
 /// Prepare the overlay for `image` and return the path to give UML as
 /// `ubd0` (its backing file comes from the COW header).
 pub fn prepare(image: &Path, persistent: Option<&Path>, rundir: &Path) -> Result<PathBuf> {
+    // UML runs in another directory: a relative path must not reach it.
+    let persistent = persistent
+        .map(|p| std::path::absolute(p).map_err(|e| Error::io("resolve", p, e)))
+        .transpose()?;
+    let persistent = persistent.as_deref();
     let path = match persistent {
         None => {
             let p = rundir.join("overlay.cow");

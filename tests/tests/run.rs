@@ -494,3 +494,34 @@ fn an_interactive_terminal_works_and_is_restored() {
     );
     assert_no_leftovers(runtime.path(), &[]);
 }
+
+#[test]
+fn a_relative_overlay_path_works_and_keeps_the_guests_writes() {
+    // The README's own example: `--overlay work.cow`, relative to where
+    // umlctl runs (UML itself runs elsewhere).
+    let dir = scratch();
+    let img = busybox_image(dir.path());
+    for (round, script) in [(1, "echo kept > /kept"), (2, "cat /kept")] {
+        let mut r = Run::new([
+            "--image",
+            img.to_str().unwrap(),
+            "--overlay",
+            "work.cow",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        r.cmd.current_dir(dir.path());
+        let out = r.output();
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if round == 2 {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+        }
+    }
+    assert!(dir.path().join("work.cow").is_file());
+}
