@@ -309,6 +309,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let mut buf = [0u8; 16 + mconsole::MAX_DATA];
     let mut mconsole_up = false;
     let mut settled_at: Option<Instant> = None;
+    let mut init_seen = LogSearch::new(b" as init process");
     let failure: Option<String> = loop {
         if let Ok(Some(st)) = child.try_wait() {
             break Some(format!("the guest kernel exited during boot ({st})"));
@@ -330,10 +331,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
                 _ => {}
             },
             Err(_) => {
-                if mconsole_up
-                    && settled_at.is_none()
-                    && log_contains(&layout.console_log(), b" as init process")
-                {
+                if mconsole_up && settled_at.is_none() && init_seen.found(&layout.console_log()) {
                     settled_at = Some(Instant::now() + Duration::from_millis(100));
                 }
             }
@@ -384,6 +382,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_log_search_reads_on_and_finds_a_needle_across_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        let mut s = LogSearch::new(b" as init process");
+        assert!(!s.found(&p), "no file yet");
+        std::fs::write(&p, vec![b'x'; 200_000]).unwrap();
+        assert!(!s.found(&p));
+        assert_eq!(s.offset, 200_000);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"Run /sbin/init as in").unwrap();
+        assert!(!s.found(&p));
+        f.write_all(b"it process\n").unwrap();
+        assert!(s.found(&p));
+    }
+
+    #[test]
     fn config_commands_name_their_files() {
         let f = |c: &str| ubd_config_files(c).map(|(_, f, w)| (f, w));
         assert_eq!(
@@ -410,10 +424,52 @@ mod tests {
     }
 }
 
-fn log_contains(path: &Path, needle: &[u8]) -> bool {
-    fs::read(path).is_ok_and(|d| memchr::memmem::find(&d, needle).is_some())
+/// Looks for `needle` in a growing log, reading each byte once (a guest
+/// can write a lot to its console before `start` returns).
+struct LogSearch {
+    needle: &'static [u8],
+    offset: u64,
+    /// The end of what was read last, in case the needle straddles reads.
+    carry: Vec<u8>,
 }
 
+impl LogSearch {
+    fn new(needle: &'static [u8]) -> LogSearch {
+        LogSearch {
+            needle,
+            offset: 0,
+            carry: Vec::new(),
+        }
+    }
+
+    fn found(&mut self, path: &Path) -> bool {
+        let Ok(mut f) = File::open(path) else {
+            return false;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return false;
+        }
+        let mut buf = std::mem::take(&mut self.carry);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match f.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            self.offset += n as u64;
+            buf.extend_from_slice(&chunk[..n]);
+            if memchr::memmem::find(&buf, self.needle).is_some() {
+                return true;
+            }
+            let tail = buf.len().saturating_sub(self.needle.len());
+            buf.drain(..tail);
+        }
+        let tail = buf.len().saturating_sub(self.needle.len());
+        buf.drain(..tail);
+        self.carry = buf;
+        false
+    }
+}
 /// Removes a half-created guest directory, and an overlay the failed
 /// start created.
 struct StateGuard(Option<Layout>, Option<PathBuf>);

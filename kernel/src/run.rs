@@ -249,6 +249,9 @@ pub enum Reason {
     BootFailed,
     /// umlctl was interrupted and the guest had to be stopped (128+N).
     Interrupted,
+    /// The guest broke umlctl's protocol (e.g. an endless status line); it
+    /// was stopped (125).
+    Protocol,
 }
 
 /// Wall-clock milestones of a run, in milliseconds.
@@ -285,6 +288,8 @@ enum Event {
     UmlExited(ExitStatus),
     Signal(i32),
     OutputBroken,
+    /// The guest broke umlctl's protocol (what it did).
+    Garbage(String),
 }
 
 fn is_tty(fd: RawFd) -> bool {
@@ -341,18 +346,33 @@ struct LogTail {
 impl LogTail {
     const KEEP: usize = 40;
 
+    /// An unfinished line longer than this is cut (a guest may write to
+    /// its console without ever ending a line).
+    const MAX_PARTIAL: usize = 4096;
+
     fn push(&mut self, data: &[u8]) {
         self.partial.extend_from_slice(data);
         while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            self.line(&line);
+        }
+        if self.partial.len() > Self::MAX_PARTIAL {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        {
+            let line = &line[..line.len().min(Self::MAX_PARTIAL)];
+            let line = String::from_utf8_lossy(line).trim_end().to_string();
             if self.panic.is_none() {
                 if let Some(i) = line.find("Kernel panic - not syncing:") {
                     self.panic = Some(line[i..].to_string());
                 }
             }
             if line.is_empty() {
-                continue;
+                return;
             }
             if self.lines.len() == Self::KEEP {
                 self.lines.pop_front();
@@ -457,26 +477,75 @@ fn read_log(
     })
 }
 
-fn read_status(from: File, tx: Sender<Event>) {
+/// The longest status line a guest may send (the longest real one is an
+/// init error message of a few hundred bytes).
+pub const MAX_STATUS_LINE: usize = 16 * 1024;
+
+/// Split `data` into lines for [`read_status`]: complete lines are handed
+/// to `line`; an unfinished one is kept in `pending`, and `Err` reports a
+/// line that grew past `max` (the guest's fault; it is dropped).
+fn split_lines(
+    pending: &mut Vec<u8>,
+    data: &[u8],
+    max: usize,
+    mut line: impl FnMut(&[u8]),
+) -> std::result::Result<(), ()> {
+    let mut rest = data;
+    while let Some(i) = memchr::memchr(b'\n', rest) {
+        if pending.len() + i > max {
+            pending.clear();
+            return Err(());
+        }
+        pending.extend_from_slice(&rest[..i]);
+        line(pending);
+        pending.clear();
+        rest = &rest[i + 1..];
+    }
+    if pending.len() + rest.len() > max {
+        pending.clear();
+        return Err(());
+    }
+    pending.extend_from_slice(rest);
+    Ok(())
+}
+
+/// Read the status line: every record to the supervisor, at most
+/// [`MAX_STATUS_LINE`] bytes each. A guest that sends more without a
+/// newline is reported once ([`Event::Garbage`]) and the rest is drained
+/// unread, so umlctl's memory does not grow with what the guest writes.
+fn read_status(mut from: File, tx: Sender<Event>) {
     thread::spawn(move || {
-        let mut from = io::BufReader::new(from);
-        let mut line = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending = Vec::new();
+        let mut broken = false;
         loop {
-            line.clear();
-            match io::BufRead::read_until(&mut from, b'\n', &mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(Event::StatusEof);
-                    break;
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if broken {
+                continue;
+            }
+            let mut records = Vec::new();
+            let r = split_lines(&mut pending, &buf[..n], MAX_STATUS_LINE, |l| {
+                if let Some(s) = Status::parse(&String::from_utf8_lossy(l)) {
+                    records.push(s);
                 }
-                Ok(_) => {
-                    if let Some(s) = Status::parse(&String::from_utf8_lossy(&line)) {
-                        if tx.send(Event::Status(s)).is_err() {
-                            break;
-                        }
-                    }
-                }
+            });
+            for s in records {
+                let _ = tx.send(Event::Status(s));
+            }
+            if r.is_err() {
+                broken = true;
+                let _ = tx.send(Event::Garbage(format!(
+                    "the guest wrote more than {} KiB without a newline on umlctl's status line (/dev/ttyS{STATUS_LINE})",
+                    MAX_STATUS_LINE / 1024
+                )));
             }
         }
+        let _ = tx.send(Event::StatusEof);
     });
 }
 
@@ -1224,6 +1293,8 @@ struct Supervised {
     started: Option<Instant>,
     ended: Option<Instant>,
     exited_at: Instant,
+    /// The guest broke the protocol (why).
+    garbage: Option<String>,
 }
 
 fn supervise(
@@ -1243,6 +1314,7 @@ fn supervise(
         started: None,
         ended: None,
         exited_at: t0,
+        garbage: None,
     };
     let deadline = timeout.map(|t| t0 + t);
     // When set: SIGTERM UML at this instant (then SIGKILL after KILL_GRACE).
@@ -1366,6 +1438,15 @@ fn supervise(
                 }
             }
             Event::OutputBroken => send(Control::Signal(libc::SIGPIPE)),
+            Event::Garbage(what) => {
+                // The guest is not following the protocol: stop it now.
+                if s.garbage.is_none() {
+                    s.garbage = Some(what);
+                    if kill_at.is_none() && s.uml.is_none() {
+                        stop_at = Some(Instant::now());
+                    }
+                }
+            }
         }
     }
     s
@@ -1400,6 +1481,11 @@ fn outcome(
         xstate_shim: shim_used,
         timings,
     };
+    if let Some(what) = s.garbage {
+        o.reason = Reason::Protocol;
+        o.message = Some(format!("{what}; the guest was stopped"));
+        return o;
+    }
     match s.final_status {
         Some(Status::Exit(c)) => {
             o.exit_code = i32::from(c);
@@ -1497,6 +1583,38 @@ mod tests {
             "{tail}"
         );
         assert!(!tail.contains("line 98"));
+    }
+
+    #[test]
+    fn log_tail_is_bounded_by_a_guest_that_never_ends_a_line() {
+        let mut t = LogTail::default();
+        for _ in 0..1000 {
+            t.push(&[b'A'; 16 * 1024]);
+        }
+        assert!(t.partial.len() <= LogTail::MAX_PARTIAL);
+        assert!(t.lines.iter().all(|l| l.len() <= LogTail::MAX_PARTIAL));
+        assert!(t.lines.len() <= LogTail::KEEP);
+        t.push(b"\nKernel panic - not syncing: x\n");
+        assert!(t.panic.is_some());
+    }
+
+    #[test]
+    fn status_lines_are_split_and_bounded() {
+        let mut pending = Vec::new();
+        let mut got = Vec::new();
+        split_lines(&mut pending, b"hello\nrea", 16, |l| got.push(l.to_vec())).unwrap();
+        split_lines(&mut pending, b"dy\nexit 3\n", 16, |l| got.push(l.to_vec())).unwrap();
+        assert_eq!(
+            got,
+            vec![b"hello".to_vec(), b"ready".to_vec(), b"exit 3".to_vec()]
+        );
+        assert!(pending.is_empty());
+        // Too long, in one piece or across reads: refused, nothing kept.
+        assert!(split_lines(&mut pending, &[b'A'; 17], 16, |_| {}).is_err());
+        assert!(pending.is_empty());
+        split_lines(&mut pending, &[b'A'; 10], 16, |_| {}).unwrap();
+        assert!(split_lines(&mut pending, &[b'A'; 10], 16, |_| {}).is_err());
+        assert!(split_lines(&mut pending, b"AAAAAAAAAAAAAAAAAAAA\n", 16, |_| {}).is_err());
     }
 
     #[test]

@@ -525,3 +525,47 @@ fn a_relative_overlay_path_works_and_keeps_the_guests_writes() {
     }
     assert!(dir.path().join("work.cow").is_file());
 }
+
+#[test]
+fn a_guest_flooding_the_status_line_is_stopped_and_umlctl_stays_small() {
+    // Guest root writes 300 MB without a newline to umlctl's status line
+    // (the repro made umlctl grow to 592 MB and misreport the end).
+    let mut r = Run::new([
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "head -c 300000000 /dev/zero | tr '\\0' A > /dev/ttyS4; sleep 60",
+    ]);
+    r.cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = r.cmd.spawn().unwrap();
+    let pid = child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = {
+        let peak = peak.clone();
+        std::thread::spawn(move || loop {
+            let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+                break;
+            };
+            let kb = st
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            peak.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        })
+    };
+    let out = child.wait_with_output().unwrap();
+    let _ = watcher.join();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    let v = last_json(&err);
+    assert_eq!(v["reason"], "protocol", "{err}");
+    assert!(err.contains("status line"), "{err}");
+    let peak_mb = peak.load(std::sync::atomic::Ordering::Relaxed) / 1024;
+    assert!(peak_mb < 100, "umlctl grew to {peak_mb} MB");
+}
