@@ -546,17 +546,16 @@ fn a_guest_flooding_the_status_line_is_stopped_and_umlctl_stays_small() {
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watcher = {
         let peak = peak.clone();
-        std::thread::spawn(move || loop {
-            let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-                break;
-            };
-            let kb = st
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0);
-            peak.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::spawn(move || {
+            while let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) {
+                let kb = st
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                peak.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         })
     };
     let out = child.wait_with_output().unwrap();
