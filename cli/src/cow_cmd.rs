@@ -64,6 +64,10 @@ pub struct MergeArgs {
     /// otherwise they stay allocated until the overlay is removed).
     #[arg(long, requires = "in_place")]
     reclaim: bool,
+    /// With --in-place: merge only if the overlay's header names this backing file (an
+    /// overlay's header decides which file an in-place merge writes to).
+    #[arg(long, value_name = "IMAGE", requires = "in_place")]
+    backing: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -186,7 +190,7 @@ fn merge(a: MergeArgs) -> Result<(), cow::CowError> {
             );
         }
         (None, true) => {
-            let n = cow::merge_in_place(&a.cow, a.reclaim, &progress)?;
+            let n = cow::merge_in_place(&a.cow, a.reclaim, a.backing.as_deref(), &progress)?;
             println!(
                 "{}: {} bytes written into the backing file; the overlay is empty again",
                 a.cow.display(),

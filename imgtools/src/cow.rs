@@ -378,6 +378,16 @@ pub enum BackingProblem {
         header: u32,
         actual: i64,
     },
+    /// Not a regular file or block device (a directory, FIFO, device…).
+    NotAFile { cow: PathBuf, backing: PathBuf },
+    /// The overlay names itself, or an overlay that names it back.
+    Loop { cow: PathBuf, backing: PathBuf },
+    /// Not the backing file the caller pinned (`--backing`).
+    NotPinned {
+        cow: PathBuf,
+        backing: PathBuf,
+        pinned: PathBuf,
+    },
 }
 
 impl std::fmt::Display for BackingProblem {
@@ -389,6 +399,26 @@ impl std::fmt::Display for BackingProblem {
                 backing.display(),
                 cow.display(),
                 cow.display()
+            ),
+            BackingProblem::NotAFile { cow, backing } => write!(
+                f,
+                "overlay {} names {} as its backing file, which is not a regular file or block device\nfix: an overlay needs a disk image as its base",
+                cow.display(),
+                backing.display()
+            ),
+            BackingProblem::Loop { cow, backing } => write!(
+                f,
+                "overlay {} names {} as its backing file, which is the overlay itself or an overlay over it; a merge would write into the overlay\nfix: the header is damaged or hostile; rebase the overlay onto its real base (`umlctl cow rebase {} --backing IMAGE`)",
+                cow.display(),
+                backing.display(),
+                cow.display()
+            ),
+            BackingProblem::NotPinned { cow, backing, pinned } => write!(
+                f,
+                "overlay {} names {} as its backing file, not {} (--backing); nothing was written",
+                cow.display(),
+                backing.display(),
+                pinned.display()
             ),
             BackingProblem::SizeMismatch { cow, backing, header, actual } => write!(
                 f,
@@ -506,7 +536,9 @@ impl Cow {
         }
     }
 
-    /// Check the backing file as the kernel will when a guest opens the disk.
+    /// Check the backing file as the kernel will when a guest opens the disk,
+    /// and more: it must be a regular file or block device, and neither
+    /// the overlay itself nor an overlay whose backing file is this one.
     pub fn check_backing(&self) -> Result<(), BackingProblem> {
         let backing = self.backing_path();
         let (size, mtime) = backing_stat(&backing).map_err(|e| BackingProblem::Missing {
@@ -514,6 +546,39 @@ impl Cow {
             backing: backing.clone(),
             error: e.to_string(),
         })?;
+        let bmd = fs::metadata(&backing).map_err(|e| BackingProblem::Missing {
+            cow: self.path.clone(),
+            backing: backing.clone(),
+            error: e.to_string(),
+        })?;
+        if !(bmd.is_file() || bmd.file_type().is_block_device()) {
+            return Err(BackingProblem::NotAFile {
+                cow: self.path.clone(),
+                backing,
+            });
+        }
+        let id = |m: &fs::Metadata| (m.dev(), m.ino());
+        let me = self.file.metadata().map(|m| id(&m)).ok();
+        // The backing file names this overlay back (only its header is read).
+        let names_me = || {
+            let f = File::open(&backing).ok()?;
+            let mut buf = vec![0u8; MAX_HEADER_LEN];
+            let n = read_full_at(&f, &mut buf, 0).ok()?;
+            let h = Header::parse(&buf[..n]).ok()??;
+            let theirs = if h.backing.is_absolute() {
+                h.backing
+            } else {
+                backing.parent().unwrap_or(Path::new(".")).join(h.backing)
+            };
+            Some(fs::metadata(theirs).ok().map(|m| id(&m)) == me)
+        };
+        let looped = me == Some(id(&bmd)) || names_me() == Some(true);
+        if looped {
+            return Err(BackingProblem::Loop {
+                cow: self.path.clone(),
+                backing,
+            });
+        }
         if size != self.header.size {
             return Err(BackingProblem::SizeMismatch {
                 cow: self.path.clone(),
@@ -669,6 +734,21 @@ impl Cow {
     }
 
     /// Open the backing file after checking it still matches.
+    /// Refuse unless the backing file is `pinned` (the same file, by
+    /// device and inode).
+    pub fn check_pinned(&self, pinned: &Path) -> Result<(), BackingProblem> {
+        let backing = self.backing_path();
+        let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        if id(&backing).is_none() || id(&backing) != id(pinned) {
+            return Err(BackingProblem::NotPinned {
+                cow: self.path.clone(),
+                backing,
+                pinned: pinned.to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn open_backing(&self) -> Result<File> {
         self.check_backing().map_err(CowError::Backing)?;
         File::open(self.backing_path()).map_err(io_err("open backing file", &self.backing_path()))
@@ -801,6 +881,13 @@ pub fn create(cow: &Path, backing: &Path) -> Result<Header> {
     let backing_abs = absolutize(backing)?;
     let (size, mtime) =
         backing_stat(&backing_abs).map_err(io_err("open backing file", &backing_abs))?;
+    let bmd = fs::metadata(&backing_abs).map_err(io_err("stat backing file", &backing_abs))?;
+    if !(bmd.is_file() || bmd.file_type().is_block_device()) {
+        return Err(CowError::Invalid(format!(
+            "backing file {} is not a regular file or block device; an overlay needs a disk image as its base",
+            backing_abs.display()
+        )));
+    }
     if size == 0 {
         return Err(CowError::Invalid(format!(
             "backing file {} is empty",
@@ -1009,8 +1096,20 @@ pub fn merge_marker(cow: &Path) -> PathBuf {
 /// merge again to finish it (it rewrites every overlay sector, which is
 /// idempotent). Other overlays on the same backing file are invalid after a
 /// merge (their base changed).
-pub fn merge_in_place(cow: &Path, reclaim: bool, progress: &dyn Progress) -> Result<u64> {
+///
+/// The backing file is the one the overlay's header names: an untrusted
+/// overlay chooses where the merge writes. `pinned` makes the merge refuse
+/// unless that is this file.
+pub fn merge_in_place(
+    cow: &Path,
+    reclaim: bool,
+    pinned: Option<&Path>,
+    progress: &dyn Progress,
+) -> Result<u64> {
     let c = Cow::open_with(cow, true)?;
+    if let Some(p) = pinned {
+        c.check_pinned(p).map_err(CowError::Backing)?;
+    }
     if c.header.sectorsize as u64 != SECTOR {
         return Err(CowError::Invalid(format!(
             "{} has sector size {}; only 512 is consistent with how UML uses the bitmap",
@@ -1408,7 +1507,7 @@ mod tests {
         assert_eq!(buf, content[..2000]);
         // In place: the backing file becomes the merged image and the
         // overlay is empty and valid again.
-        merge_in_place(&cow, true, &NoProgress).unwrap();
+        merge_in_place(&cow, true, None, &NoProgress).unwrap();
         assert_eq!(fs::read(&base).unwrap(), content);
         let c = Cow::open(&cow).unwrap();
         assert_eq!(c.allocated_sectors(), 0);
@@ -1450,6 +1549,67 @@ mod tests {
         assert!(matches!(e, BackingProblem::Missing { .. }));
         assert!(merge_to(&cow, &dir.path().join("o"), false, &NoProgress).is_err());
         assert!(!dir.path().join("o").exists());
+    }
+
+    #[test]
+    fn backings_that_are_not_images_or_loop_back_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory is not a base.
+        let e = create(&dir.path().join("d.cow"), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(!dir.path().join("d.cow").exists());
+        // An overlay whose header names itself, with size and mtime that
+        // match: an in-place merge would write into the overlay.
+        let cow = dir.path().join("self.cow");
+        let size = 1u64 << 20;
+        let mut bytes = Header::new_v3(&cow, 1_000_000, size).encode().unwrap();
+        bytes.resize(size as usize, 0);
+        fs::write(&cow, &bytes).unwrap();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        File::options()
+            .write(true)
+            .open(&cow)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let e = Cow::open(&cow).unwrap().check_backing().unwrap_err();
+        assert!(matches!(e, BackingProblem::Loop { .. }), "{e:?}");
+        let before = fs::read(&cow).unwrap();
+        assert!(merge_in_place(&cow, false, None, &NoProgress).is_err());
+        assert_eq!(fs::read(&cow).unwrap(), before, "the overlay was written");
+        // Two overlays naming each other.
+        let a = dir.path().join("a.cow");
+        let b = dir.path().join("b.cow");
+        for (me, other) in [(&a, &b), (&b, &a)] {
+            let mut bytes = Header::new_v3(other, 1_000_000, size).encode().unwrap();
+            bytes.resize(size as usize, 0);
+            fs::write(me, &bytes).unwrap();
+        }
+        for p in [&a, &b] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let e = Cow::open(&a).unwrap().check_backing().unwrap_err();
+        assert!(matches!(e, BackingProblem::Loop { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn an_in_place_merge_can_be_pinned_to_its_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        let other = dir.path().join("other.img");
+        fs::write(&base, vec![1u8; 8192]).unwrap();
+        fs::write(&other, vec![1u8; 8192]).unwrap();
+        let cow = dir.path().join("c.cow");
+        create(&cow, &base).unwrap();
+        let e = merge_in_place(&cow, false, Some(&other), &NoProgress).unwrap_err();
+        assert!(e.to_string().contains("not"), "{e}");
+        assert!(!merge_marker(&cow).exists());
+        merge_in_place(&cow, false, Some(&base), &NoProgress).unwrap();
     }
 
     #[test]
