@@ -56,6 +56,8 @@ pub enum BuildError {
     },
     #[error("{path}: is a directory; give the image file to create with -o")]
     OutIsDir { path: PathBuf },
+    #[error("the sources make /lost+found a {kind}; ext4 keeps it as a directory for e2fsck (remove that entry)")]
+    LostFound { kind: &'static str },
 }
 
 /// Format a UUID the usual way.
@@ -264,6 +266,18 @@ pub fn build(
             nsec: 0,
         },
     };
+    match tree.get(b"lost+found").map(|i| &i.kind) {
+        None | Some(Kind::Dir) => {}
+        Some(k) => {
+            return Err(BuildError::LostFound {
+                kind: match k {
+                    Kind::File(_) => "regular file",
+                    Kind::Symlink(_) => "symlink",
+                    _ => "special file",
+                },
+            })
+        }
+    }
     if tree.get(b"lost+found").is_none() {
         let lpf = Inode {
             kind: Kind::Dir,

@@ -418,10 +418,10 @@ fn pax_time(v: &str) -> Option<Time> {
     };
     let (s, frac) = v.split_once('.').unwrap_or((v, ""));
     let sec: i64 = s.parse().ok()?;
-    let mut digits: String = frac.chars().take(9).collect();
-    if !digits.chars().all(|c| c.is_ascii_digit()) {
+    if !frac.chars().all(|c| c.is_ascii_digit()) || !s.chars().all(|c| c.is_ascii_digit()) {
         return None;
     }
+    let mut digits: String = frac.chars().take(9).collect();
     while digits.len() < 9 {
         digits.push('0');
     }
@@ -792,17 +792,45 @@ impl<'p> Builder<'p> {
                     return Err(bad("its size is given only in a PAX record (a file over 8 GiB in a POSIX-format tar), which is not supported; make the archive with `tar --format=gnu`".into()));
                 }
             }
-            let num = |k: &[u8]| {
-                rec(k)
-                    .and_then(|v| String::from_utf8(v).ok())
-                    .and_then(|v| v.parse::<u32>().ok())
+            // A PAX record that is present must be valid (as GNU tar
+            // insists): falling back to the header would build a file
+            // with metadata the archive did not say.
+            let num = |k: &[u8]| -> Result<Option<u32>, SourceError> {
+                match rec(k) {
+                    None => Ok(None),
+                    Some(v) => std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .map(Some)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "PAX {} record {:?} is not a number from 0 to 4294967295",
+                                String::from_utf8_lossy(k),
+                                String::from_utf8_lossy(&v)
+                            ))
+                        }),
+                }
             };
-            let mtime = rec(b"mtime")
-                .and_then(|v| String::from_utf8(v).ok())
-                .and_then(|v| pax_time(&v))
-                .unwrap_or_else(|| meta_time(header.mtime().unwrap_or(0) as i64, 0));
-            let uid = num(b"uid").unwrap_or_else(|| header.uid().unwrap_or(0) as u32);
-            let gid = num(b"gid").unwrap_or_else(|| header.gid().unwrap_or(0) as u32);
+            let mtime = match rec(b"mtime") {
+                None => meta_time(header.mtime().unwrap_or(0) as i64, 0),
+                Some(v) => std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(pax_time)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "PAX mtime record {:?} is not a valid time (seconds since 1970 that fit in 64 bits, with an optional fraction)",
+                            String::from_utf8_lossy(&v)
+                        ))
+                    })?,
+            };
+            let uid = match num(b"uid")? {
+                Some(u) => u,
+                None => header.uid().unwrap_or(0) as u32,
+            };
+            let gid = match num(b"gid")? {
+                Some(g) => g,
+                None => header.gid().unwrap_or(0) as u32,
+            };
             let mut xattrs = BTreeMap::new();
             for (k, v) in &records {
                 if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
@@ -1049,6 +1077,10 @@ mod tests {
             })
         );
         assert_eq!(pax_time("x"), None);
+        assert_eq!(pax_time("-99999999999999999999.5"), None);
+        assert_eq!(pax_time("1.5x"), None);
+        assert_eq!(pax_time("+1"), None);
+        assert_eq!(pax_time(""), None);
     }
 
     #[test]

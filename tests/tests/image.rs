@@ -557,7 +557,11 @@ fn build_fails(s: &Path, args: &[&Path], needle: &str) {
 
 /// Make a tar with Python's tarfile so that hostile entries can be crafted.
 fn py_tar(out: &Path, body: &str) {
-    let script = format!("import tarfile, io\nt = tarfile.open('{}', 'w', format=tarfile.GNU_FORMAT)\ndef add(name, data=b'', **kw):\n    i = tarfile.TarInfo(name)\n    i.size = len(data)\n    for k, v in kw.items(): setattr(i, k, v)\n    t.addfile(i, io.BytesIO(data))\n{}\nt.close()\n", out.display(), body);
+    py_tar_format(out, "GNU_FORMAT", body)
+}
+
+fn py_tar_format(out: &Path, format: &str, body: &str) {
+    let script = format!("import tarfile, io\nt = tarfile.open('{}', 'w', format=tarfile.{format})\ndef add(name, data=b'', **kw):\n    i = tarfile.TarInfo(name)\n    i.size = len(data)\n    for k, v in kw.items(): setattr(i, k, v)\n    t.addfile(i, io.BytesIO(data))\n{}\nt.close()\n", out.display(), body);
     let st = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -605,6 +609,23 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
         "use --size",
     );
     build_fails(p, &[&t("nope.tar")], "nope.tar");
+    // Metadata GNU tar refuses is refused, with the entry named, never
+    // replaced by the header's value.
+    py_tar_format(
+        &t("mtime.tar"),
+        "PAX_FORMAT",
+        "add('f', b'x', pax_headers={'mtime': '-99999999999999999999.5'})",
+    );
+    build_fails(p, &[&t("mtime.tar")], "entry \"f\": PAX mtime record");
+    py_tar_format(
+        &t("uid.tar"),
+        "PAX_FORMAT",
+        "add('f', b'x', pax_headers={'uid': '99999999999999999999'})",
+    );
+    build_fails(p, &[&t("uid.tar")], "entry \"f\": PAX uid record");
+    // A regular file where ext4's lost+found directory goes.
+    py_tar(&t("lpf.tar"), "add('lost+found', b'x')");
+    build_fails(p, &[&t("lpf.tar")], "/lost+found a regular file");
     // A failed build does not touch an existing OUT either.
     let keep = p.join("keep.img");
     fs::write(&keep, "precious").unwrap();
