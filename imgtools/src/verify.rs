@@ -371,8 +371,18 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         }
         if ino.file_acl != 0 {
             count += 1;
-            if owner.get(ino.file_acl as usize).copied().unwrap_or(0) == 0 {
-                owner[ino.file_acl as usize] = ino.ino;
+            // An xattr block may be shared (it has a reference count), so
+            // it is not claimed like a data block; but it must exist.
+            match owner.get_mut(ino.file_acl as usize) {
+                Some(o) => {
+                    if *o == 0 {
+                        *o = ino.ino;
+                    }
+                }
+                None => problems.push(format!(
+                    "inode {}: its extended-attribute block {} is outside the filesystem ({} blocks)",
+                    ino.ino, ino.file_acl, sb.blocks
+                )),
             }
         }
         let sectors = count * (sb.block_size as u64 / 512);

@@ -640,6 +640,46 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
     assert_eq!(fs::read(&keep).unwrap(), b"precious");
 }
 
+#[test]
+fn hostile_image_metadata_is_reported_never_a_crash() {
+    // Checksum-valid images (debugfs fixes the checksums) whose metadata
+    // point outside the filesystem.
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "hi\n").unwrap();
+    let img = s.path().join("i.img");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            &src,
+        ]),
+        "build",
+    );
+    // An xattr block number far past the end (verify used to panic).
+    let acl = s.path().join("acl.img");
+    fs::copy(&img, &acl).unwrap();
+    sh(&format!(
+        "debugfs -w -R 'sif /f file_acl 0xffffffff' '{}'",
+        acl.display()
+    ));
+    let out = umlctl_os([Path::new("image"), Path::new("verify"), &acl]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("extended-attribute block 4294967295 is outside the filesystem"),
+        "{text}"
+    );
+}
+
 /// A tiny deterministic generator for randomized trees.
 struct Rng(u64);
 impl Rng {
