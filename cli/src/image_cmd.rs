@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use umlctl_imgtools::build::{self, BuildOptions};
 use umlctl_imgtools::disk::{Disk, ViewDisk};
-use umlctl_imgtools::ext4::read::{Image, RawInode, ReadError};
+use umlctl_imgtools::ext4::read::{Image, Piece, RawInode, ReadError};
 use umlctl_imgtools::ext4::{Headroom, Options};
 use umlctl_imgtools::manifest::{compare, Manifest};
 use umlctl_imgtools::verify;
@@ -737,20 +737,29 @@ impl Extractor<'_> {
                 self.dirs.push((dest.to_path_buf(), node.mtime));
             }
             "file" => {
-                let mut f = std::fs::File::create(dest).map_err(|e| ioerr("create", e))?;
+                // Holes stay holes: only what the image holds is written, so
+                // a file that claims a huge size costs no space and no time.
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::create(dest).map_err(|e| ioerr("create", e))?;
                 let mut werr = None;
+                let mut pos = 0u64;
                 self.img
-                    .read_file(node, &mut |chunk| {
-                        if werr.is_none() {
-                            if let Err(e) = f.write_all(chunk) {
-                                werr = Some(e);
+                    .read_pieces(node, &mut |piece| match piece {
+                        Piece::Data(d) => {
+                            if werr.is_none() {
+                                if let Err(e) = f.write_all_at(d, pos) {
+                                    werr = Some(e);
+                                }
                             }
+                            pos += d.len() as u64;
                         }
+                        Piece::Hole(n) => pos += n,
                     })
                     .map_err(rerr)?;
                 if let Some(e) = werr {
                     return Err(ioerr("write", e));
                 }
+                f.set_len(node.size).map_err(|e| ioerr("set size", e))?;
             }
             "symlink" => {
                 let t = self.img.symlink_target(node).map_err(rerr)?;

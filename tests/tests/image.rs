@@ -678,6 +678,36 @@ fn hostile_image_metadata_is_reported_never_a_crash() {
         text.contains("extended-attribute block 4294967295 is outside the filesystem"),
         "{text}"
     );
+    // A size raised to 1 TiB (legal: a sparse file): extract writes what the
+    // image holds and keeps the rest a hole (it used to fill the disk).
+    let big = s.path().join("big.img");
+    fs::copy(&img, &big).unwrap();
+    sh(&format!(
+        "debugfs -w -R 'sif /f size 0x10000000000' '{}'",
+        big.display()
+    ));
+    let dest = s.path().join("out");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("extract"),
+            &big,
+            Path::new("/f"),
+            &dest,
+        ]),
+        "extract",
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(&dest).unwrap();
+    assert_eq!(md.len(), 1 << 40);
+    assert!(md.blocks() < 1024, "{} blocks written", md.blocks());
+    let mut head = [0u8; 8];
+    use std::io::Read;
+    fs::File::open(&dest)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"hi\n\0\0\0\0\0");
 }
 
 /// A tiny deterministic generator for randomized trees.

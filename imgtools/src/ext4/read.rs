@@ -208,6 +208,15 @@ impl RawInode {
 }
 
 /// An extent: logical block, length, physical block.
+/// A piece of a file's content, in order.
+#[derive(Debug)]
+pub enum Piece<'a> {
+    /// Bytes the image holds.
+    Data(&'a [u8]),
+    /// This many zero bytes that the image does not store.
+    Hole(u64),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     pub lblk: u64,
@@ -745,48 +754,64 @@ impl<R: ReadAt> Image<R> {
 
     /// Stream a file's content (holes as zeros) to `sink` in large pieces.
     pub fn read_file(&self, ino: &RawInode, sink: &mut dyn FnMut(&[u8])) -> Result<(), ReadError> {
+        let mut zeros: Vec<u8> = Vec::new();
+        self.read_pieces(ino, &mut |p| match p {
+            Piece::Data(d) => sink(d),
+            Piece::Hole(mut n) => {
+                if zeros.is_empty() {
+                    zeros.resize(1 << 16, 0);
+                }
+                while n > 0 {
+                    let k = n.min(zeros.len() as u64) as usize;
+                    sink(&zeros[..k]);
+                    n -= k as u64;
+                }
+            }
+        })
+    }
+
+    /// Stream a file's content to `sink` as data and holes, in order: what
+    /// the image really holds is read (in pieces of at most 1 MiB), a hole
+    /// is only its length, however large the file claims to be.
+    pub fn read_pieces(
+        &self,
+        ino: &RawInode,
+        sink: &mut dyn FnMut(Piece<'_>),
+    ) -> Result<(), ReadError> {
         let (mut exts, _) = self.extents(ino)?;
         exts.sort_by_key(|e| e.lblk);
         let bs = self.sb.block_size as u64;
         let mut pos = 0u64;
         let size = ino.size;
-        // Buffers sized to the file: most files are small, and zeroing a
+        // Buffers sized to the data: most files are small, and zeroing a
         // large buffer per file would cost more than reading them.
-        let chunk = (size.min(1 << 20) as usize).max(1);
-        let mut zeros: Vec<u8> = Vec::new();
+        let data: u64 = exts.iter().map(|e| e.len.saturating_mul(bs)).sum();
+        let chunk = (size.min(data).min(1 << 20) as usize).max(1);
         let mut buf = vec![0u8; chunk];
-        let mut emit_zeros = |mut n: u64, sink: &mut dyn FnMut(&[u8])| {
-            if n > 0 && zeros.is_empty() {
-                zeros.resize(chunk, 0);
-            }
-            while n > 0 {
-                let k = n.min(zeros.len() as u64) as usize;
-                sink(&zeros[..k]);
-                n -= k as u64;
-            }
-        };
         for e in exts {
-            let start = e.lblk * bs;
+            let start = e.lblk.saturating_mul(bs);
             if start >= size {
                 break;
             }
             if start < pos {
                 return Err(corrupt(format!("inode {}: overlapping extents", ino.ino)));
             }
-            emit_zeros(start - pos, sink);
+            if start > pos {
+                sink(Piece::Hole(start - pos));
+            }
             pos = start;
-            let end = ((e.lblk + e.len) * bs).min(size);
-            let mut off = e.pblk * bs;
+            let end = (e.lblk.saturating_add(e.len).saturating_mul(bs)).min(size);
+            let mut off = e.pblk.saturating_mul(bs);
             while pos < end {
                 let k = (end - pos).min(buf.len() as u64) as usize;
                 self.r.read_at(&mut buf[..k], off)?;
-                sink(&buf[..k]);
+                sink(Piece::Data(&buf[..k]));
                 pos += k as u64;
                 off += k as u64;
             }
         }
         if pos < size {
-            emit_zeros(size - pos, sink);
+            sink(Piece::Hole(size - pos));
         }
         Ok(())
     }
