@@ -320,6 +320,9 @@ fn open_image(path: &Path) -> Result<Img, String> {
 }
 
 fn view(path: &Path) -> Result<ext4_view::Ext4, String> {
+    // Our reader checks the superblock's geometry first: ext4-view sizes
+    // its block cache from it (a crafted block size of 1 GiB aborted umlctl).
+    open_image(path)?;
     let disk = Disk::open(path).map_err(|e| e.to_string())?;
     ext4_view::Ext4::load(Box::new(ViewDisk(Arc::new(disk))))
         .map_err(|e| format!("{}: {e}", path.display()))

@@ -708,6 +708,33 @@ fn hostile_image_metadata_is_reported_never_a_crash() {
         .read_exact(&mut head)
         .unwrap();
     assert_eq!(&head, b"hi\n\0\0\0\0\0");
+    // An impossible block size (2^30): every reader refuses it by name
+    // instead of allocating gigabytes (ls and cat used to abort).
+    let lbs = s.path().join("lbs.img");
+    fs::copy(&img, &lbs).unwrap();
+    sh(&format!(
+        "debugfs -w -R 'ssv log_block_size 20' '{}'",
+        lbs.display()
+    ));
+    for args in [
+        &["ls", "/"][..],
+        &["cat", "/f"],
+        &["verify"],
+        &["manifest"],
+        &["info"],
+    ] {
+        let mut a: Vec<&std::ffi::OsStr> =
+            vec!["image".as_ref(), args[0].as_ref(), lbs.as_os_str()];
+        a.extend(args[1..].iter().map(|x| std::ffi::OsStr::new(*x)));
+        let out = umlctl_os(a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "image {}: {err}", args[0]);
+        assert!(
+            err.contains("block size 2^30 is impossible"),
+            "image {}: {err}",
+            args[0]
+        );
+    }
 }
 
 /// A tiny deterministic generator for randomized trees.
