@@ -662,7 +662,18 @@ fn extract_cmd(a: ExtractArgs) -> Result<u8, String> {
         warnings: 0,
         dirs: Vec::new(),
     };
-    x.extract(&node, &dest)?;
+    let existed = std::fs::symlink_metadata(&dest).is_ok();
+    if let Err(e) = x.extract(&node, &dest) {
+        // Nothing half-extracted stays behind.
+        if !existed {
+            let _ = match std::fs::symlink_metadata(&dest) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dest),
+                Ok(_) => std::fs::remove_file(&dest),
+                Err(_) => Ok(()),
+            };
+        }
+        return Err(e);
+    }
     // Directory times last, after their contents were written.
     for (p, t) in std::mem::take(&mut x.dirs).into_iter().rev() {
         set_times(&p, t);

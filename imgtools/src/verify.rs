@@ -44,7 +44,20 @@ pub fn walk<R: ReadAt>(img: &Image<R>) -> Result<Walk, ReadError> {
         let list = img.read_dir(&dir)?;
         let mut has_dot = false;
         let mut has_dotdot = false;
+        let mut seen_names = std::collections::HashSet::new();
         for (name, ino, ftype) in list {
+            if !seen_names.insert(name.clone()) {
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&name);
+                problems.push(format!(
+                    "{}: the name appears more than once in its directory",
+                    show_path(&p)
+                ));
+                continue;
+            }
             if name == b"." {
                 has_dot = ino == dir.ino;
                 continue;

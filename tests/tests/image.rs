@@ -737,6 +737,80 @@ fn hostile_image_metadata_is_reported_never_a_crash() {
     }
 }
 
+/// A copy of an image of `src` without metadata_csum (so its directory
+/// blocks can be patched by hand) in which the root directory's entry
+/// named `from` is renamed to `to` (the same length).
+fn patched_root_entry(s: &Path, src: &Path, from: u8, to: u8, name: &str) -> PathBuf {
+    let img = s.join(name);
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            src,
+        ]),
+        "build",
+    );
+    sh(&format!(
+        "tune2fs -O ^metadata_csum '{}' >/dev/null",
+        img.display()
+    ));
+    let blk: u64 = sh(&format!(
+        "debugfs -R 'bmap / 0' '{}' 2>/dev/null",
+        img.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    let mut data = fs::read(&img).unwrap();
+    let off = (blk * 4096) as usize;
+    let dir = &data[off..off + 4096];
+    // name_len 1, file type 1 (regular), the name.
+    let i = dir
+        .windows(3)
+        .position(|w| w == [1, 1, from])
+        .expect("the entry to patch");
+    data[off + i + 2] = to;
+    fs::write(&img, data).unwrap();
+    img
+}
+
+#[test]
+fn impossible_directory_entries_are_refused_and_extract_stays_inside() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), "1").unwrap();
+    fs::write(src.join("b"), "2").unwrap();
+    // Two entries with the same name in one directory.
+    let dup = patched_root_entry(s.path(), &src, b'b', b'a', "dup.img");
+    let out = umlctl_os([Path::new("image"), Path::new("verify"), &dup]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("/a: the name appears more than once"),
+        "{text}"
+    );
+    // A name with '/' in it: no reader hands it on, and extract creates
+    // nothing from it.
+    let slash = patched_root_entry(s.path(), &src, b'b', b'/', "slash.img");
+    let dest = s.path().join("out");
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("extract"),
+        &slash,
+        Path::new("/"),
+        &dest,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("impossible entry name"), "{err}");
+    assert!(!dest.exists(), "a failed extract left {}", dest.display());
+    let out = umlctl_os([Path::new("image"), Path::new("verify"), &slash]);
+    assert_ne!(out.status.code(), Some(0));
+}
+
 /// A tiny deterministic generator for randomized trees.
 struct Rng(u64);
 impl Rng {

@@ -662,7 +662,18 @@ impl<R: ReadAt> Image<R> {
                         )));
                     }
                     if ino != 0 {
-                        out.push((b[p + 8..p + 8 + nl].to_vec(), ino, b[p + 7]));
+                        let name = &b[p + 8..p + 8 + nl];
+                        // A name Linux could never have written: empty, or
+                        // with '/' or NUL. Handing it on would let a path
+                        // built from it leave its directory.
+                        if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+                            return Err(corrupt(format!(
+                                "directory inode {}: impossible entry name {:?} at block {lblk} offset {p}",
+                                dir.ino,
+                                String::from_utf8_lossy(name)
+                            )));
+                        }
+                        out.push((name.to_vec(), ino, b[p + 7]));
                     }
                     p += rec;
                 }
