@@ -32,6 +32,16 @@ use crate::tap::{self, TapError};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many connections are served at once; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 4096;
+/// How many connections one user (other than root) may hold at once, so
+/// that no user can take every slot from the others.
+pub const MAX_CONNECTIONS_PER_UID: usize = 64;
+/// A connection that holds no tap and sends nothing for this long is
+/// closed (one holding a tap is a guest's lifeline and stays).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// After an oversized message: how much more of it netd reads (so the
+/// client's write completes and it sees the error) and for how long.
+const DRAIN_BYTES: u64 = 8 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +97,40 @@ struct Shared {
     /// The name servers each bridge's guests get.
     dns: BTreeMap<String, Vec<std::net::Ipv4Addr>>,
     taps: Mutex<BTreeMap<String, Tap>>,
+    /// Open connections per uid.
+    conns: std::sync::Mutex<BTreeMap<u32, usize>>,
+    /// [`IDLE_TIMEOUT`], or `$UMLCTL_NETD_IDLE_TIMEOUT` seconds (a testing knob).
+    idle: Duration,
+}
+
+/// One open connection counted against its uid while it lives.
+struct ConnSlot<'a> {
+    sh: &'a Shared,
+    uid: u32,
+}
+
+impl Drop for ConnSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.sh.conns.lock() {
+            if let Some(n) = m.get_mut(&self.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.uid);
+                }
+            }
+        }
+    }
+}
+
+/// Count a new connection of `uid`; `None` when the uid is at its limit.
+fn take_slot(sh: &Shared, uid: u32) -> Option<ConnSlot<'_>> {
+    let mut m = sh.conns.lock().ok()?;
+    let n = m.entry(uid).or_default();
+    if uid != 0 && *n >= MAX_CONNECTIONS_PER_UID {
+        return None;
+    }
+    *n += 1;
+    Some(ConnSlot { sh, uid })
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -217,6 +261,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         restore,
         dns,
         taps: Mutex::new(BTreeMap::new()),
+        conns: std::sync::Mutex::new(BTreeMap::new()),
+        idle: std::env::var("UMLCTL_NETD_IDLE_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&v| v > 0)
+            .map(Duration::from_secs)
+            .unwrap_or(IDLE_TIMEOUT),
     });
     save_state(&shared.config, &shared.restore, &BTreeMap::new()).await;
     eprintln!("netd: listening on {}", shared.config.socket.display());
@@ -567,11 +618,31 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
         }
     };
     let (r, mut w) = stream.into_split();
+    let Some(_slot) = take_slot(&sh, peer.uid) else {
+        audit(&peer, "refused: too many connections; closing");
+        let msg = format!(
+            "uid {} already has {MAX_CONNECTIONS_PER_UID} connections to netd open; close some",
+            peer.uid
+        );
+        let _ = send(&mut w, &error(ErrorCode::Limit, msg), None).await;
+        return;
+    };
     let mut r = BufReader::new(r);
     let mut hello = false;
     loop {
-        let line = if hello {
+        let holds_taps = hello && sh.taps.lock().await.values().any(|t| t.conn == id);
+        let line = if holds_taps {
             read_line(&mut r).await
+        } else if hello {
+            match tokio::time::timeout(sh.idle, read_line(&mut r)).await {
+                Ok(l) => l,
+                Err(_) => {
+                    audit(&peer, "idle and holding no tap; closing");
+                    let msg = format!("idle for {} s without a tap; closed", sh.idle.as_secs());
+                    let _ = send(&mut w, &error(ErrorCode::BadRequest, msg), None).await;
+                    break;
+                }
+            }
         } else {
             match tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut r)).await {
                 Ok(l) => l,
@@ -593,6 +664,13 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
                 audit(&peer, "refused: message over the size limit; closing");
                 let msg = format!("message over {} bytes", protocol::MAX_MESSAGE);
                 let _ = send(&mut w, &error(ErrorCode::BadRequest, msg), None).await;
+                // Read on (bounded in bytes and time) so that the client's
+                // write completes and it can read the error, instead of
+                // seeing its connection cut under it.
+                let mut sink = tokio::io::sink();
+                let mut rest = (&mut r).take(DRAIN_BYTES);
+                let drain = tokio::io::copy(&mut rest, &mut sink);
+                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
                 break;
             }
         };

@@ -90,6 +90,8 @@ struct Netd {
     ns: Netns,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra environment for netd.
+    env: Vec<(String, String)>,
 }
 
 const CONFIG: &str = r#"
@@ -144,6 +146,7 @@ impl Netd {
             ns,
             dir,
             child: None,
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -155,6 +158,26 @@ impl Netd {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("netd.log")).unwrap_or_default()
+    }
+
+    /// netd with extra environment for its process.
+    fn start_env(tag: &str, env: &[(&str, &str)]) -> Netd {
+        need_root();
+        let mut d = Netd::start(tag);
+        d.kill_and_wait();
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d.spawn();
+        d
+    }
+
+    fn kill_and_wait(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
     }
 
     fn spawn(&mut self) {
@@ -170,6 +193,7 @@ impl Netd {
             .arg("netd")
             .arg("--config")
             .arg(self.dir.path().join("netd.toml"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -525,6 +549,88 @@ fn bad_input_never_stalls_or_crashes_netd() {
     assert!(line.contains("\"reply\":\"hello\""), "{line}");
     // A silent client is dropped after the hello timeout; netd lives on.
     assert!(d.client().list().is_ok());
+}
+
+/// Opens N connections to netd as uid 65534, says hello on each, prints
+/// each first reply, then waits for one more line on the first one (the
+/// idle notice) and prints it.
+const PY_HOG: &str = r#"
+import json, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks, out = [], []
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(b'{"v":1,"op":"hello","versions":[1]}\n')
+    f = s.makefile('rb')
+    line = f.readline()
+    out.append(json.loads(line).get('code') or json.loads(line).get('reply'))
+    socks.append((s, f))
+print(json.dumps(out), flush=True)
+s, f = socks[0]
+s.settimeout(30)
+print(f.readline().decode().strip(), flush=True)
+"#;
+
+#[test]
+fn one_user_cannot_take_every_connection_idle_ones_close_and_big_lines_are_answered() {
+    let d = Netd::start_env("fair", &[("UMLCTL_NETD_IDLE_TIMEOUT", "3")]);
+    let hog = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            PYTHON,
+            "-c",
+            PY_HOG,
+        ])
+        .arg(d.socket())
+        .arg("70")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While uid 65534 holds its connections, root is served.
+    let t = Instant::now();
+    loop {
+        if d.log().matches("too many connections").count() >= 6 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.client()
+        .list()
+        .expect("root is served while another user is at its limit");
+    let out = hog.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let codes: Vec<String> = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        codes.iter().filter(|c| *c == "hello").count(),
+        64,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| *c == "limit").count(),
+        6,
+        "{codes:?}"
+    );
+    // Holding no tap and silent: closed after the idle timeout, with a reason.
+    let idle = lines.next().unwrap_or_default();
+    assert!(idle.contains("idle for 3 s"), "{idle}");
+
+    // A 1 MB line: the whole write goes through and the error is read.
+    let mut big = UnixStream::connect(d.socket()).unwrap();
+    let mut junk = vec![b'x'; 1 << 20];
+    junk.push(b'\n');
+    big.write_all(&junk)
+        .expect("netd reads an oversized message before closing");
+    let mut line = String::new();
+    BufReader::new(&big).read_line(&mut line).unwrap();
+    assert!(
+        line.contains("bad_request") && line.contains("16384"),
+        "{line}"
+    );
 }
 
 #[test]
