@@ -35,6 +35,16 @@ impl Disk {
                 let backing = cow.open_backing()?;
                 Ok(Disk::Overlay { cow, backing })
             }
+            // Not there at all (or unreadable): say so about the image,
+            // not about a COW file the user never mentioned.
+            Err(CowError::Io {
+                op: "open COW file",
+                source,
+                ..
+            }) => Err(DiskError::Open {
+                path: path.into(),
+                source,
+            }),
             Err(CowError::NotCow { .. }) => {
                 let f = File::open(path).map_err(|source| DiskError::Open {
                     path: path.into(),

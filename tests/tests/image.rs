@@ -626,6 +626,14 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
     // A regular file where ext4's lost+found directory goes.
     py_tar(&t("lpf.tar"), "add('lost+found', b'x')");
     build_fails(p, &[&t("lpf.tar")], "/lost+found a regular file");
+    // A missing image is named as such (it used to say "open COW file").
+    let out = umlctl_os([Path::new("image"), Path::new("ls"), &t("missing.ext4")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("missing.ext4: open: No such file") && !err.contains("COW"),
+        "{err}"
+    );
     // A failed build does not touch an existing OUT either.
     let keep = p.join("keep.img");
     fs::write(&keep, "precious").unwrap();
