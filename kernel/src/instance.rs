@@ -321,7 +321,16 @@ pub fn orphaned_uml_dirs() -> Result<Vec<PathBuf>> {
             .and_then(|p| p.trim().parse().ok());
         // Alive (as UML itself decides: kill(pid, 0) succeeds) → in use.
         let alive = pid.is_some_and(|p| p > 0 && process_start(p).is_some());
-        if !alive && (e.path().join("mconsole").exists() || e.path().join("pid").exists()) {
+        // Only what UML itself puts there: a directory holding anything
+        // else is someone's, whatever its pid file says.
+        let only_uml = fs::read_dir(e.path()).is_ok_and(|d| {
+            d.flatten()
+                .all(|f| matches!(f.file_name().to_str(), Some("pid" | "mconsole")))
+        });
+        if !alive
+            && only_uml
+            && (e.path().join("mconsole").exists() || e.path().join("pid").exists())
+        {
             out.push(e.path());
         }
     }

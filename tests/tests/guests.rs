@@ -318,6 +318,22 @@ fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
     );
     assert!(processes_mentioning(&format!("umid={name} ")).is_empty());
     assert!(env.ok(&["gc"]).contains("nothing to collect"));
+    // A foreign UML's leftover instance directory is collected; a directory
+    // with a dead pid file and anything else in it is not gc's to remove.
+    let foreign = env.uml_dir().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("pid"), "999999999\n").unwrap();
+    let precious = env.uml_dir().join("precious");
+    fs::create_dir(&precious).unwrap();
+    fs::write(precious.join("pid"), "999999999\n").unwrap();
+    fs::write(precious.join("thesis.tex"), "years of work").unwrap();
+    let out = env.ok(&["gc"]);
+    assert!(out.contains("foreign"), "{out}");
+    assert!(!foreign.exists());
+    assert!(
+        precious.join("thesis.tex").exists(),
+        "gc removed a directory that was not UML's"
+    );
 }
 
 #[test]
