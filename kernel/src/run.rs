@@ -252,6 +252,9 @@ pub enum Reason {
     /// The guest broke umlctl's protocol (e.g. an endless status line); it
     /// was stopped (125).
     Protocol,
+    /// The guest shut itself down (poweroff, halt, reboot) while the
+    /// command ran (125).
+    Shutdown,
 }
 
 /// Wall-clock milestones of a run, in milliseconds.
@@ -1529,13 +1532,22 @@ fn outcome(
                     _ => "ended".into(),
                 });
                 let is_panic = panic.is_some() || s.uml.and_then(|st| st.signal()) == Some(6);
+                // The command ran, and the kernel then exited by itself
+                // (poweroff, halt, reboot from inside): a shutdown.
+                let shut_down =
+                    !is_panic && s.started.is_some() && s.uml.and_then(|st| st.code()).is_some();
                 o.reason = if is_panic {
                     Reason::Panic
+                } else if shut_down {
+                    Reason::Shutdown
                 } else {
                     Reason::BootFailed
                 };
                 let mut msg = match &panic {
                     Some(p) => format!("guest kernel panic: {p}"),
+                    None if shut_down => {
+                        "the guest shut down (poweroff, halt or reboot inside it) before the command finished".to_string()
+                    }
                     None => format!(
                         "the guest kernel {} before the command finished",
                         uml.unwrap_or_else(|| "stopped".into())

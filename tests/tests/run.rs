@@ -568,3 +568,15 @@ fn a_guest_flooding_the_status_line_is_stopped_and_umlctl_stays_small() {
     let peak_mb = peak.load(std::sync::atomic::Ordering::Relaxed) / 1024;
     assert!(peak_mb < 100, "umlctl grew to {peak_mb} MB");
 }
+
+#[test]
+fn a_guest_that_powers_itself_off_is_a_shutdown_not_a_boot_failure() {
+    let (rc, _, err) = run(
+        &["--json"],
+        &["sh", "-c", "echo o > /proc/sysrq-trigger; sleep 60"],
+    );
+    assert_eq!(rc, 125, "{err}");
+    let v = last_json(&err);
+    assert_eq!(v["reason"], "shutdown", "{err}");
+    assert!(err.contains("the guest shut down"), "{err}");
+}
