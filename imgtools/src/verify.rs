@@ -277,13 +277,20 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         }
     }
     // Reachable inodes against the inode bitmaps.
+    // Every index below comes from the image: looked up, never trusted
+    // (the superblock's inode count and its groups may disagree).
     let mut reachable = vec![false; sb.inodes as usize + 1];
     for (_, ino) in &walk.entries {
-        reachable[ino.ino as usize] = true;
+        if let Some(r) = reachable.get_mut(ino.ino as usize) {
+            *r = true;
+        }
     }
     let mut dirs_in_group = vec![0u32; img.groups.len()];
     for (_, ino) in walk.entries.iter().filter(|(_, i)| i.is_dir()) {
-        dirs_in_group[((ino.ino as u64 - 1) / ipg) as usize] += 1;
+        let g = (u64::from(ino.ino).saturating_sub(1) / ipg.max(1)) as usize;
+        if let Some(d) = dirs_in_group.get_mut(g) {
+            *d += 1;
+        }
     }
     let mut free_inodes = 0u64;
     for (g, gd) in img.groups.iter().enumerate() {
@@ -295,14 +302,16 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         let mut free = 0;
         for i in 0..ipg {
             let ino = g as u64 * ipg + i + 1;
-            let used = bm[(i / 8) as usize] & (1 << (i % 8)) != 0;
+            let used = bm
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0);
             if !used {
                 free += 1;
             }
             if ino < sb.first_ino as u64 {
                 continue;
             }
-            let r = reachable[ino as usize];
+            let r = reachable.get(ino as usize).copied().unwrap_or(false);
             if used && !r {
                 problems.push(format!(
                     "inode {ino} is marked in use but no directory entry reaches it"
@@ -418,7 +427,9 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         let mut free = 0u32;
         for b in start..end {
             let i = b - start;
-            let used = bm[(i / 8) as usize] & (1 << (i % 8)) != 0;
+            let used = bm
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0);
             let owned = owner[b as usize] != 0;
             if !used {
                 free += 1;
@@ -449,4 +460,52 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         ));
     }
     Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::build::{build, BuildOptions};
+    use crate::ext4::read::Image;
+    use crate::progress::NoProgress;
+
+    /// A small image, and its bytes.
+    fn image() -> (tempfile::TempDir, Vec<u8>) {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), b"hi").unwrap();
+        let img = d.path().join("i.img");
+        let opts = BuildOptions {
+            epoch: Some(0),
+            ..BuildOptions::default()
+        };
+        build(&[src], &img, &opts, &NoProgress, &NoProgress).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        (d, bytes)
+    }
+
+    /// Set a superblock field and fix the superblock checksum, as a
+    /// crafted (checksum-valid) image would.
+    fn patch_sb(bytes: &mut [u8], off: usize, v: u32) {
+        let sb = &mut bytes[1024..2048];
+        sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        let c = crate::ext4::hash::crc(!0, &sb[..0x3FC]);
+        sb[0x3FC..].copy_from_slice(&c.to_le_bytes());
+    }
+
+    #[test]
+    fn an_inode_count_that_disagrees_with_the_groups_is_refused() {
+        // Found by the image_read fuzzer: fewer inodes than the groups hold
+        // made the structure check index past its tables (a panic).
+        let (_d, mut bytes) = image();
+        let inodes = u32::from_le_bytes(bytes[1024..1028].try_into().unwrap());
+        patch_sb(&mut bytes, 0, inodes - 1);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &bytes).unwrap();
+        let e = Image::open(std::fs::File::open(f.path()).unwrap())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("geometry is impossible"), "{e}");
+    }
 }

@@ -321,7 +321,9 @@ impl<R: ReadAt> Image<R> {
             && (128..=bs).contains(&(sb.inode_size as u32))
             && sb.desc_size.is_power_of_two()
             && (32..=1024).contains(&sb.desc_size)
-            && sb.inodes as u64 <= sb.inodes_per_group as u64 * sb.groups()
+            // As the kernel insists (ext4_fill_super): every group holds
+            // inodes_per_group inodes, so the count is exactly that.
+            && sb.inodes as u64 == sb.inodes_per_group as u64 * sb.groups()
             && sb.groups() <= 1 << 24;
         if !sane {
             return Err(corrupt(
