@@ -138,22 +138,7 @@ pub(super) unsafe fn attach_child(
     if libc::setns(mntns, libc::CLONE_NEWNS) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
         return 2;
     }
-    let setattr = |path: &std::ffi::CStr, set: u64, clr: u64| {
-        let mut attr = MountAttr {
-            attr_set: set,
-            attr_clr: clr,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            0,
-            &mut attr as *mut MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        ) == 0
-    };
+    let setattr = |path: &std::ffi::CStr, set: u64, clr: u64| mount_setattr(path, false, set, clr);
     let root = c"/";
     if !setattr(root, 0, MOUNT_ATTR_RDONLY) {
         return 3;

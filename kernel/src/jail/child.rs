@@ -102,22 +102,7 @@ pub(super) unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, statu
                 path,
                 set,
                 recursive,
-            } => {
-                let mut attr = MountAttr {
-                    attr_set: *set,
-                    attr_clr: 0,
-                    propagation: 0,
-                    userns_fd: 0,
-                };
-                libc::syscall(
-                    libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    if *recursive { AT_RECURSIVE } else { 0 },
-                    &mut attr as *mut MountAttr,
-                    std::mem::size_of::<MountAttr>(),
-                ) == 0
-            }
+            } => mount_setattr(path, *recursive, *set, 0),
             Op::Mkdir { path, mode } => {
                 libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST
             }
@@ -191,24 +176,15 @@ pub(super) unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, statu
     {
         die(err_fd, STEP_PIVOT);
     }
-    if plan.empty_root {
-        let mut attr = MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        if libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c"/".as_ptr(),
+    if plan.empty_root
+        && !mount_setattr(
+            c"/",
+            false,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
             0,
-            &mut attr as *mut MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        ) != 0
-        {
-            die(err_fd, STEP_ROOT_RO);
-        }
+        )
+    {
+        die(err_fd, STEP_ROOT_RO);
     }
     // No way back to privilege: empty bounding set, then the identity.
     for cap in 0..64 {

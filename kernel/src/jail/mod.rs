@@ -330,6 +330,30 @@ pub(super) struct MountAttr {
     pub(super) userns_fd: u64,
 }
 
+/// mount_setattr(2) on `path` (relative to the cwd): add `set`, remove
+/// `clr`, on the mount at `path` or (with `recursive`) its whole tree.
+/// A raw system call, async-signal-safe.
+fn mount_setattr(path: &std::ffi::CStr, recursive: bool, set: u64, clr: u64) -> bool {
+    let mut attr = MountAttr {
+        attr_set: set,
+        attr_clr: clr,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` lives for the call, whose
+    // size is passed along.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            if recursive { AT_RECURSIVE } else { 0 },
+            &mut attr as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) == 0
+    }
+}
+
 /// The directory every jail's root is built on (nothing is ever mounted on
 /// it outside a jail's private mount namespace).
 fn work_dir() -> Result<PathBuf> {
