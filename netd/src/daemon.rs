@@ -274,16 +274,25 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("handle SIGTERM for", &shared.config.socket))?;
+    // SIGHUP (a closed terminal, a reload habit) would otherwise end netd
+    // without cleaning up (taps, rules, the uplink's forwarding).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(io("handle SIGHUP for", &shared.config.socket))?;
+    let hup_note = || {
+        eprintln!("netd: SIGHUP ignored: netd reads its config only at start; restart it (guests' taps go with it) to change the config")
+    };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let ids = AtomicU64::new(1);
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = hup.recv() => { hup_note(); continue }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            _ = hup.recv() => { hup_note(); continue }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };

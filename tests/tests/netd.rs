@@ -549,6 +549,21 @@ fn bad_input_never_stalls_or_crashes_netd() {
     assert!(line.contains("\"reply\":\"hello\""), "{line}");
     // A silent client is dropped after the hello timeout; netd lives on.
     assert!(d.client().list().is_ok());
+    // SIGHUP does not end netd (it used to, silently, leaving its rules).
+    let pid = d.child.as_ref().unwrap().id();
+    let ip_pid = pid.to_string();
+    // netd runs under `ip netns exec`, which execs it: the same pid.
+    assert!(Command::new("kill")
+        .args(["-HUP", &ip_pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    while !d.log().contains("SIGHUP ignored") {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.client().list().is_ok(), "netd is gone after SIGHUP");
 }
 
 /// Opens N connections to netd as uid 65534, says hello on each, prints
