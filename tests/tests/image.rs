@@ -626,6 +626,31 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
     // A regular file where ext4's lost+found directory goes.
     py_tar(&t("lpf.tar"), "add('lost+found', b'x')");
     build_fails(p, &[&t("lpf.tar")], "/lost+found a regular file");
+    // GNU tar's sparse files, in every form it writes, are refused by name
+    // (they used to become the data alone, or a directory GNUSparseFile.N/).
+    let sp = p.join("sp");
+    fs::create_dir_all(&sp).unwrap();
+    sh(&format!(
+        "cd '{}' && head -c 4096 /dev/urandom > s && dd if=/dev/urandom of=s bs=4096 seek=256 count=1 conv=notrunc 2>/dev/null && truncate -s 5M s",
+        sp.display()
+    ));
+    for (name, args, form) in [
+        ("sgnu.tar", "--format=gnu", "old GNU"),
+        ("s00.tar", "--format=posix --sparse-version=0.0", "PAX 0.0"),
+        ("s01.tar", "--format=posix --sparse-version=0.1", "PAX 0.1"),
+        ("s10.tar", "--format=posix --sparse-version=1.0", "PAX 1.0"),
+    ] {
+        sh(&format!(
+            "tar --sparse {args} -cf '{}' -C '{}' s",
+            t(name).display(),
+            sp.display()
+        ));
+        build_fails(
+            p,
+            &[&t(name)],
+            &format!("entry \"s\": a sparse file in GNU tar's sparse format ({form})"),
+        );
+    }
     // A missing image is named as such (it used to say "open COW file").
     let out = umlctl_os([Path::new("image"), Path::new("ls"), &t("missing.ext4")]);
     let err = String::from_utf8_lossy(&out.stderr);
