@@ -32,7 +32,7 @@ use nix::unistd::Pid;
 use crate::protocol::{
     Control, InitSpec, RootSpec, SpecDecoder, Status, CONTROL_LINE, STATUS_LINE,
 };
-use crate::protocol::{STDERR_LINE, STDIN_LINE, STDOUT_LINE};
+use crate::protocol::{STDERR_LINE, STDIN_CREDIT_STEP, STDIN_LINE, STDOUT_LINE};
 
 /// Default `PATH` when the spec's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -338,10 +338,22 @@ fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) {
 
 /// Relay the stdin line into the command's stdin pipe until the host's
 /// announced total has passed, then close the pipe (the command sees EOF).
-fn relay_stdin(mut line: File, sink: File, eof: StdinEof, wake_r: OwnedFd) {
+///
+/// What has been read is reported on the status line (`credit N`, at least
+/// every [`STDIN_CREDIT_STEP`] bytes): the host keeps less than the tty's
+/// buffer in flight, so UML's line is never throttled (which would lose its
+/// input interrupt for good).
+fn relay_stdin(
+    mut line: File,
+    sink: File,
+    eof: StdinEof,
+    wake_r: OwnedFd,
+    mut status: Option<File>,
+) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut sink = Some(sink);
     let mut received: u64 = 0;
+    let mut reported: u64 = 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         if received >= eof.total.load(Ordering::SeqCst) {
@@ -372,6 +384,12 @@ fn relay_stdin(mut line: File, sink: File, eof: StdinEof, wake_r: OwnedFd) {
                 Err(_) => return,
             };
             received += n as u64;
+            if received - reported >= STDIN_CREDIT_STEP {
+                if let Some(st) = status.as_mut() {
+                    let _ = st.write_all(Status::Credit(received).encode().as_bytes());
+                }
+                reported = received;
+            }
             if let Some(s) = sink.as_mut() {
                 if s.write_all(&buf[..n]).is_err() {
                     // The command closed its stdin; keep draining the line
@@ -670,7 +688,8 @@ pub fn main() -> ! {
     };
     if let Some((line, sink)) = stdin_relay {
         let eof = eof.clone();
-        std::thread::spawn(move || relay_stdin(line, sink, eof, wake_r));
+        let status = g.status.as_ref().and_then(|f| f.try_clone().ok());
+        std::thread::spawn(move || relay_stdin(line, sink, eof, wake_r, status));
     }
     let outputs: Vec<_> = out_relays
         .into_iter()

@@ -208,6 +208,19 @@ impl Control {
     }
 }
 
+/// How many bytes of stdin may be in flight between the host and the
+/// guest init's reader. UML's serial line loses its input interrupt for
+/// good once the guest's tty throttles it (`line_throttle` deactivates the
+/// fd; `line_unthrottle` never re-arms it), so input stalls forever as soon
+/// as the host pipe runs dry afterwards. The tty throttles when its 4 KiB
+/// buffer is nearly full; keeping less than that in flight means it never
+/// does.
+pub const STDIN_WINDOW: u64 = 2048;
+
+/// The guest reports what it has read of stdin at least this often (in
+/// bytes) while data flows.
+pub const STDIN_CREDIT_STEP: u64 = 512;
+
 /// Guest → host status records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
@@ -230,6 +243,9 @@ pub enum Status {
     NotExecutable(String),
     /// The init could not set up the guest.
     Error(String),
+    /// The init has read this many bytes of stdin in all (flow control,
+    /// see [`STDIN_WINDOW`]).
+    Credit(u64),
 }
 
 fn one_line(s: &str) -> String {
@@ -249,6 +265,7 @@ impl Status {
             Status::NotFound(m) => format!("notfound {}\n", one_line(m)),
             Status::NotExecutable(m) => format!("noexec {}\n", one_line(m)),
             Status::Error(m) => format!("error {}\n", one_line(m)),
+            Status::Credit(n) => format!("credit {n}\n"),
         }
     }
 
@@ -273,13 +290,17 @@ impl Status {
             "notfound" => Some(Status::NotFound(rest.into())),
             "noexec" => Some(Status::NotExecutable(rest.into())),
             "error" => Some(Status::Error(rest.into())),
+            "credit" => rest.trim().parse().ok().map(Status::Credit),
             _ => None,
         }
     }
 
     /// Whether this record ends the run (no more records will follow).
     pub fn is_final(&self) -> bool {
-        !matches!(self, Status::Hello | Status::Ready | Status::Started)
+        !matches!(
+            self,
+            Status::Hello | Status::Ready | Status::Started | Status::Credit(_)
+        )
     }
 }
 

@@ -33,6 +33,7 @@ use crate::initroot;
 use crate::jail::{Bind, JailRoot, JailSpec, Launch, Spawned};
 use crate::locate::{locate, Located};
 use crate::paths;
+use crate::protocol::STDIN_WINDOW;
 use crate::protocol::{Control, InitSpec, RootSpec, Status, TtySpec};
 use crate::protocol::{CONTROL_LINE, STATUS_LINE, STDERR_LINE, STDIN_LINE, STDOUT_LINE};
 use crate::xstate::{self, HostXstate};
@@ -417,11 +418,59 @@ fn copy_out(mut from: File, to: RawFd, tx: Sender<Event>) -> thread::JoinHandle<
     })
 }
 
+/// How much of stdin the guest's init has read (its `credit` records), so
+/// that the copier keeps at most [`STDIN_WINDOW`] bytes in flight.
+#[derive(Default)]
+struct Credits {
+    /// (bytes the guest has read, the status line has closed)
+    state: Mutex<(u64, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Credits {
+    fn grant(&self, consumed: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = s.0.max(consumed);
+        }
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait until fewer than [`STDIN_WINDOW`] of the `sent` bytes are
+    /// unread; how many more may go. `None` once the guest is gone.
+    fn room(&self, sent: u64) -> Option<u64> {
+        let mut s = self.state.lock().ok()?;
+        loop {
+            if s.1 {
+                return None;
+            }
+            let inflight = sent.saturating_sub(s.0);
+            if inflight < STDIN_WINDOW {
+                return Some(STDIN_WINDOW - inflight);
+            }
+            s = self.cv.wait(s).ok()?;
+        }
+    }
+}
+
 /// Copy the host's stdin into the guest's stdin line once the guest says
-/// the line is ready (raw), then announce the total. The pipe itself stays
-/// open: UML would turn its EOF into a tty hangup that discards unread input;
-/// the copier parks it in `keep`, which `run` drops once UML has exited.
-fn copy_in(to: File, go: Receiver<()>, control: Sender<String>, keep: Arc<Mutex<Option<File>>>) {
+/// the line is ready (raw), at most [`STDIN_WINDOW`] bytes ahead of what the
+/// guest has read, then announce the total. The pipe itself stays open: UML
+/// would turn its EOF into a tty hangup that discards unread input; the
+/// copier parks it in `keep`, which `run` drops once UML has exited.
+fn copy_in(
+    to: File,
+    go: Receiver<()>,
+    control: Sender<String>,
+    keep: Arc<Mutex<Option<File>>>,
+    credits: Arc<Credits>,
+) {
     thread::spawn(move || {
         if go.recv().is_err() {
             return;
@@ -437,10 +486,18 @@ fn copy_in(to: File, go: Receiver<()>, control: Sender<String>, keep: Arc<Mutex<
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
-            if to.write_all(&buf[..n]).is_err() {
-                return;
+            let mut chunk = &buf[..n];
+            while !chunk.is_empty() {
+                let Some(room) = credits.room(total) else {
+                    return;
+                };
+                let k = chunk.len().min(room as usize);
+                if to.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                total += k as u64;
+                chunk = &chunk[k..];
             }
-            total += n as u64;
         }
         let _ = control.send(Control::StdinEof(total).encode());
         if let Ok(mut k) = keep.lock() {
@@ -516,7 +573,7 @@ fn split_lines(
 /// [`MAX_STATUS_LINE`] bytes each. A guest that sends more without a
 /// newline is reported once ([`Event::Garbage`]) and the rest is drained
 /// unread, so umlctl's memory does not grow with what the guest writes.
-fn read_status(mut from: File, tx: Sender<Event>) {
+fn read_status(mut from: File, tx: Sender<Event>, credits: Arc<Credits>) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         let mut pending = Vec::new();
@@ -532,11 +589,16 @@ fn read_status(mut from: File, tx: Sender<Event>) {
                 continue;
             }
             let mut records = Vec::new();
-            let r = split_lines(&mut pending, &buf[..n], MAX_STATUS_LINE, |l| {
-                if let Some(s) = Status::parse(&String::from_utf8_lossy(l)) {
-                    records.push(s);
-                }
-            });
+            let r = split_lines(
+                &mut pending,
+                &buf[..n],
+                MAX_STATUS_LINE,
+                |l| match Status::parse(&String::from_utf8_lossy(l)) {
+                    Some(Status::Credit(c)) => credits.grant(c),
+                    Some(s) => records.push(s),
+                    None => {}
+                },
+            );
             for s in records {
                 let _ = tx.send(Event::Status(s));
             }
@@ -548,6 +610,7 @@ fn read_status(mut from: File, tx: Sender<Event>) {
                 )));
             }
         }
+        credits.close();
         let _ = tx.send(Event::StatusEof);
     });
 }
@@ -1123,7 +1186,8 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         drop(out_r);
     }
     outputs.push(copy_out(File::from(err_r), 2, tx.clone()));
-    read_status(File::from(st_r), tx.clone());
+    let credits = Arc::new(Credits::default());
+    read_status(File::from(st_r), tx.clone(), credits.clone());
     // One writer thread owns the control line, so that a guest that stops
     // reading it can never block the supervision loop.
     // Nothing is written before the guest has opened the line (`hello`).
@@ -1148,7 +1212,13 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let stdin_keep: Arc<Mutex<Option<File>>> = Arc::default();
     if let Some(w) = stdin_w {
         let (go_tx, go_rx) = mpsc::channel();
-        copy_in(File::from(w), go_rx, control.clone(), stdin_keep.clone());
+        copy_in(
+            File::from(w),
+            go_rx,
+            control.clone(),
+            stdin_keep.clone(),
+            credits.clone(),
+        );
         stdin_go = Some(go_tx);
     }
     {
@@ -1409,7 +1479,7 @@ fn supervise(
             Event::Status(Status::Hello) => {
                 let _ = control_go.send(());
             }
-            Event::Status(Status::Ready) => {}
+            Event::Status(Status::Ready) | Event::Status(Status::Credit(_)) => {}
             Event::Status(st) => {
                 s.ended = Some(Instant::now());
                 s.final_status = Some(st);
@@ -1512,7 +1582,11 @@ fn outcome(
         Some(Status::Error(m)) => {
             o.message = Some(format!("the guest could not run the command: {m}"));
         }
-        Some(Status::Hello) | Some(Status::Ready) | Some(Status::Started) | None => {
+        Some(Status::Hello)
+        | Some(Status::Ready)
+        | Some(Status::Started)
+        | Some(Status::Credit(_))
+        | None => {
             if s.timed_out {
                 o.exit_code = 124;
                 o.reason = Reason::Timeout;

@@ -580,3 +580,29 @@ fn a_guest_that_powers_itself_off_is_a_shutdown_not_a_boot_failure() {
     assert_eq!(v["reason"], "shutdown", "{err}");
     assert!(err.contains("the guest shut down"), "{err}");
 }
+
+#[test]
+fn stdin_keeps_flowing_after_the_guest_stops_reading_for_a_while() {
+    // The guest reads nothing for a second (its tty fills and UML used to
+    // throttle the line, which loses the line's input interrupt for good),
+    // then reads on while the host's input arrives in two bursts with a
+    // pause between them: all of it must arrive (it used to stop at the
+    // first burst, for ever).
+    let dir = scratch();
+    let script = format!(
+        "(head -c 300000 /dev/zero; sleep 2; head -c 300000 /dev/zero) | \
+         UMLCTL_RUNTIME_DIR='{}' UMLCTL_CACHE_DIR='{}' '{}' run --kernel '{}' --timeout 120 -- sh -c 'sleep 1; wc -c'",
+        dir.path().display(),
+        cache_dir().display(),
+        umlctl_bin().display(),
+        kernel().display()
+    );
+    let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "600000",
+        "{err}"
+    );
+}
