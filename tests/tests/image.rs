@@ -521,6 +521,13 @@ fn verify_catches_a_flipped_byte_and_a_changed_mode() {
     );
 }
 
+/// `umlctl image build -o OUT SOURCES…`, which must succeed.
+fn build_image(out: &Path, sources: &[&Path]) {
+    let mut args: Vec<&Path> = vec![Path::new("image"), Path::new("build"), Path::new("-o"), out];
+    args.extend_from_slice(sources);
+    assert_ok(&umlctl_os(args), "build");
+}
+
 fn build_fails(s: &Path, args: &[&Path], needle: &str) {
     let out_img = s.join("never.img");
     let mut all: Vec<&Path> = vec![
@@ -682,16 +689,7 @@ fn hostile_image_metadata_is_reported_never_a_crash() {
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), "hi\n").unwrap();
     let img = s.path().join("i.img");
-    assert_ok(
-        &umlctl_os([
-            Path::new("image"),
-            Path::new("build"),
-            Path::new("-o"),
-            &img,
-            &src,
-        ]),
-        "build",
-    );
+    build_image(&img, &[&src]);
     // An xattr block number far past the end (verify used to panic).
     let acl = s.path().join("acl.img");
     fs::copy(&img, &acl).unwrap();
@@ -1001,16 +999,7 @@ fn a_guest_boots_a_built_image_and_overlays_read_back() {
         tgz.display()
     ));
     let img = s.path().join("root.img");
-    assert_ok(
-        &umlctl_os([
-            Path::new("image"),
-            Path::new("build"),
-            Path::new("-o"),
-            &img,
-            &tgz,
-        ]),
-        "build",
-    );
+    build_image(&img, &[&tgz]);
     let base_sum = sha256_file(&img);
     let cow = s.path().join("disk.cow");
     let (code, out, err) = run(

@@ -120,17 +120,7 @@ impl Invoker {
     }
 
     fn nobody() -> Invoker {
-        let dir = tempfile::Builder::new()
-            .prefix("umlctl-jail-nobody-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let bin = dir.path().join("umlctl");
-        fs::copy(umlctl_bin(), &bin).unwrap();
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-        let kern = dir.path().join("linux");
-        fs::copy(kernel(), &kern).unwrap();
-        fs::set_permissions(&kern, fs::Permissions::from_mode(0o755)).unwrap();
+        let (dir, bin, kern) = nobody_copies("umlctl-jail-nobody-");
         for d in ["home", "work"] {
             fs::create_dir(dir.path().join(d)).unwrap();
             chown(&dir.path().join(d), 65534);

@@ -354,19 +354,8 @@ fn missing_kernel_is_a_clear_error_naming_what_was_tried() {
 
 #[test]
 fn works_for_an_unprivileged_user() {
-    // nobody cannot read the build tree; give it its own copy of the binary.
-    let dir = tempfile::Builder::new()
-        .prefix("umlctl-nobody-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.path().join("umlctl");
-    fs::copy(umlctl_bin(), &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-    // ...and of the kernel, which may sit somewhere private too.
-    let kern = dir.path().join("linux");
-    fs::copy(kernel(), &kern).unwrap();
-    fs::set_permissions(&kern, fs::Permissions::from_mode(0o755)).unwrap();
+    // nobody cannot read the build tree (nor, maybe, the kernel's place).
+    let (_dir, bin, kern) = nobody_copies("umlctl-nobody-");
     let setpriv = Command::new("setpriv").arg("--version").output();
     assert!(
         setpriv.is_ok(),

@@ -273,23 +273,22 @@ pub(super) unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, statu
 /// As [`jail_init`].
 pub(super) unsafe fn exec_program(plan: &Plan, err_fd: RawFd) -> ! {
     // The error pipe survives placement (close-on-exec, above the targets).
-    let top = plan.fds.iter().map(|(_, d)| *d).max().unwrap_or(2).max(2);
     let err_hi = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, 200);
     let err_fd = if err_hi >= 0 { err_hi } else { err_fd };
     if let Err(e) = place_fds_raw(&plan.fds) {
         *libc::__errno_location() = e;
         die(err_fd, STEP_FDS);
     }
-    let _ = top;
     if libc::chdir(plan.cwd.as_ptr()) != 0 {
         die(err_fd, STEP_CHDIR);
     }
-    let mut argv: [*const libc::c_char; 256] = [std::ptr::null(); 256];
-    for (i, a) in plan.argv.iter().take(255).enumerate() {
+    // plan() refused anything longer, so nothing is cut here.
+    let mut argv: [*const libc::c_char; MAX_ARGS + 1] = [std::ptr::null(); MAX_ARGS + 1];
+    for (i, a) in plan.argv.iter().take(MAX_ARGS).enumerate() {
         argv[i] = a.as_ptr();
     }
-    let mut envp: [*const libc::c_char; 64] = [std::ptr::null(); 64];
-    for (i, e) in plan.envp.iter().take(63).enumerate() {
+    let mut envp: [*const libc::c_char; MAX_ENV + 1] = [std::ptr::null(); MAX_ENV + 1];
+    for (i, e) in plan.envp.iter().take(MAX_ENV).enumerate() {
         envp[i] = e.as_ptr();
     }
     libc::execve(plan.program.as_ptr(), argv.as_ptr(), envp.as_ptr());

@@ -46,6 +46,11 @@ pub(super) enum Op {
 }
 
 /// Steps outside the op list, for error reports.
+/// The most arguments and environment entries a jailed program gets (the
+/// child builds its argv and envp in fixed arrays: no allocation there).
+pub(super) const MAX_ARGS: usize = 511;
+pub(super) const MAX_ENV: usize = 63;
+
 pub(super) const STEP_SYNC: u32 = 10_000;
 pub(super) const STEP_PIVOT: u32 = 10_001;
 pub(super) const STEP_ROOT_RO: u32 = 10_002;
@@ -355,6 +360,14 @@ pub(super) fn plan(
     } else {
         None
     };
+    if launch.args.len() + 1 > MAX_ARGS || launch.env.len() > MAX_ENV {
+        return Err(Error::Usage(format!(
+            "{} arguments and {} environment entries for {}; a jailed program takes at most {MAX_ARGS} and {MAX_ENV}",
+            launch.args.len() + 1,
+            launch.env.len(),
+            launch.program.display()
+        )));
+    }
     let mut argv = vec![cstr(&launch.program)?];
     for a in &launch.args {
         argv.push(cstr(a)?);

@@ -72,6 +72,25 @@ pub fn kernel() -> PathBuf {
     .clone()
 }
 
+/// A world-readable directory in /tmp holding copies of the umlctl binary
+/// and the kernel (`umlctl`, `linux`), for tests run as uid 65534, which
+/// may not be able to read the build tree or the kernel's directory.
+pub fn nobody_copies(prefix: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("umlctl");
+    let kern = dir.path().join("linux");
+    for (from, to) in [(umlctl_bin(), &bin), (kernel(), &kern)] {
+        fs::copy(from, to).unwrap();
+        fs::set_permissions(to, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (dir, bin, kern)
+}
+
 /// One isolated `umlctl run`: its own runtime directory, so that leftovers
 /// can be checked.
 pub struct Run {
