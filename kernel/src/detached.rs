@@ -268,7 +268,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let launch = Launch {
         program: prep.located.info.path.clone(),
         args,
-        env: prep.uml_env(jail.is_some()),
+        env: prep.uml_env(jail.is_some(), false)?,
         cwd: layout.state.clone(),
         fds,
         // Not in our session: a Ctrl-C at `umlctl start` must not reach the

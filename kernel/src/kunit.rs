@@ -130,7 +130,7 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
     let launch = Launch {
         program: kernel.path.clone(),
         args,
-        env: prep.uml_env(jail.is_some()),
+        env: prep.uml_env(jail.is_some(), false)?,
         cwd: uml_dir.clone(),
         fds: vec![
             (null.as_raw_fd(), 0),

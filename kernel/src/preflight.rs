@@ -222,24 +222,117 @@ pub fn uml_tempdir() -> PathBuf {
     PathBuf::from("/tmp")
 }
 
+/// Where an unjailed UML's memory file goes, and what to say about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryDir {
+    /// The directory (UML gets it as `TMPDIR`).
+    pub dir: PathBuf,
+    /// Said always: the user's own `$TMPDIR` (or `$TMP`, `$TEMP`) was
+    /// passed over.
+    pub warning: Option<String>,
+    /// Said under `-v`: UML's own default was passed over.
+    pub note: Option<String>,
+}
+
+/// Choose the directory for an unjailed UML's memory file, which UML maps
+/// executable: the user's `$TMPDIR` (`$TMP`, `$TEMP`) if set, else
+/// /dev/shm if it is tmpfs, as UML itself would; if that directory is
+/// mounted noexec (Docker's /dev/shm) or unusable, the first of umlctl's
+/// runtime directory, /tmp and umlctl's cache directory where an
+/// executable mapping works.
+pub fn memory_dir_unjailed() -> Result<MemoryDir, crate::Error> {
+    let explicit = ["TMPDIR", "TMP", "TEMP"].into_iter().find_map(|v| {
+        std::env::var_os(v)
+            .filter(|d| !d.is_empty())
+            .map(|d| (v, PathBuf::from(d)))
+    });
+    let first = uml_tempdir();
+    let first_err = match tmp_exec_probe(&first) {
+        Ok(()) => {
+            return Ok(MemoryDir {
+                dir: first,
+                warning: None,
+                note: None,
+            })
+        }
+        Err(e) => e,
+    };
+    let why = |e: &io::Error| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            "is mounted noexec".to_string()
+        } else {
+            format!("cannot hold it ({e})")
+        }
+    };
+    let mut tried = vec![format!("{}: {}", first.display(), why(&first_err))];
+    let candidates = [
+        crate::paths::runtime_dir().ok(),
+        Some(PathBuf::from("/tmp")),
+        crate::paths::cache_dir().ok(),
+    ];
+    for dir in candidates.into_iter().flatten() {
+        if dir == first {
+            continue;
+        }
+        match tmp_exec_probe(&dir) {
+            Ok(()) => {
+                let said = format!(
+                    "{} {}, and UML maps guest memory executable; its memory file goes in {} instead",
+                    match explicit {
+                        Some((var, _)) => format!("${var}={}", first.display()),
+                        None => first.display().to_string(),
+                    },
+                    why(&first_err),
+                    dir.display()
+                );
+                let (warning, note) = match explicit {
+                    Some(_) => (Some(said), None),
+                    None => (None, Some(said)),
+                };
+                return Ok(MemoryDir { dir, warning, note });
+            }
+            Err(e) => tried.push(format!("{}: {}", dir.display(), why(&e))),
+        }
+    }
+    Err(crate::Error::Host {
+        check: "exec mappings",
+        detail: format!(
+            "no directory can hold UML's guest memory (it is mapped executable):\n  {}",
+            tried.join("\n  ")
+        ),
+        fix: "set TMPDIR to a writable directory on a filesystem without noexec (tmpfs is fastest), or drop --no-jail (a jail has its own tmpfs)".into(),
+    })
+}
+
 /// UML maps its guest memory from a file in its temp directory with
 /// PROT_EXEC; a `noexec` mount makes it exit at start. A jailed UML uses
-/// the jail's own tmpfs, so this matters only with `--no-jail`.
+/// the jail's own tmpfs, and an unjailed one a directory umlctl picks where
+/// the mapping works, so this warns only when there is none.
 pub fn check_tmp_exec() -> Check {
     const NAME: &str = "exec mappings";
-    let dir = uml_tempdir();
-    match tmp_exec_probe(&dir) {
-        Ok(()) => ok(NAME, format!("PROT_EXEC mappings work in {}", dir.display())),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => bad(
+    match memory_dir_unjailed() {
+        Ok(MemoryDir {
+            dir,
+            warning: None,
+            note: None,
+        }) => ok(NAME, format!("PROT_EXEC mappings work in {}", dir.display())),
+        Ok(MemoryDir { warning, note, .. }) => ok(
+            NAME,
+            format!(
+                "{} (with --no-jail; jailed guests use the jail's own tmpfs)",
+                warning.or(note).unwrap_or_default()
+            ),
+        ),
+        Err(crate::Error::Host { detail, fix, .. }) => bad(
             NAME,
             Level::Warn,
-            format!("{} is mounted noexec, and UML maps guest memory there executable (jailed guests use the jail's own tmpfs; this matters only with --no-jail)", dir.display()),
-            "with --no-jail: set TMPDIR to a directory on a filesystem without noexec (tmpfs is fastest), or remount it with exec",
+            format!("{detail}\n(matters only with --no-jail: jailed guests use the jail's own tmpfs)"),
+            fix,
         ),
         Err(e) => bad(
             NAME,
             Level::Warn,
-            format!("cannot map a file in {}: {e} (matters only with --no-jail)", dir.display()),
+            e.to_string(),
             "with --no-jail: set TMPDIR to a writable directory (tmpfs is fastest)",
         ),
     }
@@ -266,14 +359,22 @@ fn tmp_exec_probe(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// An unnamed file in `dir`: O_TMPFILE, or where the filesystem lacks it,
+/// a new name unlinked at once (as UML does itself).
 fn tempfile_in(dir: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
+    let tmp = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_TMPFILE)
         .mode(0o600)
-        .open(dir)
+        .open(dir);
+    match tmp {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            tempfile::tempfile_in(dir)
+        }
+        other => other,
+    }
 }
 
 /// /dev/net/tun is needed for tap networking (`--net`), not for booting.

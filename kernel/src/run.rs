@@ -737,16 +737,30 @@ impl PreparedKernel {
     /// its memory file, the shim if used); without one, what is added to
     /// umlctl's own (the shim, or nothing: an LD_PRELOAD meant for
     /// something else is dropped).
-    pub fn uml_env(&self, jailed: bool) -> Vec<(String, String)> {
+    ///
+    /// Unjailed, UML's memory file goes where an executable mapping works
+    /// (see [`crate::preflight::memory_dir_unjailed`]); a change from what
+    /// UML would pick is said under `verbose` (always, if it passes over
+    /// the user's own `$TMPDIR`).
+    pub fn uml_env(&self, jailed: bool, verbose: bool) -> Result<Vec<(String, String)>> {
         let mut env = Vec::new();
         if jailed {
             env.push(("TMPDIR".into(), crate::jail::MEMORY_DIR.into()));
             env.push(("PATH".into(), "/usr/bin:/bin".into()));
+        } else {
+            let m = crate::preflight::memory_dir_unjailed()?;
+            if let Some(w) = &m.warning {
+                eprintln!("umlctl: warning: {w}");
+            }
+            if let (Some(n), true) = (&m.note, verbose) {
+                eprintln!("umlctl: {n}");
+            }
+            env.push(("TMPDIR".into(), m.dir.to_string_lossy().into_owned()));
         }
         if let Some(s) = &self.shim {
             env.push(("LD_PRELOAD".into(), s.to_string_lossy().into_owned()));
         }
-        env
+        Ok(env)
     }
 
     /// A jail for this kernel: its binary, libraries and shim, read-only;
@@ -1158,7 +1172,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let uml_launch = Launch {
         program: info.path.clone(),
         args,
-        env: prep.uml_env(jail.is_some()),
+        env: prep.uml_env(jail.is_some(), spec.verbose)?,
         cwd: rundir.clone(),
         fds,
         new_session: false,

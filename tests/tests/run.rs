@@ -595,3 +595,66 @@ fn stdin_keeps_flowing_after_the_guest_stops_reading_for_a_while() {
         "{err}"
     );
 }
+
+/// Docker's /dev/shm is noexec, and UML maps its memory file (by default
+/// in /dev/shm) executable: unjailed, umlctl picks a directory where that
+/// works and says which under -v; jailed, the jail's own tmpfs is used.
+#[test]
+fn a_noexec_dev_shm_is_worked_around() {
+    let dir = scratch();
+    for (no_jail, verbose) in [(true, true), (false, false)] {
+        let mut c = with_private_mounts(NOEXEC_SHM);
+        c.arg(umlctl_bin()).args(["run", "--kernel"]).arg(kernel());
+        if no_jail {
+            c.arg("--no-jail");
+        }
+        if verbose {
+            c.arg("-v");
+        }
+        let out = c
+            .args(["--", "sh", "-c", "echo ran; cat /proc/meminfo | head -1"])
+            .env_remove("TMPDIR")
+            .env_remove("TMP")
+            .env_remove("TEMP")
+            .env("UMLCTL_RUNTIME_DIR", dir.path())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "no_jail={no_jail}: {err}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("ran\nMemTotal:"),
+            "{err}"
+        );
+        if no_jail {
+            assert!(
+                err.contains(&format!(
+                    "/dev/shm is mounted noexec, and UML maps guest memory executable; its memory file goes in {} instead",
+                    dir.path().display()
+                )),
+                "{err}"
+            );
+        } else {
+            assert!(!err.contains("noexec"), "{err}");
+        }
+    }
+    // The user's own TMPDIR, if it is noexec, is passed over loudly.
+    let out = with_private_mounts(NOEXEC_SHM)
+        .arg(umlctl_bin())
+        .args(["run", "--no-jail", "--kernel"])
+        .arg(kernel())
+        .args(["--", "true"])
+        .env("TMPDIR", "/dev/shm")
+        .env("UMLCTL_RUNTIME_DIR", dir.path())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: $TMPDIR=/dev/shm is mounted noexec"),
+        "{err}"
+    );
+}

@@ -335,3 +335,34 @@ pub fn nix_eval(out_dir: &Path, args: &[(&str, &str, &str)]) -> serde_json::Valu
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+// --- Host conditions a test makes for itself, never on the host ---
+
+/// A command run in a private mount namespace after `setup` (a shell
+/// script, run as root) has changed what that namespace sees; add the
+/// program and its arguments to the result. The host's own mounts and
+/// device nodes are never touched.
+pub fn with_private_mounts(setup: &str) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!("set -e\n{setup}\nexec \"$@\""))
+        .arg("sh");
+    c
+}
+
+/// Setup for [`with_private_mounts`]: `/dev/net/tun` is a fresh tun node
+/// of mode `mode` (as a stock udev host's 0666, or a locked-down 0600).
+pub fn tun_node(mode: u32) -> String {
+    format!(
+        "d=$(mktemp -d)\n\
+         mount -t tmpfs -o mode=0755 umlctl-test-tun \"$d\"\n\
+         mknod -m {mode:o} \"$d/tun\" c 10 200\n\
+         mount --bind \"$d/tun\" /dev/net/tun\n\
+         umount -l \"$d\"\n\
+         rmdir \"$d\""
+    )
+}
+
+/// Setup for [`with_private_mounts`]: /dev/shm is a fresh tmpfs mounted
+/// noexec, as Docker gives containers.
+pub const NOEXEC_SHM: &str = "mount -t tmpfs -o noexec,nosuid,nodev umlctl-test-shm /dev/shm";
