@@ -834,12 +834,36 @@ fn configs_are_checked_with_the_key_named() {
     assert!(assert_ok(&out, "netd --check").contains("2 bridge(s), 2 rule(s)"));
 }
 
+/// The modes of the taps netd made for `uid`, in order, from its log.
+fn taps_made(log: &str, uid: u32) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.starts_with(&format!("netd: uid {uid} pid ")) && l.contains(": created "))
+        .filter_map(|l| l.rsplit(", ").next())
+        .map(|m| m.trim_end_matches(')').to_string())
+        .collect()
+}
+
+/// Who runs a guest: root, or uid 65534 with `/dev/net/tun` of the given
+/// mode (0600: it cannot open it, so netd passes the tap's descriptor;
+/// 0666, as on a stock udev host: it gets an owned tap) — a node of that
+/// mode in the guest's own mount namespace, whatever the host's is.
+#[derive(Clone, Copy)]
+enum Who {
+    Root,
+    Nobody { tun: u32 },
+}
+
+/// uid 65534, unable to open /dev/net/tun.
+const NOBODY: Who = Who::Nobody { tun: 0o600 };
+
 /// `umlctl run --net` inside the namespace (host root via hostfs; the
 /// host's busybox provides ping).
-fn guest(d: &Netd, bridge: &str, script: &str, as_nobody: bool) -> Command {
+fn guest(d: &Netd, bridge: &str, script: &str, who: Who) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &d.ns.0]);
-    if as_nobody {
+    if let Who::Nobody { tun } = who {
+        let private = with_private_mounts(&tun_node(tun));
+        c.arg(private.get_program()).args(private.get_args());
         c.args([
             "setpriv",
             "--reuid=65534",
@@ -868,7 +892,7 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         &d,
         "br0",
         "busybox ip -4 addr show vec0; echo ready; sleep 60",
-        false,
+        Who::Root,
     )
     .stdout(Stdio::piped())
     .spawn()
@@ -883,16 +907,24 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         &d,
         "br0",
         "busybox ping -c 1 -W 5 10.99.0.1 && busybox ping -c 1 -W 5 10.99.0.2",
-        true,
+        NOBODY,
     )
     .output()
     .unwrap();
     assert_ok(&o, "guest B pings the host and guest A");
-    assert!(
-        d.log().contains("uid 65534") && d.log().contains(", Fd)"),
-        "{}",
-        d.log()
-    );
+    assert_eq!(taps_made(&d.log(), 65534), ["Fd"], "{}", d.log());
+    // The same user where /dev/net/tun is 0666, as on a stock udev host: it
+    // may open the device, so it gets a tap of its own, opened by name.
+    let o = guest(
+        &d,
+        "br0",
+        "busybox ping -c 1 -W 5 10.99.0.1 && busybox ping -c 1 -W 5 10.99.0.2",
+        Who::Nobody { tun: 0o666 },
+    )
+    .output()
+    .unwrap();
+    assert_ok(&o, "an owned-tap guest of uid 65534 pings the host and A");
+    assert_eq!(taps_made(&d.log(), 65534), ["Fd", "Owned"], "{}", d.log());
 
     // Guest C on the isolated bridge reaches its gateway, but not A; it
     // stays up to be reached.
@@ -900,7 +932,7 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         &d,
         "iso0",
         "busybox ping -c 1 -W 5 10.98.0.1 && ! busybox ping -c 2 -W 2 10.99.0.2 && echo ready-c && sleep 12 && cat /proc/net/snmp",
-        false,
+        Who::Root,
     )
     .stdout(Stdio::piped())
     .spawn()
@@ -935,7 +967,7 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
         &d,
         "br0",
         "busybox ping -c 1 -W 5 10.99.0.1 && ! busybox ping -c 2 -W 2 10.98.0.2",
-        true,
+        NOBODY,
     )
     .output()
     .unwrap();
@@ -1112,6 +1144,9 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &d.ns.0]);
         if as_nobody.get() {
+            // Unable to open /dev/net/tun whatever the host's node allows.
+            let private = with_private_mounts(&tun_node(0o600));
+            c.arg(private.get_program()).args(private.get_args());
             c.args([
                 "setpriv",
                 "--reuid=65534",
@@ -1221,7 +1256,7 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         String::from_utf8_lossy(&umlctl(&["logs", "netn"]).stdout)
     );
     assert!(
-        d.log().contains("uid 65534 pid") && d.log().contains(&format!("({addr}/24, Fd)")),
+        taps_made(&d.log(), 65534) == ["Fd"] && d.log().contains(&format!("({addr}/24, Fd)")),
         "the uid 65534 guest did not get its tap as a descriptor:\n{}",
         d.log()
     );
@@ -1322,15 +1357,22 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
     );
     let outside = Netns::new("out");
     let out = outside.0.clone();
+    // A new namespace starts with the host's forwarding settings (on where
+    // Docker or a router set net.ipv4.ip_forward); the uplink starts with
+    // forwarding off here whatever the host's is, and the namespace-wide
+    // value is compared with what it was before netd.
+    let all_before = std::cell::RefCell::new(String::new());
     let mut d = Netd::start_with("nat", NAT_CONFIG, |ns| {
         let o = sh(&format!(
             "set -e; ip link add up0 netns {ns} type veth peer name out0 netns {out}
+             ip netns exec {ns} sh -c 'echo 0 > /proc/sys/net/ipv4/conf/up0/forwarding'
              ip -n {ns} addr add 192.0.2.1/24 dev up0; ip -n {ns} link set up0 up
              ip -n {out} addr add 192.0.2.2/24 dev out0; ip -n {out} link set out0 up
              ip -n {ns} route add default via 192.0.2.2",
             ns = ns.0
         ));
         assert_ok(&o, "the uplink veth");
+        *all_before.borrow_mut() = forwarding(ns, "all");
     });
     assert!(
         d.log()
@@ -1355,7 +1397,7 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
     assert_eq!(forwarding(&d.ns, "up0"), "1", "the uplink forwards");
     assert_eq!(
         forwarding(&d.ns, "all"),
-        "0",
+        *all_before.borrow(),
         "the namespace-wide setting is not touched"
     );
     let ls = Command::new(umlctl_bin())
@@ -1442,7 +1484,7 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
         "nat0",
         "busybox ping -c 1 -W 5 192.0.2.2 && busybox nc 192.0.2.2 7000 </dev/null \
          && getent hosts far.example.test && cat /etc/resolv.conf",
-        true,
+        NOBODY,
     )
     .output()
     .unwrap();
@@ -1461,7 +1503,7 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
         "the host's resolv.conf was written"
     );
     // A routed guest's packets get out but nothing comes back.
-    let o = guest(&d, "routed0", "! busybox ping -c 2 -W 2 192.0.2.2", false)
+    let o = guest(&d, "routed0", "! busybox ping -c 2 -W 2 192.0.2.2", Who::Root)
         .output()
         .unwrap();
     assert_ok(&o, "a routed guest gets no answer from the outside");
@@ -1473,7 +1515,7 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
             &d,
             bridge,
             "busybox ip -4 -o addr show vec0; echo ready; sleep 60",
-            false,
+            Who::Root,
         )
         .stdout(Stdio::piped())
         .spawn()
