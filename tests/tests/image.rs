@@ -1120,3 +1120,45 @@ fn info_and_ls_describe_the_image() {
     ]);
     assert_eq!(missing.status.code(), Some(125));
 }
+
+/// A group holds at most 32768 inodes: automatic sizing makes as many
+/// groups as the entries need (a source of many small files used to fail
+/// asking for a larger --size), and an explicit --inodes is honoured.
+#[test]
+fn many_small_files_size_the_image_by_their_inodes() {
+    let s = scratch();
+    let src = s.path().join("many");
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..40_000 {
+        fs::File::create(src.join("d").join(i.to_string())).unwrap();
+    }
+    let inodes = |img: &Path| -> u64 {
+        let out = Command::new("dumpe2fs").arg("-h").arg(img).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Inode count:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no inode count from dumpe2fs -h {}", img.display()))
+    };
+    let auto = s.path().join("auto.ext4");
+    build_image(&auto, &[&src]);
+    fsck_clean(&auto);
+    assert!(inodes(&auto) >= 40_012, "{}", inodes(&auto));
+    let given = s.path().join("given.ext4");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("--inodes"),
+            Path::new("120000"),
+            Path::new("-o"),
+            &given,
+            &src,
+        ]),
+        "build --inodes 120000",
+    );
+    fsck_clean(&given);
+    assert_eq!(inodes(&given), 120_000);
+    let out = umlctl_os([Path::new("image"), Path::new("ls"), &auto, Path::new("/d/39999")]);
+    assert_ok(&out, "ls the last file");
+}

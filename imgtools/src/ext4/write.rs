@@ -880,6 +880,13 @@ pub fn write_image(
                 if opts.journal && want < 2048 {
                     want = 2048;
                 }
+                // A group holds at most BLOCKS_PER_GROUP inodes (one bitmap
+                // block), so many small files need more groups than their
+                // bytes do.
+                let groups = inodes_for(want).div_ceil(BLOCKS_PER_GROUP);
+                if groups > 1 {
+                    want = want.max((groups - 1) * BLOCKS_PER_GROUP + 256);
+                }
                 let tail = want % BLOCKS_PER_GROUP;
                 if want > BLOCKS_PER_GROUP && tail > 0 && tail < 256 {
                     want += 256 - tail;
