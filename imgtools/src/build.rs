@@ -235,7 +235,7 @@ pub fn build(
         .size
         .is_some_and(|s| s > (crate::source::GDT_RESERVE * 128) << 27);
     let spool = if big {
-        Spool::new(atomic.dir()).map_err(|source| BuildError::Io {
+        Spool::new(atomic.dir(), out).map_err(|source| BuildError::Io {
             path: atomic.dir().into(),
             op: "create a spool file in",
             source,
@@ -246,7 +246,7 @@ pub fn build(
             op: "reopen",
             source,
         })?;
-        Spool::in_image(f)
+        Spool::in_image(f, out)
     };
     let mut b = Builder::new(spool, opts.epoch, read_progress);
     b.set_dir_owner(opts.dir_owner);

@@ -37,6 +37,32 @@ pub enum SourceError {
     },
     #[error("{path}: {why}")]
     Format { path: PathBuf, why: String },
+    /// Writing the image (or its spool) failed: the sources are not at
+    /// fault.
+    #[error("{}: cannot write the image: {source}{}", path.display(), output_hint(source))]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn output_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            " (the filesystem holding it is full: free space there, or give -o a path elsewhere)"
+        }
+        Some(libc::EFBIG) => " (the filesystem holding it cannot hold a file this large)",
+        _ => "",
+    }
+}
+
+/// Why reading one file's content failed.
+#[derive(Debug)]
+enum IngestError {
+    /// Reading the source.
+    Read(std::io::Error),
+    /// Writing the content into the spool (the image being built).
+    Write(std::io::Error),
 }
 
 /// Counts of what a source added.
@@ -60,6 +86,8 @@ pub struct Spool {
     /// Blocks kept free after each potential backup group start
     /// (superblock + descriptor blocks), when writing into the image.
     reserve: Option<u64>,
+    /// The image being built, named when a write fails.
+    target: PathBuf,
 }
 
 /// Where a build's file content lives, for the ext4 writer.
@@ -76,8 +104,8 @@ pub enum SpoolKind {
 pub const GDT_RESERVE: u64 = 16;
 
 impl Spool {
-    /// A spool in an unnamed file in `dir`.
-    pub fn new(dir: &Path) -> std::io::Result<Spool> {
+    /// A spool in an unnamed file in `dir`, for the image `target`.
+    pub fn new(dir: &Path, target: &Path) -> std::io::Result<Spool> {
         let f = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -105,11 +133,13 @@ impl Spool {
             buf_at: 0,
             pos: 0,
             reserve: None,
+            target: target.into(),
         })
     }
 
-    /// A spool writing into the image file `file` from block 1 + GDT_RESERVE.
-    pub fn in_image(file: File) -> Spool {
+    /// A spool writing into the image file `file` (which will be `target`)
+    /// from block 1 + GDT_RESERVE.
+    pub fn in_image(file: File, target: &Path) -> Spool {
         let base = (1 + GDT_RESERVE) * BLOCK as u64;
         Spool {
             file,
@@ -117,7 +147,13 @@ impl Spool {
             buf_at: base,
             pos: base,
             reserve: Some(1 + GDT_RESERVE),
+            target: target.into(),
         }
+    }
+
+    /// The image this spool is for.
+    pub fn target(&self) -> &Path {
+        &self.target
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -209,7 +245,7 @@ impl Ingest {
         size: u64,
         exact: bool,
         mut spool: Option<&mut Spool>,
-    ) -> std::io::Result<(FileData, u64)> {
+    ) -> Result<(FileData, u64), IngestError> {
         if self.buf.is_empty() {
             self.buf = vec![0; 1 << 20];
         }
@@ -231,7 +267,7 @@ impl Ingest {
                 let n = match r.read(&mut self.buf[got..want]) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(IngestError::Read(e)),
                 };
                 if n == 0 {
                     break;
@@ -240,10 +276,10 @@ impl Ingest {
             }
             if got == 0 {
                 if exact {
-                    return Err(std::io::Error::new(
+                    return Err(IngestError::Read(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "the data ends early (truncated archive?)",
-                    ));
+                    )));
                 }
                 break;
             }
@@ -265,7 +301,7 @@ impl Ingest {
                 let n = ((i - start) / BLOCK) as u64;
                 let mut l = l;
                 let pieces = match spool.as_deref_mut() {
-                    Some(s) => s.append(&self.buf[start..i])?,
+                    Some(s) => s.append(&self.buf[start..i]).map_err(IngestError::Write)?,
                     None => vec![(l * BLOCK as u64, n * BLOCK as u64)],
                 };
                 for (src, bytes) in pieces {
@@ -320,7 +356,10 @@ impl Pipelined {
             buf.resize(1 << 20, 0);
             let mut got = 0;
             let res = loop {
-                match r.read(&mut buf[got..]) {
+                // Small reads: a decoder that fails mid-read (ruzstd on a
+                // cut block) loses what that one read had inflated.
+                let upto = (got + (64 << 10)).min(buf.len());
+                match r.read(&mut buf[got..upto]) {
                     Ok(0) => break Ok(()),
                     Ok(n) => {
                         got += n;
@@ -335,12 +374,21 @@ impl Pipelined {
             buf.truncate(got);
             let pos = counter.load(std::sync::atomic::Ordering::Relaxed);
             let end = got == 0;
-            let msg = match res {
-                Ok(()) => Ok((buf, pos)),
-                Err(e) => Err(e),
+            // What was inflated before an error is delivered first, so that
+            // the error surfaces where the stream really broke (naming the
+            // entry it broke in).
+            let msgs = match res {
+                Ok(()) => vec![Ok((buf, pos))],
+                Err(e) if got > 0 => vec![Ok((buf, pos)), Err(e)],
+                Err(e) => vec![Err(e)],
             };
-            let failed = msg.is_err();
-            if tx.send(msg).is_err() || end || failed {
+            let failed = msgs.iter().any(Result::is_err);
+            for msg in msgs {
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+            if end || failed {
                 return;
             }
         });
@@ -616,11 +664,11 @@ impl<'p> Builder<'p> {
 
     /// Finish: the tree and where its content is.
     pub fn finish(self) -> Result<(Tree, SpoolKind), SourceError> {
-        let k = self.spool.finish().map_err(|source| SourceError::Io {
-            path: "(image)".into(),
-            op: "write file content to",
-            source,
-        })?;
+        let path = self.spool.target().to_path_buf();
+        let k = self
+            .spool
+            .finish()
+            .map_err(|source| SourceError::Output { path, source })?;
         Ok((self.tree, k))
     }
 
@@ -726,13 +774,16 @@ impl<'p> Builder<'p> {
         // PAX records and GNU long names are handled here instead.
         let entries = ar
             .entries()
-            .map_err(|e| self.stream_error(path, e))?
+            .map_err(|e| self.stream_error(path, e, None))?
             .raw(true);
         let mut pax: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
+        // The last entry read whole, named when the stream breaks between
+        // entries.
+        let mut last_entry: Option<String> = None;
         for entry in entries {
-            let mut e = entry.map_err(|e| self.stream_error(path, e))?;
+            let mut e = entry.map_err(|e| self.stream_error(path, e, last_entry.as_deref()))?;
             let now = counter.load(std::sync::atomic::Ordering::Relaxed);
             self.progress.advance(now.saturating_sub(last));
             last = now;
@@ -745,7 +796,7 @@ impl<'p> Builder<'p> {
             {
                 let mut data = Vec::new();
                 e.read_to_end(&mut data)
-                    .map_err(|err| self.stream_error(path, err))?;
+                    .map_err(|err| self.stream_error(path, err, last_entry.as_deref()))?;
                 if etype.is_pax_local_extensions() {
                     pax = Some(parse_pax(&data).ok_or_else(|| SourceError::Format {
                         path: path.into(),
@@ -894,15 +945,22 @@ impl<'p> Builder<'p> {
                     let (data, n) = self
                         .ingest
                         .read(&mut e, size, true, Some(&mut self.spool))
-                        .map_err(|err| {
-                            if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                        .map_err(|err| match err {
+                            IngestError::Read(err)
+                                if err.kind() == std::io::ErrorKind::UnexpectedEof =>
+                            {
                                 bad(
                                     "the archive ends inside this file's data (truncated archive?)"
                                         .into(),
                                 )
-                            } else {
-                                self.stream_error(path, err)
                             }
+                            IngestError::Read(err) => bad(format!(
+                                "cannot read this file's data: {err} (corrupt archive?)"
+                            )),
+                            IngestError::Write(source) => SourceError::Output {
+                                path: self.spool.target().into(),
+                                source,
+                            },
                         })?;
                     stats.bytes += n;
                     Kind::File(data)
@@ -931,6 +989,7 @@ impl<'p> Builder<'p> {
                             source,
                         })?;
                     stats.entries += 1;
+                    last_entry = Some(shown);
                     continue;
                 }
                 tar::EntryType::Char | tar::EntryType::Block => {
@@ -947,17 +1006,27 @@ impl<'p> Builder<'p> {
             };
             self.put(path, &rel, kind, meta, xattrs)?;
             stats.entries += 1;
+            last_entry = Some(shown);
         }
+        // Read what follows the end-of-archive blocks, so that a compressed
+        // stream's trailer (gzip's CRC and length, zstd's checksum) is
+        // checked: a stream cut inside it is refused, not taken as whole.
+        std::io::copy(&mut ar.into_inner(), &mut std::io::sink())
+            .map_err(|e| self.stream_error(path, e, last_entry.as_deref()))?;
         let now = counter.load(std::sync::atomic::Ordering::Relaxed);
         self.progress.advance(now.saturating_sub(last));
         self.progress.finish();
         Ok(stats)
     }
 
-    fn stream_error(&self, path: &Path, e: std::io::Error) -> SourceError {
+    fn stream_error(&self, path: &Path, e: std::io::Error, after: Option<&str>) -> SourceError {
+        let at = match after {
+            Some(name) => format!(" after entry {name:?}"),
+            None => String::new(),
+        };
         let why = match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => "the archive ends early (truncated?)".to_string(),
-            _ => format!("cannot read the archive: {e} (corrupt or not a tar, tar.gz or tar.zst?)"),
+            std::io::ErrorKind::UnexpectedEof => format!("the archive ends early{at} (truncated?)"),
+            _ => format!("cannot read the archive{at}: {e} (corrupt or not a tar, tar.gz or tar.zst?)"),
         };
         SourceError::Format {
             path: path.into(),
@@ -1033,7 +1102,13 @@ impl<'p> Builder<'p> {
                 let (data, n) = self
                     .ingest
                     .read(&mut f, md.len(), false, Some(&mut self.spool))
-                    .map_err(|e| io_err("read", e))?;
+                    .map_err(|e| match e {
+                        IngestError::Read(e) => io_err("read", e),
+                        IngestError::Write(source) => SourceError::Output {
+                            path: self.spool.target().into(),
+                            source,
+                        },
+                    })?;
                 if n != md.len() {
                     return Err(io_err(
                         "read",
@@ -1110,7 +1185,7 @@ mod tests {
     #[test]
     fn zero_blocks_become_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::new(dir.path()).unwrap();
+        let mut spool = Spool::new(dir.path(), Path::new("test.img")).unwrap();
         let mut data = vec![0u8; 3 * BLOCK + 100];
         data[BLOCK + 5] = 1;
         data[3 * BLOCK + 99] = 2;

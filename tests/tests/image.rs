@@ -1162,3 +1162,96 @@ fn many_small_files_size_the_image_by_their_inodes() {
     let out = umlctl_os([Path::new("image"), Path::new("ls"), &auto, Path::new("/d/39999")]);
     assert_ok(&out, "ls the last file");
 }
+
+/// A full output filesystem is named as such, not blamed on the sources
+/// (it used to say the archive could not be read), and nothing is left.
+#[test]
+fn a_full_output_filesystem_is_named_and_nothing_is_left() {
+    need_root();
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut big = vec![0u8; 12 << 20];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = (i * 7 + i / 4096) as u8 | 1;
+    }
+    fs::write(src.join("big"), &big).unwrap();
+    fs::write(src.join("small"), "hi\n").unwrap();
+    let tar = s.path().join("s.tar");
+    sh(&format!("tar -C {} -cf {} big small", src.display(), tar.display()));
+    let out = s.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    for (source, name) in [(&tar, "from-tar.ext4"), (&src, "from-dir.ext4")] {
+        let img = out.join(name);
+        let o = with_private_mounts(&format!(
+            "mount -t tmpfs -o size=4m umlctl-test-full {}",
+            out.display()
+        ))
+        .arg(umlctl_bin())
+        .args(["image", "build", "-o"])
+        .arg(&img)
+        .arg(source)
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{err}");
+        assert!(
+            err.contains(&format!("{}: cannot write the image: No space left on device", img.display()))
+                && err.contains("the filesystem holding it is full"),
+            "{err}"
+        );
+        assert!(!err.contains("cannot read the archive"), "{err}");
+    }
+    assert!(fs::read_dir(&out).unwrap().next().is_none());
+}
+
+/// A gzip-compressed archive cut anywhere is refused, naming the entry it
+/// was cut in (the decompressor's last good bytes used to be dropped, so
+/// the error came up in an earlier entry), or the entry it was cut after —
+/// also inside gzip's trailer, whose checksum used to go unread.
+#[test]
+fn a_cut_gzip_archive_names_the_entry_where_it_ends() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    // Incompressible data, so that offsets in the .gz track the tar's.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for name in ["a", "b"] {
+        let data: Vec<u8> = (0..300_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(src.join(name), data).unwrap();
+    }
+    fs::write(src.join("c"), "c\n").unwrap();
+    let gz = s.path().join("t.tar.gz");
+    sh(&format!(
+        "tar -C {} -cf - a b c | gzip -n > {}",
+        src.display(),
+        gz.display()
+    ));
+    let whole = fs::read(&gz).unwrap();
+    let n = whole.len();
+    for (cut, want) in [
+        (200_000, "entry \"a\": the archive ends inside this file's data"),
+        (400_000, "entry \"b\": the archive ends inside this file's data"),
+        (n - 4, "the archive ends early after entry \"c\""),
+        (n - 1, "the archive ends early after entry \"c\""),
+    ] {
+        let cut_gz = s.path().join(format!("cut-{cut}.tar.gz"));
+        fs::write(&cut_gz, &whole[..cut]).unwrap();
+        let img = s.path().join("never.ext4");
+        let out = umlctl_os([Path::new("image"), Path::new("build"), Path::new("-o"), &img, &cut_gz]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "cut at {cut} of {n}: {err}");
+        assert!(err.contains(want), "cut at {cut} of {n}: {err}");
+        assert!(!img.exists());
+    }
+    let img = s.path().join("whole.ext4");
+    build_image(&img, &[&gz]);
+    fsck_clean(&img);
+}
