@@ -402,22 +402,64 @@ fn relay_stdin(
 }
 
 /// Relay the command's output pipe to a serial line until EOF.
+///
+/// While output trickles, the relay runs at real-time priority: woken by
+/// the command's write, it runs before the command's next system call, so
+/// what the command wrote reaches the host even if it then crashes the
+/// guest (sysrq-c, a panic). While output floods, it runs at normal
+/// priority, so that the command fills the pipe between its reads and the
+/// serial line gets large writes (each one a host system call).
 fn relay_out(mut from: File, mut to: File) -> std::thread::JoinHandle<File> {
-    std::thread::spawn(move || {
+    /// More than this in one `WINDOW` is a flood.
+    const FLOOD_BYTES: u64 = 1 << 20;
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+    /// A read that waited this long means the flood is over.
+    const IDLE: std::time::Duration = std::time::Duration::from_millis(20);
+    fn set_realtime(on: bool) {
+        let param = libc::sched_param {
+            sched_priority: i32::from(on),
+        };
+        let policy = if on { libc::SCHED_FIFO } else { libc::SCHED_OTHER };
+        // SAFETY: sets the calling thread's own policy; param is valid.
+        unsafe { libc::sched_setscheduler(0, policy, &param) };
+    }
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        set_realtime(true);
+        let mut realtime = true;
         let mut buf = vec![0u8; 64 * 1024];
+        let _ = up_tx.send(());
+        let mut window = (std::time::Instant::now(), 0u64);
         loop {
+            let asked = std::time::Instant::now();
             let n = match from.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
+            let now = std::time::Instant::now();
+            if !realtime && now - asked >= IDLE {
+                set_realtime(true);
+                realtime = true;
+            }
+            if now - window.0 > WINDOW {
+                window = (now, 0);
+            }
+            window.1 += n as u64;
+            if realtime && window.1 > FLOOD_BYTES {
+                set_realtime(false);
+                realtime = false;
+            }
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
         }
         to
-    })
+    });
+    // Started and at its priority before the command can write.
+    let _ = up_rx.recv();
+    h
 }
 
 /// The command's stdio in the guest.
@@ -661,6 +703,12 @@ pub fn main() -> ! {
         // in UML is much cheaper than fork: no address space to copy.
         cmd.process_group(0);
     }
+    // The output relays run (at real-time priority, see relay_out) before
+    // the command does, so none of its output waits on their start-up.
+    let outputs: Vec<_> = out_relays
+        .into_iter()
+        .map(|(from, to)| relay_out(from, to))
+        .collect();
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -691,10 +739,6 @@ pub fn main() -> ! {
         let status = g.status.as_ref().and_then(|f| f.try_clone().ok());
         std::thread::spawn(move || relay_stdin(line, sink, eof, wake_r, status));
     }
-    let outputs: Vec<_> = out_relays
-        .into_iter()
-        .map(|(from, to)| relay_out(from, to))
-        .collect();
     tstamp("started");
     g.report(&Status::Started);
     std::thread::spawn(move || control_loop(control, cmd_pid, term_for_control, eof));
