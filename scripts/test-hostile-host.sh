@@ -116,7 +116,7 @@ run_variation() {
       echo "not a guest" > "$home/.uml/stray"
       ln -s dead.umlctl/uml/dead "$home/.uml/dead"
       local rc=0
-      env HOME="$home" -u XDG_CACHE_HOME -u XDG_RUNTIME_DIR -u UMLCTL_KERNEL \
+      env -u XDG_CACHE_HOME -u XDG_RUNTIME_DIR -u UMLCTL_KERNEL HOME="$home" \
         scripts/test.sh "$@" || rc=$?
       rm -rf "$home"
       return $rc
