@@ -50,7 +50,10 @@ pub struct Counts {
 
 impl Counts {
     pub fn total(&self) -> u32 {
-        self.passed + self.failed + self.skipped + self.crashed
+        self.passed
+            .saturating_add(self.failed)
+            .saturating_add(self.skipped)
+            .saturating_add(self.crashed)
     }
 }
 
@@ -155,16 +158,16 @@ fn parse_result(c: &str) -> Option<(bool, String, Option<String>, Option<String>
         None => (rest, None),
     };
     let desc = desc.trim();
-    let name = desc.strip_prefix("- ").unwrap_or(desc).trim().to_string();
+    let name = bounded(desc.strip_prefix("- ").unwrap_or(desc).trim());
     let (kind, reason) = match directive {
         Some(d) => {
             let (word, more) = d.split_once(char::is_whitespace).unwrap_or((d, ""));
-            let more = (!more.trim().is_empty()).then(|| more.trim().to_string());
+            let more = (!more.trim().is_empty()).then(|| bounded(more.trim()));
             let upper = word.to_ascii_uppercase();
             if ["SKIP", "TODO", "XFAIL", "TIMEOUT", "ERROR"].contains(&upper.as_str()) {
                 (Some(upper), more)
             } else {
-                (None, (!d.is_empty()).then(|| d.to_string()))
+                (None, (!d.is_empty()).then(|| bounded(d)))
             }
         }
         None => (None, None),
@@ -182,18 +185,39 @@ const CRASH_MARKS: &[&str] = &[
     "Kernel mode signal",
 ];
 
+/// Nesting deeper than this is kept as log lines: KUnit nests three levels
+/// (suite, case, parameter), and a hostile output must not make reports
+/// whose paths grow with the square of the nesting.
+const MAX_DEPTH: usize = 16;
+
+/// Names and directive texts are cut to this many bytes.
+const MAX_NAME: usize = 256;
+
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_NAME {
+        return s.to_string();
+    }
+    let mut end = MAX_NAME;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 fn count(tests: &[Test], c: &mut Counts) {
     for t in tests {
         if let Some(p) = t.plan {
-            c.crashed += p.saturating_sub(t.subtests.len() as u32);
+            let missing = p.saturating_sub(u32::try_from(t.subtests.len()).unwrap_or(u32::MAX));
+            c.crashed = c.crashed.saturating_add(missing);
         }
         if t.subtests.is_empty() {
-            match t.status {
-                Status::Passed => c.passed += 1,
-                Status::Failed => c.failed += 1,
-                Status::Skipped => c.skipped += 1,
-                Status::Crashed => c.crashed += 1,
-            }
+            let n = match t.status {
+                Status::Passed => &mut c.passed,
+                Status::Failed => &mut c.failed,
+                Status::Skipped => &mut c.skipped,
+                Status::Crashed => &mut c.crashed,
+            };
+            *n = n.saturating_add(1);
         } else {
             count(&t.subtests, c);
         }
@@ -238,26 +262,33 @@ pub fn parse(output: &str) -> Report {
                 f.indent == ind && f.tests.is_empty() && f.plan.is_none() && stack.len() > 1
             });
             if ind > top_indent {
-                stack.push(Frame::new(ind, None));
+                if stack.len() < MAX_DEPTH {
+                    stack.push(Frame::new(ind, None));
+                } else {
+                    push_log(&mut stack, c);
+                }
             } else if !fresh {
                 push_log(&mut stack, c);
             }
             continue;
         }
         if let Some(name) = c.strip_prefix("# Subtest:") {
-            let name = name.trim().to_string();
+            let name = bounded(name.trim());
             let nested = stack.len() > 1;
+            let room = stack.len() < MAX_DEPTH;
             match stack.last_mut() {
                 Some(f) if nested && ind == f.indent && f.name.is_none() && f.tests.is_empty() => {
                     f.name = Some(name)
                 }
-                _ if ind > top_indent => stack.push(Frame::new(ind, Some(name))),
+                _ if ind > top_indent && room => {
+                    stack.push(Frame::new(ind, Some(name)))
+                }
                 _ => push_log(&mut stack, c),
             }
             continue;
         }
         if let Some(n) = parse_plan(c) {
-            if ind > top_indent {
+            if ind > top_indent && stack.len() < MAX_DEPTH {
                 stack.push(Frame::new(ind, None));
             }
             if let Some(f) = stack.last_mut() {
@@ -270,7 +301,7 @@ pub fn parse(output: &str) -> Report {
             continue;
         }
         if let Some((ok, name, directive, reason)) = parse_result(c) {
-            if ind > top_indent {
+            if ind > top_indent && stack.len() < MAX_DEPTH {
                 // Results deeper than any header: an implicit nested level.
                 stack.push(Frame::new(ind, None));
             }
@@ -654,5 +685,40 @@ reboot: System halted
             let r = parse(&s);
             let _ = junit(&r, "x");
         }
+    }
+
+    /// Hostile outputs (a test kernel can print anything): plans that
+    /// would overflow the counts, nesting as deep as the input allows,
+    /// names of a megabyte.
+    #[test]
+    fn hostile_outputs_stay_bounded() {
+        let r = parse(
+            "KTAP version 1\n1..4294967295\n    # Subtest: a\n    1..4294967295\nok 1 a\n    # Subtest: b\n    1..4294967295\nok 2 b\n",
+        );
+        assert_eq!(r.counts.crashed, u32::MAX);
+        assert_eq!(r.counts.total(), u32::MAX);
+        assert!(r.crashed());
+
+        let mut deep = String::from("KTAP version 1\n");
+        for i in 0..2000 {
+            deep.push_str(&" ".repeat(i));
+            deep.push_str("# Subtest: s\n");
+        }
+        deep.push_str(&" ".repeat(2000));
+        deep.push_str("ok 1 leaf\n");
+        let r = parse(&deep);
+        fn depth(t: &[Test]) -> usize {
+            t.iter().map(|t| 1 + depth(&t.subtests)).max().unwrap_or(0)
+        }
+        assert!(depth(&r.tests) <= MAX_DEPTH, "{}", depth(&r.tests));
+        let _ = junit(&r, "deep");
+
+        let long = "x".repeat(1 << 20);
+        let r = parse(&format!("KTAP version 1\n1..1\nnot ok 1 {long} # SKIP {long}\n"));
+        assert!(r.tests[0].name.len() <= MAX_NAME + 3, "{}", r.tests[0].name.len());
+        assert!(r.tests[0].reason.as_ref().unwrap().len() <= MAX_NAME + 3);
+        assert_eq!(r.tests[0].status, Status::Skipped);
+        // Cutting is on a character boundary.
+        assert_eq!(bounded(&"é".repeat(200)).chars().filter(|c| *c == 'é').count(), 128);
     }
 }

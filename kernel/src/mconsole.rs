@@ -362,4 +362,47 @@ mod tests {
             .with_timeout(Duration::from_millis(200));
         assert!(matches!(c.request("version"), Err(McError::Timeout { .. })));
     }
+
+    /// A deterministic short version of fuzz/fuzz_targets/mconsole_reply.rs:
+    /// mutated replies and notifications never panic, and a decoded reply
+    /// never holds more than the datagram did.
+    #[test]
+    fn mutated_datagrams_never_panic() {
+        let mut x = 0xD1B54A32D192ED03u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut good = Vec::new();
+        for (err, more, text) in [(0u32, 0u32, "ok"), (1, 1, "part"), (0, 0, "")] {
+            let mut b = Vec::new();
+            b.extend_from_slice(&err.to_ne_bytes());
+            b.extend_from_slice(&more.to_ne_bytes());
+            b.extend_from_slice(&(text.len() as u32 + 1).to_ne_bytes());
+            b.extend_from_slice(text.as_bytes());
+            b.push(0);
+            good.push(b);
+        }
+        for _ in 0..20_000 {
+            let mut b = good[(next() % 3) as usize].clone();
+            for _ in 0..next() % 4 {
+                let r = next();
+                let at = (r >> 8) as usize % (b.len() + 1);
+                match r % 3 {
+                    0 => b.insert(at, (r >> 32) as u8),
+                    1 if at < b.len() => b[at] = (r >> 40) as u8,
+                    _ => b.truncate(at),
+                }
+            }
+            if let Ok(p) = decode_reply(&b) {
+                assert!(p.data.len() + 12 <= b.len());
+                let mut a = Assembler::default();
+                let _ = a.push(p);
+            }
+            let _ = decode_notify(&b);
+        }
+    }
 }
+

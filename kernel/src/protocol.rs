@@ -402,4 +402,59 @@ mod tests {
         }
         assert_eq!(Control::parse("signal x"), None);
     }
+
+    /// A deterministic short version of fuzz/fuzz_targets/guest_lines.rs:
+    /// mutated status and control lines never panic, and what parses
+    /// encodes to one line that parses back.
+    #[test]
+    fn mutated_lines_never_panic_and_round_trip() {
+        let seeds = [
+            "hello", "ready", "started", "exit 3", "signal 9 core", "credit 4096",
+            "notfound sh: x", "noexec y", "error z", "winsize 24 80", "stdin-eof 7",
+            "signal 15",
+        ];
+        let mut x = 0x9E3779B97F4A7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut b = seeds[(next() % seeds.len() as u64) as usize].as_bytes().to_vec();
+            for _ in 0..next() % 4 {
+                let r = next();
+                let at = (r >> 8) as usize % (b.len() + 1);
+                match r % 4 {
+                    0 => b.insert(at, (r >> 32) as u8),
+                    1 if at < b.len() => {
+                        b.remove(at);
+                    }
+                    2 if at < b.len() => {
+                        let set = b"0123456789 -\n\r\xff";
+                        b[at] = set[(r >> 40) as usize % set.len()]
+                    }
+                    _ => b.extend_from_slice(b" 18446744073709551616"),
+                }
+            }
+            let line = String::from_utf8_lossy(&b);
+            if let Some(st) = Status::parse(&line) {
+                let enc = st.encode();
+                assert_eq!(enc.matches('\n').count(), 1, "{enc:?}");
+                let back = Status::parse(&enc).unwrap();
+                match (&st, &back) {
+                    (Status::NotFound(a), Status::NotFound(b))
+                    | (Status::NotExecutable(a), Status::NotExecutable(b))
+                    | (Status::Error(a), Status::Error(b)) => {
+                        assert_eq!(a.replace(['\n', '\r'], " "), *b)
+                    }
+                    _ => assert_eq!(st, back),
+                }
+            }
+            if let Some(c) = Control::parse(&line) {
+                assert_eq!(Control::parse(&c.encode()), Some(c));
+            }
+        }
+    }
 }
+
