@@ -23,7 +23,7 @@ use tokio::sync::{Mutex, Semaphore};
 use crate::config::{Config, ConfigError};
 use crate::lease;
 use crate::link::{self, LinkError};
-use crate::nat::{Nat, NatBridge, NatError};
+use crate::nat::{IsolatedBridge, Nat, NatBridge, NatError};
 use crate::policy::{self, Peer, Refusal};
 use crate::protocol::{self, BridgeInfo, DecodeError, ErrorCode, Lease, Reply, Request, TapMode};
 use crate::tap::{self, TapError};
@@ -140,6 +140,10 @@ struct State {
     /// `net.ipv4.conf.IF.forwarding` values netd changed, as they were.
     #[serde(default)]
     forwarding: BTreeMap<String, bool>,
+    /// The bridges this netd was configured with (a restart with a config
+    /// that drops one retires it).
+    #[serde(default)]
+    bridges: Vec<String>,
 }
 
 fn audit(peer: &Peer, what: impl std::fmt::Display) {
@@ -164,6 +168,7 @@ async fn save_state(
     let state = State {
         taps: taps.keys().cloned().collect(),
         forwarding: restore.clone(),
+        bridges: config.bridges.iter().map(|b| b.name.clone()).collect(),
     };
     let tmp = config.state.with_extension("tmp");
     let data = serde_json::to_vec(&state).unwrap_or_default();
@@ -207,6 +212,24 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             }
         }
         restore_forwarding(&old.forwarding, "as before a previous run");
+        // A bridge the config no longer has keeps no forwarding (nor NAT,
+        // which went with the previous run): removed when nothing is
+        // attached to it, else its forwarding turned off.
+        for name in &old.bridges {
+            if config.bridges.iter().any(|b| &b.name == name) {
+                continue;
+            }
+            match link::retire_bridge(&nl, name).await {
+                Ok(Some(true)) => eprintln!(
+                    "netd: removed bridge {name}: no longer in the config"
+                ),
+                Ok(Some(false)) => eprintln!(
+                    "netd: bridge {name} is no longer in the config but has ports; forwarding on it turned off"
+                ),
+                Ok(None) => {}
+                Err(e) => eprintln!("netd: retire bridge {name}: {e}"),
+            }
+        }
     }
 
     // NAT uplinks are found before anything is changed.
@@ -437,7 +460,16 @@ fn start_nat(
     config: &Config,
     uplinks: &BTreeMap<String, String>,
 ) -> Result<(Option<Nat>, BTreeMap<String, bool>), DaemonError> {
-    if uplinks.is_empty() {
+    let isolated: Vec<IsolatedBridge> = config
+        .bridges
+        .iter()
+        .filter(|b| !b.forward)
+        .map(|b| IsolatedBridge {
+            bridge: b.name.clone(),
+            address: b.address,
+        })
+        .collect();
+    if uplinks.is_empty() && isolated.is_empty() {
         return Ok((None, BTreeMap::new()));
     }
     let list: Vec<NatBridge> = config
@@ -453,7 +485,7 @@ fn start_nat(
         })
         .collect();
     let mut nat = Nat::open()?;
-    nat.apply(&list)?;
+    nat.apply(&list, &isolated)?;
     let mut restore = BTreeMap::new();
     for u in uplinks.values() {
         if restore.contains_key(u) {
@@ -478,6 +510,12 @@ fn start_nat(
                 });
             }
         }
+    }
+    for b in &isolated {
+        eprintln!(
+            "netd: guests on isolated bridge {} reach the host only at {}",
+            b.bridge, b.address
+        );
     }
     for b in &list {
         eprintln!(

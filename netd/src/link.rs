@@ -161,6 +161,39 @@ pub async fn remove(h: &Handle, name: &str) -> Result<(), LinkError> {
     }
 }
 
+/// Retire a bridge netd no longer manages: removed if nothing is attached
+/// to it (`Some(true)`), else its forwarding turned off (`Some(false)`);
+/// `None` if it is gone already or is not a bridge.
+pub async fn retire_bridge(h: &Handle, name: &str) -> Result<Option<bool>, LinkError> {
+    let Some(m) = get(h, name).await? else {
+        return Ok(None);
+    };
+    if !is_bridge(&m) {
+        return Ok(None);
+    }
+    let index = m.header.index;
+    let mut ports = 0;
+    let mut s = h.link().get().execute();
+    while let Some(l) = s.try_next().await.map_err(fail("list links", name))? {
+        if l.attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == index))
+        {
+            ports += 1;
+        }
+    }
+    if ports == 0 {
+        remove(h, name).await?;
+        return Ok(Some(true));
+    }
+    set_forwarding(name, false).map_err(|e| LinkError {
+        op: "turn off forwarding on",
+        name: name.into(),
+        detail: e.to_string(),
+    })?;
+    Ok(Some(false))
+}
+
 /// Names of every link starting with `prefix`.
 pub async fn names_with_prefix(h: &Handle, prefix: &str) -> Result<Vec<String>, LinkError> {
     let mut out = Vec::new();

@@ -52,6 +52,15 @@ pub struct NatBridge {
     pub uplink: String,
 }
 
+/// An isolated bridge: its guests reach the host only at `address`, the
+/// bridge's own (their gateway and name server), not at the host's other
+/// addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolatedBridge {
+    pub bridge: String,
+    pub address: Ipv4Addr,
+}
+
 /// Setting up or removing the NAT table failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
@@ -74,8 +83,9 @@ pub enum NatError {
 
 /// NFT_PAYLOAD_NETWORK_HEADER: offsets count from the IP header.
 const NETWORK_HEADER: u32 = 1;
-/// Offset of the IPv4 source address.
+/// Offsets of the IPv4 source and destination addresses.
 const IPV4_SADDR: u32 = 12;
+const IPV4_DADDR: u32 = 16;
 /// nf_tables' hook priorities: NF_IP_PRI_NAT_SRC and NF_IP_PRI_FILTER.
 const PRIORITY_SRCNAT: u32 = 100;
 const PRIORITY_FILTER: u32 = 0;
@@ -134,6 +144,22 @@ fn saddr_in(network: Ipv4Addr, prefix: u8) -> [Expressions; 3] {
             Cmp::SourceRegister(Register::Reg1),
             Cmp::Op(Operator::Equal),
             Cmp::Data(DataAttribute::Value(network.octets().to_vec())),
+        ]),
+    ]
+}
+
+fn daddr_is_not(a: Ipv4Addr) -> [Expressions; 2] {
+    [
+        Expressions::Payload(vec![
+            Payload::DestinationRegister(Register::Reg1),
+            Payload::Base(NETWORK_HEADER),
+            Payload::Offset(IPV4_DADDR),
+            Payload::Len(4),
+        ]),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::NotEqual),
+            Cmp::Data(DataAttribute::Value(a.octets().to_vec())),
         ]),
     ]
 }
@@ -239,32 +265,54 @@ fn rule(chain: &str, what: String, exprs: Vec<Expressions>) -> Step {
     )
 }
 
-/// The steps that create netd's table for `bridges` (inside one batch).
-pub fn batch(bridges: &[NatBridge]) -> Vec<Step> {
-    let mut steps = vec![
-        nft(
-            CREATE_TABLE.into(),
-            NfTablesMessage::NewTable(TableMessage {
-                attributes: vec![
-                    TableAttribute::Name(TABLE.into()),
-                    TableAttribute::Flags(TableFlags::Owner),
-                ],
-            }),
-            NLM_F_CREATE,
-        ),
-        base_chain(
+/// The steps that create netd's table for the NAT `bridges` and the
+/// `isolated` ones (inside one batch).
+pub fn batch(bridges: &[NatBridge], isolated: &[IsolatedBridge]) -> Vec<Step> {
+    let mut steps = vec![nft(
+        CREATE_TABLE.into(),
+        NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name(TABLE.into()),
+                TableAttribute::Flags(TableFlags::Owner),
+            ],
+        }),
+        NLM_F_CREATE,
+    )];
+    if !bridges.is_empty() {
+        steps.push(base_chain(
             "postrouting",
             "nat",
             InetHookNumber::PostRouting,
             PRIORITY_SRCNAT,
-        ),
-        base_chain(
+        ));
+        steps.push(base_chain(
             "forward",
             "filter",
             InetHookNumber::Forward,
             PRIORITY_FILTER,
-        ),
-    ];
+        ));
+    }
+    if !isolated.is_empty() {
+        steps.push(base_chain(
+            "input",
+            "filter",
+            InetHookNumber::LocalIn,
+            PRIORITY_FILTER,
+        ));
+    }
+    for b in isolated {
+        let mut v = meta_is(MetaKey::Iifname, &b.bridge).to_vec();
+        v.extend(daddr_is_not(b.address));
+        v.push(verdict(NF_DROP));
+        steps.push(rule(
+            "input",
+            format!(
+                "keep {}'s guests off the host's addresses but {}",
+                b.bridge, b.address
+            ),
+            v,
+        ));
+    }
     for b in bridges {
         let mut masq = meta_is(MetaKey::Oifname, &b.uplink).to_vec();
         masq.extend(saddr_in(b.network, b.prefix));
@@ -345,7 +393,11 @@ impl Nat {
     /// Create the table for `bridges`, all or nothing. A table of that name
     /// left by someone else is replaced; one another live netd owns is an
     /// error.
-    pub fn apply(&mut self, bridges: &[NatBridge]) -> Result<(), NatError> {
+    pub fn apply(
+        &mut self,
+        bridges: &[NatBridge],
+        isolated: &[IsolatedBridge],
+    ) -> Result<(), NatError> {
         match self.send(vec![delete_table_step()]) {
             Ok(()) => {}
             Err(NatError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
@@ -366,7 +418,7 @@ impl Nat {
             }
             Err(e) => return Err(e),
         }
-        self.send(batch(bridges))
+        self.send(batch(bridges, isolated))
     }
 
     /// Remove the table (gone already is fine).
@@ -537,19 +589,42 @@ mod tests {
 
     #[test]
     fn one_table_two_chains_three_rules_per_bridge() {
-        let steps = batch(&[br()]);
+        let steps = batch(&[br()], &[]);
         assert_eq!(steps.len(), 3 + 3);
         let whats: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
         assert_eq!(whats[0], CREATE_TABLE);
         assert_eq!(whats[3], "masquerade 10.77.0.0/24 out of eth0 (bridge br0)");
-        let two = batch(&[
-            br(),
-            NatBridge {
-                bridge: "br1".into(),
-                ..br()
-            },
-        ]);
+        let two = batch(
+            &[
+                br(),
+                NatBridge {
+                    bridge: "br1".into(),
+                    ..br()
+                },
+            ],
+            &[],
+        );
         assert_eq!(two.len(), 3 + 6);
+        // Isolated bridges only: the table and an input chain, one rule each.
+        let iso = batch(
+            &[],
+            &[IsolatedBridge {
+                bridge: "iso0".into(),
+                address: Ipv4Addr::new(10, 98, 0, 1),
+            }],
+        );
+        let whats: Vec<&str> = iso.iter().map(|s| s.what.as_str()).collect();
+        assert_eq!(
+            whats,
+            [
+                CREATE_TABLE,
+                "create chain input",
+                "keep iso0's guests off the host's addresses but 10.98.0.1"
+            ]
+        );
+        let r = bytes(&iso[2].message);
+        assert!(contains(&r, b"iso0\0"));
+        assert!(contains(&r, &[10, 98, 0, 1]));
         // The table is owned (dies with netd's socket).
         let t = bytes(&steps[0].message);
         assert!(contains(&t, b"umlctl-netd\0"));
@@ -561,11 +636,14 @@ mod tests {
 
     #[test]
     fn the_masquerade_rule_matches_uplink_and_subnet_exactly() {
-        let steps = batch(&[NatBridge {
-            prefix: 20,
-            network: Ipv4Addr::new(10, 77, 16, 0),
-            ..br()
-        }]);
+        let steps = batch(
+            &[NatBridge {
+                prefix: 20,
+                network: Ipv4Addr::new(10, 77, 16, 0),
+                ..br()
+            }],
+            &[],
+        );
         let m = bytes(&steps[3].message);
         // NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWRULE; family ip.
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), (10 << 8) | 6);

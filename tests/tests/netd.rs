@@ -156,6 +156,18 @@ impl Netd {
         self.dir.path().join("netd.sock")
     }
 
+    /// Give the (stopped) netd another config, as an operator editing it
+    /// between runs would.
+    fn reconfigure(&mut self, config: &str) {
+        assert!(self.child.is_none(), "stop netd first");
+        let cfg = format!(
+            "socket = \"{}\"\nstate = \"{}\"\n{config}",
+            self.socket().display(),
+            self.dir.path().join("netd.state").display()
+        );
+        std::fs::write(self.dir.path().join("netd.toml"), cfg).unwrap();
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("netd.log")).unwrap_or_default()
     }
@@ -948,7 +960,8 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
     let mut c = guest(
         &d,
         "iso0",
-        "busybox ping -c 1 -W 5 10.98.0.1 && ! busybox ping -c 2 -W 2 10.99.0.2 && echo ready-c && sleep 12 && cat /proc/net/snmp",
+        "busybox ping -c 1 -W 5 10.98.0.1 && ! busybox ping -c 2 -W 2 10.99.0.2 \
+         && ! busybox ping -c 2 -W 2 10.99.0.1 && echo ready-c && sleep 12 && cat /proc/net/snmp",
         Who::Root,
     )
     .stdout(Stdio::piped())
@@ -957,7 +970,7 @@ fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bri
     let (mut out_c, _) = until_line(
         &mut c,
         "ready-c",
-        "guest C (own gateway yes, the other bridge no)",
+        "guest C (own gateway yes; the other bridge, even the host's address there, no)",
         &d,
     );
     // Into the isolated bridge: the host itself yes, a guest of the
@@ -1596,6 +1609,30 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
         "the table outlived netd"
     );
     assert_eq!(forwarding(&d.ns, "up0"), "0", "up0's forwarding restored");
+
+    // Restarted with a config without the NAT and routed bridges: they are
+    // retired (removed, nothing being attached), not left forwarding.
+    assert_eq!(forwarding(&d.ns, "nat0"), "1");
+    d.reconfigure(CONFIG);
+    d.spawn();
+    for b in ["nat0", "routed0"] {
+        assert!(
+            d.log()
+                .contains(&format!("removed bridge {b}: no longer in the config")),
+            "{}",
+            d.log()
+        );
+        assert!(!d.ns.links().contains(&b.to_string()), "{b} left behind");
+    }
+    assert!(d.ns.links().contains(&"br0".to_string()));
+    let table = assert_ok(&nft_table(&d.ns), "the table for iso0");
+    assert!(!table.contains("masquerade"), "NAT without a NAT bridge:\n{table}");
+    assert!(
+        table.contains("iifname \"iso0\" ip daddr != 10.98.0.1 drop"),
+        "{table}"
+    );
+    assert_eq!(forwarding(&d.ns, "up0"), "0");
+    stop_and_check_rules_gone(&mut d);
 }
 
 /// NAT problems are found before netd changes anything, and named.
