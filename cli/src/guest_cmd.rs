@@ -152,6 +152,11 @@ pub fn ps(a: PsArgs) -> u8 {
         Err(e) => return fail(e),
     };
     let orphans = instance::orphaned_uml_dirs().unwrap_or_default();
+    let damaged: Vec<_> = instance::damaged()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| a.all || d.running.is_some())
+        .collect();
     let rows: Vec<_> = guests
         .iter()
         .map(|g| (g, g.state()))
@@ -175,6 +180,14 @@ pub fn ps(a: PsArgs) -> u8 {
                     "nics": g.record.nics,
                 })
             })
+            .chain(damaged.iter().map(|d| {
+                serde_json::json!({
+                    "name": d.name,
+                    "state": "damaged",
+                    "pid": d.running,
+                    "why": d.why,
+                })
+            }))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return 0;
@@ -209,11 +222,22 @@ pub fn ps(a: PsArgs) -> u8 {
             }
         );
     }
+    for d in &damaged {
+        println!(
+            "{:<20} {:<8} {:>8} {:>8} {}",
+            d.name,
+            "damaged",
+            d.running.map_or("-".into(), |p| p.to_string()),
+            "-",
+            d.why
+        );
+    }
     let dead = guests
         .iter()
         .filter(|g| g.state() != State::Running)
         .count()
-        + orphans.len();
+        + orphans.len()
+        + damaged.iter().filter(|d| d.collectable()).count();
     if dead > 0 {
         eprintln!(
             "{dead} stopped or dead instance(s) left files behind{}; `umlctl gc` removes them",
@@ -326,6 +350,28 @@ pub fn gc() -> u8 {
             }
         }
         Err(e) => return fail(e),
+    }
+    for d in instance::damaged().unwrap_or_default() {
+        if let Some(pid) = d.running {
+            eprintln!(
+                "umlctl: kept {}: its record is unreadable ({}), but its UML (pid {pid}) is running; stop it with `kill {pid}`, then run gc again",
+                d.name, d.why
+            );
+            continue;
+        }
+        if d.fresh {
+            continue;
+        }
+        match d.remove() {
+            Ok(()) => {
+                println!("removed {} (damaged record: {})", d.name, d.why);
+                removed += 1;
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("umlctl: {e}");
+            }
+        }
     }
     for d in instance::orphaned_uml_dirs().unwrap_or_default() {
         match std::fs::remove_dir_all(&d) {

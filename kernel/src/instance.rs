@@ -302,6 +302,82 @@ pub fn save(layout: &Layout, record: &Record) -> Result<()> {
     paths::write_atomic(&layout.record(), &json, 0o600)
 }
 
+/// A guest directory (`NAME.umlctl`) whose record cannot be read: damaged,
+/// or never written (a `start` that died before saving it).
+#[derive(Debug, Clone)]
+pub struct Damaged {
+    pub name: String,
+    pub layout: Layout,
+    /// Why the record cannot be read.
+    pub why: String,
+    /// UML's own pid file says this process is alive: leave it alone.
+    pub running: Option<i32>,
+    /// No record yet and changed within the last minute: maybe a `start`
+    /// under way.
+    pub fresh: bool,
+}
+
+impl Damaged {
+    /// Whether `gc` may remove it.
+    pub fn collectable(&self) -> bool {
+        self.running.is_none() && !self.fresh
+    }
+
+    /// Remove umlctl's and UML's directories for it (UML's instance
+    /// directory is a symlink into umlctl's).
+    pub fn remove(&self) -> Result<()> {
+        if let Ok(md) = fs::symlink_metadata(&self.layout.uml_instance) {
+            if md.file_type().is_symlink() {
+                fs::remove_file(&self.layout.uml_instance)
+                    .map_err(|e| Error::io("remove", &self.layout.uml_instance, e))?;
+            }
+        }
+        remove_dir(&self.layout.state)
+    }
+}
+
+/// Guest directories whose record cannot be read (`list` leaves them out).
+pub fn damaged() -> Result<Vec<Damaged>> {
+    let dir = uml_dir()?;
+    let mut out = Vec::new();
+    let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(name) = n.strip_suffix(".umlctl") else {
+            continue;
+        };
+        if check_name(name).is_err() || !e.path().is_dir() {
+            continue;
+        }
+        let why = match load(name) {
+            Ok(_) => continue,
+            Err(Error::Usage(_)) => "no record (a start that did not finish?)".to_string(),
+            Err(Error::Host { detail, .. }) => detail,
+            Err(e) => e.to_string(),
+        };
+        let layout = Layout::new(&dir, name);
+        let running = fs::read_to_string(layout.uml_parent().join(name).join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|&p| p > 0 && process_start(p).is_some());
+        let fresh = !layout.record().exists()
+            && fs::metadata(&layout.state)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() < 60);
+        out.push(Damaged {
+            name: name.to_string(),
+            layout,
+            why,
+            running,
+            fresh,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
 /// UML instance directories under `uml_dir` that no umlctl guest owns and
 /// whose UML process is gone (left by a panic or SIGKILL of any UML).
 pub fn orphaned_uml_dirs() -> Result<Vec<PathBuf>> {

@@ -334,6 +334,30 @@ fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
         precious.join("thesis.tex").exists(),
         "gc removed a directory that was not UML's"
     );
+    // A damaged record, and one never written (an old start that died):
+    // listed as damaged and collected; a record-less one younger than a
+    // minute may be a start under way and stays.
+    let bad = env.uml_dir().join("bad.umlctl");
+    fs::create_dir(&bad).unwrap();
+    fs::write(bad.join("guest.json"), "{garbage").unwrap();
+    let empty = env.uml_dir().join("empty.umlctl");
+    fs::create_dir(&empty).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::open(&empty).unwrap().set_modified(old).unwrap();
+    let young = env.uml_dir().join("young.umlctl");
+    fs::create_dir(&young).unwrap();
+    let ps = String::from_utf8_lossy(&env.umlctl(&["ps", "--all"]).stdout).into_owned();
+    for n in ["bad", "empty", "young"] {
+        assert!(
+            ps.lines().any(|l| l.starts_with(n) && l.contains("damaged")),
+            "{ps}"
+        );
+    }
+    let out = env.ok(&["gc"]);
+    assert!(out.contains("removed bad (damaged record:"), "{out}");
+    assert!(out.contains("removed empty (damaged record: no record"), "{out}");
+    assert!(!bad.exists() && !empty.exists());
+    assert!(young.exists(), "gc removed a guest that may be starting");
 }
 
 #[test]
