@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use umlctl_imgtools::build::{self, BuildOptions};
 use umlctl_imgtools::disk::{Disk, ViewDisk};
-use umlctl_imgtools::ext4::read::{Image, Piece, RawInode, ReadError};
+use umlctl_imgtools::ext4::read::{Image, ReadError};
 use umlctl_imgtools::ext4::{Headroom, Options};
 use umlctl_imgtools::manifest::{compare, Manifest};
 use umlctl_imgtools::verify;
@@ -656,204 +656,55 @@ fn extract_cmd(a: ExtractArgs) -> Result<u8, String> {
             abs(&a.path)
         ));
     }
-    let mut x = Extractor {
-        img: &img,
-        root: unsafe_is_root(),
-        warnings: 0,
-        dirs: Vec::new(),
+    use umlctl_imgtools::extract::{extract, write_content, ExtractOptions};
+    let opts = ExtractOptions {
+        privileged: unsafe_is_root(),
     };
-    let existed = std::fs::symlink_metadata(&dest).is_ok();
-    if let Err(e) = x.extract(&node, &dest) {
-        // Nothing half-extracted stays behind.
-        if !existed {
-            let _ = match std::fs::symlink_metadata(&dest) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dest),
-                Ok(_) => std::fs::remove_file(&dest),
-                Err(_) => Ok(()),
-            };
+    let done = match std::fs::metadata(&dest) {
+        // One file onto an existing path: a regular file is replaced whole
+        // (extracted next to it, then renamed over it); a FIFO, a device or
+        // a terminal is written in place, holes as zeros.
+        Ok(m) if node.is_reg() && !m.is_dir() => {
+            if !m.is_file() {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&dest)
+                    .map_err(|e| format!("{}: open: {e}", dest.display()))?;
+                write_content(&img, &node, &mut f, &dest).map_err(|e| e.to_string())?;
+                return Ok(0);
+            }
+            let mut tmp_name = std::ffi::OsString::from(".");
+            tmp_name.push(dest.file_name().unwrap_or_default());
+            tmp_name.push(format!(".umlctl-tmp.{}", std::process::id()));
+            let tmp = dest.with_file_name(tmp_name);
+            let done = extract(&img, &node, &tmp, opts).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &dest).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("{}: replace: {e}", dest.display())
+            })?;
+            done
         }
-        return Err(e);
+        Ok(_) => {
+            return Err(format!(
+                "{}: already exists; give a path that does not exist yet",
+                dest.display()
+            ))
+        }
+        Err(_) => extract(&img, &node, &dest, opts).map_err(|e| e.to_string())?,
+    };
+    for w in &done.warnings {
+        eprintln!("umlctl: warning: {w}");
     }
-    // Directory times last, after their contents were written.
-    for (p, t) in std::mem::take(&mut x.dirs).into_iter().rev() {
-        set_times(&p, t);
-    }
-    Ok(if x.warnings > 0 {
-        exit::CHECK_FAILED
-    } else {
+    Ok(if done.warnings.is_empty() {
         0
+    } else {
+        exit::CHECK_FAILED
     })
 }
 
 fn unsafe_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn set_times(p: &Path, t: umlctl_imgtools::tree::Time) {
-    let ts = libc::timespec {
-        tv_sec: t.sec as libc::time_t,
-        tv_nsec: t.nsec as libc::c_long,
-    };
-    let times = [ts, ts];
-    if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) {
-        // SAFETY: c is NUL-terminated and times points at two timespecs.
-        unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-    }
-}
-
-struct Extractor<'a> {
-    img: &'a Img,
-    root: bool,
-    warnings: u32,
-    dirs: Vec<(PathBuf, umlctl_imgtools::tree::Time)>,
-}
-
-impl Extractor<'_> {
-    fn warn(&mut self, msg: String) {
-        eprintln!("umlctl: warning: {msg}");
-        self.warnings += 1;
-    }
-
-    fn extract(&mut self, node: &RawInode, dest: &Path) -> Result<(), String> {
-        use std::os::unix::fs::PermissionsExt;
-        let ioerr = |op: &str, e: std::io::Error| format!("{}: {op}: {e}", dest.display());
-        let rerr = |e: ReadError| {
-            format!(
-                "{}: {e}",
-                self.img
-                    .reader()
-                    .overlay()
-                    .map(|c| c.path.display().to_string())
-                    .unwrap_or_default()
-            )
-        };
-        let c = std::ffi::CString::new(dest.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-        match node.kind_name() {
-            "dir" => {
-                std::fs::create_dir(dest).map_err(|e| ioerr("create directory", e))?;
-                let mut children = self.img.read_dir(node).map_err(rerr)?;
-                children.sort();
-                for (name, ino, _) in children {
-                    if name == b"." || name == b".." {
-                        continue;
-                    }
-                    let child = self.img.inode(ino).map_err(rerr)?;
-                    self.extract(&child, &dest.join(std::ffi::OsStr::from_bytes(&name)))?;
-                }
-                self.dirs.push((dest.to_path_buf(), node.mtime));
-            }
-            "file" => {
-                // Holes stay holes: only what the image holds is written, so
-                // a file that claims a huge size costs no space and no time.
-                use std::os::unix::fs::FileExt;
-                let f = std::fs::File::create(dest).map_err(|e| ioerr("create", e))?;
-                let mut werr = None;
-                let mut pos = 0u64;
-                self.img
-                    .read_pieces(node, &mut |piece| match piece {
-                        Piece::Data(d) => {
-                            if werr.is_none() {
-                                if let Err(e) = f.write_all_at(d, pos) {
-                                    werr = Some(e);
-                                }
-                            }
-                            pos += d.len() as u64;
-                        }
-                        Piece::Hole(n) => pos += n,
-                    })
-                    .map_err(rerr)?;
-                if let Some(e) = werr {
-                    return Err(ioerr("write", e));
-                }
-                f.set_len(node.size).map_err(|e| ioerr("set size", e))?;
-            }
-            "symlink" => {
-                let t = self.img.symlink_target(node).map_err(rerr)?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), dest)
-                    .map_err(|e| ioerr("create symlink", e))?;
-            }
-            kind @ ("char" | "block" | "fifo" | "socket") => {
-                let (maj, min) = node.rdev();
-                let fmt = match kind {
-                    "char" => libc::S_IFCHR,
-                    "block" => libc::S_IFBLK,
-                    "fifo" => libc::S_IFIFO,
-                    _ => libc::S_IFSOCK,
-                };
-                if kind != "fifo" && !self.root {
-                    self.warn(format!(
-                        "{}: skipped a {kind} (creating one needs root)",
-                        dest.display()
-                    ));
-                    return Ok(());
-                }
-                // SAFETY: c is NUL-terminated.
-                let r = unsafe { libc::mknod(c.as_ptr(), fmt | 0o600, libc::makedev(maj, min)) };
-                if r != 0 {
-                    return Err(ioerr("create node", std::io::Error::last_os_error()));
-                }
-            }
-            other => {
-                return Err(format!(
-                    "{}: cannot extract an inode of type {other}",
-                    dest.display()
-                ))
-            }
-        }
-        if self.root {
-            // SAFETY: c is NUL-terminated.
-            if unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) } != 0 {
-                self.warn(format!(
-                    "{}: chown: {}",
-                    dest.display(),
-                    std::io::Error::last_os_error()
-                ));
-            }
-        }
-        if !node.is_symlink() {
-            std::fs::set_permissions(
-                dest,
-                std::fs::Permissions::from_mode((node.mode & 0o7777) as u32),
-            )
-            .map_err(|e| ioerr("chmod", e))?;
-        }
-        for (name, value) in self.img.xattrs(node).map_err(rerr)? {
-            if !self.root && !name.starts_with(b"user.") {
-                continue;
-            }
-            let n = std::ffi::CString::new(name.clone()).map_err(|e| e.to_string())?;
-            // SAFETY: both strings are NUL-terminated; value is a valid buffer.
-            let r = unsafe {
-                libc::lsetxattr(
-                    c.as_ptr(),
-                    n.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            if r != 0 {
-                self.warn(format!(
-                    "{}: set attribute {}: {}",
-                    dest.display(),
-                    String::from_utf8_lossy(&name),
-                    std::io::Error::last_os_error()
-                ));
-            }
-        }
-        if !node.is_dir() {
-            set_times(dest, node.mtime);
-        }
-        Ok(())
-    }
 }
 
 fn load_any(p: &Path) -> Result<Manifest, String> {

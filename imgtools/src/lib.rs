@@ -9,6 +9,8 @@
 //!   reads, create version 3 like `uml_mkcow`, merge like `uml_moo` (to a new
 //!   sparse image or in place), rebase onto a moved or copied backing file,
 //!   and read the merged disk without booting.
+//! * [`extract`]: extracting from an image onto the host, safely for a
+//!   hostile image.
 //! * [`progress`]: how long operations report progress.
 //!
 //! A leaf crate: it depends on none of umlctl's other crates.
@@ -17,6 +19,7 @@ pub mod build;
 pub mod cow;
 pub mod disk;
 pub mod ext4;
+pub mod extract;
 pub mod manifest;
 pub mod progress;
 pub mod source;

@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -1254,4 +1254,77 @@ fn a_cut_gzip_archive_names_the_entry_where_it_ends() {
     let img = s.path().join("whole.ext4");
     build_image(&img, &[&gz]);
     fsck_clean(&img);
+}
+
+/// Extraction cannot leave DEST or run away, whatever the image holds: a
+/// symlink and a file of the same name (the file used to be written where
+/// the symlink pointed), a directory linked into itself (it used to recurse
+/// thousands of levels), and hard links come out as hard links. A single
+/// file goes onto /dev/null in place and replaces a regular file whole.
+#[test]
+fn extraction_stays_inside_and_ends_on_hostile_images() {
+    need_root();
+    tool("debugfs", "e2fsprogs");
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    let escaped = s.path().join("escaped");
+    fs::write(&escaped, "untouched\n").unwrap();
+    symlink(&escaped, src.join("a")).unwrap();
+    fs::write(src.join("b"), "pwned\n").unwrap();
+    fs::write(src.join("dir/f"), "linked\n").unwrap();
+    fs::hard_link(src.join("dir/f"), src.join("g")).unwrap();
+    let extract = |img: &Path, path: &str, dest: &Path| {
+        umlctl_os([
+            Path::new("image"),
+            Path::new("extract"),
+            img,
+            Path::new(path),
+            dest,
+        ])
+    };
+
+    // The file entry renamed to the symlink's name.
+    let twin = patched_root_entry(s.path(), &src, b'b', b'a', "twin.img");
+    let dest = s.path().join("out-twin");
+    let out = extract(&twin, "/", &dest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("File exists"), "{err}");
+    assert_eq!(fs::read_to_string(&escaped).unwrap(), "untouched\n");
+    assert!(!dest.exists(), "a failed extract left {}", dest.display());
+
+    // A directory linked into itself.
+    let img = s.path().join("plain.img");
+    build_image(&img, &[&src]);
+    let looped = s.path().join("loop.img");
+    fs::copy(&img, &looped).unwrap();
+    sh(&format!(
+        "debugfs -w -R 'link /dir /dir/again' '{}' 2>/dev/null",
+        looped.display()
+    ));
+    let dest = s.path().join("out-loop");
+    let out = extract(&looped, "/", &dest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("out-loop/dir/again: the image links directory inode"), "{err}");
+    assert!(!dest.exists(), "a failed extract left {}", dest.display());
+
+    // Hard links stay hard links.
+    let dest = s.path().join("out");
+    assert_ok(&extract(&img, "/", &dest), "extract");
+    let (a, b) = (
+        fs::metadata(dest.join("dir/f")).unwrap(),
+        fs::metadata(dest.join("g")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+
+    // One file onto /dev/null: written in place, /dev/null stays a device.
+    assert_ok(&extract(&img, "/g", Path::new("/dev/null")), "extract to /dev/null");
+    assert!(fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    // Onto a regular file: replaced whole.
+    let old = s.path().join("old");
+    fs::write(&old, "a much longer old content\n").unwrap();
+    assert_ok(&extract(&img, "/g", &old), "extract over a file");
+    assert_eq!(fs::read_to_string(&old).unwrap(), "linked\n");
 }
