@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -237,6 +237,15 @@ struct Ingest {
     buf: Vec<u8>,
 }
 
+/// One file's content as it is being read: its digest so far, its
+/// non-zero runs, and where it has got to.
+struct Progressing {
+    hasher: Sha256,
+    runs: Vec<Run>,
+    total: u64,
+    lblk: u64,
+}
+
 impl Ingest {
     /// Read `size` bytes (or to the end when `exact` is false) from `r`.
     fn read(
@@ -246,19 +255,102 @@ impl Ingest {
         exact: bool,
         mut spool: Option<&mut Spool>,
     ) -> Result<(FileData, u64), IngestError> {
+        let mut p = Progressing {
+            hasher: Sha256::new(),
+            runs: Vec::new(),
+            total: 0,
+            lblk: 0,
+        };
+        self.feed(&mut p, r, size, exact, spool.as_deref_mut())?;
+        let n = p.total;
+        Ok((p.finish(), n))
+    }
+
+    /// Read a host file of `size` bytes, skipping its holes
+    /// (SEEK_DATA/SEEK_HOLE): a 20 GiB sparse file costs only its data and
+    /// the hashing of its zeros. The result is the same as [`Ingest::read`]
+    /// gives (all-zero blocks are holes either way). Where the filesystem
+    /// cannot say, the file is read whole.
+    fn read_sparse(
+        &mut self,
+        f: &mut File,
+        size: u64,
+        mut spool: Option<&mut Spool>,
+    ) -> Result<(FileData, u64), IngestError> {
+        use std::os::fd::AsRawFd;
+        let blk = BLOCK as u64;
+        let mut p = Progressing {
+            hasher: Sha256::new(),
+            runs: Vec::new(),
+            total: 0,
+            lblk: 0,
+        };
+        let fd = f.as_raw_fd();
+        let seek = |whence: libc::c_int, at: u64| -> Option<u64> {
+            // SAFETY: lseek on a descriptor we own; no memory is touched.
+            let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+            (r >= 0).then_some(r as u64)
+        };
+        loop {
+            if p.total >= size {
+                break;
+            }
+            // The next data, rounded down to a block (data of a partial
+            // block is read with its zeros); none: the rest is a hole.
+            let data = match seek(libc::SEEK_DATA, p.total) {
+                Some(d) => (d / blk * blk).max(p.total).min(size),
+                None => {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::ENXIO) {
+                        size
+                    } else if p.total == 0 {
+                        // No SEEK_DATA here: read it whole.
+                        f.seek(std::io::SeekFrom::Start(0)).map_err(IngestError::Read)?;
+                        return self.read(f, size, false, spool);
+                    } else {
+                        return Err(IngestError::Read(e));
+                    }
+                }
+            };
+            p.zeros(data - p.total);
+            if data >= size {
+                break;
+            }
+            let hole = seek(libc::SEEK_HOLE, data)
+                .map(|h| h.div_ceil(blk) * blk)
+                .unwrap_or(size)
+                .min(size);
+            f.seek(std::io::SeekFrom::Start(data)).map_err(IngestError::Read)?;
+            let want = hole - data;
+            let before = p.total;
+            self.feed(&mut p, &mut *f, want, false, spool.as_deref_mut())?;
+            if p.total - before < want {
+                // The file shrank while it was read: the caller sees the
+                // short count.
+                break;
+            }
+        }
+        let n = p.total;
+        Ok((p.finish(), n))
+    }
+
+    /// Read `size` bytes (or to the end when `exact` is false) from `r` into
+    /// `p`; `p.total` must be a multiple of the block size unless this is
+    /// the file's last piece.
+    fn feed(
+        &mut self,
+        p: &mut Progressing,
+        r: &mut dyn Read,
+        size: u64,
+        exact: bool,
+        mut spool: Option<&mut Spool>,
+    ) -> Result<(), IngestError> {
         if self.buf.is_empty() {
             self.buf = vec![0; 1 << 20];
         }
-        let mut hasher = Sha256::new();
-        let mut runs: Vec<Run> = Vec::new();
-        let mut total = 0u64;
-        let mut lblk = 0u64;
+        let mut done = 0u64;
         loop {
-            let want = if exact {
-                (size - total).min(self.buf.len() as u64) as usize
-            } else {
-                self.buf.len()
-            };
+            let want = (size - done).min(self.buf.len() as u64) as usize;
             if want == 0 {
                 break;
             }
@@ -283,7 +375,7 @@ impl Ingest {
                 }
                 break;
             }
-            hasher.update(&self.buf[..got]);
+            p.hasher.update(&self.buf[..got]);
             let padded = got.div_ceil(BLOCK) * BLOCK;
             self.buf[got..padded].fill(0);
             let mut i = 0;
@@ -297,20 +389,19 @@ impl Ingest {
                 while i < padded && !is_zero(&self.buf[i..i + BLOCK]) {
                     i += BLOCK;
                 }
-                let l = lblk + (start / BLOCK) as u64;
+                let mut l = p.lblk + (start / BLOCK) as u64;
                 let n = ((i - start) / BLOCK) as u64;
-                let mut l = l;
                 let pieces = match spool.as_deref_mut() {
                     Some(s) => s.append(&self.buf[start..i]).map_err(IngestError::Write)?,
                     None => vec![(l * BLOCK as u64, n * BLOCK as u64)],
                 };
                 for (src, bytes) in pieces {
                     let n = bytes / BLOCK as u64;
-                    match runs.last_mut() {
+                    match p.runs.last_mut() {
                         Some(r) if r.lblk + r.len == l && r.src + r.len * BLOCK as u64 == src => {
                             r.len += n
                         }
-                        _ => runs.push(Run {
+                        _ => p.runs.push(Run {
                             lblk: l,
                             len: n,
                             src,
@@ -319,18 +410,38 @@ impl Ingest {
                     l += n;
                 }
             }
-            total += got as u64;
-            lblk += (padded / BLOCK) as u64;
+            p.total += got as u64;
+            done += got as u64;
+            p.lblk += (padded / BLOCK) as u64;
             if got < want && !exact {
                 break;
             }
         }
-        let data = FileData {
-            size: total,
-            sha256: hasher.finalize().into(),
-            runs,
-        };
-        Ok((data, total))
+        Ok(())
+    }
+}
+
+impl Progressing {
+    /// `n` zero bytes (a hole of the source; `n` a multiple of the block
+    /// size unless it ends the file).
+    fn zeros(&mut self, mut n: u64) {
+        const Z: [u8; 64 * 1024] = [0; 64 * 1024];
+        let blocks = n.div_ceil(BLOCK as u64);
+        self.total += n;
+        while n > 0 {
+            let k = n.min(Z.len() as u64) as usize;
+            self.hasher.update(&Z[..k]);
+            n -= k as u64;
+        }
+        self.lblk += blocks;
+    }
+
+    fn finish(self) -> FileData {
+        FileData {
+            size: self.total,
+            sha256: self.hasher.finalize().into(),
+            runs: self.runs,
+        }
     }
 }
 
@@ -1101,7 +1212,7 @@ impl<'p> Builder<'p> {
                 let mut f = File::open(&host).map_err(|e| io_err("open", e))?;
                 let (data, n) = self
                     .ingest
-                    .read(&mut f, md.len(), false, Some(&mut self.spool))
+                    .read_sparse(&mut f, md.len(), Some(&mut self.spool))
                     .map_err(|e| match e {
                         IngestError::Read(e) => io_err("read", e),
                         IngestError::Write(source) => SourceError::Output {

@@ -1328,3 +1328,59 @@ fn extraction_stays_inside_and_ends_on_hostile_images() {
     assert_ok(&extract(&img, "/g", &old), "extract over a file");
     assert_eq!(fs::read_to_string(&old).unwrap(), "linked\n");
 }
+
+/// A directory source's sparse files are read by their data only
+/// (SEEK_DATA/SEEK_HOLE) and give the very bytes a dense copy gives.
+#[test]
+fn sparse_directory_sources_give_the_same_image_as_dense_copies() {
+    let s = scratch();
+    let (sparse, dense) = (s.path().join("sparse"), s.path().join("dense"));
+    fs::create_dir_all(&sparse).unwrap();
+    fs::create_dir_all(&dense).unwrap();
+    let write_at = |f: &Path, at: u64, data: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let file = fs::OpenOptions::new().write(true).create(true).truncate(false).open(f).unwrap();
+        file.write_all_at(data, at).unwrap();
+    };
+    // Data at odd offsets, across block edges, at the very end, and none.
+    let f = sparse.join("holes");
+    fs::File::create(&f).unwrap().set_len(64 << 20).unwrap();
+    for (at, data) in [
+        (1u64, &b"start"[..]),
+        (4095, b"edge"),
+        ((8 << 20) + 7, b"middle"),
+        ((64 << 20) - 3, b"end"),
+    ] {
+        write_at(&f, at, data);
+    }
+    fs::File::create(sparse.join("empty-but-long")).unwrap().set_len(5 << 20).unwrap();
+    let f = sparse.join("tail-hole");
+    write_at(&f, 0, b"head");
+    fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(3 << 20).unwrap();
+    sh(&format!(
+        "cp --sparse=never -a {}/. {}/ && touch -r {} {}",
+        sparse.display(),
+        dense.display(),
+        sparse.display(),
+        dense.display()
+    ));
+    let (a, b) = (s.path().join("a.ext4"), s.path().join("b.ext4"));
+    for (src, img) in [(&sparse, &a), (&dense, &b)] {
+        assert_ok(
+            &umlctl_os([
+                Path::new("image"),
+                Path::new("build"),
+                Path::new("--epoch"),
+                Path::new("1"),
+                Path::new("-o"),
+                img,
+                src,
+            ]),
+            "build",
+        );
+    }
+    assert!(fs::read(&a).unwrap() == fs::read(&b).unwrap(), "the images differ");
+    fsck_clean(&a);
+    let out = umlctl_os([Path::new("image"), Path::new("cat"), &a, Path::new("/holes")]);
+    assert_eq!(sha256(&out.stdout), sha256_file(&sparse.join("holes")));
+}
