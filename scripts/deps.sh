@@ -28,3 +28,14 @@ ensure_cargo() {
     exit 1
   fi
 }
+
+ensure_clippy() {
+  if ! cargo clippy --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+      rustup component add clippy >&2
+    else
+      echo "error: cargo clippy is missing; install it with your Rust (rustup component add clippy)" >&2
+      exit 1
+    fi
+  fi
+}

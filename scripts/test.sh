@@ -20,8 +20,15 @@ ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static 
   attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
   nftables
 ensure_cargo
+ensure_clippy
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.
 cargo build --workspace --locked
+# The workspace lints (Cargo.toml) and clippy's defaults, as errors; the
+# tests run either way.
+set +e
+cargo clippy --workspace --all-targets --locked -- -D warnings
+lint_rc=$?
+set -e
 # Every test binary runs even when an earlier one fails; the last line says
 # what failed.
 log=$(mktemp)
@@ -31,9 +38,12 @@ cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 failed=$(sed -nE 's/^test (.*) \.\.\. FAILED$/\1/p' "$log" | sort -u | tr '\n' ' ')
-if [ "$rc" -eq 0 ]; then
-  echo "scripts/test.sh: every test passed"
+if [ "$rc" -eq 0 ] && [ "$lint_rc" -eq 0 ]; then
+  echo "scripts/test.sh: every test passed, clippy clean"
+elif [ "$rc" -eq 0 ]; then
+  echo "scripts/test.sh: FAILED: clippy found problems (see above); every test passed"
+  rc=$lint_rc
 else
-  echo "scripts/test.sh: FAILED (exit $rc): ${failed:-a test binary failed to build or crashed; see above}"
+  echo "scripts/test.sh: FAILED (exit $rc): ${failed:-a test binary failed to build or crashed; see above}$([ "$lint_rc" -eq 0 ] || echo '; clippy found problems too')"
 fi
 exit "$rc"

@@ -112,17 +112,22 @@ fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
+fn bytes<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[off..off + N]);
+    a
+}
 fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+    u32::from_be_bytes(bytes(b, off))
 }
 fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+    u32::from_le_bytes(bytes(b, off))
 }
 fn be64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+    u64::from_be_bytes(bytes(b, off))
 }
 fn le64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+    u64::from_le_bytes(bytes(b, off))
 }
 fn cstr_path(b: &[u8]) -> PathBuf {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
@@ -826,12 +831,16 @@ impl TempFile {
         )))
     }
 
+    // `file` is Some from creation until `persist` consumes self.
+    #[allow(clippy::expect_used)]
     fn file(&self) -> &File {
         self.file.as_ref().expect("open until persisted")
     }
 
     /// fsync, then rename onto `dest`; with `replace == false` fail if
     /// `dest` exists.
+    // `file` is Some from creation until here, which consumes self.
+    #[allow(clippy::expect_used)]
     fn persist(mut self, dest: &Path, replace: bool) -> Result<()> {
         let f = self.file.take().expect("open until persisted");
         f.sync_all().map_err(io_err("fsync", &self.path))?;

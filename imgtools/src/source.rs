@@ -253,7 +253,7 @@ impl Ingest {
         r: &mut dyn Read,
         size: u64,
         exact: bool,
-        mut spool: Option<&mut Spool>,
+        spool: Option<&mut Spool>,
     ) -> Result<(FileData, u64), IngestError> {
         let mut p = Progressing {
             hasher: Sha256::new(),
@@ -261,7 +261,7 @@ impl Ingest {
             total: 0,
             lblk: 0,
         };
-        self.feed(&mut p, r, size, exact, spool.as_deref_mut())?;
+        self.feed(&mut p, r, size, exact, spool)?;
         let n = p.total;
         Ok((p.finish(), n))
     }
@@ -425,7 +425,7 @@ impl Progressing {
     /// `n` zero bytes (a hole of the source; `n` a multiple of the block
     /// size unless it ends the file).
     fn zeros(&mut self, mut n: u64) {
-        const Z: [u8; 64 * 1024] = [0; 64 * 1024];
+        static Z: [u8; 64 * 1024] = [0; 64 * 1024];
         let blocks = n.div_ceil(BLOCK as u64);
         self.total += n;
         while n > 0 {

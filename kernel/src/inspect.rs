@@ -240,7 +240,13 @@ fn run_quietly(path: &Path, arg: &str) -> Result<String> {
         .spawn()
         .map_err(|e| Error::io("execute kernel", path, e))?;
     let mut out = Vec::new();
-    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stdout = child.stdout.take().ok_or_else(|| {
+        Error::io(
+            "read the output of",
+            path,
+            std::io::Error::other("no stdout pipe"),
+        )
+    })?;
     // The output is small (a release, or a .config of ~100 KiB); read it in
     // a thread so a misbehaving binary cannot make us wait forever.
     let reader = std::thread::spawn(move || {

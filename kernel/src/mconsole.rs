@@ -73,7 +73,7 @@ pub fn decode_reply(b: &[u8]) -> Result<ReplyPacket, McError> {
             String::from_utf8_lossy(b)
         )));
     }
-    let u = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let (err, more, len) = (u(0), u(4), u(8) as usize);
     if len > MAX_DATA || 12 + len > b.len() {
         return Err(McError::BadReply(format!(
@@ -251,7 +251,7 @@ pub fn decode_notify(b: &[u8]) -> Result<Notify, McError> {
             b.len()
         )));
     }
-    let u = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     if u(0) != MAGIC {
         return Err(McError::BadReply(format!("notification magic {:#x}", u(0))));
     }

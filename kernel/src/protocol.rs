@@ -131,12 +131,14 @@ mod bytes_one {
 impl InitSpec {
     /// The control-line messages that carry this spec.
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).expect("InitSpec serializes");
+        // Plain data (strings, numbers, byte vectors): serializing cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
         let b64 = B64.encode(json);
         let mut out = String::with_capacity(b64.len() + b64.len() / CHUNK * 6 + 8);
         for chunk in b64.as_bytes().chunks(CHUNK) {
             out.push_str("spec ");
-            out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
+            // Base64 is ASCII.
+            out.push_str(&String::from_utf8_lossy(chunk));
             out.push('\n');
         }
         out.push_str("end\n");

@@ -39,17 +39,19 @@ impl Reaper {
     pub fn spawn(exe: &Path, rundir: &Path) -> Result<Reaper> {
         let bad = |what: &str| Error::Usage(format!("{what} contains a NUL byte"));
         let exe_c = CString::new(exe.as_os_str().as_bytes()).map_err(|_| bad("umlctl path"))?;
-        let arg0 = CString::new("umlctl-reaper").expect("no NUL");
+        let arg0 = CString::from(c"umlctl-reaper");
         let env =
             CString::new([CLEAN_ENV.as_bytes(), b"=", rundir.as_os_str().as_bytes()].concat())
                 .map_err(|_| bad("run directory"))?;
-        let devnull = CString::new("/dev/null").expect("no NUL");
+        let devnull = CString::from(c"/dev/null");
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::sys("pipe", errno(e)))?;
         let rfd = r.as_raw_fd();
         // SAFETY: the child runs `reaper_child`, which only makes
         // async-signal-safe system calls and never returns.
         match unsafe { fork() }.map_err(|e| Error::sys("fork the reaper", errno(e)))? {
+            // SAFETY: in the forked child; reaper_child never returns and
+            // only makes async-signal-safe calls on these prepared strings.
             ForkResult::Child => unsafe { reaper_child(rfd, &exe_c, &arg0, &env, &devnull) },
             ForkResult::Parent { child } => {
                 drop(r);

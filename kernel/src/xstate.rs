@@ -235,7 +235,9 @@ mod tests {
     /// SET `len` bytes of XSTATE with a pattern in XMM0 on a stopped child;
     /// returns (SET result, whether a full GET afterwards shows the pattern).
     fn short_set_on_a_child(len: usize) -> (Result<(), i32>, bool) {
+        // SAFETY: the test child only makes async-signal-safe calls.
         let child = match unsafe { fork() }.unwrap() {
+            // SAFETY: plain system calls in the forked child, which exits.
             ForkResult::Child => unsafe {
                 libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
                 libc::kill(libc::getpid(), libc::SIGSTOP);
@@ -252,6 +254,8 @@ mod tests {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: len,
             };
+            // SAFETY: iov describes `len` bytes of buf, which outlives the
+            // call; the child is stopped under our trace.
             let r = unsafe {
                 libc::ptrace(
                     req,

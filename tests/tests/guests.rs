@@ -295,6 +295,7 @@ fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
         .to_string();
     assert!(name.starts_with("guest-"), "{name}");
     let pid = env.ps().as_array().unwrap()[0]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t = Instant::now();
     while env.state(&name).as_deref() == Some("running") && t.elapsed() < Duration::from_secs(10) {

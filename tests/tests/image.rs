@@ -21,11 +21,8 @@ fn umlctl_os<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(args: I) -> O
 
 fn need_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the image tests run as root (loop mounts, mknod, chown)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the image tests run as root (loop mounts, mknod, chown)");
 }
 
 fn tool(name: &str, pkg: &str) {

@@ -27,11 +27,8 @@ fn sh(script: &str) -> Output {
 
 fn need_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the netd tests run as root (network namespaces, taps)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the netd tests run as root (network namespaces, taps)");
     assert!(
         sh("command -v ip").status.success(),
         "ip is missing: apt-get install iproute2"
@@ -1265,7 +1262,9 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
     );
     assert_eq!(d.ns.taps().len(), 1);
     let pid = g["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill has no memory effects.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
+    // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until(
         || d.ns.taps().is_empty(),

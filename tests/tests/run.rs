@@ -269,6 +269,7 @@ fn sigterm_to_umlctl_reaches_the_command() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let t = Instant::now();
+    // SAFETY: kill has no memory effects.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
