@@ -7,12 +7,15 @@
 # manifest's sha256 is of the whole content); mke2fs hashes nothing.
 #
 #   bench/sparse.sh           WORK=/somewhere bench/sparse.sh 50
+#   UMLCTL=/path/to/umlctl bench/sparse.sh   (a binary built elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GIB=${1:-20}
 WORK=${WORK:-/var/tmp/umlctl-bench-sparse}
-cargo build --release -q -p umlctl
-UMLCTL=$(realpath target/release/umlctl)
+if [ -z "${UMLCTL:-}" ]; then
+  cargo build --release -q -p umlctl
+  UMLCTL=$(realpath target/release/umlctl)
+fi
 command -v mke2fs >/dev/null || { echo "mke2fs missing: apt-get install e2fsprogs" >&2; exit 1; }
 
 rm -rf "$WORK" && mkdir -p "$WORK/src"
