@@ -78,7 +78,7 @@ impl Guest {
     fn fail(&mut self, msg: String) -> ! {
         console(&msg);
         self.report(&Status::Error(msg));
-        power_off(125)
+        power_off(crate::exit::FAILURE)
     }
 }
 
@@ -633,7 +633,7 @@ pub fn main() -> ! {
     let Some(resolved) = resolve(&spec) else {
         let msg = format!("{prog_name}: command not found");
         g.report(&Status::NotFound(msg));
-        power_off(127);
+        power_off(crate::exit::NOT_FOUND);
     };
 
     let mut cmd = Command::new(OsStr::from_bytes(&resolved));
@@ -715,10 +715,10 @@ pub fn main() -> ! {
             let msg = format!("{prog_name}: {e}");
             if e.kind() == std::io::ErrorKind::NotFound {
                 g.report(&Status::NotFound(msg));
-                power_off(127);
+                power_off(crate::exit::NOT_FOUND);
             }
             g.report(&Status::NotExecutable(msg));
-            power_off(126);
+            power_off(crate::exit::NOT_EXECUTABLE);
         }
     };
     // Drop the command's ends of the pipes here, so EOFs arrive when it
@@ -788,8 +788,8 @@ pub fn main() -> ! {
     }
     let code = match status {
         Status::Exit(c) => c,
-        Status::Signal { signal, .. } => (128 + signal) as u8,
-        _ => 125,
+        Status::Signal { signal, .. } => crate::exit::signaled(signal) as u8,
+        _ => crate::exit::FAILURE,
     };
     g.report(&status);
     power_off(code)

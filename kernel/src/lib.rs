@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cmdline;
 pub mod detached;
 pub mod error;
+pub mod exit;
 pub mod guestnet;
 pub mod init;
 pub mod initroot;

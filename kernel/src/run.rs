@@ -1559,7 +1559,7 @@ fn outcome(
         total_ms: ms(t0, s.exited_at),
     };
     let mut o = RunOutcome {
-        exit_code: 125,
+        exit_code: i32::from(crate::exit::FAILURE),
         reason: Reason::BootFailed,
         signal: None,
         message: None,
@@ -1579,17 +1579,17 @@ fn outcome(
             o.reason = Reason::Exited;
         }
         Some(Status::Signal { signal, .. }) => {
-            o.exit_code = 128 + signal;
+            o.exit_code = crate::exit::signaled(signal);
             o.reason = Reason::Signaled;
             o.signal = Some(signal);
         }
         Some(Status::NotFound(m)) => {
-            o.exit_code = 127;
+            o.exit_code = i32::from(crate::exit::NOT_FOUND);
             o.reason = Reason::NotFound;
             o.message = Some(m);
         }
         Some(Status::NotExecutable(m)) => {
-            o.exit_code = 126;
+            o.exit_code = i32::from(crate::exit::NOT_EXECUTABLE);
             o.reason = Reason::NotExecutable;
             o.message = Some(m);
         }
@@ -1602,11 +1602,11 @@ fn outcome(
         | Some(Status::Credit(_))
         | None => {
             if s.timed_out {
-                o.exit_code = 124;
+                o.exit_code = i32::from(crate::exit::TIMEOUT);
                 o.reason = Reason::Timeout;
                 o.message = Some("timed out; the guest was stopped".into());
             } else if let Some(sig) = s.interrupted {
-                o.exit_code = 128 + sig;
+                o.exit_code = crate::exit::signaled(sig);
                 o.reason = Reason::Interrupted;
                 o.signal = Some(sig);
                 o.message = Some(format!(
