@@ -19,7 +19,7 @@ pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         })
-        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
+        .unwrap_or_else(|| PathBuf::from(crate::protocol::DEFAULT_SOCKET))
 }
 
 /// What went wrong talking to netd.

@@ -159,8 +159,7 @@ enum IdRef {
     Name(String),
 }
 
-/// The default socket path.
-pub const DEFAULT_SOCKET: &str = "/run/umlctl/netd.sock";
+pub use crate::protocol::DEFAULT_SOCKET;
 /// The default state file.
 pub const DEFAULT_STATE: &str = "/run/umlctl/netd.state";
 /// Taps per user when a rule does not say.

@@ -10,14 +10,23 @@
 //! * [`nat`]: masquerading to the uplink, nftables over netlink (never `nft`);
 //! * [`daemon`]: the daemon loop; [`client`]: the blocking client.
 //!
-//! A leaf crate: it depends on none of umlctl's other crates.
+//! A leaf crate: it depends on none of umlctl's other crates. Without its
+//! `daemon` feature (on by default) it is the client side only —
+//! [`protocol`], [`client`], [`tap`] — on std, serde and nix; umlctl's
+//! kernel crate uses it so.
 
 pub mod client;
+#[cfg(feature = "daemon")]
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
 pub mod lease;
+#[cfg(feature = "daemon")]
 pub mod link;
+#[cfg(feature = "daemon")]
 pub mod nat;
+#[cfg(feature = "daemon")]
 pub mod policy;
 pub mod protocol;
 pub mod tap;

@@ -12,6 +12,10 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+/// Where netd listens unless its config says otherwise (and where clients
+/// look unless told).
+pub const DEFAULT_SOCKET: &str = "/run/umlctl/netd.sock";
+
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
 
