@@ -362,11 +362,12 @@ pub fn write_content<R: ReadAt, W: std::io::Write>(
     let mut left = node.size.saturating_sub(pos);
     while left > 0 {
         let k = left.min(zeros.len() as u64) as usize;
-        w.write_all(&zeros[..k]).map_err(|source| ExtractError::Io {
-            path: name.into(),
-            op: "write",
-            source,
-        })?;
+        w.write_all(&zeros[..k])
+            .map_err(|source| ExtractError::Io {
+                path: name.into(),
+                op: "write",
+                source,
+            })?;
         left -= k as u64;
     }
     w.flush().map_err(|source| ExtractError::Io {

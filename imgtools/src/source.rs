@@ -305,7 +305,8 @@ impl Ingest {
                         size
                     } else if p.total == 0 {
                         // No SEEK_DATA here: read it whole.
-                        f.seek(std::io::SeekFrom::Start(0)).map_err(IngestError::Read)?;
+                        f.seek(std::io::SeekFrom::Start(0))
+                            .map_err(IngestError::Read)?;
                         return self.read(f, size, false, spool);
                     } else {
                         return Err(IngestError::Read(e));
@@ -320,7 +321,8 @@ impl Ingest {
                 .map(|h| h.div_ceil(blk) * blk)
                 .unwrap_or(size)
                 .min(size);
-            f.seek(std::io::SeekFrom::Start(data)).map_err(IngestError::Read)?;
+            f.seek(std::io::SeekFrom::Start(data))
+                .map_err(IngestError::Read)?;
             let want = hole - data;
             let before = p.total;
             self.feed(&mut p, &mut *f, want, false, spool.as_deref_mut())?;
@@ -1137,7 +1139,9 @@ impl<'p> Builder<'p> {
         };
         let why = match e.kind() {
             std::io::ErrorKind::UnexpectedEof => format!("the archive ends early{at} (truncated?)"),
-            _ => format!("cannot read the archive{at}: {e} (corrupt or not a tar, tar.gz or tar.zst?)"),
+            _ => format!(
+                "cannot read the archive{at}: {e} (corrupt or not a tar, tar.gz or tar.zst?)"
+            ),
         };
         SourceError::Format {
             path: path.into(),

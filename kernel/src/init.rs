@@ -419,7 +419,11 @@ fn relay_out(mut from: File, mut to: File) -> std::thread::JoinHandle<File> {
         let param = libc::sched_param {
             sched_priority: i32::from(on),
         };
-        let policy = if on { libc::SCHED_FIFO } else { libc::SCHED_OTHER };
+        let policy = if on {
+            libc::SCHED_FIFO
+        } else {
+            libc::SCHED_OTHER
+        };
         // SAFETY: sets the calling thread's own policy; param is valid.
         unsafe { libc::sched_setscheduler(0, policy, &param) };
     }

@@ -280,9 +280,7 @@ pub fn parse(output: &str) -> Report {
                 Some(f) if nested && ind == f.indent && f.name.is_none() && f.tests.is_empty() => {
                     f.name = Some(name)
                 }
-                _ if ind > top_indent && room => {
-                    stack.push(Frame::new(ind, Some(name)))
-                }
+                _ if ind > top_indent && room => stack.push(Frame::new(ind, Some(name))),
                 _ => push_log(&mut stack, c),
             }
             continue;
@@ -714,11 +712,23 @@ reboot: System halted
         let _ = junit(&r, "deep");
 
         let long = "x".repeat(1 << 20);
-        let r = parse(&format!("KTAP version 1\n1..1\nnot ok 1 {long} # SKIP {long}\n"));
-        assert!(r.tests[0].name.len() <= MAX_NAME + 3, "{}", r.tests[0].name.len());
+        let r = parse(&format!(
+            "KTAP version 1\n1..1\nnot ok 1 {long} # SKIP {long}\n"
+        ));
+        assert!(
+            r.tests[0].name.len() <= MAX_NAME + 3,
+            "{}",
+            r.tests[0].name.len()
+        );
         assert!(r.tests[0].reason.as_ref().unwrap().len() <= MAX_NAME + 3);
         assert_eq!(r.tests[0].status, Status::Skipped);
         // Cutting is on a character boundary.
-        assert_eq!(bounded(&"é".repeat(200)).chars().filter(|c| *c == 'é').count(), 128);
+        assert_eq!(
+            bounded(&"é".repeat(200))
+                .chars()
+                .filter(|c| *c == 'é')
+                .count(),
+            128
+        );
     }
 }

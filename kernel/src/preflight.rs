@@ -315,7 +315,10 @@ pub fn check_tmp_exec() -> Check {
             dir,
             warning: None,
             note: None,
-        }) => ok(NAME, format!("PROT_EXEC mappings work in {}", dir.display())),
+        }) => ok(
+            NAME,
+            format!("PROT_EXEC mappings work in {}", dir.display()),
+        ),
         Ok(MemoryDir { warning, note, .. }) => ok(
             NAME,
             format!(
@@ -326,7 +329,9 @@ pub fn check_tmp_exec() -> Check {
         Err(crate::Error::Host { detail, fix, .. }) => bad(
             NAME,
             Level::Warn,
-            format!("{detail}\n(matters only with --no-jail: jailed guests use the jail's own tmpfs)"),
+            format!(
+                "{detail}\n(matters only with --no-jail: jailed guests use the jail's own tmpfs)"
+            ),
             fix,
         ),
         Err(e) => bad(
@@ -370,9 +375,7 @@ fn tempfile_in(dir: &Path) -> io::Result<fs::File> {
         .mode(0o600)
         .open(dir);
     match tmp {
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            tempfile::tempfile_in(dir)
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => tempfile::tempfile_in(dir),
         other => other,
     }
 }

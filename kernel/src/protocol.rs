@@ -411,8 +411,17 @@ mod tests {
     #[test]
     fn mutated_lines_never_panic_and_round_trip() {
         let seeds = [
-            "hello", "ready", "started", "exit 3", "signal 9 core", "credit 4096",
-            "notfound sh: x", "noexec y", "error z", "winsize 24 80", "stdin-eof 7",
+            "hello",
+            "ready",
+            "started",
+            "exit 3",
+            "signal 9 core",
+            "credit 4096",
+            "notfound sh: x",
+            "noexec y",
+            "error z",
+            "winsize 24 80",
+            "stdin-eof 7",
             "signal 15",
         ];
         let mut x = 0x9E3779B97F4A7C15u64;
@@ -423,7 +432,9 @@ mod tests {
             x
         };
         for _ in 0..20_000 {
-            let mut b = seeds[(next() % seeds.len() as u64) as usize].as_bytes().to_vec();
+            let mut b = seeds[(next() % seeds.len() as u64) as usize]
+                .as_bytes()
+                .to_vec();
             for _ in 0..next() % 4 {
                 let r = next();
                 let at = (r >> 8) as usize % (b.len() + 1);
@@ -459,4 +470,3 @@ mod tests {
         }
     }
 }
-

@@ -350,13 +350,17 @@ fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
     let ps = String::from_utf8_lossy(&env.umlctl(&["ps", "--all"]).stdout).into_owned();
     for n in ["bad", "empty", "young"] {
         assert!(
-            ps.lines().any(|l| l.starts_with(n) && l.contains("damaged")),
+            ps.lines()
+                .any(|l| l.starts_with(n) && l.contains("damaged")),
             "{ps}"
         );
     }
     let out = env.ok(&["gc"]);
     assert!(out.contains("removed bad (damaged record:"), "{out}");
-    assert!(out.contains("removed empty (damaged record: no record"), "{out}");
+    assert!(
+        out.contains("removed empty (damaged record: no record"),
+        "{out}"
+    );
     assert!(!bad.exists() && !empty.exists());
     assert!(young.exists(), "gc removed a guest that may be starting");
 }

@@ -22,7 +22,10 @@ fn umlctl_os<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(args: I) -> O
 fn need_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the image tests run as root (loop mounts, mknod, chown)");
+    assert_eq!(
+        euid, 0,
+        "the image tests run as root (loop mounts, mknod, chown)"
+    );
 }
 
 fn tool(name: &str, pkg: &str) {
@@ -1130,7 +1133,11 @@ fn many_small_files_size_the_image_by_their_inodes() {
         fs::File::create(src.join("d").join(i.to_string())).unwrap();
     }
     let inodes = |img: &Path| -> u64 {
-        let out = Command::new("dumpe2fs").arg("-h").arg(img).output().unwrap();
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(img)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .find_map(|l| l.strip_prefix("Inode count:"))
@@ -1156,7 +1163,12 @@ fn many_small_files_size_the_image_by_their_inodes() {
     );
     fsck_clean(&given);
     assert_eq!(inodes(&given), 120_000);
-    let out = umlctl_os([Path::new("image"), Path::new("ls"), &auto, Path::new("/d/39999")]);
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("ls"),
+        &auto,
+        Path::new("/d/39999"),
+    ]);
     assert_ok(&out, "ls the last file");
 }
 
@@ -1175,7 +1187,11 @@ fn a_full_output_filesystem_is_named_and_nothing_is_left() {
     fs::write(src.join("big"), &big).unwrap();
     fs::write(src.join("small"), "hi\n").unwrap();
     let tar = s.path().join("s.tar");
-    sh(&format!("tar -C {} -cf {} big small", src.display(), tar.display()));
+    sh(&format!(
+        "tar -C {} -cf {} big small",
+        src.display(),
+        tar.display()
+    ));
     let out = s.path().join("out");
     fs::create_dir_all(&out).unwrap();
     for (source, name) in [(&tar, "from-tar.ext4"), (&src, "from-dir.ext4")] {
@@ -1193,8 +1209,10 @@ fn a_full_output_filesystem_is_named_and_nothing_is_left() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(125), "{err}");
         assert!(
-            err.contains(&format!("{}: cannot write the image: No space left on device", img.display()))
-                && err.contains("the filesystem holding it is full"),
+            err.contains(&format!(
+                "{}: cannot write the image: No space left on device",
+                img.display()
+            )) && err.contains("the filesystem holding it is full"),
             "{err}"
         );
         assert!(!err.contains("cannot read the archive"), "{err}");
@@ -1234,15 +1252,27 @@ fn a_cut_gzip_archive_names_the_entry_where_it_ends() {
     let whole = fs::read(&gz).unwrap();
     let n = whole.len();
     for (cut, want) in [
-        (200_000, "entry \"a\": the archive ends inside this file's data"),
-        (400_000, "entry \"b\": the archive ends inside this file's data"),
+        (
+            200_000,
+            "entry \"a\": the archive ends inside this file's data",
+        ),
+        (
+            400_000,
+            "entry \"b\": the archive ends inside this file's data",
+        ),
         (n - 4, "the archive ends early after entry \"c\""),
         (n - 1, "the archive ends early after entry \"c\""),
     ] {
         let cut_gz = s.path().join(format!("cut-{cut}.tar.gz"));
         fs::write(&cut_gz, &whole[..cut]).unwrap();
         let img = s.path().join("never.ext4");
-        let out = umlctl_os([Path::new("image"), Path::new("build"), Path::new("-o"), &img, &cut_gz]);
+        let out = umlctl_os([
+            Path::new("image"),
+            Path::new("build"),
+            Path::new("-o"),
+            &img,
+            &cut_gz,
+        ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "cut at {cut} of {n}: {err}");
         assert!(err.contains(want), "cut at {cut} of {n}: {err}");
@@ -1304,7 +1334,10 @@ fn extraction_stays_inside_and_ends_on_hostile_images() {
     let out = extract(&looped, "/", &dest);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
-    assert!(err.contains("out-loop/dir/again: the image links directory inode"), "{err}");
+    assert!(
+        err.contains("out-loop/dir/again: the image links directory inode"),
+        "{err}"
+    );
     assert!(!dest.exists(), "a failed extract left {}", dest.display());
 
     // Hard links stay hard links.
@@ -1317,8 +1350,14 @@ fn extraction_stays_inside_and_ends_on_hostile_images() {
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
 
     // One file onto /dev/null: written in place, /dev/null stays a device.
-    assert_ok(&extract(&img, "/g", Path::new("/dev/null")), "extract to /dev/null");
-    assert!(fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    assert_ok(
+        &extract(&img, "/g", Path::new("/dev/null")),
+        "extract to /dev/null",
+    );
+    assert!(fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
     // Onto a regular file: replaced whole.
     let old = s.path().join("old");
     fs::write(&old, "a much longer old content\n").unwrap();
@@ -1336,7 +1375,12 @@ fn sparse_directory_sources_give_the_same_image_as_dense_copies() {
     fs::create_dir_all(&dense).unwrap();
     let write_at = |f: &Path, at: u64, data: &[u8]| {
         use std::os::unix::fs::FileExt;
-        let file = fs::OpenOptions::new().write(true).create(true).truncate(false).open(f).unwrap();
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(f)
+            .unwrap();
         file.write_all_at(data, at).unwrap();
     };
     // Data at odd offsets, across block edges, at the very end, and none.
@@ -1350,10 +1394,18 @@ fn sparse_directory_sources_give_the_same_image_as_dense_copies() {
     ] {
         write_at(&f, at, data);
     }
-    fs::File::create(sparse.join("empty-but-long")).unwrap().set_len(5 << 20).unwrap();
+    fs::File::create(sparse.join("empty-but-long"))
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
     let f = sparse.join("tail-hole");
     write_at(&f, 0, b"head");
-    fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(3 << 20).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
     sh(&format!(
         "cp --sparse=never -a {}/. {}/ && touch -r {} {}",
         sparse.display(),
@@ -1376,8 +1428,16 @@ fn sparse_directory_sources_give_the_same_image_as_dense_copies() {
             "build",
         );
     }
-    assert!(fs::read(&a).unwrap() == fs::read(&b).unwrap(), "the images differ");
+    assert!(
+        fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+        "the images differ"
+    );
     fsck_clean(&a);
-    let out = umlctl_os([Path::new("image"), Path::new("cat"), &a, Path::new("/holes")]);
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("cat"),
+        &a,
+        Path::new("/holes"),
+    ]);
     assert_eq!(sha256(&out.stdout), sha256_file(&sparse.join("holes")));
 }

@@ -787,7 +787,12 @@ fn output_written_just_before_a_guest_crash_is_kept() {
                 .arg("run")
                 .arg("--kernel")
                 .arg(&k)
-                .args(["--", "sh", "-c", "echo before; echo c > /proc/sysrq-trigger"])
+                .args([
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo before; echo c > /proc/sysrq-trigger",
+                ])
                 .env("UMLCTL_CACHE_DIR", cache_dir())
                 .stdin(std::process::Stdio::null())
                 .output()

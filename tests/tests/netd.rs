@@ -28,7 +28,10 @@ fn sh(script: &str) -> Output {
 fn need_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the netd tests run as root (network namespaces, taps)");
+    assert_eq!(
+        euid, 0,
+        "the netd tests run as root (network namespaces, taps)"
+    );
     assert!(
         sh("command -v ip").status.success(),
         "ip is missing: apt-get install iproute2"
@@ -1532,9 +1535,14 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
         "the host's resolv.conf was written"
     );
     // A routed guest's packets get out but nothing comes back.
-    let o = guest(&d, "routed0", "! busybox ping -c 2 -W 2 192.0.2.2", Who::Root)
-        .output()
-        .unwrap();
+    let o = guest(
+        &d,
+        "routed0",
+        "! busybox ping -c 2 -W 2 192.0.2.2",
+        Who::Root,
+    )
+    .output()
+    .unwrap();
     assert_ok(&o, "a routed guest gets no answer from the outside");
 
     // Inbound, with routes to both bridges on the outside: the routed guest
@@ -1625,7 +1633,10 @@ fn guests_behind_nat_reach_the_outside_under_the_uplinks_address_and_nothing_rea
     }
     assert!(d.ns.links().contains(&"br0".to_string()));
     let table = assert_ok(&nft_table(&d.ns), "the table for iso0");
-    assert!(!table.contains("masquerade"), "NAT without a NAT bridge:\n{table}");
+    assert!(
+        !table.contains("masquerade"),
+        "NAT without a NAT bridge:\n{table}"
+    );
     assert!(
         table.contains("iifname \"iso0\" ip daddr != 10.98.0.1 drop"),
         "{table}"

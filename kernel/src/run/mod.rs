@@ -1,0 +1,795 @@
+//! `run`: boot a guest, run one command in it, and pass its stdio and exit
+//! status through.
+//!
+//! The host side of the flow in DESIGN.md: locate and inspect the kernel,
+//! decide on the xstate shim, lay out a run directory, wire the command's
+//! stdio and the control/status lines to UML serial lines, start UML, and
+//! supervise it (signals, timeout, output, kernel log) until it exits; then
+//! turn whatever happened into one [`RunOutcome`] and remove everything the
+//! run created.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{pipe2, Pid};
+
+use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
+use crate::error::{errno, Error, Result};
+use crate::initroot;
+use crate::jail::{Bind, JailRoot, JailSpec, Launch, Spawned};
+use crate::locate::{locate, Located};
+use crate::paths;
+use crate::protocol::STDIN_WINDOW;
+use crate::protocol::{Control, InitSpec, RootSpec, Status, TtySpec};
+use crate::protocol::{CONTROL_LINE, STATUS_LINE, STDERR_LINE, STDIN_LINE, STDOUT_LINE};
+use crate::xstate::{self, HostXstate};
+
+mod launch;
+mod outcome;
+mod relay;
+mod supervise;
+
+pub use launch::*;
+pub use outcome::*;
+use relay::*;
+use supervise::*;
+
+/// Paths the guest sees as tmpfs when its root is the host filesystem.
+pub const HOST_ROOT_TMPFS: &[&str] = &["/tmp", "/var/tmp", "/run"];
+
+/// Default guest memory.
+pub const DEFAULT_MEM: u64 = 256 << 20;
+
+/// Whether to use the xstate shim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShimMode {
+    /// Use it when the host's XSAVE area is larger than the kernel handles.
+    #[default]
+    Auto,
+    /// Never use it.
+    Off,
+    /// Always preload it (for testing the shim on hosts that do not need it).
+    Always,
+}
+
+/// Whether the command gets an interactive terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TtyMode {
+    /// When stdin and stdout are both terminals.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Everything that describes one `run`.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    /// `--kernel`; `None` searches the usual places.
+    pub kernel: Option<PathBuf>,
+    /// `--image`: ext4 root image, booted through a COW overlay.
+    pub image: Option<PathBuf>,
+    /// `--overlay`: a persistent overlay for the image (created if missing);
+    /// `None` makes a throwaway one in the run directory.
+    pub overlay: Option<PathBuf>,
+    pub mem_bytes: u64,
+    /// The command and its arguments.
+    pub command: Vec<OsString>,
+    /// `--env`: `(KEY, Some(VALUE))`, or `(KEY, None)` to pass the host's value.
+    pub env: Vec<(OsString, Option<OsString>)>,
+    pub workdir: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+    /// Where kernel messages go (else they are kept only for error reports).
+    pub console_log: Option<PathBuf>,
+    /// Also copy kernel messages to stderr.
+    pub verbose: bool,
+    pub shim: ShimMode,
+    pub tty: TtyMode,
+    /// `--net`: a tap on each of these bridges, from netd.
+    pub nets: Vec<String>,
+    /// netd's socket (default: `$UMLCTL_NETD_SOCKET`, else /run/umlctl/netd.sock).
+    pub netd_socket: Option<PathBuf>,
+    /// How UML is confined.
+    pub jail: JailOpts,
+}
+
+/// Whether and how UML runs jailed ([`crate::jail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailOpts {
+    /// `false` (`--no-jail`): UML runs as umlctl's own process, seeing what
+    /// umlctl sees.
+    pub enabled: bool,
+    /// `--jail-uid`: when umlctl is root, the uid UML runs as.
+    pub uid: Option<u32>,
+}
+
+impl Default for JailOpts {
+    fn default() -> Self {
+        JailOpts {
+            enabled: true,
+            uid: None,
+        }
+    }
+}
+
+impl GuestSpec {
+    /// A spec for `command` with defaults for everything else.
+    pub fn new(command: Vec<OsString>) -> Self {
+        GuestSpec {
+            kernel: None,
+            image: None,
+            overlay: None,
+            mem_bytes: DEFAULT_MEM,
+            command,
+            env: Vec::new(),
+            workdir: None,
+            timeout: None,
+            console_log: None,
+            verbose: false,
+            shim: ShimMode::Auto,
+            tty: TtyMode::Auto,
+            nets: Vec::new(),
+            netd_socket: None,
+            jail: JailOpts::default(),
+        }
+    }
+}
+
+fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty on any integer is safe.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn winsize(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
+            .then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    let ok = File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let seed = t ^ ((std::process::id() as u128) << 64);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (seed >> ((i % 16) * 8)) as u8;
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", errno(e)))
+}
+
+/// Borrow a raw host fd as a `File` without taking ownership.
+fn borrow_file(fd: RawFd) -> ManuallyDrop<File> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so the descriptor
+    // stays owned by whoever owns it.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Where the guest's root comes from, resolved on the host.
+enum Root {
+    Host {
+        init: PathBuf,
+    },
+    Image {
+        image: PathBuf,
+        initroot: initroot::InitRoot,
+    },
+}
+
+/// Validate `--image` and return its absolute path.
+fn check_image(p: &Path) -> Result<PathBuf> {
+    let md = fs::metadata(p).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::Usage(format!("image {} does not exist", p.display())),
+        _ => Error::io("stat image", p, e),
+    })?;
+    use std::os::unix::fs::FileTypeExt;
+    if !(md.is_file() || md.file_type().is_block_device()) {
+        return Err(Error::Usage(format!(
+            "image {} is not a regular file or block device",
+            p.display()
+        )));
+    }
+    if md.len() < 4096 && md.is_file() {
+        return Err(Error::Usage(format!(
+            "image {} is too small ({} bytes) to be a filesystem",
+            p.display(),
+            md.len()
+        )));
+    }
+    File::open(p).map_err(|e| Error::io("open image for reading", p, e))?;
+    fs::canonicalize(p).map_err(|e| Error::io("resolve", p, e))
+}
+
+/// Compose the command's environment.
+fn guest_env(spec: &GuestSpec, tty: bool) -> Result<Vec<Vec<u8>>> {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (
+            b"PATH".to_vec(),
+            b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(),
+        ),
+        (b"HOME".to_vec(), b"/root".to_vec()),
+    ];
+    if tty {
+        let term = std::env::var_os("TERM").unwrap_or_else(|| "xterm".into());
+        env.push((b"TERM".to_vec(), term.as_bytes().to_vec()));
+    }
+    for (k, v) in &spec.env {
+        let kb = k.as_bytes();
+        if kb.is_empty() || kb.contains(&b'=') || kb.contains(&0) {
+            return Err(Error::Usage(format!("invalid --env name {:?}", k)));
+        }
+        let v = match v {
+            Some(v) => v.clone(),
+            None => match std::env::var_os(k) {
+                Some(v) => v,
+                None => continue,
+            },
+        };
+        env.retain(|(ek, _)| ek != kb);
+        env.push((kb.to_vec(), v.as_bytes().to_vec()));
+    }
+    Ok(env
+        .into_iter()
+        .map(|(mut k, v)| {
+            k.push(b'=');
+            k.extend_from_slice(&v);
+            k
+        })
+        .collect())
+}
+
+/// Boot a guest, run `spec.command` in it, and report how it ended.
+///
+/// The command's stdin, stdout and stderr are this process's own. Errors
+/// before the guest starts (no kernel, bad options, host problems) are
+/// returned as `Err`; everything after is a [`RunOutcome`].
+pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
+    if spec.command.is_empty() {
+        return Err(Error::Usage(
+            "no command given: umlctl run [OPTIONS] -- CMD [ARGS...]".into(),
+        ));
+    }
+    if spec.command.iter().any(|a| a.as_bytes().contains(&0)) {
+        return Err(Error::Usage(
+            "command arguments cannot contain NUL bytes".into(),
+        ));
+    }
+    if spec.overlay.is_some() && spec.image.is_none() {
+        return Err(Error::Usage(
+            "--overlay needs --image (it is an overlay over that image)".into(),
+        ));
+    }
+    let mut need = vec!["serial-lines", "devtmpfs", "exitcode", "tmpfs"];
+    if spec.image.is_some() {
+        need.extend(["ubd", "ext4"]);
+    } else {
+        need.push("hostfs");
+    }
+    if !spec.nets.is_empty() {
+        need.push("vector-net");
+    }
+    let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
+    // Held until the guest is gone: the taps live as long as this connection.
+    let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None)?;
+    let info = &prep.located.info;
+    let use_shim = prep.shim.is_some();
+
+    // Terminal or pipes.
+    let interactive = match spec.tty {
+        TtyMode::Auto => is_tty(0) && is_tty(1),
+        TtyMode::Always => {
+            if !is_tty(0) {
+                return Err(Error::Usage(
+                    "--tty always needs stdin to be a terminal".into(),
+                ));
+            }
+            true
+        }
+        TtyMode::Never => false,
+    };
+    let stderr_on_tty = interactive && is_tty(2) && same_file(0, 2);
+
+    // Root and working directory.
+    let root = match &spec.image {
+        Some(img) => Root::Image {
+            image: check_image(img)?,
+            initroot: initroot::prepare(&initroot::current_exe()?)?,
+        },
+        None => Root::Host {
+            init: initroot::current_exe()?,
+        },
+    };
+    let workdir: PathBuf = match (&spec.workdir, &root) {
+        (Some(w), _) if !w.is_absolute() => {
+            return Err(Error::Usage(format!(
+                "--workdir {} must be an absolute path",
+                w.display()
+            )))
+        }
+        (Some(w), Root::Host { .. }) => {
+            if !w.is_dir() {
+                return Err(Error::Usage(format!(
+                    "--workdir {} is not a directory on the host (without --image the guest sees the host's files)",
+                    w.display()
+                )));
+            }
+            w.clone()
+        }
+        (Some(w), Root::Image { .. }) => w.clone(),
+        (None, Root::Host { .. }) => {
+            std::env::current_dir().map_err(|e| Error::sys("find the current directory", e))?
+        }
+        (None, Root::Image { .. }) => PathBuf::from("/"),
+    };
+
+    let env = guest_env(spec, interactive)?;
+    let tty_spec = interactive.then(|| {
+        let (rows, cols) = winsize(1).or_else(|| winsize(0)).unwrap_or((24, 80));
+        TtySpec {
+            rows,
+            cols,
+            stderr_on_tty,
+        }
+    });
+    let root_spec = match &root {
+        Root::Host { .. } => {
+            let binds = HOST_ROOT_TMPFS
+                .iter()
+                .filter(|t| workdir.starts_with(t) && workdir != Path::new(t))
+                .map(|_| workdir.to_string_lossy().into_owned())
+                .collect();
+            RootSpec::Host {
+                tmpfs: HOST_ROOT_TMPFS.iter().map(|s| s.to_string()).collect(),
+                binds,
+            }
+        }
+        Root::Image { .. } => RootSpec::Image {
+            device: "/dev/ubda".into(),
+        },
+    };
+    let init_spec = InitSpec {
+        argv: spec.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        workdir: workdir.as_os_str().as_bytes().to_vec(),
+        root: root_spec,
+        hostname: "uml".into(),
+        tty: tty_spec,
+        nics: network.specs.clone(),
+    };
+
+    // The run directory: UML's instance directory and the overlay.
+    let umid = format!("umlctl-{}", random_hex(6));
+    let runtime = paths::runtime_dir()?;
+    sweep_stale_rundirs(&runtime);
+    let rundir = runtime.join(&umid);
+    paths::ensure_private_dir(&rundir)?;
+    let _cleanup = RunDirGuard(rundir.clone());
+    fs::write(
+        rundir.join(OWNER_FILE),
+        process_identity(std::process::id()).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io("write", rundir.join(OWNER_FILE), e))?;
+
+    let console_log = match &spec.console_log {
+        Some(p) => Some(File::create(p).map_err(|e| Error::io("create console log", p, e))?),
+        None => None,
+    };
+
+    let (boot_root, init_path, disks) = match &root {
+        Root::Host { init } => (BootRoot::Hostfs, init.clone(), vec![]),
+        Root::Image { image, initroot } => (
+            BootRoot::InitDisk { index: 1 },
+            initroot.init.clone(),
+            vec![
+                Disk {
+                    file: crate::overlay::prepare(image, spec.overlay.as_deref(), &rundir)?,
+                    backing: None,
+                    read_only: false,
+                },
+                Disk {
+                    file: initroot.disk.clone(),
+                    backing: None,
+                    read_only: true,
+                },
+            ],
+        ),
+    };
+
+    // The jail: UML sees its kernel files, its disks and its run directory
+    // (image), or the host's root read-only (host root).
+    let jail = match &root {
+        Root::Host { init } => prep
+            .jail(JailRoot::HostReadOnly, spec.mem_bytes, spec.jail)
+            .map(|mut j| {
+                // Under the jail's private /tmp, /run…: the init itself, and
+                // the command's directory (the guest's hostfs reaches it).
+                j.bind(Bind::ro(init));
+                if crate::jail::hidden_in_host_root(&workdir) {
+                    if let Ok(w) = fs::canonicalize(&workdir) {
+                        j.bind(Bind::ro(w));
+                    }
+                }
+                j
+            }),
+        Root::Image { .. } => prep.jail(JailRoot::Empty, spec.mem_bytes, spec.jail),
+    };
+    let mut jail = jail;
+    if let Some(j) = jail.as_mut() {
+        bind_disks(j, &disks, spec.image.as_slice())?;
+        crate::jail::hand_over(j, &rundir)?;
+        for d in &disks {
+            if d.file.starts_with(&rundir) && !d.read_only {
+                crate::jail::hand_over(j, &d.file)?;
+            }
+        }
+        j.bind(Bind::rw(&rundir));
+        if network
+            .nics
+            .iter()
+            .any(|n| matches!(n.transport, crate::cmdline::NicTransport::Tap { .. }))
+        {
+            j.tun = true;
+            j.share_net = true;
+            crate::jail::hand_over_taps(j, &network.nics)?;
+        }
+    } else {
+        warn_unjailed();
+    }
+
+    // The UML process's descriptors: 0 console in, 1+2 kernel log, 3 stdin
+    // line, 4 stdout line, 5 stderr line, 6 control line, 7 status line.
+    let (con_in_r, con_in_w) = cloexec_pipe()?;
+    let (log_r, log_w) = cloexec_pipe()?;
+    let (ctl_r, ctl_w) = cloexec_pipe()?;
+    let (st_r, st_w) = cloexec_pipe()?;
+    let (out_r, out_w) = cloexec_pipe()?;
+    let (err_r, err_w) = cloexec_pipe()?;
+    let mut stdin_w = None;
+    let stdin_for_uml: OwnedFd = if interactive {
+        // SAFETY: F_DUPFD_CLOEXEC of our stdin; the new fd is owned here.
+        let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(Error::sys("dup stdin", io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    } else {
+        let (r, w) = cloexec_pipe()?;
+        stdin_w = Some(w);
+        r
+    };
+    let lines = if interactive {
+        vec![
+            (STDIN_LINE, Chan::Fd(3), Chan::Fd(3)),
+            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
+            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+        ]
+    } else {
+        vec![
+            (STDIN_LINE, Chan::Fd(3), Chan::Null),
+            (STDOUT_LINE, Chan::Null, Chan::Fd(4)),
+            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
+            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+        ]
+    };
+    let plan = BootPlan {
+        mem_bytes: spec.mem_bytes,
+        umid: umid.clone(),
+        uml_dir: rundir.clone(),
+        root: boot_root,
+        init: Some(init_path),
+        notify: None,
+        disks,
+        console: (Chan::Fd(0), Chan::Fd(1)),
+        lines,
+        init_env: if std::env::var_os("UMLCTL_TRACE").is_some() {
+            vec![("UMLCTL_TRACE".into(), "1".into())]
+        } else {
+            vec![]
+        },
+        nics: network.nics.clone(),
+    };
+    let args = plan.to_args()?;
+
+    let term_guard = if interactive {
+        crate::terminal::TermGuard::save(0)
+    } else {
+        None
+    };
+
+    // We adopt UML's helpers if UML dies, so that we can kill them.
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    // 0 console in, 1+2 kernel log, 3..=7 the lines, then the fd-mode taps
+    // from FIRST_TAP_FD (= 8).
+    let mut fds: Vec<(RawFd, i32)> = vec![
+        (con_in_r.as_raw_fd(), 0),
+        (log_w.as_raw_fd(), 1),
+        (log_w.as_raw_fd(), 2),
+        (stdin_for_uml.as_raw_fd(), 3),
+        (out_w.as_raw_fd(), 4),
+        (err_w.as_raw_fd(), 5),
+        (ctl_r.as_raw_fd(), 6),
+        (st_w.as_raw_fd(), 7),
+    ];
+    for (i, f) in network.fds.iter().enumerate() {
+        fds.push((f.as_raw_fd(), FIRST_TAP_FD + i as i32));
+    }
+    let uml_launch = Launch {
+        program: info.path.clone(),
+        args,
+        env: prep.uml_env(jail.is_some(), spec.verbose)?,
+        cwd: rundir.clone(),
+        fds,
+        new_session: false,
+        die_with_parent: true,
+    };
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    let signals = install_signals(interactive, tx.clone())?;
+
+    let reaper = crate::reaper::Reaper::spawn(&initroot::current_exe()?, &rundir)?;
+    let t0 = Instant::now();
+    let child = launch(jail.as_ref(), &uml_launch, true)?;
+    reaper.watch(child.kill_target().as_raw() as u32);
+    // Close our copies of the UML ends so that EOFs arrive when UML exits.
+    drop((con_in_r, log_w, stdin_for_uml, out_w, err_w, ctl_r, st_w));
+    let uml_pid = child.pid;
+    let jail_pid = child.kill_target();
+
+    let tail = Arc::new(Mutex::new(LogTail::default()));
+    let log_thread = read_log(File::from(log_r), console_log, spec.verbose, tail.clone());
+    let mut outputs = Vec::new();
+    if !interactive {
+        outputs.push(copy_out(File::from(out_r), 1, tx.clone()));
+    } else {
+        drop(out_r);
+    }
+    outputs.push(copy_out(File::from(err_r), 2, tx.clone()));
+    let credits = Arc::new(Credits::default());
+    read_status(File::from(st_r), tx.clone(), credits.clone());
+    // One writer thread owns the control line, so that a guest that stops
+    // reading it can never block the supervision loop.
+    // Nothing is written before the guest has opened the line (`hello`).
+    let (control_go, control_go_rx) = mpsc::channel::<()>();
+    let control = {
+        let (tx, rx) = mpsc::channel::<String>();
+        let mut f = File::from(ctl_w);
+        thread::spawn(move || {
+            if control_go_rx.recv().is_err() {
+                return;
+            }
+            for msg in rx {
+                if f.write_all(msg.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+        tx
+    };
+    let _ = control.send(init_spec.encode());
+    let mut stdin_go = None;
+    let stdin_keep: Arc<Mutex<Option<File>>> = Arc::default();
+    if let Some(w) = stdin_w {
+        let (go_tx, go_rx) = mpsc::channel();
+        copy_in(
+            File::from(w),
+            go_rx,
+            control.clone(),
+            stdin_keep.clone(),
+            credits.clone(),
+        );
+        stdin_go = Some(go_tx);
+    }
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            if let Ok(st) = child.wait() {
+                let _ = tx.send(Event::UmlExited(st));
+            }
+        });
+    }
+    drop(tx);
+
+    let sup = supervise(
+        &rx,
+        &control,
+        control_go,
+        stdin_go,
+        (uml_pid, jail_pid),
+        spec.timeout,
+        t0,
+    );
+    signals.close();
+    drop(control);
+    drop(con_in_w);
+
+    kill_descendants();
+    reaper.dismiss();
+    if let Ok(mut k) = stdin_keep.lock() {
+        k.take();
+    }
+    // UML and its helpers are gone, so the pipes reach EOF; join the output
+    // copies so that every byte is out before we return.
+    for h in outputs {
+        let _ = h.join();
+    }
+    let _ = log_thread.join();
+    drop(term_guard);
+
+    let tail = tail
+        .lock()
+        .map(|t| (t.panic.clone(), t.tail(15)))
+        .unwrap_or_default();
+    Ok(outcome(
+        sup,
+        &prep.located,
+        use_shim,
+        prep.needs_shim && !use_shim,
+        prep.host_xstate,
+        tail,
+        t0,
+    ))
+}
+
+fn same_file(a: RawFd, b: RawFd) -> bool {
+    let st = |fd| {
+        nix::sys::stat::fstat(fd)
+            .ok()
+            .map(|s| (s.st_dev, s.st_ino, s.st_rdev))
+    };
+    st(a).is_some() && st(a) == st(b)
+}
+
+/// File in a run directory naming the umlctl process that owns it.
+const OWNER_FILE: &str = "owner";
+
+/// `pid:starttime` of a live process (the start time tells a reused pid
+/// apart), or `None` if it is gone.
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime), counted after the ")" that ends the command name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let start = rest.split_whitespace().nth(19)?;
+    Some(format!("{pid}:{start}"))
+}
+
+/// Remove run directories whose umlctl was killed (SIGKILL, OOM) before it
+/// could clean up. Its UML died with it (PR_SET_PDEATHSIG).
+fn sweep_stale_rundirs(runtime: &Path) {
+    let Ok(entries) = fs::read_dir(runtime) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("umlctl-") {
+            continue;
+        }
+        let Ok(owner) = fs::read_to_string(e.path().join(OWNER_FILE)) else {
+            continue;
+        };
+        let alive = owner
+            .split(':')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(process_identity)
+            .is_some_and(|id| id == owner);
+        if !alive {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Removes the run directory on every path out of `run`.
+pub(crate) struct RunDirGuard(pub(crate) PathBuf);
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_end_and_finds_panics() {
+        let mut t = LogTail::default();
+        for i in 0..100 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        t.push(b"Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\nmore");
+        assert_eq!(
+            t.panic.as_deref(),
+            Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b")
+        );
+        let tail = t.tail(2);
+        assert!(
+            tail.contains("line 99") && tail.contains("Kernel panic"),
+            "{tail}"
+        );
+        assert!(!tail.contains("line 98"));
+    }
+
+    #[test]
+    fn log_tail_is_bounded_by_a_guest_that_never_ends_a_line() {
+        let mut t = LogTail::default();
+        for _ in 0..1000 {
+            t.push(&[b'A'; 16 * 1024]);
+        }
+        assert!(t.partial.len() <= LogTail::MAX_PARTIAL);
+        assert!(t.lines.iter().all(|l| l.len() <= LogTail::MAX_PARTIAL));
+        assert!(t.lines.len() <= LogTail::KEEP);
+        t.push(b"\nKernel panic - not syncing: x\n");
+        assert!(t.panic.is_some());
+    }
+
+    #[test]
+    fn status_lines_are_split_and_bounded() {
+        let mut pending = Vec::new();
+        let mut got = Vec::new();
+        split_lines(&mut pending, b"hello\nrea", 16, |l| got.push(l.to_vec())).unwrap();
+        split_lines(&mut pending, b"dy\nexit 3\n", 16, |l| got.push(l.to_vec())).unwrap();
+        assert_eq!(
+            got,
+            vec![b"hello".to_vec(), b"ready".to_vec(), b"exit 3".to_vec()]
+        );
+        assert!(pending.is_empty());
+        // Too long, in one piece or across reads: refused, nothing kept.
+        assert!(split_lines(&mut pending, &[b'A'; 17], 16, |_| {}).is_err());
+        assert!(pending.is_empty());
+        split_lines(&mut pending, &[b'A'; 10], 16, |_| {}).unwrap();
+        assert!(split_lines(&mut pending, &[b'A'; 10], 16, |_| {}).is_err());
+        assert!(split_lines(&mut pending, b"AAAAAAAAAAAAAAAAAAAA\n", 16, |_| {}).is_err());
+    }
+
+    #[test]
+    fn env_composition() {
+        let mut s = GuestSpec::new(vec!["true".into()]);
+        s.env = vec![
+            ("A".into(), Some("1".into())),
+            ("HOME".into(), Some("/home/x".into())),
+        ];
+        let env = guest_env(&s, false).unwrap();
+        let env: Vec<String> = env
+            .iter()
+            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .collect();
+        assert!(env.contains(&"A=1".to_string()));
+        assert!(env.contains(&"HOME=/home/x".to_string()));
+        assert!(!env.contains(&"HOME=/root".to_string()));
+        assert!(env.iter().any(|e| e.starts_with("PATH=")));
+        s.env = vec![("A=B".into(), Some("1".into()))];
+        assert!(guest_env(&s, false).is_err());
+    }
+}
