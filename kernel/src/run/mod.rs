@@ -127,6 +127,55 @@ impl Default for JailOpts {
 }
 
 impl GuestSpec {
+    /// Check the spec on its own (no host state): everything a caller can
+    /// get wrong is reported here, with the option named, before anything
+    /// is prepared. [`run`] calls it first.
+    pub fn validate(&self) -> Result<()> {
+        let usage = |m: String| Err(Error::Usage(m));
+        if self.command.is_empty() {
+            return usage("no command given: umlctl run [OPTIONS] -- CMD [ARGS...]".into());
+        }
+        if self.command.iter().any(|a| a.as_bytes().contains(&0)) {
+            return usage("command arguments cannot contain NUL bytes".into());
+        }
+        if self.overlay.is_some() && self.image.is_none() {
+            return usage("--overlay needs --image (it is an overlay over that image)".into());
+        }
+        if let Some(w) = &self.workdir {
+            if !w.is_absolute() {
+                return usage(format!(
+                    "--workdir {} must be an absolute path",
+                    w.display()
+                ));
+            }
+            if w.as_os_str().as_bytes().contains(&0) {
+                return usage("--workdir cannot contain a NUL byte".into());
+            }
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return usage("--timeout must be more than 0 seconds".into());
+        }
+        if self.mem_bytes < 16 << 20 {
+            return usage(format!(
+                "--mem: guest memory of {} bytes is too small: UML needs at least 16M",
+                self.mem_bytes
+            ));
+        }
+        for (k, v) in &self.env {
+            let kb = k.as_bytes();
+            if kb.is_empty() || kb.contains(&b'=') || kb.contains(&0) {
+                return usage(format!("invalid --env name {k:?}"));
+            }
+            if v.as_ref().is_some_and(|v| v.as_bytes().contains(&0)) {
+                return usage(format!("--env {k:?}: a value cannot contain a NUL byte"));
+            }
+        }
+        if let Some(b) = self.nets.iter().find(|b| b.is_empty()) {
+            return usage(format!("--net {b:?}: name a bridge (see `umlctl net ls`)"));
+        }
+        Ok(())
+    }
+
     /// A spec for `command` with defaults for everything else.
     pub fn new(command: Vec<OsString>) -> Self {
         GuestSpec {
@@ -241,10 +290,8 @@ fn guest_env(spec: &GuestSpec, tty: bool) -> Result<Vec<Vec<u8>>> {
         env.push((b"TERM".to_vec(), term.as_bytes().to_vec()));
     }
     for (k, v) in &spec.env {
+        // Names were checked by GuestSpec::validate.
         let kb = k.as_bytes();
-        if kb.is_empty() || kb.contains(&b'=') || kb.contains(&0) {
-            return Err(Error::Usage(format!("invalid --env name {:?}", k)));
-        }
         let v = match v {
             Some(v) => v.clone(),
             None => match std::env::var_os(k) {
@@ -271,21 +318,7 @@ fn guest_env(spec: &GuestSpec, tty: bool) -> Result<Vec<Vec<u8>>> {
 /// before the guest starts (no kernel, bad options, host problems) are
 /// returned as `Err`; everything after is a [`RunOutcome`].
 pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
-    if spec.command.is_empty() {
-        return Err(Error::Usage(
-            "no command given: umlctl run [OPTIONS] -- CMD [ARGS...]".into(),
-        ));
-    }
-    if spec.command.iter().any(|a| a.as_bytes().contains(&0)) {
-        return Err(Error::Usage(
-            "command arguments cannot contain NUL bytes".into(),
-        ));
-    }
-    if spec.overlay.is_some() && spec.image.is_none() {
-        return Err(Error::Usage(
-            "--overlay needs --image (it is an overlay over that image)".into(),
-        ));
-    }
+    spec.validate()?;
     let mut need = vec!["serial-lines", "devtmpfs", "exitcode", "tmpfs"];
     if spec.image.is_some() {
         need.extend(["ubd", "ext4"]);
@@ -327,12 +360,6 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         },
     };
     let workdir: PathBuf = match (&spec.workdir, &root) {
-        (Some(w), _) if !w.is_absolute() => {
-            return Err(Error::Usage(format!(
-                "--workdir {} must be an absolute path",
-                w.display()
-            )))
-        }
         (Some(w), Root::Host { .. }) => {
             if !w.is_dir() {
                 return Err(Error::Usage(format!(
@@ -723,6 +750,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn validate_names_what_is_wrong_before_anything_is_prepared() {
+        let ok = GuestSpec::new(vec!["true".into()]);
+        ok.validate().unwrap();
+        type Breaker = Box<dyn Fn(&mut GuestSpec)>;
+        let cases: Vec<(Breaker, &str)> = vec![
+            (Box::new(|s| s.command.clear()), "no command given"),
+            (Box::new(|s| s.command.push("a\0b".into())), "NUL"),
+            (
+                Box::new(|s| s.overlay = Some("o.cow".into())),
+                "--overlay needs --image",
+            ),
+            (
+                Box::new(|s| s.workdir = Some("rel".into())),
+                "must be an absolute path",
+            ),
+            (Box::new(|s| s.timeout = Some(Duration::ZERO)), "--timeout"),
+            (Box::new(|s| s.mem_bytes = 1 << 20), "at least 16M"),
+            (
+                Box::new(|s| s.env.push(("A=B".into(), None))),
+                "invalid --env name",
+            ),
+            (
+                Box::new(|s| s.env.push(("".into(), None))),
+                "invalid --env name",
+            ),
+            (
+                Box::new(|s| s.env.push(("A".into(), Some("x\0y".into())))),
+                "NUL byte",
+            ),
+            (Box::new(|s| s.nets.push(String::new())), "name a bridge"),
+        ];
+        for (break_it, want) in cases {
+            let mut s = ok.clone();
+            break_it(&mut s);
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
     fn log_tail_keeps_the_end_and_finds_panics() {
         let mut t = LogTail::default();
         for i in 0..100 {
@@ -790,6 +857,6 @@ mod tests {
         assert!(!env.contains(&"HOME=/root".to_string()));
         assert!(env.iter().any(|e| e.starts_with("PATH=")));
         s.env = vec![("A=B".into(), Some("1".into()))];
-        assert!(guest_env(&s, false).is_err());
+        assert!(s.validate().is_err());
     }
 }
