@@ -621,16 +621,30 @@ fn ls_cmd(a: LsArgs) -> Result<u8, String> {
 }
 
 fn cat_cmd(a: CatArgs) -> Result<u8, String> {
-    let fs = view(&a.img)?;
+    // Our own reader: it follows symlinks inside the image and reads
+    // unwritten (preallocated) extents as zeros, as the kernel does.
+    let img = open_image(&a.img)?;
     let path = abs(&a.path);
-    let mut f = fs
-        .open(path.as_str())
-        .map_err(|e| format!("{}:{path}: {e}", a.img.display()))?;
+    let at = |e: String| format!("{}:{path}: {e}", a.img.display());
+    let node = img
+        .resolve(path.as_bytes())
+        .map_err(|e| at(e.to_string()))?
+        .ok_or_else(|| at("no such file in the image".into()))?;
+    if node.is_dir() {
+        return Err(at("is a directory (`umlctl image ls` lists it)".into()));
+    }
+    if !node.is_reg() {
+        return Err(at(format!("is a {}, not a regular file", node.kind_name())));
+    }
     let mut out = std::io::stdout().lock();
-    match std::io::copy(&mut f, &mut out) {
+    match umlctl_imgtools::extract::write_content(&img, &node, &mut out, Path::new(&path)) {
         Ok(_) => Ok(0),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
-        Err(e) => Err(format!("{}:{path}: {e}", a.img.display())),
+        Err(umlctl_imgtools::extract::ExtractError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(format!("{}: {e}", a.img.display())),
     }
 }
 

@@ -1441,3 +1441,99 @@ fn sparse_directory_sources_give_the_same_image_as_dense_copies() {
     ]);
     assert_eq!(sha256(&out.stdout), sha256_file(&sparse.join("holes")));
 }
+
+/// A real guest's disk: files with unwritten (preallocated) extents, as
+/// journald and fallocate leave them, read as zeros everywhere — whatever
+/// the blocks hold — instead of "unsupported ext4 feature". `cat` follows
+/// symlinks inside the image only.
+#[test]
+fn unwritten_extents_read_as_zeros_and_cat_follows_symlinks_inside_the_image() {
+    tool("debugfs", "e2fsprogs");
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(src.join("usr/lib")).unwrap();
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("usr/lib/os-release"), "ID=test\n").unwrap();
+    symlink("../usr/lib/os-release", src.join("etc/os-release")).unwrap();
+    symlink("/usr/lib/os-release", src.join("abs")).unwrap();
+    symlink("../../../../../usr/lib/os-release", src.join("etc/climb")).unwrap();
+    symlink("loop", src.join("loop")).unwrap();
+    fs::write(src.join("journal"), "hello").unwrap();
+    let img = s.path().join("guest.ext4");
+    build_image(&img, &[&src]);
+    // Preallocate blocks 1..9 of /journal, then fill them with garbage on
+    // disk, as a reused block would hold.
+    sh(&format!(
+        "debugfs -w -R 'fallocate /journal 1 9' '{0}' 2>/dev/null && debugfs -w -R 'sif /journal size 40960' '{0}' 2>/dev/null",
+        img.display()
+    ));
+    let stat = sh(&format!(
+        "debugfs -R 'stat /journal' '{}' 2>/dev/null",
+        img.display()
+    ));
+    let ext = stat
+        .lines()
+        .skip_while(|l| !l.starts_with("EXTENTS:"))
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let (first, _) = ext
+        .split_once("[u]):")
+        .and_then(|(_, r)| r.split_once('-'))
+        .unwrap_or_else(|| panic!("no unwritten extent in: {ext}"));
+    let first: u64 = first.trim().parse().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&vec![0xAB; 9 * 4096], first * 4096).unwrap();
+    }
+    fsck_clean(&img);
+    let mut want = b"hello".to_vec();
+    want.resize(40960, 0);
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("cat"),
+        &img,
+        Path::new("/journal"),
+    ]);
+    assert_ok(&out, "cat");
+    assert!(out.stdout == want, "unwritten blocks did not read as zeros");
+    let out = umlctl_os([Path::new("image"), Path::new("verify"), &img]);
+    assert_ok(&out, "verify");
+    let out = umlctl_os([Path::new("image"), Path::new("manifest"), &img]);
+    let m: serde_json::Value = serde_json::from_str(&assert_ok(&out, "manifest")).unwrap();
+    let j = m["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/journal")
+        .unwrap();
+    assert_eq!(j["sha256"].as_str().unwrap(), sha256(&want));
+    let dest = s.path().join("journal.out");
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("extract"),
+            &img,
+            Path::new("/journal"),
+            &dest,
+        ]),
+        "extract",
+    );
+    assert!(fs::read(&dest).unwrap() == want);
+
+    // Symlinks: relative, absolute (the image's root, not the host's), one
+    // that climbs past the root (stays at it), and a loop.
+    for p in ["/etc/os-release", "/abs", "/etc/climb"] {
+        let out = umlctl_os([Path::new("image"), Path::new("cat"), &img, Path::new(p)]);
+        assert_eq!(assert_ok(&out, p), "ID=test\n");
+    }
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("cat"),
+        &img,
+        Path::new("/loop"),
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than 40 symbolic links"));
+}

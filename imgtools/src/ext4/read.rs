@@ -222,6 +222,9 @@ pub struct Extent {
     pub lblk: u64,
     pub len: u64,
     pub pblk: u64,
+    /// Allocated but never written (`fallocate`, journald's preallocation):
+    /// reads as zeros, whatever the blocks hold.
+    pub unwritten: bool,
 }
 
 /// An opened image.
@@ -544,15 +547,16 @@ impl<R: ReadAt> Image<R> {
         for i in 0..n {
             let e = &node[12 + 12 * i..24 + 12 * i];
             if depth == 0 {
+                // A length over 32768 marks an unwritten extent of
+                // (length - 32768) blocks.
                 let raw_len = le16(e, 4) as u64;
-                if raw_len > 32768 {
-                    return Err(ReadError::Unsupported(format!(
-                        "inode {}: uninitialized extents",
-                        ino.ino
-                    )));
-                }
+                let (len, unwritten) = if raw_len > 32768 {
+                    (raw_len - 32768, true)
+                } else {
+                    (raw_len, false)
+                };
                 let pblk = le32(e, 8) as u64 | (le16(e, 6) as u64) << 32;
-                if pblk + raw_len > self.sb.blocks {
+                if pblk + len > self.sb.blocks {
                     return Err(corrupt(format!(
                         "inode {}: extent points past the end of the filesystem",
                         ino.ino
@@ -560,8 +564,9 @@ impl<R: ReadAt> Image<R> {
                 }
                 out.push(Extent {
                     lblk: le32(e, 0) as u64,
-                    len: raw_len,
+                    len,
                     pblk,
+                    unwritten,
                 });
             } else {
                 let child = le32(e, 4) as u64 | (le16(e, 8) as u64) << 32;
@@ -594,6 +599,12 @@ impl<R: ReadAt> Image<R> {
     /// each block's checksum.
     pub fn read_dir(&self, dir: &RawInode) -> Result<Vec<(Vec<u8>, u32, u8)>, ReadError> {
         let (exts, _) = self.extents(dir)?;
+        if exts.iter().any(|e| e.unwritten) {
+            return Err(corrupt(format!(
+                "directory inode {} has an unwritten extent",
+                dir.ino
+            )));
+        }
         let bs = self.sb.block_size as usize;
         let seed = inode_seed(self.fs_seed, dir.ino, dir.generation);
         let mut out = Vec::new();
@@ -702,6 +713,60 @@ impl<R: ReadAt> Image<R> {
             cur = self.inode(ino)?;
         }
         Ok(Some(cur))
+    }
+
+    /// Find `path` as `open(2)` would inside the image: symlinks are
+    /// followed (absolute ones from the image's root, never the host's;
+    /// at most 40), `..` never climbs above the root. `None` when a
+    /// component does not exist.
+    pub fn resolve(&self, path: &[u8]) -> Result<Option<RawInode>, ReadError> {
+        const MAX_LINKS: u32 = 40;
+        let comps = |p: &[u8]| -> Vec<Vec<u8>> {
+            p.split(|&b| b == b'/')
+                .filter(|c| !c.is_empty() && *c != b".")
+                .rev()
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        let mut rest = comps(path);
+        let mut dirs = vec![self.inode(2)?];
+        let mut links = 0;
+        while let Some(c) = rest.pop() {
+            if c == b".." {
+                if dirs.len() > 1 {
+                    dirs.pop();
+                }
+                continue;
+            }
+            let Some(cur) = dirs.last() else {
+                return Ok(None);
+            };
+            if !cur.is_dir() {
+                return Ok(None);
+            }
+            let Some((_, ino, _)) = self.read_dir(cur)?.into_iter().find(|(n, _, _)| *n == c)
+            else {
+                return Ok(None);
+            };
+            let node = self.inode(ino)?;
+            if node.is_symlink() {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(ReadError::Unsupported(format!(
+                        "{}: more than {MAX_LINKS} symbolic links on the way",
+                        String::from_utf8_lossy(path)
+                    )));
+                }
+                let target = self.symlink_target(&node)?;
+                if target.first() == Some(&b'/') {
+                    dirs.truncate(1);
+                }
+                rest.extend(comps(&target));
+                continue;
+            }
+            dirs.push(node);
+        }
+        Ok(dirs.pop())
     }
 
     /// The inode's extended attributes by full name (ACLs in VFS form).
@@ -814,6 +879,12 @@ impl<R: ReadAt> Image<R> {
             }
             pos = start;
             let end = (e.lblk.saturating_add(e.len).saturating_mul(bs)).min(size);
+            if e.unwritten {
+                // Zeros, not what the blocks happen to hold.
+                sink(Piece::Hole(end - pos));
+                pos = end;
+                continue;
+            }
             let mut off = e.pblk.saturating_mul(bs);
             while pos < end {
                 let k = (end - pos).min(buf.len() as u64) as usize;
