@@ -15,10 +15,11 @@ cd "$(dirname "$0")/.."
 # and compare with kunit.py (python3);
 # nix-bin: nix-instantiate parses and evaluates flake.nix and nix/*.nix;
 # xfsprogs: a reflink filesystem (loop-mounted) for cow merge's clone path;
-# nftables: `nft` is the oracle for the NAT table netd writes over netlink.
+# nftables: `nft` is the oracle for the NAT table netd writes over netlink;
+# zstd: a tar.zst source on standard input.
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
   attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
-  nftables
+  nftables zstd
 ensure_cargo
 ensure_clippy
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.

@@ -168,7 +168,8 @@ pub struct BuildArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Directories and tar archives, layered in order.
+    /// Directories and tar archives (plain, gzip, zstd), layered in order;
+    /// `-` is a tar on standard input.
     #[arg(required = true, value_name = "SOURCE")]
     sources: Vec<PathBuf>,
 }
@@ -225,6 +226,9 @@ fn parse_owner(s: &str) -> Result<(u32, u32), String> {
 }
 
 fn build_cmd(a: BuildArgs) -> Result<u8, String> {
+    if a.sources.iter().filter(|p| *p == Path::new("-")).count() > 1 {
+        return Err("`-` (standard input) can be given as a source only once".into());
+    }
     let size = a
         .size
         .as_deref()
@@ -273,6 +277,15 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
         .filter(|e| e.kind == "file")
         .map(|e| e.size)
         .sum();
+    // With `-o -` the image itself is on stdout: the summary goes to stderr.
+    let to_stdout = a.output == Path::new("-");
+    let say = |line: String| {
+        if to_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
     if a.json {
         let v = serde_json::json!({
             "image": a.output,
@@ -289,10 +302,10 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
             "manifest_digest": built.manifest.digest,
             "manifest": a.manifest,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say(serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         let used = (built.report.blocks - built.report.free_blocks) * 4096;
-        println!(
+        say(format!(
             "{}: {} ext4 image, {} entries, {} of content, {} used, uuid {}",
             a.output.display(),
             human(built.report.size),
@@ -300,7 +313,7 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
             human(content),
             human(used),
             build::uuid_string(&built.uuid)
-        );
+        ));
     }
     Ok(0)
 }

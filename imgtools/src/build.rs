@@ -107,38 +107,64 @@ fn derive_ids(manifest: &Manifest, opts: &BuildOptions) -> ([u8; 16], [u8; 16]) 
 }
 
 /// A file that becomes visible at its final path only when committed.
+///
+/// A target that exists and is not a regular file or a directory (`/dev/null`,
+/// a FIFO, a terminal, a block device) is never replaced: the file is made in
+/// the temporary directory and written into the target in place, start to
+/// end, at commit. The target `-` means standard output, the same way.
 pub struct AtomicFile {
     file: File,
     dir: PathBuf,
     target: PathBuf,
     named: Option<PathBuf>,
+    /// Written into in place (or stdout) at commit, not renamed over.
+    in_place: Option<InPlace>,
+}
+
+enum InPlace {
+    Path(PathBuf),
+    Stdout,
 }
 
 impl AtomicFile {
-    /// Prepare to create `target` (replaced if it exists).
+    /// Prepare to create `target` (replaced if it is a regular file; written
+    /// in place if it is another kind of file; `-` is standard output).
     pub fn new(target: &Path) -> std::io::Result<AtomicFile> {
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        let in_place = if target == Path::new("-") {
+            Some(InPlace::Stdout)
+        } else {
+            match std::fs::metadata(target) {
+                Ok(m) if !m.is_file() && !m.is_dir() => Some(InPlace::Path(target.into())),
+                _ => None,
+            }
+        };
+        let dir = match (&in_place, target.parent()) {
+            (Some(_), _) => std::env::temp_dir(),
+            (None, Some(p)) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        match std::fs::OpenOptions::new()
+        let anon = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .mode(0o644)
             .custom_flags(libc::O_TMPFILE)
-            .open(&dir)
-        {
+            .open(&dir);
+        match anon {
             Ok(file) => Ok(AtomicFile {
                 file,
                 dir,
                 target: target.to_path_buf(),
                 named: None,
+                in_place,
             }),
             Err(e)
                 if e.raw_os_error() == Some(libc::EOPNOTSUPP)
                     || e.raw_os_error() == Some(libc::EISDIR) =>
             {
-                let name = Self::temp_name(target);
+                let name = match in_place {
+                    Some(_) => dir.join(format!(".umlctl-tmp.{}", std::process::id())),
+                    None => Self::temp_name(target),
+                };
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -150,6 +176,7 @@ impl AtomicFile {
                     dir,
                     target: target.to_path_buf(),
                     named: Some(name),
+                    in_place,
                 })
             }
             Err(e) => Err(e),
@@ -167,8 +194,33 @@ impl AtomicFile {
         &self.file
     }
 
-    /// Put the file at its final path (atomically replacing what was there).
+    /// Whether the target is written in place (or is stdout) rather than
+    /// replaced.
+    pub fn in_place(&self) -> bool {
+        self.in_place.is_some()
+    }
+
+    /// Put the file at its final path (atomically replacing what was
+    /// there), or write it into an in-place target from its start.
     pub fn commit(mut self) -> std::io::Result<()> {
+        if let Some(dest) = self.in_place.take() {
+            use std::io::{Seek, Write};
+            let mut from = &self.file;
+            from.seek(std::io::SeekFrom::Start(0))?;
+            match dest {
+                InPlace::Stdout => {
+                    let mut out = std::io::stdout().lock();
+                    std::io::copy(&mut from, &mut out)?;
+                    out.flush()?;
+                }
+                InPlace::Path(p) => {
+                    let mut out = std::fs::OpenOptions::new().write(true).open(p)?;
+                    std::io::copy(&mut from, &mut out)?;
+                    out.flush()?;
+                }
+            }
+            return Ok(());
+        }
         let tmp = match self.named.take() {
             Some(n) => n,
             None => {
@@ -198,7 +250,7 @@ impl AtomicFile {
         })
     }
 
-    /// Directory the file will appear in.
+    /// Directory the file is made in.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -826,6 +826,11 @@ impl<'p> Builder<'p> {
     /// Add one source (a directory, or a tar archive, plain or gzip/zstd
     /// compressed), layered over what was added before.
     pub fn add(&mut self, path: &Path) -> Result<Stats, SourceError> {
+        if path == Path::new("-") {
+            let stats = self.add_stdin(path)?;
+            self.layer += 1;
+            return Ok(stats);
+        }
         let meta = std::fs::metadata(path).map_err(|source| SourceError::Io {
             path: path.into(),
             op: "open source",
@@ -851,9 +856,39 @@ impl<'p> Builder<'p> {
         let n = f.read(&mut magic).map_err(|e| io_err("read", e))?;
         drop(f);
         let f = File::open(path).map_err(|e| io_err("open source", e))?;
+        self.add_stream(path, f, size, &magic[..n])
+    }
+
+    /// A tar (plain, gzip or zstd) on standard input, the source `-`:
+    /// `mmdebstrap --mode=unshare bookworm - | umlctl image build -o IMG -`.
+    fn add_stdin(&mut self, path: &Path) -> Result<Stats, SourceError> {
+        let mut stdin = std::io::stdin();
+        let mut magic = Vec::with_capacity(6);
+        (&mut stdin)
+            .take(6)
+            .read_to_end(&mut magic)
+            .map_err(|source| SourceError::Io {
+                path: path.into(),
+                op: "read",
+                source,
+            })?;
+        let again = std::io::Cursor::new(magic.clone()).chain(stdin);
+        self.add_stream(path, again, 0, &magic)
+    }
+
+    /// An archive from `raw`, whose first bytes are `magic` (still to be
+    /// read from `raw`); `size` for progress (0: unknown).
+    fn add_stream<R: Read + Send + 'static>(
+        &mut self,
+        path: &Path,
+        raw: R,
+        size: u64,
+        magic: &[u8],
+    ) -> Result<Stats, SourceError> {
+        let n = magic.len();
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let raw = Counting {
-            inner: f,
+            inner: raw,
             count: counter.clone(),
         };
         let reader: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {

@@ -1537,3 +1537,145 @@ fn unwritten_extents_read_as_zeros_and_cat_follows_symlinks_inside_the_image() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("more than 40 symbolic links"));
 }
+
+/// Outputs that are not regular files are written in place, never
+/// replaced (`image manifest -o /dev/null` used to turn the host's
+/// /dev/null into a regular file): a character device (a /dev/null made
+/// here), a FIFO; `-o -` is standard output.
+#[test]
+fn outputs_that_are_not_regular_files_are_written_in_place() {
+    need_root();
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "content\n").unwrap();
+    let null = s.path().join("null");
+    sh(&format!("mknod -m 666 '{}' c 1 3", null.display()));
+    let img = s.path().join("i.ext4");
+    build_image(&img, &[&src]);
+    for args in [
+        vec![
+            "image",
+            "manifest",
+            img.to_str().unwrap(),
+            "-o",
+            null.to_str().unwrap(),
+        ],
+        vec![
+            "image",
+            "build",
+            "-o",
+            null.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
+        vec![
+            "image",
+            "build",
+            "-o",
+            s.path().join("j.ext4").to_str().unwrap(),
+            "--manifest",
+            null.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
+    ] {
+        assert_ok(&umlctl_os(&args), &format!("{args:?}"));
+        let m = fs::symlink_metadata(&null).unwrap();
+        assert!(
+            m.file_type().is_char_device(),
+            "{args:?} replaced the device"
+        );
+        assert_eq!(m.rdev(), libc::makedev(1, 3));
+    }
+    // A FIFO: the reader gets the whole manifest.
+    let fifo = s.path().join("fifo");
+    sh(&format!("mkfifo '{}'", fifo.display()));
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read_to_string(fifo).unwrap())
+    };
+    assert_ok(
+        &umlctl_os([
+            Path::new("image"),
+            Path::new("manifest"),
+            &img,
+            Path::new("-o"),
+            &fifo,
+        ]),
+        "manifest into a FIFO",
+    );
+    let text = reader.join().unwrap();
+    assert!(text.contains("\"path\": \"/f\""), "{text}");
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    // `-o -`: the image on stdout, the summary on stderr.
+    let out = umlctl_os([
+        Path::new("image"),
+        Path::new("build"),
+        Path::new("-o"),
+        Path::new("-"),
+        &src,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("-: "),
+        "summary on stderr"
+    );
+    let piped = s.path().join("piped.ext4");
+    fs::write(&piped, &out.stdout).unwrap();
+    fsck_clean(&piped);
+    assert!(!Path::new("-").exists());
+}
+
+/// `image build -o IMG -` reads a tar (plain, gzip or zstd) on standard
+/// input, as `mmdebstrap --mode=unshare bookworm - | umlctl image build -o
+/// IMG -` needs, and gives the very image the same archive as a file gives.
+#[test]
+fn a_tar_on_standard_input_is_a_source() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("etc/hostname"), "guest\n").unwrap();
+    for (name, filter) in [
+        ("t.tar", "cat"),
+        ("t.tar.gz", "gzip -n"),
+        ("t.tar.zst", "zstd -q"),
+    ] {
+        let tar = s.path().join(name);
+        sh(&format!(
+            "tar -C '{}' -cf - . | {filter} > '{}'",
+            src.display(),
+            tar.display()
+        ));
+        let (a, b) = (s.path().join("file.ext4"), s.path().join("stdin.ext4"));
+        assert_ok(
+            &umlctl_os([
+                Path::new("image"),
+                Path::new("build"),
+                Path::new("--epoch"),
+                Path::new("1"),
+                Path::new("-o"),
+                &a,
+                &tar,
+            ]),
+            "build from the file",
+        );
+        let out = Command::new(umlctl_bin())
+            .args(["image", "build", "--epoch", "1", "-o"])
+            .arg(&b)
+            .arg("-")
+            .stdin(fs::File::open(&tar).unwrap())
+            .output()
+            .unwrap();
+        assert_ok(&out, &format!("build {name} from stdin"));
+        assert!(
+            fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+            "{name}: the images differ"
+        );
+    }
+    let out = umlctl_os(["image", "build", "-o", "x.ext4", "-", "-"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only once"));
+}
