@@ -117,13 +117,18 @@ impl Client {
             let mut chunk = [0u8; 4096];
             let mut space = nix::cmsg_space!([RawFd; 4]);
             let mut iov = [IoSliceMut::new(&mut chunk)];
-            let msg = nix::sys::socket::recvmsg::<()>(
+            // A socket with a receive timeout is never restarted after a
+            // signal handler ran (signal(7)), even with SA_RESTART: a
+            // SIGWINCH or SIGCHLD in the caller must not fail the request.
+            let msg = match nix::sys::socket::recvmsg::<()>(
                 self.sock.as_raw_fd(),
                 &mut iov,
                 Some(&mut space),
                 nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(|e| self.io(std::io::Error::from_raw_os_error(e as i32)))?;
+            ) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => r.map_err(|e| self.io(std::io::Error::from_raw_os_error(e as i32)))?,
+            };
             let n = msg.bytes;
             for c in msg.cmsgs().into_iter().flatten() {
                 if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
@@ -220,4 +225,56 @@ pub fn can_open_tun() -> bool {
         .write(true)
         .open("/dev/net/tun")
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    extern "C" fn nothing(_: libc::c_int) {}
+
+    /// A signal that lands while the client waits for netd's answer (here
+    /// SIGUSR2 with a handler, as umlctl has for SIGWINCH) does not fail
+    /// the request: the read has a timeout, so the kernel never restarts it.
+    #[test]
+    fn a_signal_while_waiting_does_not_fail_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            let reply = protocol::encode(&Reply::Hello {
+                version: protocol::VERSION,
+                server: "test".into(),
+            });
+            (&s).write_all(&reply).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let handler = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(nothing),
+            nix::sys::signal::SaFlags::SA_RESTART,
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, which is async-signal-safe.
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::SIGUSR2, &handler) }.unwrap();
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as usize;
+        let pinger = std::thread::spawn(move || {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(60));
+                // SAFETY: the target thread is alive until the client
+                // call below returns, after this thread is joined.
+                unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR2) };
+            }
+        });
+        let c = Client::connect(&path);
+        pinger.join().unwrap();
+        server.join().unwrap();
+        assert!(c.is_ok(), "{:?}", c.err());
+    }
 }

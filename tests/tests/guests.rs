@@ -298,7 +298,7 @@ fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t = Instant::now();
-    while env.state(&name).as_deref() == Some("running") && t.elapsed() < Duration::from_secs(10) {
+    while env.state(&name).as_deref() == Some("running") && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(env.state(&name).as_deref(), Some("dead"));

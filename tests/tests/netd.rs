@@ -214,7 +214,7 @@ impl Netd {
         let t = Instant::now();
         while self.log().matches("listening on").count() <= before {
             assert!(
-                t.elapsed() < Duration::from_secs(10),
+                t.elapsed() < Duration::from_secs(60),
                 "netd did not start:\n{}",
                 self.log()
             );
@@ -381,11 +381,13 @@ fn nix_fstat_is_char(fd: &std::os::fd::OwnedFd) -> bool {
     p == Path::new("/dev/net/tun")
 }
 
+/// Wait for `f` (a hang guard, generous for a loaded machine: not a timing
+/// assertion).
 fn wait_until(mut f: impl FnMut() -> bool, what: &str, d: &Netd) {
     let t = Instant::now();
     while !f() {
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(60),
             "timed out waiting: {what}\nnetd log:\n{}",
             d.log()
         );
@@ -572,7 +574,7 @@ fn bad_input_never_stalls_or_crashes_netd() {
         .success());
     let t = Instant::now();
     while !d.log().contains("SIGHUP ignored") {
-        assert!(t.elapsed() < Duration::from_secs(10), "{}", d.log());
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", d.log());
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(d.client().list().is_ok(), "netd is gone after SIGHUP");
@@ -588,7 +590,10 @@ socks, out = [], []
 for i in range(n):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
-    s.sendall(b'{"v":1,"op":"hello","versions":[1]}\n')
+    try:
+        s.sendall(b'{"v":1,"op":"hello","versions":[1]}\n')
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused at once (over the limit): the reason is still there to read
     f = s.makefile('rb')
     line = f.readline()
     out.append(json.loads(line).get('code') or json.loads(line).get('reply'))
@@ -701,17 +706,20 @@ fn a_thousand_cycles_and_a_hundred_killed_clients_leave_nothing() {
 
     // 100 clients each take a tap and hold it; all are SIGKILLed.
     let create = r#"{"v":1,"op":"create_tap","bridge":"br0"}"#;
-    let mut kids: Vec<Child> = (0..100)
+    // Killed on drop too, so a failure here leaves no client behind.
+    let mut kids: Vec<Killed> = (0..100)
         .map(|_| {
-            py_client(&d.socket(), &[HELLO, create], 60.0, false)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
+            Killed(
+                py_client(&d.socket(), &[HELLO, create], 60.0, false)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
         })
         .collect();
     for k in &mut kids {
         let mut line = String::new();
-        let out = k.stdout.as_mut().unwrap();
+        let out = k.0.stdout.as_mut().unwrap();
         let mut r = BufReader::new(out);
         r.read_line(&mut line).unwrap();
         line.clear();
@@ -719,10 +727,7 @@ fn a_thousand_cycles_and_a_hundred_killed_clients_leave_nothing() {
         assert!(line.contains("\"reply\":\"tap\""), "{line}");
     }
     assert_eq!(d.ns.taps().len(), 100);
-    for k in &mut kids {
-        let _ = k.kill();
-        let _ = k.wait();
-    }
+    drop(kids);
     wait_until(
         || d.ns.taps().is_empty(),
         "100 killed clients' taps removed",
@@ -787,7 +792,7 @@ fn netd_killed_and_restarted_removes_what_it_created() {
             if let Some(st) = second.try_wait().unwrap() {
                 break st;
             }
-            if t.elapsed() > Duration::from_secs(10) {
+            if t.elapsed() > Duration::from_secs(60) {
                 let _ = second.kill();
                 let _ = second.wait();
                 panic!("a second netd kept running");
