@@ -483,6 +483,21 @@ fn an_interactive_terminal_works_and_is_restored() {
         "terminal settings not restored: {text}"
     );
     assert_no_leftovers(runtime.path(), &[]);
+    // A terminal without a size stays without one (it used to become 24×80).
+    let inner = format!(
+        "stty rows 0 cols 0; echo host $(stty size); '{}' run --kernel '{}' -- sh -c 'echo guest $(stty size)'",
+        umlctl_bin().display(),
+        kernel().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("UMLCTL_RUNTIME_DIR", runtime.path())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("host 0 0") && text.contains("guest 0 0"), "{text}");
 }
 
 #[test]

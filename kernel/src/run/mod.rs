@@ -207,8 +207,9 @@ fn winsize(fd: RawFd) -> Option<(u16, u16)> {
     // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
     unsafe {
         let mut ws: libc::winsize = std::mem::zeroed();
-        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
-            .then_some((ws.ws_row, ws.ws_col))
+        // A terminal without a size (0×0, as a fresh pty has) is passed on
+        // as it is: the guest's `stty size` says what the host's would.
+        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) == 0).then_some((ws.ws_row, ws.ws_col))
     }
 }
 
