@@ -497,7 +497,10 @@ fn an_interactive_terminal_works_and_is_restored() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("host 0 0") && text.contains("guest 0 0"), "{text}");
+    assert!(
+        text.contains("host 0 0") && text.contains("guest 0 0"),
+        "{text}"
+    );
 }
 
 #[test]
