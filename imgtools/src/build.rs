@@ -440,7 +440,15 @@ mod tests {
                 epoch: Some(0),
                 ..BuildOptions::default()
             };
-            if build(&[src.clone()], &out, &opts, &NoProgress, &NoProgress).is_ok() {
+            if build(
+                std::slice::from_ref(&src),
+                &out,
+                &opts,
+                &NoProgress,
+                &NoProgress,
+            )
+            .is_ok()
+            {
                 built += 1;
                 let disk = crate::disk::Disk::open(&out).unwrap();
                 let img = crate::ext4::read::Image::open(disk).unwrap();
