@@ -313,6 +313,97 @@ fn guest_env(spec: &GuestSpec, tty: bool) -> Result<Vec<Vec<u8>>> {
         .collect())
 }
 
+/// The guest init's plan: what to run, with what environment and working
+/// directory, on which root, with which terminal and interfaces. Pure: the
+/// host facts (environment, terminal size, network lease) come in.
+pub(crate) fn init_plan(
+    spec: &GuestSpec,
+    env: Vec<Vec<u8>>,
+    workdir: &Path,
+    host_root: bool,
+    tty: Option<TtySpec>,
+    nics: &[crate::protocol::NicSpec],
+) -> InitSpec {
+    let root = if host_root {
+        // A working directory under one of the guest's private tmpfs
+        // mounts stays visible: it is bound back over it.
+        let binds = HOST_ROOT_TMPFS
+            .iter()
+            .filter(|t| workdir.starts_with(t) && workdir != Path::new(t))
+            .map(|_| workdir.to_string_lossy().into_owned())
+            .collect();
+        RootSpec::Host {
+            tmpfs: HOST_ROOT_TMPFS.iter().map(|s| s.to_string()).collect(),
+            binds,
+        }
+    } else {
+        RootSpec::Image {
+            device: "/dev/ubda".into(),
+        }
+    };
+    InitSpec {
+        argv: spec.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        workdir: workdir.as_os_str().as_bytes().to_vec(),
+        root,
+        hostname: "uml".into(),
+        tty,
+        nics: nics.to_vec(),
+    }
+}
+
+/// What the boot plan needs from the host and the run directory.
+pub(crate) struct BootFacts {
+    pub(crate) umid: String,
+    pub(crate) rundir: PathBuf,
+    pub(crate) root: BootRoot,
+    pub(crate) init: PathBuf,
+    pub(crate) disks: Vec<Disk>,
+    pub(crate) interactive: bool,
+    pub(crate) nics: Vec<crate::cmdline::Nic>,
+    /// `$UMLCTL_TRACE`: the init reports its timings.
+    pub(crate) trace: bool,
+}
+
+/// UML's boot plan for `run`: memory, disks, root, init, and the serial
+/// lines on their fixed descriptors (3 stdin, 4 stdout, 5 stderr, 6
+/// control, 7 status; a terminal is the stdin line both ways). Pure.
+pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
+    let lines = if f.interactive {
+        vec![
+            (STDIN_LINE, Chan::Fd(3), Chan::Fd(3)),
+            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
+            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+        ]
+    } else {
+        vec![
+            (STDIN_LINE, Chan::Fd(3), Chan::Null),
+            (STDOUT_LINE, Chan::Null, Chan::Fd(4)),
+            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
+            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+        ]
+    };
+    BootPlan {
+        mem_bytes: spec.mem_bytes,
+        umid: f.umid,
+        uml_dir: f.rundir,
+        root: f.root,
+        init: Some(f.init),
+        notify: None,
+        disks: f.disks,
+        console: (Chan::Fd(0), Chan::Fd(1)),
+        lines,
+        init_env: if f.trace {
+            vec![("UMLCTL_TRACE".into(), "1".into())]
+        } else {
+            vec![]
+        },
+        nics: f.nics,
+    }
+}
+
 /// Boot a guest, run `spec.command` in it, and report how it ended.
 ///
 /// The command's stdin, stdout and stderr are this process's own. Errors
@@ -386,31 +477,8 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             stderr_on_tty,
         }
     });
-    let root_spec = match &root {
-        Root::Host { .. } => {
-            let binds = HOST_ROOT_TMPFS
-                .iter()
-                .filter(|t| workdir.starts_with(t) && workdir != Path::new(t))
-                .map(|_| workdir.to_string_lossy().into_owned())
-                .collect();
-            RootSpec::Host {
-                tmpfs: HOST_ROOT_TMPFS.iter().map(|s| s.to_string()).collect(),
-                binds,
-            }
-        }
-        Root::Image { .. } => RootSpec::Image {
-            device: "/dev/ubda".into(),
-        },
-    };
-    let init_spec = InitSpec {
-        argv: spec.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env,
-        workdir: workdir.as_os_str().as_bytes().to_vec(),
-        root: root_spec,
-        hostname: "uml".into(),
-        tty: tty_spec,
-        nics: network.specs.clone(),
-    };
+    let host_root = matches!(root, Root::Host { .. });
+    let init_spec = init_plan(spec, env, &workdir, host_root, tty_spec, &network.specs);
 
     // The run directory: UML's instance directory and the overlay.
     let umid = format!("umlctl-{}", random_hex(6));
@@ -513,39 +581,19 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         stdin_w = Some(w);
         r
     };
-    let lines = if interactive {
-        vec![
-            (STDIN_LINE, Chan::Fd(3), Chan::Fd(3)),
-            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
-            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
-            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
-        ]
-    } else {
-        vec![
-            (STDIN_LINE, Chan::Fd(3), Chan::Null),
-            (STDOUT_LINE, Chan::Null, Chan::Fd(4)),
-            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
-            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
-            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
-        ]
-    };
-    let plan = BootPlan {
-        mem_bytes: spec.mem_bytes,
-        umid: umid.clone(),
-        uml_dir: rundir.clone(),
-        root: boot_root,
-        init: Some(init_path),
-        notify: None,
-        disks,
-        console: (Chan::Fd(0), Chan::Fd(1)),
-        lines,
-        init_env: if std::env::var_os("UMLCTL_TRACE").is_some() {
-            vec![("UMLCTL_TRACE".into(), "1".into())]
-        } else {
-            vec![]
+    let plan = boot_plan(
+        spec,
+        BootFacts {
+            umid: umid.clone(),
+            rundir: rundir.clone(),
+            root: boot_root,
+            init: init_path,
+            disks,
+            interactive,
+            nics: network.nics.clone(),
+            trace: std::env::var_os("UMLCTL_TRACE").is_some(),
         },
-        nics: network.nics.clone(),
-    };
+    );
     let args = plan.to_args()?;
 
     let term_guard = if interactive {
@@ -859,5 +907,75 @@ mod tests {
         assert!(env.iter().any(|e| e.starts_with("PATH=")));
         s.env = vec![("A=B".into(), Some("1".into()))];
         assert!(s.validate().is_err());
+    }
+
+    /// The plans are computed without booting: what the init and UML are
+    /// told for a host-root run under /tmp, an image run, and a terminal.
+    #[test]
+    fn the_init_and_boot_plans_follow_the_spec() {
+        let mut spec = GuestSpec::new(vec!["make".into(), "check".into()]);
+        spec.mem_bytes = 512 << 20;
+        let init = init_plan(
+            &spec,
+            vec![b"A=1".to_vec()],
+            Path::new("/tmp/work/src"),
+            true,
+            None,
+            &[],
+        );
+        assert_eq!(init.argv, [b"make".to_vec(), b"check".to_vec()]);
+        assert_eq!(init.workdir, b"/tmp/work/src");
+        match &init.root {
+            RootSpec::Host { tmpfs, binds } => {
+                assert!(tmpfs.iter().any(|t| t == "/tmp"));
+                assert_eq!(binds, &["/tmp/work/src".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let image = init_plan(&spec, vec![], Path::new("/"), false, None, &[]);
+        assert!(matches!(image.root, RootSpec::Image { ref device } if device == "/dev/ubda"));
+
+        let facts = |interactive| BootFacts {
+            umid: "umlctl-abc".into(),
+            rundir: "/run/user/0/umlctl/umlctl-abc".into(),
+            root: BootRoot::InitDisk { index: 1 },
+            init: "/init".into(),
+            disks: vec![
+                Disk {
+                    file: "/img.cow".into(),
+                    backing: None,
+                    read_only: false,
+                },
+                Disk {
+                    file: "/initroot.ext4".into(),
+                    backing: None,
+                    read_only: true,
+                },
+            ],
+            interactive,
+            nics: vec![],
+            trace: false,
+        };
+        let pipes = boot_plan(&spec, facts(false));
+        assert_eq!(pipes.lines.len(), 5);
+        assert!(pipes
+            .lines
+            .contains(&(STDOUT_LINE, Chan::Null, Chan::Fd(4))));
+        let args = pipes.to_args().unwrap().join(" ");
+        for want in [
+            "mem=512M",
+            "umid=umlctl-abc",
+            "init=/init",
+            "ubd0=/img.cow",
+            "ubd1r=/initroot.ext4",
+        ] {
+            assert!(args.contains(want), "{want:?} not in {args}");
+        }
+        let term = boot_plan(&spec, facts(true));
+        assert!(term.lines.contains(&(STDIN_LINE, Chan::Fd(3), Chan::Fd(3))));
+        assert!(
+            !term.lines.iter().any(|l| l.0 == STDOUT_LINE),
+            "a terminal has no stdout line"
+        );
     }
 }
