@@ -73,6 +73,10 @@ pub struct StopArgs {
     /// Skip the graceful shutdown: halt (or kill) at once.
     #[arg(long)]
     force: bool,
+    /// Remove the guest's record, console log and throwaway overlay too
+    /// (otherwise they stay for `logs` and `ps --all` until `gc`).
+    #[arg(long)]
+    rm: bool,
 }
 
 #[derive(Args)]
@@ -178,6 +182,7 @@ pub fn ps(a: PsArgs) -> u8 {
                     "overlay": g.record.overlay,
                     "disks": g.record.disks,
                     "nics": g.record.nics,
+                    "ended": g.record.ended,
                 })
             })
             .chain(damaged.iter().map(|d| {
@@ -215,7 +220,10 @@ pub fn ps(a: PsArgs) -> u8 {
             r.kernel_version,
             r.mem_bytes >> 20,
             1 + r.disks.len(),
-            if r.nics.is_empty() {
+            if *s != State::Running {
+                // How it ended, not leases it no longer holds.
+                r.ended.as_ref().map_or("-".into(), |e| format!("({e})"))
+            } else if r.nics.is_empty() {
                 "-".into()
             } else {
                 r.nics.join(",")
@@ -256,13 +264,11 @@ pub fn stop(a: StopArgs) -> u8 {
         Ok(g) => g,
         Err(e) => return fail(e),
     };
-    match detached::stop(&g, Duration::from_secs(a.timeout), a.force) {
+    match detached::stop(&g, Duration::from_secs(a.timeout), a.force, a.rm) {
         Ok(how) => {
             let how = match how {
-                StopHow::Graceful => "shut down",
-                StopHow::Halted => "halted",
-                StopHow::Killed => "killed",
                 StopHow::AlreadyDown => "was not running; cleaned up",
+                h => h.describe(),
             };
             println!("{}: {how}", a.name);
             0

@@ -100,10 +100,15 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let uml_dir = instance::uml_dir()?;
     let layout = Layout::new(&uml_dir, &name);
     if let Ok(g) = instance::load(&name) {
-        return Err(Error::Usage(match g.state() {
-            State::Running => format!("a guest named {name:?} is already running (pid {})", g.record.pid),
-            s => format!("a {s} guest named {name:?} still exists; remove it with `umlctl gc` or choose another name"),
-        }));
+        if g.state() == State::Running {
+            return Err(Error::Usage(format!(
+                "a guest named {name:?} is already running (pid {})",
+                g.record.pid
+            )));
+        }
+        // A stopped or dead guest of that name: its record, log and
+        // throwaway overlay make way for the new one.
+        g.remove()?;
     }
     if let Some(pid) = fs::read_to_string(layout.uml_instance.join("pid"))
         .ok()
@@ -297,6 +302,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         disks: spec.disks.clone(),
         nics: nic_notes,
         xstate_shim: prep.shim.is_some(),
+        ended: None,
     };
     instance::save(&layout, &record)?;
 
@@ -569,6 +575,18 @@ pub enum StopHow {
     AlreadyDown,
 }
 
+impl StopHow {
+    /// How `stop` and `ps` say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopHow::Graceful => "shut down",
+            StopHow::Halted => "halted",
+            StopHow::Killed => "killed",
+            StopHow::AlreadyDown => "was not running",
+        }
+    }
+}
+
 fn wait_gone(g: &Guest, t: Duration) -> bool {
     let deadline = Instant::now() + t;
     while Instant::now() < deadline {
@@ -584,8 +602,9 @@ fn wait_gone(g: &Guest, t: Duration) -> bool {
 /// `timeout` for it; then mconsole `halt`; then SIGKILL to UML's process
 /// group. `force` skips the graceful step. Everything the guest left is
 /// removed in every case.
-pub fn stop(g: &Guest, timeout: Duration, force: bool) -> Result<StopHow> {
+pub fn stop(g: &Guest, timeout: Duration, force: bool, rm: bool) -> Result<StopHow> {
     let mut how = StopHow::AlreadyDown;
+    let was = g.state();
     if g.state() == State::Running {
         let mc = client(g).ok();
         how = StopHow::Killed;
@@ -616,7 +635,19 @@ pub fn stop(g: &Guest, timeout: Duration, force: bool) -> Result<StopHow> {
     }
     // UML's helpers share its process group; none may outlive it.
     g.kill_leftovers();
-    g.remove()?;
+    if rm {
+        g.remove()?;
+    } else if how != StopHow::AlreadyDown {
+        // The record and console log stay for `logs` and `ps --all`.
+        g.clone().retire(how.describe())?;
+    } else {
+        let ended = match (was, g.record.ended.as_deref()) {
+            (State::Dead, _) => "died (a kernel panic or a kill)",
+            (_, Some(e)) => e,
+            (_, None) => "ended on its own",
+        };
+        g.clone().retire(ended)?;
+    }
     Ok(how)
 }
 

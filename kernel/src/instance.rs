@@ -42,6 +42,10 @@ pub struct Record {
     pub disks: Vec<PathBuf>,
     pub nics: Vec<String>,
     pub xstate_shim: bool,
+    /// How a stopped guest ended (`shut down`, `halted`, `killed`), as
+    /// `stop` saw it; `None` while it runs or if it ended otherwise.
+    #[serde(default)]
+    pub ended: Option<String>,
 }
 
 /// A guest's state as seen from the host.
@@ -175,6 +179,23 @@ impl Guest {
     /// Seconds since the guest started.
     pub fn uptime(&self) -> u64 {
         now().saturating_sub(self.record.started)
+    }
+
+    /// After a stop: UML's instance directory (its sockets and pid file)
+    /// goes; umlctl's record and console log stay for `logs` and `ps
+    /// --all` until `gc`, with how the guest ended.
+    pub fn retire(&mut self, ended: &str) -> Result<()> {
+        if self.state() == State::Running {
+            return Err(Error::Usage(format!(
+                "guest {} is still running; stop it first",
+                self.record.name
+            )));
+        }
+        self.kill_jail();
+        self.kill_leftovers();
+        remove_dir(&self.layout.uml_instance)?;
+        self.record.ended = Some(ended.to_string());
+        save(&self.layout, &self.record)
     }
 
     /// Remove everything the guest left: helper processes that outlived a

@@ -265,8 +265,20 @@ fn start_ctl_console_stop_and_the_same_answers_as_uml_mconsole() {
     // A graceful stop runs the guest's own shutdown.
     let out = env.ok(&["stop", "g1"]);
     assert!(out.contains("shut down"), "{out}");
-    assert_eq!(env.state("g1"), None);
-    assert!(!env.uml_dir().join("g1").exists() && !env.uml_dir().join("g1.umlctl").exists());
+    // Stopped, not forgotten: the record and console log stay until gc,
+    // so `logs` works and `ps --all` says how it ended.
+    assert_eq!(env.state("g1").as_deref(), Some("stopped"));
+    assert!(env.ok(&["logs", "g1"]).contains("typed-42"));
+    let ps = env.ok(&["ps", "--all"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("g1 ") && l.contains("stopped") && l.contains("(shut down)")),
+        "{ps}"
+    );
+    assert!(
+        !env.uml_dir().join("g1").exists(),
+        "UML's instance directory stayed"
+    );
     let merged = env.dir.path().join("merged.ext4");
     env.ok(&["cow", "merge", s(&overlay), "-o", s(&merged)]);
     let cat = Command::new("debugfs")
@@ -275,6 +287,25 @@ fn start_ctl_console_stop_and_the_same_answers_as_uml_mconsole() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "shutdown-ran\n");
     assert!(processes_mentioning("umid=g1 ").is_empty());
+
+    // The name of a stopped guest can be started again; `stop --rm`
+    // leaves nothing.
+    env.ok(&[
+        "start",
+        "--name",
+        "g1",
+        "--image",
+        s(&img),
+        "--mem",
+        "64M",
+        "--kernel",
+        s(&k),
+    ]);
+    assert_eq!(env.state("g1").as_deref(), Some("running"));
+    let out = env.ok(&["stop", "--rm", "g1"]);
+    assert!(out.contains("shut down"), "{out}");
+    assert_eq!(env.state("g1"), None);
+    assert!(!env.uml_dir().join("g1").exists() && !env.uml_dir().join("g1.umlctl").exists());
 }
 
 #[test]
