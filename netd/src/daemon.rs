@@ -97,6 +97,8 @@ struct Shared {
     /// The name servers each bridge's guests get.
     dns: BTreeMap<String, Vec<std::net::Ipv4Addr>>,
     taps: Mutex<BTreeMap<String, Tap>>,
+    /// Addresses kept for named guests (see [`Reservation`]), oldest first.
+    reserved: std::sync::Mutex<Vec<Reservation>>,
     /// Open connections per uid.
     conns: std::sync::Mutex<BTreeMap<u32, usize>>,
     /// [`IDLE_TIMEOUT`], or `$UMLCTL_NETD_IDLE_TIMEOUT` seconds (a testing knob).
@@ -144,7 +146,24 @@ struct State {
     /// that drops one retires it).
     #[serde(default)]
     bridges: Vec<String>,
+    /// Addresses kept for named guests, so a guest that stops and starts
+    /// again gets the same one (as long as the state file lives).
+    #[serde(default)]
+    reserved: Vec<Reservation>,
 }
+
+/// An address kept for a guest: its owner, its name (the tap's tag) and
+/// its bridge.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct Reservation {
+    uid: u32,
+    tag: String,
+    bridge: String,
+    address: std::net::Ipv4Addr,
+}
+
+/// At most this many reservations are kept; the oldest go first.
+const MAX_RESERVATIONS: usize = 4096;
 
 fn audit(peer: &Peer, what: impl std::fmt::Display) {
     eprintln!("netd: uid {} pid {}: {what}", peer.uid, peer.pid);
@@ -160,15 +179,13 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     rt.block_on(serve(config))
 }
 
-async fn save_state(
-    config: &Config,
-    restore: &BTreeMap<String, bool>,
-    taps: &BTreeMap<String, Tap>,
-) {
+async fn save_state(sh: &Shared, restore: &BTreeMap<String, bool>, taps: &BTreeMap<String, Tap>) {
+    let config = &sh.config;
     let state = State {
         taps: taps.keys().cloned().collect(),
         forwarding: restore.clone(),
         bridges: config.bridges.iter().map(|b| b.name.clone()).collect(),
+        reserved: sh.reserved.lock().map(|r| r.clone()).unwrap_or_default(),
     };
     let tmp = config.state.with_extension("tmp");
     let data = serde_json::to_vec(&state).unwrap_or_default();
@@ -200,9 +217,12 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let _lock = lock_state(&config.state)?;
     let nl = link::connect().map_err(DaemonError::Netlink)?;
 
-    // Whatever a previous run created is gone with its connections.
+    // Whatever a previous run created is gone with its connections; the
+    // addresses it kept for named guests stay kept.
+    let mut reserved = Vec::new();
     if let Ok(data) = std::fs::read(&config.state) {
         let old: State = serde_json::from_slice(&data).unwrap_or_default();
+        reserved = old.reserved.clone();
         for name in old.taps {
             if name.starts_with(lease::TAP_PREFIX) {
                 match link::remove(&nl, &name).await {
@@ -284,6 +304,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         restore,
         dns,
         taps: Mutex::new(BTreeMap::new()),
+        reserved: std::sync::Mutex::new(reserved),
         conns: std::sync::Mutex::new(BTreeMap::new()),
         idle: std::env::var("UMLCTL_NETD_IDLE_TIMEOUT")
             .ok()
@@ -292,7 +313,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             .map(Duration::from_secs)
             .unwrap_or(IDLE_TIMEOUT),
     });
-    save_state(&shared.config, &shared.restore, &BTreeMap::new()).await;
+    save_state(&shared, &shared.restore, &BTreeMap::new()).await;
     eprintln!("netd: listening on {}", shared.config.socket.display());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -342,12 +363,12 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     taps.clear();
-    save_state(&shared.config, &shared.restore, &taps).await;
+    save_state(&shared, &shared.restore, &taps).await;
     if let Err(e) = link::remove_rules(&shared.nl).await {
         eprintln!("netd: {e}");
     }
     stop_nat(nat, &shared.restore);
-    save_state(&shared.config, &BTreeMap::new(), &taps).await;
+    save_state(&shared, &BTreeMap::new(), &taps).await;
     let _ = std::fs::remove_file(&shared.config.socket);
     Ok(())
 }
@@ -810,7 +831,7 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
         audit(&peer, format_args!("connection closed: removed {name}"));
     }
     if !mine.is_empty() {
-        save_state(&sh.config, &sh.restore, &taps).await;
+        save_state(&sh, &sh.restore, &taps).await;
     }
 }
 
@@ -847,7 +868,31 @@ async fn create(
         .filter(|t| t.lease.bridge == bridge)
         .map(|t| t.lease.address)
         .collect();
-    let Some(address) = lease::free_address(b, &used) else {
+    // A named guest gets the address kept for it if it is free; anyone
+    // else the lowest address neither in use nor kept for another guest,
+    // and only when there is none, one kept for another.
+    let (kept, others): (Vec<Reservation>, Vec<Reservation>) = sh
+        .reserved
+        .lock()
+        .map(|r| {
+            r.iter()
+                .filter(|r| r.bridge == bridge)
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .partition(|r| Some(&r.tag) == tag.as_ref() && r.uid == peer.uid);
+    let mine = kept
+        .first()
+        .map(|r| r.address)
+        .filter(|a| !used.contains(a));
+    let mut avoid = used.clone();
+    avoid.extend(others.iter().map(|r| r.address));
+    let address = mine
+        .or_else(|| lease::free_address(b, &avoid))
+        .or_else(|| lease::free_address(b, &used));
+    let Some(address) = address else {
         audit(
             peer,
             format_args!("refused: bridge {bridge} has no free address"),
@@ -880,6 +925,22 @@ async fn create(
         let _ = link::remove(&sh.nl, &ifname).await;
         return Err(internal(&e));
     }
+    if let Some(t) = &tag {
+        if let Ok(mut r) = sh.reserved.lock() {
+            r.retain(|x| {
+                // This guest's old one, and any other claim on the address.
+                x.bridge != bridge || (x.address != address && !(x.uid == peer.uid && &x.tag == t))
+            });
+            r.push(Reservation {
+                uid: peer.uid,
+                tag: t.clone(),
+                bridge: bridge.to_string(),
+                address,
+            });
+            let over = r.len().saturating_sub(MAX_RESERVATIONS);
+            r.drain(..over);
+        }
+    }
     let lease = Lease {
         mac: lease::mac(
             bridge,
@@ -908,7 +969,7 @@ async fn create(
             _fd: fd,
         },
     );
-    save_state(&sh.config, &sh.restore, &taps).await;
+    save_state(sh, &sh.restore, &taps).await;
     audit(
         peer,
         format_args!(
@@ -939,7 +1000,7 @@ async fn release(sh: &Shared, peer: &Peer, conn: u64, ifname: &str) -> Reply {
                 return error(ErrorCode::Internal, e.to_string());
             }
             taps.remove(ifname);
-            save_state(&sh.config, &sh.restore, &taps).await;
+            save_state(sh, &sh.restore, &taps).await;
             audit(peer, format_args!("released {ifname}"));
             Reply::Released {
                 ifname: ifname.to_string(),

@@ -369,10 +369,13 @@ fn taps_are_on_their_bridge_and_live_exactly_as_long_as_the_connection() {
     drop(fd);
     assert!(d.log().contains("uid 0 pid"), "{}", d.log());
 
-    // Leases are freed: the next tap gets the first address again.
+    // Leases are freed, but the first address stays kept for the guest
+    // named "web": an unnamed tap gets the next one, "web" its own again.
     let mut c = d.client();
     let (a2, _) = c.create_tap("br0", TapMode::Owned, None).unwrap();
-    assert_eq!(a2.address.to_string(), "10.99.0.2");
+    assert_eq!(a2.address.to_string(), "10.99.0.3");
+    let (a3, _) = c.create_tap("br0", TapMode::Owned, Some("web")).unwrap();
+    assert_eq!(a3.address.to_string(), "10.99.0.2");
 }
 
 fn nix_fstat_is_char(fd: &std::os::fd::OwnedFd) -> bool {
@@ -1262,12 +1265,28 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
     assert_ok(&umlctl(&["stop", "netg"]), "stop");
     wait_until(|| d.ns.taps().is_empty(), "the tap removed after stop", &d);
 
-    // Killed hard: the tap goes when the last UML process is gone.
+    // Killed hard: the tap goes when the last UML process is gone. Before
+    // that, the same name gets the same MAC and, though an unnamed tap came
+    // in between, the same address (netd keeps it for the guest).
+    let mut interloper = d.client();
+    let (other, _) = interloper.create_tap("br0", TapMode::Owned, None).unwrap();
+    assert_ne!(
+        other.address.to_string(),
+        addr,
+        "netd gave away a kept address"
+    );
     let g = start("netg");
     assert_eq!(
         g["nics"][0].as_str().unwrap().rsplit(' ').next().unwrap(),
         mac
     );
+    assert_eq!(
+        nic_address(&g),
+        addr,
+        "the guest's address changed across a restart"
+    );
+    interloper.release(&other.ifname).unwrap();
+    drop(interloper);
     assert_eq!(d.ns.taps().len(), 1);
     let pid = g["pid"].as_i64().unwrap() as i32;
     // SAFETY: kill has no memory effects.
