@@ -543,6 +543,38 @@ fn compile(
     Ok(())
 }
 
+/// Every symbol the source's Kconfig files define (`config X`,
+/// `menuconfig X`); empty if none could be read.
+fn kconfig_symbols(tree: &Path) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let name = e.file_name();
+            if ft.is_dir() {
+                if name != ".git" {
+                    stack.push(e.path());
+                }
+            } else if ft.is_file() && name.to_string_lossy().starts_with("Kconfig") {
+                let Ok(text) = fs::read_to_string(e.path()) else {
+                    continue;
+                };
+                for line in text.lines() {
+                    let mut w = line.split_whitespace();
+                    if let (Some("config" | "menuconfig"), Some(sym)) = (w.next(), w.next()) {
+                        out.insert(sym.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Build (or reuse) a kernel and install it into the cache.
 pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
     if let Some(n) = &spec.name {
@@ -620,6 +652,22 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
         Base::Bare => {
             fs::write(&config_path, b"").map_err(|e| Error::io("write", &config_path, e))?
         }
+    }
+    // umlctl's own options that this kernel does not define at all (the
+    // legacy network transports, gone in 6.16) are skipped with a note;
+    // a user's fragments and --sets are always checked.
+    let known = kconfig_symbols(&source.tree);
+    let (wants, skipped): (Vec<Want>, Vec<Want>) = wants.into_iter().partition(|w| {
+        !w.origin.starts_with("umlctl.config")
+            || known.is_empty()
+            || known.contains(w.option.trim_start_matches("CONFIG_"))
+    });
+    for w in &skipped {
+        let _ = writeln!(
+            log,
+            "{}: {} is not an option of this kernel; skipped",
+            w.origin, w.option
+        );
     }
     let mut fragment = String::from("\n# --- umlctl: requested options ---\n");
     for w in &wants {
@@ -834,5 +882,22 @@ mod tests {
         let f3 = fingerprint_dir(d.path()).unwrap();
         fs::create_dir(d.path().join(".git")).unwrap();
         assert_eq!(f3, fingerprint_dir(d.path()).unwrap());
+    }
+
+    #[test]
+    fn kconfig_symbols_are_read_from_every_kconfig_file() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("arch/um/drivers")).unwrap();
+        std::fs::write(
+            d.path().join("arch/um/drivers/Kconfig"),
+            "menuconfig UML_NET_VECTOR\n\tbool \"vector\"\nconfig MCONSOLE\n\tbool\n# config NOT_ME\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("Kconfig.debug"), "config KASAN\n").unwrap();
+        let k = kconfig_symbols(d.path());
+        for s in ["UML_NET_VECTOR", "MCONSOLE", "KASAN"] {
+            assert!(k.contains(s), "{s}");
+        }
+        assert!(!k.contains("NOT_ME") && !k.contains("UML_NET"));
     }
 }
