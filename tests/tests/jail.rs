@@ -354,6 +354,16 @@ fn status_field(pid: u32, key: &str) -> String {
 /// What the UML process `pid` sees is only `allowed` (plus device nodes and
 /// /proc/cpuinfo); it holds no privilege; it lives in its own namespaces.
 fn assert_jailed(pid: u32, allowed: &[PathBuf], uid: u32, own_net: bool, canary: &Canary) {
+    // Started without address randomization, as UML wants: UML ≥ 7 would
+    // otherwise re-execute itself through /proc/self/exe, which the jail
+    // has not got ("readlink failure").
+    let persona = fs::read_to_string(format!("/proc/{pid}/personality")).unwrap();
+    let persona = u32::from_str_radix(persona.trim(), 16).unwrap();
+    assert_ne!(
+        persona & 0x0040000,
+        0,
+        "ADDR_NO_RANDOMIZE not set: {persona:#x}"
+    );
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let mut files = Vec::new();
     walk(&root, Path::new(""), &mut files, 0);

@@ -267,6 +267,21 @@ pub(super) unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, statu
     }
 }
 
+/// UML (≥ 6.? — 7.x does) turns address randomization off and, if that
+/// changed anything, re-executes itself through `/proc/self/exe`, which a
+/// jail without `/proc` does not have ("readlink failure"). Turning it off
+/// before exec (the personality is inherited) spares it the re-exec.
+/// Async-signal-safe.
+pub(crate) fn no_address_randomization() {
+    // SAFETY: personality(2) only changes this process's execution domain.
+    unsafe {
+        let cur = libc::personality(0xffff_ffff);
+        if cur >= 0 {
+            libc::personality((cur as libc::c_ulong) | libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
+        }
+    }
+}
+
 /// The program's side: descriptors, directory, exec.
 ///
 /// # Safety
@@ -291,6 +306,7 @@ pub(super) unsafe fn exec_program(plan: &Plan, err_fd: RawFd) -> ! {
     for (i, e) in plan.envp.iter().take(MAX_ENV).enumerate() {
         envp[i] = e.as_ptr();
     }
+    no_address_randomization();
     libc::execve(plan.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
     die(err_fd, STEP_EXEC)
 }

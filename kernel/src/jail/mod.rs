@@ -293,6 +293,7 @@ pub fn spawn_unjailed(launch: &Launch) -> Result<Spawned> {
             if pdeath {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             }
+            child::no_address_randomization();
             Ok(())
         });
     }
