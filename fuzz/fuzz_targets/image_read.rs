@@ -12,22 +12,8 @@
 //!     cargo fuzz run image_read fuzz/corpus/image_read fuzz/seeds/image_read -- -max_len=262144
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use umlctl_imgtools::ext4::read::{Image, Piece, ReadAt};
+use umlctl_imgtools::ext4::read::{Image, Piece};
 use umlctl_imgtools::verify;
-
-struct Bytes(Vec<u8>);
-
-impl ReadAt for Bytes {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        buf.fill(0);
-        let off = off as usize;
-        if off < self.0.len() {
-            let n = buf.len().min(self.0.len() - off);
-            buf[..n].copy_from_slice(&self.0[off..off + n]);
-        }
-        Ok(())
-    }
-}
 
 /// s_feature_ro_compat (superblock offset 0x64) bit RO_COMPAT_METADATA_CSUM.
 const RO_COMPAT: usize = 1024 + 0x64;
@@ -39,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     if mode & 1 == 1 && bytes.len() > RO_COMPAT + 2 {
         bytes[RO_COMPAT + 1] &= !METADATA_CSUM;
     }
-    let Ok(img) = Image::open(Bytes(bytes)) else { return };
+    let Ok(img) = Image::open(bytes) else { return };
     if img.sb.blocks > 1 << 20 || img.sb.inodes > 1 << 20 {
         return;
     }

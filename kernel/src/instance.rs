@@ -185,15 +185,7 @@ impl Guest {
     /// goes; umlctl's record and console log stay for `logs` and `ps
     /// --all` until `gc`, with how the guest ended.
     pub fn retire(&mut self, ended: &str) -> Result<()> {
-        if self.state() == State::Running {
-            return Err(Error::Usage(format!(
-                "guest {} is still running; stop it first",
-                self.record.name
-            )));
-        }
-        self.kill_jail();
-        self.kill_leftovers();
-        remove_dir(&self.layout.uml_instance)?;
+        self.clear_instance()?;
         self.record.ended = Some(ended.to_string());
         save(&self.layout, &self.record)
     }
@@ -202,6 +194,14 @@ impl Guest {
     /// killed UML, umlctl's directory (record, logs, throwaway overlay) and
     /// UML's instance directory.
     pub fn remove(&self) -> Result<()> {
+        self.clear_instance()?;
+        remove_dir(&self.layout.state)
+    }
+
+    /// A guest that is not running: whatever of it still runs (the jail,
+    /// helpers that outlived UML) is killed and UML's instance directory
+    /// removed.
+    fn clear_instance(&self) -> Result<()> {
         if self.state() == State::Running {
             return Err(Error::Usage(format!(
                 "guest {} is still running; stop it first",
@@ -210,8 +210,7 @@ impl Guest {
         }
         self.kill_jail();
         self.kill_leftovers();
-        remove_dir(&self.layout.uml_instance)?;
-        remove_dir(&self.layout.state)
+        remove_dir(&self.layout.uml_instance)
     }
 
     /// SIGKILL the guest's jail (its PID 1, and with it everything in the

@@ -375,16 +375,7 @@ mod tests {
             x ^= x << 17;
             x
         };
-        let mut good = Vec::new();
-        for (err, more, text) in [(0u32, 0u32, "ok"), (1, 1, "part"), (0, 0, "")] {
-            let mut b = Vec::new();
-            b.extend_from_slice(&err.to_ne_bytes());
-            b.extend_from_slice(&more.to_ne_bytes());
-            b.extend_from_slice(&(text.len() as u32 + 1).to_ne_bytes());
-            b.extend_from_slice(text.as_bytes());
-            b.push(0);
-            good.push(b);
-        }
+        let good = [reply(0, 0, "ok"), reply(1, 1, "part"), reply(0, 0, "")];
         for _ in 0..20_000 {
             let mut b = good[(next() % 3) as usize].clone();
             for _ in 0..next() % 4 {

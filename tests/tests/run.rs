@@ -466,13 +466,17 @@ fn an_interactive_terminal_works_and_is_restored() {
         umlctl_bin().display(),
         kernel().display()
     );
-    let out = Command::new("script")
-        .args(["-qec", &inner, "/dev/null"])
-        .env("UMLCTL_RUNTIME_DIR", runtime.path())
-        .env("UMLCTL_CACHE_DIR", cache_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("script (bsdutils) is needed for this test");
+    // `script -qec SHELL-LINE`: the line runs on a fresh pseudo-terminal.
+    let in_terminal = |line: &str| {
+        Command::new("script")
+            .args(["-qec", line, "/dev/null"])
+            .env("UMLCTL_RUNTIME_DIR", runtime.path())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .stdin(Stdio::null())
+            .output()
+            .expect("script (bsdutils) is needed for this test")
+    };
+    let out = in_terminal(&inner);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(4), "{text}");
     assert!(text.contains("/dev/ttyS0"), "{text}");
@@ -489,13 +493,7 @@ fn an_interactive_terminal_works_and_is_restored() {
         umlctl_bin().display(),
         kernel().display()
     );
-    let out = Command::new("script")
-        .args(["-qec", &inner, "/dev/null"])
-        .env("UMLCTL_RUNTIME_DIR", runtime.path())
-        .env("UMLCTL_CACHE_DIR", cache_dir())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = in_terminal(&inner);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("host 0 0") && text.contains("guest 0 0"),

@@ -17,6 +17,20 @@ pub trait ReadAt: Sync {
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
 }
 
+/// An image held in memory (tests, fuzzing).
+impl ReadAt for Vec<u8> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        buf.fill(0);
+        if let Ok(off) = usize::try_from(off) {
+            if off < self.len() {
+                let n = buf.len().min(self.len() - off);
+                buf[..n].copy_from_slice(&self[off..off + n]);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ReadAt for std::fs::File {
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
