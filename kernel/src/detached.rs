@@ -353,7 +353,10 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         let tail = tail(&layout.console_log(), 20);
         let _ = fs::remove_dir_all(&layout.uml_instance);
         drop(cleanup);
-        return Err(Error::Boot(format!("{why}; last console lines:\n{tail}")));
+        return Err(Error::StartFailed {
+            why,
+            console_tail: tail,
+        });
     }
     // The guest runs on without us; it is reaped by whoever adopts it.
     child.detach();
@@ -536,7 +539,10 @@ pub fn ctl(g: &Guest, command: &str) -> Result<mconsole::Reply> {
         command = format!("config {dev}={}", names.join(","));
     }
     c.request(&command)
-        .map_err(|e| Error::Boot(format!("guest {}: {e}", g.record.name)))
+        .map_err(|source| Error::Mconsole {
+        guest: g.record.name.clone(),
+        source,
+    })
 }
 
 /// The device, the host files named by an mconsole `config ubd…=SPEC`

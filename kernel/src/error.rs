@@ -44,9 +44,26 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
-    /// The guest did not get to run the command (boot or init failure).
-    #[error("{0}")]
-    Boot(String),
+    /// No guest of this name is known (no record under the guest directory).
+    #[error("no guest named {name:?} (see `umlctl ps --all`)")]
+    NoSuchGuest { name: String },
+
+    /// The operation needs the guest stopped, and it runs.
+    #[error("guest {name} is still running; stop it first (`umlctl stop {name}`)")]
+    GuestRunning { name: String },
+
+    /// A detached guest did not come up; what was seen and the end of its
+    /// console.
+    #[error("{why}; last console lines:\n{console_tail}")]
+    StartFailed { why: String, console_tail: String },
+
+    /// A running guest's management console refused or failed a request.
+    #[error("guest {guest}: {source}")]
+    Mconsole {
+        guest: String,
+        #[source]
+        source: crate::mconsole::McError,
+    },
 
     /// A step of a kernel build failed.
     #[error("{step} failed ({status}); the build log is {}\n{tail}", log.display())]
@@ -95,8 +112,9 @@ impl Error {
         match self {
             Error::Io { .. } | Error::Sys { .. } | Error::Host { .. } => "host",
             Error::KernelNotFound { .. } | Error::KernelUnusable { .. } => "kernel",
-            Error::Usage(_) => "usage",
-            Error::Boot(_) => "boot",
+            Error::Usage(_) | Error::NoSuchGuest { .. } | Error::GuestRunning { .. } => "usage",
+            Error::StartFailed { .. } => "boot",
+            Error::Mconsole { .. } => "guest",
             Error::Disk(_) => "image",
             Error::Network(_) => "network",
             Error::BuildFailed { .. } | Error::ConfigNotApplied { .. } => "build",

@@ -203,10 +203,9 @@ impl Guest {
     /// removed.
     fn clear_instance(&self) -> Result<()> {
         if self.state() == State::Running {
-            return Err(Error::Usage(format!(
-                "guest {} is still running; stop it first",
-                self.record.name
-            )));
+            return Err(Error::GuestRunning {
+                name: self.record.name.clone(),
+            });
         }
         self.kill_jail();
         self.kill_leftovers();
@@ -281,9 +280,9 @@ pub fn load(name: &str) -> Result<Guest> {
     let data = match fs::read(layout.record()) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Usage(format!(
-                "no guest named {name:?} (see `umlctl ps --all`)"
-            )))
+            return Err(Error::NoSuchGuest {
+                name: name.to_string(),
+            })
         }
         Err(e) => return Err(Error::io("read", layout.record(), e)),
     };
@@ -371,7 +370,7 @@ pub fn damaged() -> Result<Vec<Damaged>> {
         }
         let why = match load(name) {
             Ok(_) => continue,
-            Err(Error::Usage(_)) => "no record (a start that did not finish?)".to_string(),
+            Err(Error::NoSuchGuest { .. }) => "no record (a start that did not finish?)".to_string(),
             Err(Error::Host { detail, .. }) => detail,
             Err(e) => e.to_string(),
         };
