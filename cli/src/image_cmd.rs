@@ -242,7 +242,7 @@ fn build_cmd(a: BuildArgs) -> Result<u8, String> {
         None => None,
     };
     if let Some(e) = a.epoch {
-        if !(0..=i32::MAX as i64).contains(&e) {
+        if !(0..=i64::from(i32::MAX)).contains(&e) {
             return Err(format!(
                 "invalid --epoch {e}: it must lie between 0 and 2147483647 (2038-01-19)"
             ));
@@ -452,7 +452,7 @@ fn manifest_cmd(a: ManifestArgs) -> Result<u8, String> {
 fn info_cmd(a: InfoArgs) -> Result<u8, String> {
     let img = open_image(&a.img)?;
     let sb = &img.sb;
-    let bs = sb.block_size as u64;
+    let bs = u64::from(sb.block_size);
     let uuid = build::uuid_string(&sb.uuid);
     let used_blocks = sb.blocks - sb.free_blocks;
     let used_inodes = sb.inodes - sb.free_inodes;
@@ -501,7 +501,7 @@ fn info_cmd(a: InfoArgs) -> Result<u8, String> {
         );
         println!("inodes:   {used_inodes} used of {}", sb.inodes);
         println!("features: {}", sb.feature_names().join(" "));
-        println!("created:  {}", utc(sb.mkfs_time as i64));
+        println!("created:  {}", utc(i64::from(sb.mkfs_time)));
         println!(
             "state:    {}",
             if sb.state & 1 != 0 {

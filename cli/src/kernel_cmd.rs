@@ -403,7 +403,7 @@ fn list(a: ListArgs) -> u8 {
         let (version, built, source) = match &e.meta {
             Some(m) => (
                 m.version.clone(),
-                utc(m.built_at as i64),
+                utc(i64::try_from(m.built_at).unwrap_or(i64::MAX)),
                 m.source.display().to_string(),
             ),
             None => ("?".into(), "-".into(), "(placed by hand)".into()),

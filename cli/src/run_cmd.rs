@@ -172,7 +172,7 @@ pub fn main(a: RunArgs) -> u8 {
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(err, "{}", serde_json::to_string(&o).unwrap_or_default());
             }
-            o.exit_code.clamp(0, 255) as u8
+            u8::try_from(o.exit_code.clamp(0, 255)).unwrap_or(u8::MAX)
         }
         Err(e) => {
             eprintln!("umlctl: {e}");

@@ -13,6 +13,7 @@
 //! it: its size must equal the header's, and its `st_mtime` the header's
 //! 32-bit mtime, or UML refuses to open the disk.
 
+use crate::num::{fit32, time32, us};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -295,7 +296,7 @@ impl Header {
             backing: backing.to_path_buf(),
             mtime,
             size,
-            sectorsize: SECTOR as u32,
+            sectorsize: fit32(SECTOR),
             alignment: 4096,
             cow_format: 0,
         }
@@ -511,7 +512,7 @@ impl Cow {
                 ),
             });
         }
-        let mut bitmap = vec![0u8; header.bitmap_len() as usize];
+        let mut bitmap = vec![0u8; us(header.bitmap_len())];
         let n = read_full_at(&file, &mut bitmap, header.bitmap_offset())
             .map_err(io_err("read COW bitmap", path))?;
         if n < bitmap.len() {
@@ -640,7 +641,7 @@ impl Cow {
             let mut a = s * SECTOR;
             let end = ((s + n) * SECTOR).min(size);
             while a < end {
-                let len = CHUNK.min(end - a) as usize;
+                let len = us(CHUNK.min(end - a));
                 buf.resize(len, 0);
                 buf.fill(0);
                 read_full_at(&self.file, &mut buf, self.header.data_offset() + a)
@@ -693,7 +694,7 @@ impl Cow {
         for (s, n, set) in self.runs(first, last) {
             let a = (s * SECTOR).max(offset);
             let b = ((s + n) * SECTOR).min(end);
-            let dst = &mut buf[(a - offset) as usize..(b - offset) as usize];
+            let dst = &mut buf[us(a - offset)..us(b - offset)];
             if set {
                 read_full_at(&self.file, dst, self.header.data_offset() + a)
                     .map_err(io_err("read COW data", &self.path))?;
@@ -708,7 +709,7 @@ impl Cow {
     /// Whether any sector in `[from, to)` lives in the COW file.
     pub fn any_set(&self, from: u64, to: u64) -> bool {
         let a = (from / 8) as usize;
-        let b = (to.div_ceil(8) as usize).min(self.bitmap.len());
+        let b = us(to.div_ceil(8)).min(self.bitmap.len());
         a < b && self.bitmap[a..b].iter().any(|&x| x != 0) && (from..to).any(|s| self.is_set(s))
     }
 
@@ -730,7 +731,7 @@ impl Cow {
                 continue;
             }
             let (a, b) = ((s * SECTOR).max(off), ((s + n) * SECTOR).min(end));
-            let dst = &mut chunk[(a - off) as usize..(b - off) as usize];
+            let dst = &mut chunk[us(a - off)..us(b - off)];
             read_full_at(&self.file, dst, self.header.data_offset() + a)
                 .map_err(io_err("read COW data", &self.path))?;
             on_run(a, b);
@@ -917,7 +918,7 @@ pub fn create(cow: &Path, backing: &Path) -> Result<Header> {
     }
     // The kernel stores the mtime truncated to 32 bits, then compares the
     // full value: a backing mtime beyond 2106 can never match.
-    let header = Header::new_v3(&backing_abs, mtime as u32, size);
+    let header = Header::new_v3(&backing_abs, time32(mtime), size);
     let bytes = header.encode().map_err(CowError::Invalid)?;
     let tmp = TempFile::new(cow)?;
     tmp.file()
@@ -950,28 +951,20 @@ const BLOCK: usize = 4096;
 /// Data regions of `f` (SEEK_DATA/SEEK_HOLE) overlapping `[from, to)`, so
 /// holes in a sparse backing file are neither read nor written.
 fn data_regions(f: &File, from: u64, to: u64) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
+    use crate::seek::{next_data, next_hole, Next};
     let mut out = Vec::new();
     let mut pos = from;
     while pos < to {
-        // SAFETY: lseek on an open descriptor.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no more data
-            }
+        let data = match next_data(f, pos) {
+            Ok(Next::Data(d)) => d,
+            Ok(Next::NoMoreData) => break,
             // SEEK_DATA unsupported: treat everything as data.
-            return vec![(from, to)];
-        }
-        let data = data as u64;
+            Err(_) => return vec![(from, to)],
+        };
         if data >= to {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { to } else { (hole as u64).min(to) };
+        let hole = next_hole(f, data).map_or(to, |h| h.min(to));
         out.push((data, hole));
         pos = hole;
     }
@@ -1019,7 +1012,7 @@ fn clone_file(dst: &File, src: &File) -> bool {
 /// 512). `out` appears only when complete.
 pub fn merge_to(cow: &Path, out: &Path, replace: bool, progress: &dyn Progress) -> Result<u64> {
     let c = Cow::open(cow)?;
-    if c.header.sectorsize as u64 != SECTOR {
+    if u64::from(c.header.sectorsize) != SECTOR {
         return Err(CowError::Invalid(format!(
             "{} has sector size {}; only 512 is consistent with how UML uses the bitmap",
             cow.display(),
@@ -1060,20 +1053,16 @@ pub fn merge_to(cow: &Path, out: &Path, replace: bool, progress: &dyn Progress) 
     progress.start(size);
     // Holes of a sparse backing file are neither read nor written.
     let regions = data_regions(&backing, 0, size);
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = vec![0u8; us(CHUNK)];
     let mut off = 0;
     while off < size {
         let len = CHUNK.min(size - off);
-        let chunk = &mut buf[..len as usize];
+        let chunk = &mut buf[..us(len)];
         chunk.fill(0);
         for &(da, db) in regions.iter().filter(|&&(a, b)| a < off + len && b > off) {
             let (a, b) = (da.max(off), db.min(off + len));
-            read_full_at(
-                &backing,
-                &mut chunk[(a - off) as usize..(b - off) as usize],
-                a,
-            )
-            .map_err(io_err("read backing file", &c.backing_path()))?;
+            read_full_at(&backing, &mut chunk[us(a - off)..us(b - off)], a)
+                .map_err(io_err("read backing file", &c.backing_path()))?;
         }
         c.overlay_chunk(off, len, chunk, |_, _| {})?;
         write_sparse(tmp.file(), &tmp.path, chunk, off)?;
@@ -1119,7 +1108,7 @@ pub fn merge_in_place(
     if let Some(p) = pinned {
         c.check_pinned(p).map_err(CowError::Backing)?;
     }
-    if c.header.sectorsize as u64 != SECTOR {
+    if u64::from(c.header.sectorsize) != SECTOR {
         return Err(CowError::Invalid(format!(
             "{} has sector size {}; only 512 is consistent with how UML uses the bitmap",
             cow.display(),
@@ -1201,7 +1190,7 @@ pub fn merge_in_place(
     // Empty and re-stamp the overlay.
     let (_, mtime) = backing_stat(&bpath).map_err(io_err("stat", &bpath))?;
     let mut h = c.header.clone();
-    h.mtime = mtime as u32;
+    h.mtime = time32(mtime);
     let zeros = vec![0u8; c.bitmap.len()];
     c.file
         .write_all_at(&zeros, h.bitmap_offset())
@@ -1287,7 +1276,7 @@ pub fn rebase(
     };
     let mut h = c.header.clone();
     h.backing = new_abs;
-    h.mtime = mtime as u32;
+    h.mtime = time32(mtime);
     let bytes = h.encode().map_err(CowError::Invalid)?;
     c.file
         .write_all_at(&bytes, 0)
@@ -1299,12 +1288,12 @@ pub fn rebase(
 fn same_content(a: &Path, b: &Path, size: u64, progress: &dyn Progress) -> Result<bool> {
     let fa = File::open(a).map_err(io_err("open", a))?;
     let fb = File::open(b).map_err(io_err("open", b))?;
-    let mut ba = vec![0u8; CHUNK as usize];
-    let mut bb = vec![0u8; CHUNK as usize];
+    let mut ba = vec![0u8; us(CHUNK)];
+    let mut bb = vec![0u8; us(CHUNK)];
     progress.start(size);
     let mut off = 0;
     while off < size {
-        let len = CHUNK.min(size - off) as usize;
+        let len = us(CHUNK.min(size - off));
         let na = read_full_at(&fa, &mut ba[..len], off).map_err(io_err("read", a))?;
         let nb = read_full_at(&fb, &mut bb[..len], off).map_err(io_err("read", b))?;
         if na != nb || ba[..na] != bb[..nb] {
@@ -1333,9 +1322,9 @@ pub fn write_through(cow: &Path, offset: u64, data: &[u8]) -> Result<()> {
     }
     let first = offset / SECTOR;
     let last = end.div_ceil(SECTOR);
-    let mut sectors = vec![0u8; ((last - first) * SECTOR) as usize];
+    let mut sectors = vec![0u8; us((last - first) * SECTOR)];
     c.read_merged(&backing, first * SECTOR, &mut sectors)?;
-    let at = (offset - first * SECTOR) as usize;
+    let at = us(offset - first * SECTOR);
     sectors[at..at + data.len()].copy_from_slice(data);
     let data_off = c.header.data_offset();
     c.file

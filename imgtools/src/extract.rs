@@ -16,6 +16,7 @@
 //! nothing. Files with several links in the image are extracted once and
 //! hard-linked. On error, what this extraction created is removed.
 
+use crate::num::us;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -123,7 +124,7 @@ fn cstr(p: &Path) -> Result<CString, ExtractError> {
 fn set_times(p: &Path, t: Time) {
     let ts = libc::timespec {
         tv_sec: t.sec as libc::time_t,
-        tv_nsec: t.nsec as libc::c_long,
+        tv_nsec: libc::c_long::from(t.nsec),
     };
     let times = [ts, ts];
     if let Ok(c) = CString::new(p.as_os_str().as_bytes()) {
@@ -336,7 +337,7 @@ pub fn write_content<R: ReadAt, W: std::io::Write>(
                 pos += n;
                 let mut r = Ok(());
                 while n > 0 && r.is_ok() {
-                    let k = n.min(zeros.len() as u64) as usize;
+                    let k = us(n.min(zeros.len() as u64));
                     r = w.write_all(&zeros[..k]);
                     n -= k as u64;
                 }
@@ -361,7 +362,7 @@ pub fn write_content<R: ReadAt, W: std::io::Write>(
     // The image may hold less than the size says (a hole at the end).
     let mut left = node.size.saturating_sub(pos);
     while left > 0 {
-        let k = left.min(zeros.len() as u64) as usize;
+        let k = us(left.min(zeros.len() as u64));
         w.write_all(&zeros[..k])
             .map_err(|source| ExtractError::Io {
                 path: name.into(),

@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use sha2::{Digest, Sha256};
 
 use crate::ext4::BLOCK;
+use crate::num::us;
 use crate::progress::Progress;
 use crate::tree::{self, FileData, Inode, Kind, Meta, Run, Time, Tree, TreeError};
 
@@ -189,7 +190,7 @@ impl Spool {
                 };
                 room = room.min((next - blk) * BLOCK as u64);
             }
-            let n = room as usize;
+            let n = us(room);
             if self.buf.len() + n > (1 << 20) && !self.buf.is_empty() {
                 self.flush()?;
             }
@@ -277,7 +278,7 @@ impl Ingest {
         size: u64,
         mut spool: Option<&mut Spool>,
     ) -> Result<(FileData, u64), IngestError> {
-        use std::os::fd::AsRawFd;
+        use crate::seek::{next_data, next_hole, Next};
         let blk = BLOCK as u64;
         let mut p = Progressing {
             hasher: Sha256::new(),
@@ -285,25 +286,17 @@ impl Ingest {
             total: 0,
             lblk: 0,
         };
-        let fd = f.as_raw_fd();
-        let seek = |whence: libc::c_int, at: u64| -> Option<u64> {
-            // SAFETY: lseek on a descriptor we own; no memory is touched.
-            let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
-            (r >= 0).then_some(r as u64)
-        };
         loop {
             if p.total >= size {
                 break;
             }
             // The next data, rounded down to a block (data of a partial
             // block is read with its zeros); none: the rest is a hole.
-            let data = match seek(libc::SEEK_DATA, p.total) {
-                Some(d) => (d / blk * blk).max(p.total).min(size),
-                None => {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::ENXIO) {
-                        size
-                    } else if p.total == 0 {
+            let data = match next_data(f, p.total) {
+                Ok(Next::Data(d)) => (d / blk * blk).max(p.total).min(size),
+                Ok(Next::NoMoreData) => size,
+                Err(e) => {
+                    if p.total == 0 {
                         // No SEEK_DATA here: read it whole.
                         f.seek(std::io::SeekFrom::Start(0))
                             .map_err(IngestError::Read)?;
@@ -317,7 +310,7 @@ impl Ingest {
             if data >= size {
                 break;
             }
-            let hole = seek(libc::SEEK_HOLE, data)
+            let hole = next_hole(f, data)
                 .map(|h| h.div_ceil(blk) * blk)
                 .unwrap_or(size)
                 .min(size);
@@ -352,7 +345,7 @@ impl Ingest {
         }
         let mut done = 0u64;
         loop {
-            let want = (size - done).min(self.buf.len() as u64) as usize;
+            let want = us((size - done).min(self.buf.len() as u64));
             if want == 0 {
                 break;
             }
@@ -431,7 +424,7 @@ impl Progressing {
         let blocks = n.div_ceil(BLOCK as u64);
         self.total += n;
         while n > 0 {
-            let k = n.min(Z.len() as u64) as usize;
+            let k = us(n.min(Z.len() as u64));
             self.hasher.update(&Z[..k]);
             n -= k as u64;
         }
@@ -567,8 +560,14 @@ pub struct Builder<'p> {
 fn meta_time(sec: i64, nsec: i64) -> Time {
     Time {
         sec,
-        nsec: nsec.clamp(0, 999_999_999) as u32,
+        nsec: u32::try_from(nsec.clamp(0, 999_999_999)).unwrap_or(0),
     }
+}
+
+/// A uid or gid from a tar header (base-256 fields can hold 64 bits; ext4
+/// and Linux take 32).
+fn header_id(what: &str, v: u64) -> Result<u32, String> {
+    u32::try_from(v).map_err(|_| format!("header {what} {v} is not a number from 0 to 4294967295"))
 }
 
 /// Parse a PAX time ("1700000000.5", "-12.25").
@@ -697,8 +696,8 @@ fn llistxattr(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
     loop {
         // SAFETY: c is NUL-terminated; buf is valid for buf.len() bytes.
         let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
+        if let Ok(n) = usize::try_from(n) {
+            buf.truncate(n);
             return Ok(buf
                 .split(|&b| b == 0)
                 .filter(|s| !s.is_empty())
@@ -724,8 +723,8 @@ fn lgetxattr(path: &Path, name: &[u8]) -> std::io::Result<Vec<u8>> {
         // SAFETY: both strings are NUL-terminated; buf is valid for its length.
         let r =
             unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r >= 0 {
-            buf.truncate(r as usize);
+        if let Ok(r) = usize::try_from(r) {
+            buf.truncate(r);
             return Ok(buf);
         }
         let e = std::io::Error::last_os_error();
@@ -1037,7 +1036,13 @@ impl<'p> Builder<'p> {
                 }
             };
             let mtime = match rec(b"mtime") {
-                None => meta_time(header.mtime().unwrap_or(0) as i64, 0),
+                None => {
+                    let m = header.mtime().unwrap_or(0);
+                    let m = i64::try_from(m).map_err(|_| {
+                        bad(format!("header mtime {m} is beyond what a time can hold"))
+                    })?;
+                    meta_time(m, 0)
+                }
                 Some(v) => std::str::from_utf8(&v)
                     .ok()
                     .and_then(pax_time)
@@ -1050,11 +1055,11 @@ impl<'p> Builder<'p> {
             };
             let uid = match num(b"uid")? {
                 Some(u) => u,
-                None => header.uid().unwrap_or(0) as u32,
+                None => header_id("uid", header.uid().unwrap_or(0)).map_err(&bad)?,
             };
             let gid = match num(b"gid")? {
                 Some(g) => g,
-                None => header.gid().unwrap_or(0) as u32,
+                None => header_id("gid", header.gid().unwrap_or(0)).map_err(&bad)?,
             };
             let mut xattrs = BTreeMap::new();
             for (k, v) in &records {

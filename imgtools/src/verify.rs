@@ -3,6 +3,7 @@
 //! marked used, link counts, block ownership against the bitmaps, free
 //! counts) — the part of `e2fsck -fn` that matters for a built image.
 
+use crate::num::us;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -210,7 +211,7 @@ pub fn manifest<R: ReadAt>(
             size,
             mtime: ino.mtime.sec,
             mtime_nsec: ino.mtime.nsec,
-            nlink: ino.links as u32,
+            nlink: u32::from(ino.links),
             target,
             rdev,
             xattrs,
@@ -222,7 +223,7 @@ pub fn manifest<R: ReadAt>(
 
 /// Record that `who` owns block `b` (reporting double claims).
 fn claim(owner: &mut [u32], b: u64, who: u32, problems: &mut Vec<String>) {
-    let Some(o) = owner.get_mut(b as usize) else {
+    let Some(o) = owner.get_mut(us(b)) else {
         problems.push(format!("block {b} (owned by inode {who}) is past the end"));
         return;
     };
@@ -252,8 +253,8 @@ fn is_backup_group(g: u64) -> bool {
 pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, ReadError> {
     let mut problems = walk.problems.clone();
     let sb = &img.sb;
-    let ipg = sb.inodes_per_group as u64;
-    let bpg = sb.blocks_per_group as u64;
+    let ipg = u64::from(sb.inodes_per_group);
+    let bpg = u64::from(sb.blocks_per_group);
     // Link counts.
     for (path, ino) in &walk.entries {
         let want = if ino.is_dir() {
@@ -266,7 +267,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         } else {
             walk.names.get(&ino.ino).copied().unwrap_or(0)
         };
-        if ino.links as u32 != want {
+        if u32::from(ino.links) != want {
             problems.push(format!(
                 "{}: link count {} but {} names point at inode {}",
                 show_path(path),
@@ -287,7 +288,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
     }
     let mut dirs_in_group = vec![0u32; img.groups.len()];
     for (_, ino) in walk.entries.iter().filter(|(_, i)| i.is_dir()) {
-        let g = (u64::from(ino.ino).saturating_sub(1) / ipg.max(1)) as usize;
+        let g = us(u64::from(ino.ino).saturating_sub(1) / ipg.max(1));
         if let Some(d) = dirs_in_group.get_mut(g) {
             *d += 1;
         }
@@ -308,10 +309,10 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
             if !used {
                 free += 1;
             }
-            if ino < sb.first_ino as u64 {
+            if ino < u64::from(sb.first_ino) {
                 continue;
             }
-            let r = reachable.get(ino as usize).copied().unwrap_or(false);
+            let r = reachable.get(us(ino)).copied().unwrap_or(false);
             if used && !r {
                 problems.push(format!(
                     "inode {ino} is marked in use but no directory entry reaches it"
@@ -332,9 +333,9 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
                 gd.used_dirs, dirs_in_group[g]
             ));
         }
-        free_inodes += free as u64;
+        free_inodes += u64::from(free);
     }
-    if free_inodes != sb.free_inodes as u64 {
+    if free_inodes != u64::from(sb.free_inodes) {
         problems.push(format!(
             "superblock: {} free inodes recorded, {free_inodes} counted",
             sb.free_inodes
@@ -346,12 +347,13 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
         // an indirect map; block ownership is not checked for them.
         return Ok(problems);
     }
-    let mut owner: Vec<u32> = vec![0; sb.blocks as usize];
+    let mut owner: Vec<u32> = vec![0; us(sb.blocks)];
     const META: u32 = u32::MAX;
-    let gdt_blocks = (img.groups.len() as u64 * sb.desc_size as u64).div_ceil(sb.block_size as u64);
+    let gdt_blocks =
+        (img.groups.len() as u64 * u64::from(sb.desc_size)).div_ceil(u64::from(sb.block_size));
     for g in 0..img.groups.len() as u64 {
         if g == 0 || (sb.ro_compat & 1 == 0) || is_backup_group(g) {
-            let start = g * bpg + sb.first_data_block as u64;
+            let start = g * bpg + u64::from(sb.first_data_block);
             for b in start..start + 1 + gdt_blocks {
                 claim(&mut owner, b, META, &mut problems);
             }
@@ -360,7 +362,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
     if sb.first_data_block == 1 {
         claim(&mut owner, 0, META, &mut problems);
     }
-    let itb = (ipg * sb.inode_size as u64).div_ceil(sb.block_size as u64);
+    let itb = (ipg * u64::from(sb.inode_size)).div_ceil(u64::from(sb.block_size));
     for gd in &img.groups {
         claim(&mut owner, gd.block_bitmap, META, &mut problems);
         claim(&mut owner, gd.inode_bitmap, META, &mut problems);
@@ -395,7 +397,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
             count += 1;
             // An xattr block may be shared (it has a reference count), so
             // it is not claimed like a data block; but it must exist.
-            match owner.get_mut(ino.file_acl as usize) {
+            match owner.get_mut(us(ino.file_acl)) {
                 Some(o) => {
                     if *o == 0 {
                         *o = ino.ino;
@@ -407,7 +409,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
                 )),
             }
         }
-        let sectors = count * (sb.block_size as u64 / 512);
+        let sectors = count * (u64::from(sb.block_size) / 512);
         if ino.sectors != sectors && ino.flags & 0x40000 == 0 {
             problems.push(format!(
                 "inode {}: i_blocks is {} but it owns {} sectors",
@@ -417,10 +419,10 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
     }
     let mut free_blocks = 0u64;
     for (g, gd) in img.groups.iter().enumerate() {
-        let start = g as u64 * bpg + sb.first_data_block as u64;
+        let start = g as u64 * bpg + u64::from(sb.first_data_block);
         let end = (start + bpg).min(sb.blocks);
         if gd.flags & 0x2 != 0 {
-            free_blocks += gd.free_blocks as u64;
+            free_blocks += u64::from(gd.free_blocks);
             continue;
         }
         let bm = img.block_bitmap(g)?;
@@ -430,7 +432,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
             let used = bm
                 .get((i / 8) as usize)
                 .is_some_and(|b| b & (1 << (i % 8)) != 0);
-            let owned = owner[b as usize] != 0;
+            let owned = owner[us(b)] != 0;
             if !used {
                 free += 1;
             }
@@ -438,10 +440,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
                 problems.push(if used {
                     format!("block {b} is marked in use but nothing owns it")
                 } else {
-                    format!(
-                        "block {b} is owned by {} but marked free",
-                        owner[b as usize]
-                    )
+                    format!("block {b} is owned by {} but marked free", owner[us(b)])
                 });
             }
         }
@@ -451,7 +450,7 @@ pub fn check<R: ReadAt>(img: &Image<R>, walk: &Walk) -> Result<Vec<String>, Read
                 gd.free_blocks
             ));
         }
-        free_blocks += free as u64;
+        free_blocks += u64::from(free);
     }
     if free_blocks != sb.free_blocks {
         problems.push(format!(

@@ -286,8 +286,8 @@ pub fn fingerprint_dir(root: &Path) -> Result<String> {
             h.update(rel.as_os_str().as_encoded_bytes());
             h.update([0]);
             for v in [
-                md.mode() as i64,
-                md.size() as i64,
+                i64::from(md.mode()),
+                i64::try_from(md.size()).unwrap_or(i64::MAX),
                 md.mtime(),
                 md.mtime_nsec(),
             ] {

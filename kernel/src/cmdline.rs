@@ -53,7 +53,10 @@ pub const NO_HOST_FILES: &str = "/dev/null/umlctl-no-host-files";
 
 /// The block device name of ubd index `i` (`/dev/ubda`, `/dev/ubdb`, …).
 pub fn ubd_device(i: usize) -> String {
-    format!("/dev/ubd{}", (b'a' + i as u8) as char)
+    format!(
+        "/dev/ubd{}",
+        char::from(b'a' + u8::try_from(i % 26).unwrap_or(0))
+    )
 }
 
 /// A block device (`ubdN`).

@@ -267,7 +267,10 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     if let Some(k) = &keepalive {
         fds.push((k.as_raw_fd(), crate::run::FIRST_TAP_FD - 1));
         for (i, f) in network.fds.iter().enumerate() {
-            fds.push((f.as_raw_fd(), crate::run::FIRST_TAP_FD + i as i32));
+            fds.push((
+                f.as_raw_fd(),
+                crate::run::FIRST_TAP_FD + crate::num::small_i32(i),
+            ));
         }
     }
     let launch = Launch {
@@ -538,8 +541,7 @@ pub fn ctl(g: &Guest, command: &str) -> Result<mconsole::Reply> {
         let names: Vec<String> = resolved.iter().map(|p| p.display().to_string()).collect();
         command = format!("config {dev}={}", names.join(","));
     }
-    c.request(&command)
-        .map_err(|source| Error::Mconsole {
+    c.request(&command).map_err(|source| Error::Mconsole {
         guest: g.record.name.clone(),
         source,
     })

@@ -21,6 +21,10 @@ fn inet_socket() -> Result<OwnedFd, String> {
     .map_err(|e| format!("socket for interface setup: {e}"))
 }
 
+/// IFF_UP | IFF_RUNNING as ifreq's short flags (libc has them as ints).
+#[allow(clippy::cast_possible_truncation)]
+const IFF_UP_RUNNING: libc::c_short = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+
 fn ifreq(name: &str) -> Result<libc::ifreq, String> {
     // SAFETY: ifreq is plain old data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -28,11 +32,13 @@ fn ifreq(name: &str) -> Result<libc::ifreq, String> {
         return Err(format!("interface name {name:?} is too long"));
     }
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([s]);
     }
     Ok(req)
 }
 
+// libc declares AF_INET as an int; sockaddr_in keeps it in a u16.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -73,7 +79,7 @@ pub fn up(name: &str) -> Result<(), String> {
     )?;
     // SAFETY: ifru_flags is the union member SIOCGIFFLAGS filled.
     unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags |= IFF_UP_RUNNING;
     }
     ioctl(
         &s,
@@ -109,7 +115,8 @@ pub fn configure(nic: &NicSpec) -> Result<(), String> {
         &format!("set netmask of {name}"),
     )?;
     let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_mtu = nic.mtu as libc::c_int;
+    req.ifr_ifru.ifru_mtu = libc::c_int::try_from(nic.mtu)
+        .map_err(|_| format!("MTU {} of {name} is out of range", nic.mtu))?;
     ioctl(
         &s,
         libc::SIOCSIFMTU,

@@ -728,7 +728,7 @@ pub fn main() -> ! {
     // Drop the command's ends of the pipes here, so EOFs arrive when it
     // (and whatever inherited them) is gone.
     drop(cmd);
-    let cmd_pid = Pid::from_raw(child.id() as i32);
+    let cmd_pid = crate::num::pid(child.id());
 
     let (wake_r, wake_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
@@ -750,7 +750,9 @@ pub fn main() -> ! {
     // Reap everything (we are PID 1) until the command ends.
     let status = loop {
         match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == cmd_pid => break Status::Exit(code as u8),
+            Ok(WaitStatus::Exited(pid, code)) if pid == cmd_pid => {
+                break Status::Exit(crate::num::exit_byte(code))
+            }
             Ok(WaitStatus::Signaled(pid, sig, core)) if pid == cmd_pid => {
                 break Status::Signal {
                     signal: sig as i32,
@@ -792,7 +794,7 @@ pub fn main() -> ! {
     }
     let code = match status {
         Status::Exit(c) => c,
-        Status::Signal { signal, .. } => crate::exit::signaled(signal) as u8,
+        Status::Signal { signal, .. } => crate::num::exit_byte(crate::exit::signaled(signal)),
         _ => crate::exit::FAILURE,
     };
     g.report(&status);

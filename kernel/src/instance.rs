@@ -370,7 +370,9 @@ pub fn damaged() -> Result<Vec<Damaged>> {
         }
         let why = match load(name) {
             Ok(_) => continue,
-            Err(Error::NoSuchGuest { .. }) => "no record (a start that did not finish?)".to_string(),
+            Err(Error::NoSuchGuest { .. }) => {
+                "no record (a start that did not finish?)".to_string()
+            }
             Err(Error::Host { detail, .. }) => detail,
             Err(e) => e.to_string(),
         };

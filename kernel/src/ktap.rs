@@ -343,7 +343,7 @@ pub fn parse(output: &str) -> Report {
             let done = stack.len() == 1
                 && !stack[0]
                     .plan
-                    .is_some_and(|p| (stack[0].tests.len() as u32) < p);
+                    .is_some_and(|p| crate::num::small_u32(stack[0].tests.len()) < p);
             if !done {
                 crash = Some(c.trim().to_string());
             }
@@ -363,7 +363,9 @@ pub fn parse(output: &str) -> Report {
     count(&root.tests, &mut counts);
     // Suites announced but never started are not counted (their cases are
     // unknown), but the run is incomplete.
-    incomplete |= root.plan.is_some_and(|p| (root.tests.len() as u32) < p);
+    incomplete |= root
+        .plan
+        .is_some_and(|p| crate::num::small_u32(root.tests.len()) < p);
     Report {
         found: true,
         plan: root.plan,
@@ -463,9 +465,9 @@ pub fn junit(report: &Report, name: &str) -> String {
                 )),
             }
         }
-        let missing = suite
-            .plan
-            .map_or(0, |p| p.saturating_sub(suite.subtests.len() as u32));
+        let missing = suite.plan.map_or(0, |p| {
+            p.saturating_sub(crate::num::small_u32(suite.subtests.len()))
+        });
         if missing > 0 {
             x.push_str(&format!(
                 "    <testcase classname=\"{0}\" name=\"(missing)\">\n      <error message=\"{1} planned test(s) never reported\"/>\n    </testcase>\n",

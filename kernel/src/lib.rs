@@ -8,6 +8,17 @@
 //! * [`init`]: the guest side of `run` (umlctl as PID 1 in the guest) and
 //!   [`protocol`], what the two sides say to each other.
 
+// Unit tests build fixtures with plain casts; the cast lints guard the
+// code that handles real input.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )
+)]
+
 pub mod build;
 pub mod cache;
 pub mod cmdline;
@@ -24,6 +35,7 @@ pub mod ktap;
 pub mod kunit;
 pub mod locate;
 pub mod mconsole;
+pub(crate) mod num;
 pub(crate) mod overlay;
 pub(crate) mod paths;
 pub mod preflight;

@@ -48,7 +48,7 @@ pub fn encode_request(command: &str) -> Result<Vec<u8>, McError> {
     let mut b = Vec::with_capacity(12 + data.len());
     b.extend_from_slice(&MAGIC.to_ne_bytes());
     b.extend_from_slice(&VERSION.to_ne_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_ne_bytes());
+    b.extend_from_slice(&crate::num::small_u32(data.len()).to_ne_bytes());
     b.extend_from_slice(data);
     Ok(b)
 }
@@ -131,7 +131,8 @@ impl Assembler {
     /// The reply as assembled so far.
     pub fn finish(&self) -> Reply {
         Reply {
-            err: self.err.unwrap_or(0) as i32,
+            // UML sends the C int's bits (a negative errno) in a u32.
+            err: i32::from_ne_bytes(self.err.unwrap_or(0).to_ne_bytes()),
             text: String::from_utf8_lossy(&self.text).into_owned(),
         }
     }

@@ -20,6 +20,8 @@ fn plain(p: &Path) -> bool {
 
 /// The pid holding a conflicting POSIX lock on `path` (UML write-locks the
 /// disks it opens), if any.
+// libc declares the lock constants as int; struct flock keeps them in shorts.
+#[allow(clippy::cast_possible_truncation)]
 pub fn locked_by(path: &Path) -> Option<i32> {
     let f = File::open(path).ok()?;
     // SAFETY: flock is plain data; zeroed is valid.

@@ -168,10 +168,10 @@ pub fn identity_hex(path: &Path, md: &fs::Metadata, salt: &[u8]) -> String {
         md.dev(),
         md.ino(),
         md.size(),
-        md.mtime() as u64,
-        md.mtime_nsec() as u64,
-        md.ctime() as u64,
-        md.ctime_nsec() as u64,
+        u64::from_ne_bytes(md.mtime().to_ne_bytes()),
+        u64::from_ne_bytes(md.mtime_nsec().to_ne_bytes()),
+        u64::from_ne_bytes(md.ctime().to_ne_bytes()),
+        u64::from_ne_bytes(md.ctime_nsec().to_ne_bytes()),
     ] {
         h.update(v.to_le_bytes());
     }

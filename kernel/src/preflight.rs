@@ -157,7 +157,11 @@ fn sysemu_probe() -> Result<(), String> {
             }
             libc::kill(libc::getpid(), libc::SIGSTOP);
             let r = libc::syscall(libc::SYS_getpid);
-            libc::_exit(if r as u64 == MAGIC_RESULT { 0 } else { 4 });
+            libc::_exit(if u64::try_from(r) == Ok(MAGIC_RESULT) {
+                0
+            } else {
+                4
+            });
         },
         ForkResult::Parent { child } => child,
     };

@@ -128,7 +128,7 @@ unsafe fn reaper_child(
         if n <= 0 {
             break; // umlctl is gone
         }
-        len += n as usize;
+        len += usize::try_from(n).unwrap_or(0);
         while let Some(nl) = buf[..len].iter().position(|&b| b == b'\n') {
             let line = &buf[..nl];
             if line == b"done" {

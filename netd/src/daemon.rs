@@ -791,7 +791,8 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
             }
             Request::Bridges {} => {
                 let taps = sh.taps.lock().await;
-                let held = taps.values().filter(|t| t.lease.uid == peer.uid).count() as u32;
+                let held = taps.values().filter(|t| t.lease.uid == peer.uid).count();
+                let held = u32::try_from(held).unwrap_or(u32::MAX);
                 let bridges = policy::visible(&sh.config, &peer)
                     .into_iter()
                     .map(|(b, max)| BridgeInfo {
@@ -844,7 +845,8 @@ async fn create(
     tag: Option<String>,
 ) -> Result<(Lease, Option<OwnedFd>), Reply> {
     let mut taps = sh.taps.lock().await;
-    let held = taps.values().filter(|t| t.lease.uid == peer.uid).count() as u32;
+    let held = taps.values().filter(|t| t.lease.uid == peer.uid).count();
+    let held = u32::try_from(held).unwrap_or(u32::MAX);
     if let Err(r) = policy::check(&sh.config, peer, bridge, held) {
         audit(peer, format_args!("refused: {r}"));
         let code = match r {

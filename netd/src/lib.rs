@@ -15,6 +15,17 @@
 //! [`protocol`], [`client`], [`tap`] — on std, serde and nix; umlctl's
 //! kernel crate uses it so.
 
+// Unit tests build fixtures with plain casts; the cast lints guard the
+// code that handles real input.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )
+)]
+
 pub mod client;
 #[cfg(feature = "daemon")]
 pub mod config;

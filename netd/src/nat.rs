@@ -222,13 +222,12 @@ fn nft(what: String, m: NfTablesMessage, flags: u16) -> Step {
     Step { what, message }
 }
 
+/// nf_tables' netfilter subsystem number (libc has it as an i32).
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+
 fn control(m: ControlMessage) -> NetlinkMessage<NetfilterMessage> {
     let mut message = NetlinkMessage::from(NetfilterMessage::new(
-        NetfilterHeader::new(
-            NetfilterProtoFamily::Unspec,
-            0,
-            libc::NFNL_SUBSYS_NFTABLES as u16,
-        ),
+        NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
         m,
     ));
     message.header.flags = NLM_F_REQUEST;
@@ -381,7 +380,10 @@ impl Nat {
         // Error replies carry the kernel's own message, not our request.
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_cap_ack(true);
-        let tv = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0);
+        let tv = nix::sys::time::TimeVal::new(
+            ANSWER_TIMEOUT.as_secs().try_into().unwrap_or(i64::MAX),
+            0,
+        );
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(|e| NatError::Socket {
                 op: "set a receive timeout on the netlink socket",

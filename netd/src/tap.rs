@@ -64,7 +64,7 @@ fn attach(name: &str) -> Result<OwnedFd, TapError> {
         });
     }
     for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([s]);
     }
     ifr.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
     // SAFETY: the fd is an open /dev/net/tun; ifr is a valid ifreq that
@@ -73,13 +73,18 @@ fn attach(name: &str) -> Result<OwnedFd, TapError> {
     Ok(OwnedFd::from(f))
 }
 
+/// TUNSETOWNER's argument: the uid's bits as the ioctl's int (the kernel
+/// reads them back as a uid_t, so uids above 2^31 pass unchanged).
+fn uid_arg(uid: u32) -> libc::c_int {
+    libc::c_int::from_ne_bytes(uid.to_ne_bytes())
+}
+
 /// Create tap `name` as persistent and owned by `uid`: the owner's UML can
 /// then open it by name (if it may open `/dev/net/tun`).
 pub fn create_owned(name: &str, uid: u32) -> Result<(), TapError> {
     let fd = attach(name)?;
     // SAFETY: fd is an attached tun fd; the arguments are plain integers.
-    unsafe { tun_set_owner(fd.as_raw_fd(), uid as libc::c_int) }
-        .map_err(err("TUNSETOWNER", name))?;
+    unsafe { tun_set_owner(fd.as_raw_fd(), uid_arg(uid)) }.map_err(err("TUNSETOWNER", name))?;
     // SAFETY: as above.
     unsafe { tun_set_persist(fd.as_raw_fd(), 1) }.map_err(err("TUNSETPERSIST", name))?;
     Ok(())
@@ -91,8 +96,7 @@ pub fn create_owned(name: &str, uid: u32) -> Result<(), TapError> {
 pub fn set_owner(name: &str, uid: u32) -> Result<(), TapError> {
     let fd = attach(name)?;
     // SAFETY: fd is an attached tun fd; the argument is a plain integer.
-    unsafe { tun_set_owner(fd.as_raw_fd(), uid as libc::c_int) }
-        .map_err(err("TUNSETOWNER", name))?;
+    unsafe { tun_set_owner(fd.as_raw_fd(), uid_arg(uid)) }.map_err(err("TUNSETOWNER", name))?;
     Ok(())
 }
 

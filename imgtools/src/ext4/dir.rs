@@ -5,6 +5,7 @@
 
 use super::hash::{crc, dirhash};
 use super::BLOCK;
+use crate::num::{fit16, fit32, fit8};
 
 /// One name in a directory.
 pub struct Entry<'a> {
@@ -36,8 +37,8 @@ fn rec_len(name_len: usize) -> usize {
 
 fn put_dirent(b: &mut [u8], at: usize, ino: u32, rec: usize, name: &[u8], ftype: u8) {
     b[at..at + 4].copy_from_slice(&ino.to_le_bytes());
-    b[at + 4..at + 6].copy_from_slice(&(rec as u16).to_le_bytes());
-    b[at + 6] = name.len() as u8;
+    b[at + 4..at + 6].copy_from_slice(&fit16(rec).to_le_bytes());
+    b[at + 6] = fit8(name.len());
     b[at + 7] = ftype;
     b[at + 8..at + 8 + name.len()].copy_from_slice(name);
 }
@@ -80,7 +81,7 @@ impl Leaves {
     fn close(&mut self) {
         let mut b = std::mem::replace(&mut self.cur, vec![0; BLOCK]);
         match self.last {
-            Some(l) => b[l + 4..l + 6].copy_from_slice(&((USABLE - l) as u16).to_le_bytes()),
+            Some(l) => b[l + 4..l + 6].copy_from_slice(&fit16(USABLE - l).to_le_bytes()),
             None => put_dirent(&mut b, 0, 0, USABLE, b"", 0),
         }
         put_dirent(&mut b, USABLE, 0, TAIL, b"", 0xDE);
@@ -125,8 +126,8 @@ fn dx_csum(b: &mut [u8], seed: u32, count_offset: usize, limit: usize) {
 
 /// Write dx entries (first = count/limit header + block) at `at`.
 fn put_dx(b: &mut [u8], at: usize, limit: usize, entries: &[(u32, u32)]) {
-    b[at..at + 2].copy_from_slice(&(limit as u16).to_le_bytes());
-    b[at + 2..at + 4].copy_from_slice(&(entries.len() as u16).to_le_bytes());
+    b[at..at + 2].copy_from_slice(&fit16(limit).to_le_bytes());
+    b[at + 2..at + 4].copy_from_slice(&fit16(entries.len()).to_le_bytes());
     b[at + 4..at + 8].copy_from_slice(&entries[0].1.to_le_bytes());
     for (i, (h, blk)) in entries.iter().enumerate().skip(1) {
         let p = at + i * 8;
@@ -199,7 +200,7 @@ pub fn build(
         }
         (1, nodes)
     };
-    let first_leaf = 1 + nodes as u32;
+    let first_leaf = 1 + fit32(nodes);
     let mut root = vec![0u8; BLOCK];
     put_dirent(&mut root, 0, ino, 12, b".", 2);
     put_dirent(&mut root, 12, parent, BLOCK - 12, b"..", 2);
@@ -209,7 +210,7 @@ pub fn build(
     let leaf_entries: Vec<(u32, u32)> = starts
         .iter()
         .enumerate()
-        .map(|(i, &h)| (h, first_leaf + i as u32))
+        .map(|(i, &h)| (h, first_leaf + fit32(i)))
         .collect();
     let mut blocks = Vec::with_capacity(1 + nodes + n);
     if levels == 0 {
@@ -221,7 +222,7 @@ pub fn build(
         let root_entries: Vec<(u32, u32)> = chunks
             .iter()
             .enumerate()
-            .map(|(i, c)| (c[0].0, 1 + i as u32))
+            .map(|(i, c)| (c[0].0, 1 + fit32(i)))
             .collect();
         put_dx(&mut root, 0x20, ROOT_LIMIT, &root_entries);
         dx_csum(&mut root, csum_seed, 0x20, ROOT_LIMIT);

@@ -12,6 +12,13 @@ pub fn inode_seed(fs_seed: u32, ino: u32, generation: u32) -> u32 {
     crc(crc(fs_seed, &ino.to_le_bytes()), &generation.to_le_bytes())
 }
 
+// A port of the kernel's str2hashbuf_signed (fs/ext4/hash.c): the casts
+// are C's, signed chars included, and the hash depends on them.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 fn str2hashbuf_signed(msg: &[u8], num: usize) -> [u32; 8] {
     let mut buf = [0u32; 8];
     let len = msg.len();
@@ -22,7 +29,7 @@ fn str2hashbuf_signed(msg: &[u8], num: usize) -> [u32; 8] {
     let mut out = 0;
     let mut left = num as isize;
     for (i, &c) in msg[..take].iter().enumerate() {
-        val = ((c as i8) as i32 as u32).wrapping_add(val << 8);
+        val = (i32::from(c as i8) as u32).wrapping_add(val << 8);
         if i % 4 == 3 {
             buf[out] = val;
             out += 1;

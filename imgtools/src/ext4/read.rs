@@ -5,6 +5,7 @@
 //! counts, device numbers, xattrs) and streams file content in large reads
 //! for manifests and verify.
 
+use crate::num::{fit32, lo16, lo32, us};
 use std::collections::BTreeMap;
 
 use super::hash::{crc, inode_seed};
@@ -103,7 +104,7 @@ impl Super {
         self.ro_compat & 0x400 != 0
     }
     pub fn groups(&self) -> u64 {
-        (self.blocks - self.first_data_block as u64).div_ceil(self.blocks_per_group as u64)
+        (self.blocks - u64::from(self.first_data_block)).div_ceil(u64::from(self.blocks_per_group))
     }
     /// Feature names, in the order `dumpe2fs` prints them.
     pub fn feature_names(&self) -> Vec<&'static str> {
@@ -250,13 +251,13 @@ pub struct Image<R: ReadAt> {
 }
 
 fn decode_time(raw: &[u8], at: usize, extra: usize, extra_ok: bool) -> Time {
-    let lo = le32(raw, at) as i32 as i64;
+    let lo = i64::from(i32::from_ne_bytes(le32(raw, at).to_ne_bytes()));
     if !extra_ok {
         return Time { sec: lo, nsec: 0 };
     }
     let x = le32(raw, extra);
     Time {
-        sec: lo + (((x & 3) as i64) << 32),
+        sec: lo + (i64::from(x & 3) << 32),
         nsec: x >> 2,
     }
 }
@@ -275,7 +276,7 @@ impl<R: ReadAt> Image<R> {
         if log > 6 {
             return Err(ReadError::NotExt4(format!(
                 "block size 2^{} is impossible",
-                10 + log as u64
+                10 + u64::from(log)
             )));
         }
         let mut label = b[0x78..0x88].to_vec();
@@ -289,15 +290,15 @@ impl<R: ReadAt> Image<R> {
         }
         let bit64 = incompat & 0x80 != 0;
         let sb = Super {
-            blocks: le32(&b, 0x04) as u64
+            blocks: u64::from(le32(&b, 0x04))
                 | if bit64 {
-                    (le32(&b, 0x150) as u64) << 32
+                    u64::from(le32(&b, 0x150)) << 32
                 } else {
                     0
                 },
-            free_blocks: le32(&b, 0x0C) as u64
+            free_blocks: u64::from(le32(&b, 0x0C))
                 | if bit64 {
-                    (le32(&b, 0x158) as u64) << 32
+                    u64::from(le32(&b, 0x158)) << 32
                 } else {
                     0
                 },
@@ -331,16 +332,16 @@ impl<R: ReadAt> Image<R> {
             log_groups_per_flex: b[0x174],
         };
         let bs = sb.block_size;
-        let sane = sb.blocks > sb.first_data_block as u64
+        let sane = sb.blocks > u64::from(sb.first_data_block)
             && (1..=8 * bs).contains(&sb.blocks_per_group)
             && (1..=8 * bs).contains(&sb.inodes_per_group)
             && sb.inode_size.is_power_of_two()
-            && (128..=bs).contains(&(sb.inode_size as u32))
+            && (128..=bs).contains(&u32::from(sb.inode_size))
             && sb.desc_size.is_power_of_two()
             && (32..=1024).contains(&sb.desc_size)
             // As the kernel insists (ext4_fill_super): every group holds
             // inodes_per_group inodes, so the count is exactly that.
-            && sb.inodes as u64 == sb.inodes_per_group as u64 * sb.groups()
+            && u64::from(sb.inodes) == u64::from(sb.inodes_per_group) * sb.groups()
             && sb.groups() <= 1 << 24;
         if !sane {
             return Err(corrupt(
@@ -373,25 +374,25 @@ impl<R: ReadAt> Image<R> {
         } else {
             crc(!0, &sb.uuid)
         };
-        let bs = sb.block_size as u64;
+        let bs = u64::from(sb.block_size);
         let ngroups = sb.groups();
-        let gdt_start = (sb.first_data_block as u64 + 1) * bs;
-        let mut gdt = vec![0u8; (ngroups * sb.desc_size as u64) as usize];
+        let gdt_start = (u64::from(sb.first_data_block) + 1) * bs;
+        let mut gdt = vec![0u8; us(ngroups * u64::from(sb.desc_size))];
         r.read_at(&mut gdt, gdt_start)?;
-        let mut groups = Vec::with_capacity(ngroups as usize);
-        for g in 0..ngroups as usize {
+        let mut groups = Vec::with_capacity(us(ngroups));
+        for g in 0..us(ngroups) {
             let d = &gdt[g * sb.desc_size as usize..(g + 1) * sb.desc_size as usize];
             let hi = |lo_off: usize, hi_off: usize, wide: bool| -> u64 {
                 let lo = if wide {
-                    le32(d, lo_off) as u64
+                    u64::from(le32(d, lo_off))
                 } else {
-                    le16(d, lo_off) as u64
+                    u64::from(le16(d, lo_off))
                 };
                 let h = if sb.desc_size >= 64 {
                     if wide {
-                        le32(d, hi_off) as u64
+                        u64::from(le32(d, hi_off))
                     } else {
-                        le16(d, hi_off) as u64
+                        u64::from(le16(d, hi_off))
                     }
                 } else {
                     0
@@ -399,13 +400,13 @@ impl<R: ReadAt> Image<R> {
                 lo | (h << if wide { 32 } else { 16 })
             };
             if sb.has_csum() {
-                let mut c = crc(fs_seed, &(g as u32).to_le_bytes());
+                let mut c = crc(fs_seed, &fit32(g).to_le_bytes());
                 c = crc(c, &d[..0x1E]);
                 c = crc(c, &[0, 0]);
                 if sb.desc_size as usize > 0x20 {
                     c = crc(c, &d[0x20..]);
                 }
-                if le16(d, 0x1E) != c as u16 {
+                if le16(d, 0x1E) != lo16(c) {
                     return Err(corrupt(format!("group descriptor {g} has a bad checksum")));
                 }
             }
@@ -413,13 +414,13 @@ impl<R: ReadAt> Image<R> {
                 block_bitmap: hi(0x0, 0x20, true),
                 inode_bitmap: hi(0x4, 0x24, true),
                 inode_table: hi(0x8, 0x28, true),
-                free_blocks: hi(0xC, 0x2C, false) as u32,
-                free_inodes: hi(0xE, 0x2E, false) as u32,
-                used_dirs: hi(0x10, 0x30, false) as u32,
+                free_blocks: lo32(hi(0xC, 0x2C, false)),
+                free_inodes: lo32(hi(0xE, 0x2E, false)),
+                used_dirs: lo32(hi(0x10, 0x30, false)),
                 flags: le16(d, 0x12),
-                itable_unused: hi(0x1C, 0x32, false) as u32,
-                block_bitmap_csum: hi(0x18, 0x38, false) as u32,
-                inode_bitmap_csum: hi(0x1A, 0x3A, false) as u32,
+                itable_unused: lo32(hi(0x1C, 0x32, false)),
+                block_bitmap_csum: lo32(hi(0x18, 0x38, false)),
+                inode_bitmap_csum: lo32(hi(0x1A, 0x3A, false)),
             });
         }
         Ok(Image {
@@ -443,7 +444,7 @@ impl<R: ReadAt> Image<R> {
             )));
         }
         let mut b = vec![0u8; self.sb.block_size as usize];
-        self.r.read_at(&mut b, n * self.sb.block_size as u64)?;
+        self.r.read_at(&mut b, n * u64::from(self.sb.block_size))?;
         Ok(b)
     }
 
@@ -454,12 +455,12 @@ impl<R: ReadAt> Image<R> {
         }
         let ipg = self.sb.inodes_per_group;
         let g = ((ino - 1) / ipg) as usize;
-        let idx = ((ino - 1) % ipg) as u64;
+        let idx = u64::from((ino - 1) % ipg);
         let isz = self.sb.inode_size as usize;
         let mut raw = vec![0u8; isz];
         self.r.read_at(
             &mut raw,
-            self.groups[g].inode_table * self.sb.block_size as u64 + idx * isz as u64,
+            self.groups[g].inode_table * u64::from(self.sb.block_size) + idx * isz as u64,
         )?;
         let extra_isize = if isz > 128 {
             le16(&raw, 0x80) as usize
@@ -477,9 +478,9 @@ impl<R: ReadAt> Image<R> {
                 z[0x83] = 0;
             }
             let c = crc(inode_seed(self.fs_seed, ino, generation), &z);
-            let stored = le16(&raw, 0x7C) as u32
+            let stored = u32::from(le16(&raw, 0x7C))
                 | if has_hi {
-                    (le16(&raw, 0x82) as u32) << 16
+                    u32::from(le16(&raw, 0x82)) << 16
                 } else {
                     0
                 };
@@ -498,15 +499,15 @@ impl<R: ReadAt> Image<R> {
         Ok(RawInode {
             ino,
             mode: le16(&raw, 0),
-            uid: le16(&raw, 2) as u32 | (le16(&raw, 0x78) as u32) << 16,
-            gid: le16(&raw, 0x18) as u32 | (le16(&raw, 0x7A) as u32) << 16,
-            size: le32(&raw, 4) as u64 | (le32(&raw, 0x6C) as u64) << 32,
+            uid: u32::from(le16(&raw, 2)) | u32::from(le16(&raw, 0x78)) << 16,
+            gid: u32::from(le16(&raw, 0x18)) | u32::from(le16(&raw, 0x7A)) << 16,
+            size: u64::from(le32(&raw, 4)) | u64::from(le32(&raw, 0x6C)) << 32,
             links: le16(&raw, 0x1A),
             flags: le32(&raw, 0x20),
             mtime: decode_time(&raw, 0x10, 0x88, extra_ok),
             i_block: raw[0x28..0x64].try_into().unwrap_or([0; 60]),
-            file_acl: le32(&raw, 0x68) as u64 | (le16(&raw, 0x76) as u64) << 32,
-            sectors: le32(&raw, 0x1C) as u64 | (le16(&raw, 0x74) as u64) << 32,
+            file_acl: u64::from(le32(&raw, 0x68)) | u64::from(le16(&raw, 0x76)) << 32,
+            sectors: u64::from(le32(&raw, 0x1C)) | u64::from(le16(&raw, 0x74)) << 32,
             generation: le32(&raw, 0x64),
             extra,
         })
@@ -563,13 +564,13 @@ impl<R: ReadAt> Image<R> {
             if depth == 0 {
                 // A length over 32768 marks an unwritten extent of
                 // (length - 32768) blocks.
-                let raw_len = le16(e, 4) as u64;
+                let raw_len = u64::from(le16(e, 4));
                 let (len, unwritten) = if raw_len > 32768 {
                     (raw_len - 32768, true)
                 } else {
                     (raw_len, false)
                 };
-                let pblk = le32(e, 8) as u64 | (le16(e, 6) as u64) << 32;
+                let pblk = u64::from(le32(e, 8)) | u64::from(le16(e, 6)) << 32;
                 if pblk + len > self.sb.blocks {
                     return Err(corrupt(format!(
                         "inode {}: extent points past the end of the filesystem",
@@ -577,13 +578,13 @@ impl<R: ReadAt> Image<R> {
                     )));
                 }
                 out.push(Extent {
-                    lblk: le32(e, 0) as u64,
+                    lblk: u64::from(le32(e, 0)),
                     len,
                     pblk,
                     unwritten,
                 });
             } else {
-                let child = le32(e, 4) as u64 | (le16(e, 8) as u64) << 32;
+                let child = u64::from(le32(e, 4)) | u64::from(le16(e, 8)) << 32;
                 let b = self.block(child)?;
                 let cap = (self.sb.block_size as usize - 12) / 12;
                 if self.sb.has_csum() {
@@ -837,7 +838,7 @@ impl<R: ReadAt> Image<R> {
     /// A symlink's target.
     pub fn symlink_target(&self, ino: &RawInode) -> Result<Vec<u8>, ReadError> {
         if ino.size < 60 && ino.flags & 0x80000 == 0 {
-            return Ok(ino.i_block[..ino.size as usize].to_vec());
+            return Ok(ino.i_block[..us(ino.size)].to_vec());
         }
         let mut out = Vec::new();
         self.read_file(ino, &mut |c| out.extend_from_slice(c))?;
@@ -854,7 +855,7 @@ impl<R: ReadAt> Image<R> {
                     zeros.resize(1 << 16, 0);
                 }
                 while n > 0 {
-                    let k = n.min(zeros.len() as u64) as usize;
+                    let k = us(n.min(zeros.len() as u64));
                     sink(&zeros[..k]);
                     n -= k as u64;
                 }
@@ -872,7 +873,7 @@ impl<R: ReadAt> Image<R> {
     ) -> Result<(), ReadError> {
         let (mut exts, _) = self.extents(ino)?;
         exts.sort_by_key(|e| e.lblk);
-        let bs = self.sb.block_size as u64;
+        let bs = u64::from(self.sb.block_size);
         let mut pos = 0u64;
         let size = ino.size;
         // Buffers sized to the data: most files are small, and zeroing a
@@ -901,7 +902,7 @@ impl<R: ReadAt> Image<R> {
             }
             let mut off = e.pblk.saturating_mul(bs);
             while pos < end {
-                let k = (end - pos).min(buf.len() as u64) as usize;
+                let k = us((end - pos).min(buf.len() as u64));
                 self.r.read_at(&mut buf[..k], off)?;
                 sink(Piece::Data(&buf[..k]));
                 pos += k as u64;

@@ -13,13 +13,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::dir::{self, Entry};
 use super::hash::{crc, inode_seed};
 use super::xattr::{self, DiskAttr};
 use super::{BLOCK, BLOCKS_PER_GROUP, INODE_SIZE};
+use crate::num::{fit16, fit32, hi16, lo16, lo32, off_t, time32, us};
 use crate::progress::Progress;
 use crate::source::SpoolKind;
 use crate::tree::{show, Kind, Time, Tree};
@@ -304,7 +304,7 @@ impl Alloc {
             total: g.blocks,
             next: 0,
             reserved: reserved.clone(),
-            used: vec![0; (g.blocks as usize).div_ceil(64)],
+            used: vec![0; us(g.blocks).div_ceil(64)],
         };
         for (s, n) in reserved {
             a.mark(s, n.min(g.blocks - s));
@@ -394,22 +394,22 @@ struct BlockMap {
 
 fn ext_header(b: &mut [u8], entries: usize, max: usize, depth: u16) {
     b[0..2].copy_from_slice(&0xF30Au16.to_le_bytes());
-    b[2..4].copy_from_slice(&(entries as u16).to_le_bytes());
-    b[4..6].copy_from_slice(&(max as u16).to_le_bytes());
+    b[2..4].copy_from_slice(&fit16(entries).to_le_bytes());
+    b[4..6].copy_from_slice(&fit16(max).to_le_bytes());
     b[6..8].copy_from_slice(&depth.to_le_bytes());
 }
 
 fn put_leaf(b: &mut [u8], at: usize, e: &Ext) {
-    b[at..at + 4].copy_from_slice(&(e.lblk as u32).to_le_bytes());
-    b[at + 4..at + 6].copy_from_slice(&(e.len as u16).to_le_bytes());
-    b[at + 6..at + 8].copy_from_slice(&((e.pblk >> 32) as u16).to_le_bytes());
-    b[at + 8..at + 12].copy_from_slice(&(e.pblk as u32).to_le_bytes());
+    b[at..at + 4].copy_from_slice(&lo32(e.lblk).to_le_bytes());
+    b[at + 4..at + 6].copy_from_slice(&fit16(e.len).to_le_bytes());
+    b[at + 6..at + 8].copy_from_slice(&hi16(e.pblk).to_le_bytes());
+    b[at + 8..at + 12].copy_from_slice(&lo32(e.pblk).to_le_bytes());
 }
 
 fn put_index(b: &mut [u8], at: usize, lblk: u64, pblk: u64) {
-    b[at..at + 4].copy_from_slice(&(lblk as u32).to_le_bytes());
-    b[at + 4..at + 8].copy_from_slice(&(pblk as u32).to_le_bytes());
-    b[at + 8..at + 10].copy_from_slice(&((pblk >> 32) as u16).to_le_bytes());
+    b[at..at + 4].copy_from_slice(&lo32(lblk).to_le_bytes());
+    b[at + 4..at + 8].copy_from_slice(&lo32(pblk).to_le_bytes());
+    b[at + 8..at + 10].copy_from_slice(&hi16(pblk).to_le_bytes());
 }
 
 /// Tree blocks an extent list of `n` entries needs.
@@ -525,44 +525,27 @@ fn copy_range(
     buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     while len > 0 {
-        let mut off_in = src_off as libc::loff_t;
-        let mut off_out = dst_off as libc::loff_t;
-        // SAFETY: both descriptors are open for the duration of the call and
-        // the offsets are valid pointers to locals.
-        let r = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                out.as_raw_fd(),
-                &mut off_out,
-                len as usize,
-                0,
-            )
-        };
-        if r > 0 {
-            src_off += r as u64;
-            dst_off += r as u64;
-            len -= r as u64;
-            continue;
-        }
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EXDEV)
-            | Some(libc::EINVAL)
-            | Some(libc::ENOSYS)
-            | Some(libc::EOPNOTSUPP) => break,
-            Some(libc::EINTR) => continue,
-            _ => return Err(e),
+        let mut off_in = off_t(src_off)?;
+        let mut off_out = off_t(dst_off)?;
+        use nix::errno::Errno;
+        match nix::fcntl::copy_file_range(src, Some(&mut off_in), out, Some(&mut off_out), us(len))
+        {
+            Ok(0) => return Ok(()),
+            Ok(r) => {
+                src_off += r as u64;
+                dst_off += r as u64;
+                len -= r as u64;
+            }
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => break,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     if buf.is_empty() {
         buf.resize(1 << 20, 0);
     }
     while len > 0 {
-        let n = (len as usize).min(buf.len());
+        let n = us(len).min(buf.len());
         let got = src.read_at(&mut buf[..n], src_off)?;
         if got == 0 {
             return Ok(());
@@ -576,8 +559,10 @@ fn copy_range(
 }
 
 fn put_time(ino: &mut [u8], at: usize, extra: usize, t: Time) {
-    ino[at..at + 4].copy_from_slice(&(t.sec as u32).to_le_bytes());
-    let epoch_bits = ((t.sec - (t.sec as i32) as i64) >> 32) as u32 & 3;
+    ino[at..at + 4].copy_from_slice(&time32(t.sec).to_le_bytes());
+    // The epoch bits extend the signed 32-bit seconds: (sec - (i32)sec) >> 32.
+    let epoch_bits =
+        time32((t.sec - i64::from(i32::from_ne_bytes(time32(t.sec).to_ne_bytes()))) >> 32) & 3;
     ino[extra..extra + 4].copy_from_slice(&((t.nsec << 2) | epoch_bits).to_le_bytes());
 }
 
@@ -679,7 +664,8 @@ fn plan(tree: &Tree, hash_seed: &[u32; 4], fs_seed: u32) -> Result<Vec<Planned>,
                 let subdirs = children
                     .iter()
                     .filter(|(_, c)| matches!(tree.inode(*c).kind, Kind::Dir))
-                    .count() as u32;
+                    .count();
+                let subdirs = fit32(subdirs);
                 let parent = parent_ino.get(&ti).copied().unwrap_or(2);
                 let db = dir::build(
                     ino,
@@ -778,7 +764,7 @@ pub fn write_image(
         *w = u32::from_le_bytes(ids.hash_seed[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]));
     }
     let mut planned = plan(tree, &hash_seed, fs_seed)?;
-    let max_ino = planned.iter().map(|p| p.ino).max().unwrap_or(11) as u64;
+    let max_ino = u64::from(planned.iter().map(|p| p.ino).max().unwrap_or(11));
     let in_image = match spool {
         SpoolKind::InImage { end, reserve, .. } => Some((*end, *reserve)),
         SpoolKind::File(_) => None,
@@ -809,7 +795,7 @@ pub fn write_image(
                 Kind::File(fd) => {
                     let n: u64 = fd.runs.iter().map(|r| r.len.div_ceil(EXT_MAX_LEN)).sum();
                     if n > 4 {
-                        tree_blocks_for(n as usize + 2) + 1
+                        tree_blocks_for(us(n) + 2) + 1
                     } else {
                         0
                     }
@@ -955,12 +941,12 @@ pub fn write_image(
         planned.sort_by_key(|p| p.ino);
     }
 
-    let mut itable = vec![0u8; max_ino as usize * INODE_SIZE];
+    let mut itable = vec![0u8; us(max_ino) * INODE_SIZE];
     let mut meta_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
     // Per file: tree inode and its (physical block, blocks, source offset) runs.
     type Copies = Vec<(usize, Vec<(u64, u64, u64)>)>;
     let mut copies: Copies = Vec::new();
-    let mut used_dirs = vec![0u64; geo.groups as usize];
+    let mut used_dirs = vec![0u64; us(geo.groups)];
     let mut journal_iblock = [0u8; 60];
     let mut data_bytes = 0u64;
     for p in &planned {
@@ -980,7 +966,7 @@ pub fn write_image(
                     }
                 }
                 nblocks += blocks.len() as u64;
-                used_dirs[((p.ino as u64 - 1) / geo.ipg) as usize] += 1;
+                used_dirs[us((u64::from(p.ino) - 1) / geo.ipg)] += 1;
             }
             Body::File { tree_inode } => {
                 if let (Kind::File(fd), Some(_)) = (&tree.inode(*tree_inode).kind, in_image) {
@@ -1029,8 +1015,8 @@ pub fn write_image(
                 let mut jsb = vec![0u8; BLOCK];
                 jsb[0..4].copy_from_slice(&0xC03B_3998u32.to_be_bytes());
                 jsb[4..8].copy_from_slice(&4u32.to_be_bytes());
-                jsb[0xC..0x10].copy_from_slice(&(BLOCK as u32).to_be_bytes());
-                jsb[0x10..0x14].copy_from_slice(&(*blocks as u32).to_be_bytes());
+                jsb[0xC..0x10].copy_from_slice(&fit32(BLOCK).to_be_bytes());
+                jsb[0x10..0x14].copy_from_slice(&fit32(*blocks).to_be_bytes());
                 jsb[0x14..0x18].copy_from_slice(&1u32.to_be_bytes());
                 jsb[0x18..0x1C].copy_from_slice(&1u32.to_be_bytes());
                 jsb[0x30..0x40].copy_from_slice(&ids.uuid);
@@ -1070,31 +1056,31 @@ pub fn write_image(
                 c = crc(c, &b);
                 b[0x10..0x14].copy_from_slice(&c.to_le_bytes());
                 meta_blocks.push((pb, b));
-                raw[0x68..0x6C].copy_from_slice(&(pb as u32).to_le_bytes());
-                raw[0x76..0x78].copy_from_slice(&((pb >> 32) as u16).to_le_bytes());
+                raw[0x68..0x6C].copy_from_slice(&lo32(pb).to_le_bytes());
+                raw[0x76..0x78].copy_from_slice(&hi16(pb).to_le_bytes());
                 nblocks += 1;
             }
         }
         raw[0..2].copy_from_slice(&p.mode.to_le_bytes());
-        raw[2..4].copy_from_slice(&(p.uid as u16).to_le_bytes());
+        raw[2..4].copy_from_slice(&lo16(p.uid).to_le_bytes());
         raw[0x78..0x7A].copy_from_slice(&((p.uid >> 16) as u16).to_le_bytes());
-        raw[0x18..0x1A].copy_from_slice(&(p.gid as u16).to_le_bytes());
+        raw[0x18..0x1A].copy_from_slice(&lo16(p.gid).to_le_bytes());
         raw[0x7A..0x7C].copy_from_slice(&((p.gid >> 16) as u16).to_le_bytes());
-        raw[4..8].copy_from_slice(&(p.size as u32).to_le_bytes());
-        raw[0x6C..0x70].copy_from_slice(&((p.size >> 32) as u32).to_le_bytes());
+        raw[4..8].copy_from_slice(&lo32(p.size).to_le_bytes());
+        raw[0x6C..0x70].copy_from_slice(&lo32(p.size >> 32).to_le_bytes());
         put_time(raw, 0x08, 0x8C, p.mtime);
         put_time(raw, 0x0C, 0x84, p.mtime);
         put_time(raw, 0x10, 0x88, p.mtime);
         put_time(raw, 0x90, 0x94, p.mtime);
-        raw[0x1A..0x1C].copy_from_slice(&(p.links as u16).to_le_bytes());
+        raw[0x1A..0x1C].copy_from_slice(&fit16(p.links).to_le_bytes());
         let sectors = nblocks * (BLOCK as u64 / 512);
-        raw[0x1C..0x20].copy_from_slice(&(sectors as u32).to_le_bytes());
-        raw[0x74..0x76].copy_from_slice(&((sectors >> 32) as u16).to_le_bytes());
+        raw[0x1C..0x20].copy_from_slice(&lo32(sectors).to_le_bytes());
+        raw[0x74..0x76].copy_from_slice(&hi16(sectors).to_le_bytes());
         raw[0x20..0x24].copy_from_slice(&p.flags.to_le_bytes());
         raw[0x28..0x64].copy_from_slice(&i_block);
         raw[0x80..0x82].copy_from_slice(&32u16.to_le_bytes());
         let c = crc(seed, raw);
-        raw[0x7C..0x7E].copy_from_slice(&(c as u16).to_le_bytes());
+        raw[0x7C..0x7E].copy_from_slice(&lo16(c).to_le_bytes());
         raw[0x82..0x84].copy_from_slice(&((c >> 16) as u16).to_le_bytes());
     }
 
@@ -1124,7 +1110,7 @@ pub fn write_image(
     }
 
     // Inode tables and bitmaps, group by group.
-    let mut gdt = vec![0u8; (geo.gdt as usize) * BLOCK];
+    let mut gdt = vec![0u8; us(geo.gdt) * BLOCK];
     let mut free_blocks_total = 0u64;
     let mut free_inodes_total = 0u64;
     for g in 0..geo.groups {
@@ -1134,13 +1120,12 @@ pub fn write_image(
         let mut inode_bitmap = vec![0u8; BLOCK];
         let mut used_inodes = 0u64;
         if first_ino <= max_ino {
-            let slice =
-                &itable[(first_ino as usize - 1) * INODE_SIZE..last_ino as usize * INODE_SIZE];
-            out.write_all_at(slice, it[g as usize] * BLOCK as u64)
+            let slice = &itable[(us(first_ino) - 1) * INODE_SIZE..us(last_ino) * INODE_SIZE];
+            out.write_all_at(slice, it[us(g)] * BLOCK as u64)
                 .map_err(io("write", out_path))?;
             for ino in first_ino..=last_ino {
                 let idx = ino - first_ino;
-                let raw = &itable[(ino as usize - 1) * INODE_SIZE..ino as usize * INODE_SIZE];
+                let raw = &itable[(us(ino) - 1) * INODE_SIZE..us(ino) * INODE_SIZE];
                 if ino < 11 || raw[0..2] != [0, 0] {
                     inode_bitmap[(idx / 8) as usize] |= 1 << (idx % 8);
                     used_inodes += 1;
@@ -1168,27 +1153,27 @@ pub fn write_image(
         let free_i = geo.ipg - used_inodes;
         free_blocks_total += free_b;
         free_inodes_total += free_i;
-        out.write_all_at(&block_bitmap, bb[g as usize] * BLOCK as u64)
+        out.write_all_at(&block_bitmap, bb[us(g)] * BLOCK as u64)
             .map_err(io("write", out_path))?;
-        out.write_all_at(&inode_bitmap, ib[g as usize] * BLOCK as u64)
+        out.write_all_at(&inode_bitmap, ib[us(g)] * BLOCK as u64)
             .map_err(io("write", out_path))?;
-        let d = &mut gdt[g as usize * 32..g as usize * 32 + 32];
-        d[0..4].copy_from_slice(&(bb[g as usize] as u32).to_le_bytes());
-        d[4..8].copy_from_slice(&(ib[g as usize] as u32).to_le_bytes());
-        d[8..12].copy_from_slice(&(it[g as usize] as u32).to_le_bytes());
-        d[0xC..0xE].copy_from_slice(&(free_b as u16).to_le_bytes());
-        d[0xE..0x10].copy_from_slice(&(free_i as u16).to_le_bytes());
-        d[0x10..0x12].copy_from_slice(&(used_dirs[g as usize] as u16).to_le_bytes());
+        let d = &mut gdt[us(g) * 32..us(g) * 32 + 32];
+        d[0..4].copy_from_slice(&fit32(bb[us(g)]).to_le_bytes());
+        d[4..8].copy_from_slice(&fit32(ib[us(g)]).to_le_bytes());
+        d[8..12].copy_from_slice(&fit32(it[us(g)]).to_le_bytes());
+        d[0xC..0xE].copy_from_slice(&fit16(free_b).to_le_bytes());
+        d[0xE..0x10].copy_from_slice(&fit16(free_i).to_le_bytes());
+        d[0x10..0x12].copy_from_slice(&fit16(used_dirs[us(g)]).to_le_bytes());
         d[0x12..0x14].copy_from_slice(&4u16.to_le_bytes()); // ITABLE_ZEROED
         let bcs = crc(fs_seed, &block_bitmap);
         let ics = crc(fs_seed, &inode_bitmap[..(geo.ipg / 8) as usize]);
-        d[0x18..0x1A].copy_from_slice(&(bcs as u16).to_le_bytes());
-        d[0x1A..0x1C].copy_from_slice(&(ics as u16).to_le_bytes());
-        d[0x1C..0x1E].copy_from_slice(&((geo.ipg - highest) as u16).to_le_bytes());
-        let mut c = crc(fs_seed, &(g as u32).to_le_bytes());
+        d[0x18..0x1A].copy_from_slice(&lo16(bcs).to_le_bytes());
+        d[0x1A..0x1C].copy_from_slice(&lo16(ics).to_le_bytes());
+        d[0x1C..0x1E].copy_from_slice(&fit16(geo.ipg - highest).to_le_bytes());
+        let mut c = crc(fs_seed, &fit32(g).to_le_bytes());
         c = crc(c, &d[..0x1E]);
         c = crc(c, &[0, 0]);
-        d[0x1E..0x20].copy_from_slice(&(c as u16).to_le_bytes());
+        d[0x1E..0x20].copy_from_slice(&lo16(c).to_le_bytes());
     }
 
     // Superblock, then the copies in backup groups.
@@ -1197,24 +1182,24 @@ pub fn write_image(
         |sb: &mut [u8], off: usize, v: u32| sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
     let w16 =
         |sb: &mut [u8], off: usize, v: u16| sb[off..off + 2].copy_from_slice(&v.to_le_bytes());
-    w32(&mut sb, 0x00, ninodes as u32);
-    w32(&mut sb, 0x04, geo.blocks as u32);
-    w32(&mut sb, 0x0C, free_blocks_total as u32);
-    w32(&mut sb, 0x10, free_inodes_total as u32);
+    w32(&mut sb, 0x00, fit32(ninodes));
+    w32(&mut sb, 0x04, fit32(geo.blocks));
+    w32(&mut sb, 0x0C, fit32(free_blocks_total));
+    w32(&mut sb, 0x10, fit32(free_inodes_total));
     w32(&mut sb, 0x18, 2);
     w32(&mut sb, 0x1C, 2);
-    w32(&mut sb, 0x20, BLOCKS_PER_GROUP as u32);
-    w32(&mut sb, 0x24, BLOCKS_PER_GROUP as u32);
-    w32(&mut sb, 0x28, geo.ipg as u32);
-    w32(&mut sb, 0x30, ids.time as u32);
+    w32(&mut sb, 0x20, fit32(BLOCKS_PER_GROUP));
+    w32(&mut sb, 0x24, fit32(BLOCKS_PER_GROUP));
+    w32(&mut sb, 0x28, fit32(geo.ipg));
+    w32(&mut sb, 0x30, time32(ids.time));
     w16(&mut sb, 0x36, 0xFFFF);
     w16(&mut sb, 0x38, 0xEF53);
     w16(&mut sb, 0x3A, 1);
     w16(&mut sb, 0x3C, 1);
-    w32(&mut sb, 0x40, ids.time as u32);
+    w32(&mut sb, 0x40, time32(ids.time));
     w32(&mut sb, 0x4C, 1);
     w32(&mut sb, 0x54, 11);
-    w16(&mut sb, 0x58, INODE_SIZE as u16);
+    w16(&mut sb, 0x58, fit16(INODE_SIZE));
     let compat = 0x8 | 0x20 | if geo.journal > 0 { 0x4 } else { 0 };
     w32(&mut sb, 0x5C, compat);
     w32(&mut sb, 0x60, 0x2 | 0x40 | 0x200);
@@ -1225,12 +1210,12 @@ pub fn write_image(
         w32(&mut sb, 0xE0, JOURNAL_INO);
         sb[0xFD] = 1;
         sb[0x10C..0x10C + 60].copy_from_slice(&journal_iblock);
-        w32(&mut sb, 0x10C + 60 + 4, (geo.journal * BLOCK as u64) as u32);
+        w32(&mut sb, 0x10C + 60 + 4, fit32(geo.journal * BLOCK as u64));
     }
     sb[0xEC..0xFC].copy_from_slice(&ids.hash_seed);
     sb[0xFC] = 1;
     w32(&mut sb, 0x100, 0x0C);
-    w32(&mut sb, 0x108, ids.time as u32);
+    w32(&mut sb, 0x108, time32(ids.time));
     w16(&mut sb, 0x15C, 32);
     w16(&mut sb, 0x15E, 32);
     w32(&mut sb, 0x160, 1);
@@ -1238,7 +1223,7 @@ pub fn write_image(
     sb[0x175] = 1;
     let write_sb = |group: u64| -> Result<(), WriteError> {
         let mut s = sb.clone();
-        w16(&mut s, 0x5A, group as u16);
+        w16(&mut s, 0x5A, lo16(group));
         let c = crc(!0, &s[..0x3FC]);
         s[0x3FC..].copy_from_slice(&c.to_le_bytes());
         let at = group * BLOCKS_PER_GROUP * BLOCK as u64 + if group == 0 { 1024 } else { 0 };

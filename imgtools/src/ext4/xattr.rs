@@ -2,6 +2,7 @@
 //! encoding (in the inode and in an attribute block), entry hashes, and
 //! the POSIX ACL conversion between the VFS form (what `getxattr` and tar
 //! carry) and ext4's compact disk form.
+use crate::num::{fit16, fit32, fit8};
 
 /// ext4 name indexes by prefix (`fs/ext4/xattr.h`). The two ACL names are
 /// matched whole and stored with an empty suffix.
@@ -169,7 +170,7 @@ fn pad4(n: usize) -> usize {
 pub fn entry_hash(name: &[u8], value: &[u8]) -> u32 {
     let mut h: u32 = 0;
     for &c in name {
-        h = (h << 5) ^ (h >> 27) ^ c as u32;
+        h = (h << 5) ^ (h >> 27) ^ u32::from(c);
     }
     let mut padded = value.to_vec();
     padded.resize(pad4(value.len()), 0);
@@ -206,12 +207,12 @@ pub fn encode(attrs: &[DiskAttr], area: &mut [u8], entries_at: usize, base: usiz
         vend -= vsize;
         area[vend..vend + a.value.len()].copy_from_slice(&a.value);
         let hash = entry_hash(&a.name, &a.value);
-        area[e] = a.name.len() as u8;
+        area[e] = fit8(a.name.len());
         area[e + 1] = a.index;
         let offs = if a.value.is_empty() { 0 } else { vend - base };
-        area[e + 2..e + 4].copy_from_slice(&(offs as u16).to_le_bytes());
+        area[e + 2..e + 4].copy_from_slice(&fit16(offs).to_le_bytes());
         area[e + 4..e + 8].copy_from_slice(&0u32.to_le_bytes());
-        area[e + 8..e + 12].copy_from_slice(&(a.value.len() as u32).to_le_bytes());
+        area[e + 8..e + 12].copy_from_slice(&fit32(a.value.len()).to_le_bytes());
         area[e + 12..e + 16].copy_from_slice(&hash.to_le_bytes());
         area[e + 16..e + 16 + a.name.len()].copy_from_slice(&a.name);
         e += pad4(16 + a.name.len());

@@ -94,7 +94,7 @@ pub fn attach(
     }
     let mut st = 0;
     // SAFETY: waitpid writes the status into `st`.
-    unsafe { libc::waitpid(pid as i32, &mut st, 0) };
+    unsafe { libc::waitpid(crate::num::pid(pid).as_raw(), &mut st, 0) };
     let code = if libc::WIFEXITED(st) {
         libc::WEXITSTATUS(st)
     } else {

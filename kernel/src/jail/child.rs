@@ -3,6 +3,15 @@
 //! the PID 1 that waits for it. Everything here runs in a child of a
 //! multi-threaded process: raw system calls only, no allocation.
 
+// Post-fork code passes small descriptors, pids and flags between the C
+// integer types of the raw system calls; nothing here may allocate to
+// report a failed conversion, and no value comes from outside.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use super::*;
 
 /// Place `(source, target)` descriptors and mark every other one

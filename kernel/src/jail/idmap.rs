@@ -51,7 +51,7 @@ pub(super) fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> Result<OwnedFd> 
         }
     }
     drop(r);
-    let pid = pid as i32;
+    let pid = crate::num::pid(pid).as_raw();
     let res = (|| {
         // The idmap namespace's ids are the on-disk ids: on-disk `from`
         // (an id inside this namespace) maps to host `to`.
@@ -92,7 +92,7 @@ pub(super) fn detached_bind(src: &Path) -> Result<OwnedFd> {
         ));
     }
     // SAFETY: fd is a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fd).unwrap_or(-1)) })
 }
 
 /// A detached bind of `src` whose owner appears as `to` (and read-only
@@ -109,7 +109,7 @@ pub(super) fn idmapped_tree(src: &Path, writable: bool, to: (u32, u32)) -> Resul
             | if writable { 0 } else { MOUNT_ATTR_RDONLY },
         attr_clr: 0,
         propagation: 0,
-        userns_fd: ns.as_raw_fd() as u64,
+        userns_fd: u64::from(ns.as_raw_fd().unsigned_abs()),
     };
     let empty = c"";
     // SAFETY: mount_setattr reads `attr` (its size is passed) for the call.

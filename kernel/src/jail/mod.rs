@@ -300,7 +300,7 @@ pub fn spawn_unjailed(launch: &Launch) -> Result<Spawned> {
     let child = cmd
         .spawn()
         .map_err(|e| Error::io("start", &launch.program, e))?;
-    let pid = Pid::from_raw(child.id() as i32);
+    let pid = crate::num::pid(child.id());
     // The Child is not needed: waiting goes through waitpid.
     drop(child);
     Ok(Spawned {
@@ -475,7 +475,7 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
+            libc::c_ulong::from((flags | libc::SIGCHLD).unsigned_abs()),
             0,
             0,
             0,
@@ -490,7 +490,7 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
         // SAFETY: see above.
         unsafe { jail_init(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), status_w) }
     }
-    let jail_pid = Pid::from_raw(pid as i32);
+    let jail_pid = crate::num::pid(pid);
     drop(sync_r);
     drop(err_w);
     let status_r = status.map(|(r, w)| {

@@ -54,7 +54,7 @@ pub fn attach_network(
         let (lease, fd) = client.create_tap(bridge, mode, tag.as_deref())?;
         let transport = match fd {
             Some(fd) => {
-                let n = FIRST_TAP_FD + net.fds.len() as i32;
+                let n = FIRST_TAP_FD + crate::num::small_i32(net.fds.len());
                 net.fds.push(fd);
                 NicTransport::Fd { fd: n }
             }

@@ -223,9 +223,9 @@ fn random_hex(n: usize) -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let seed = t ^ ((std::process::id() as u128) << 64);
+        let seed = t ^ (u128::from(std::process::id()) << 64);
         for (i, x) in b.iter_mut().enumerate() {
-            *x = (seed >> ((i % 16) * 8)) as u8;
+            *x = seed.to_le_bytes()[i % 16];
         }
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -619,7 +619,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         (st_w.as_raw_fd(), 7),
     ];
     for (i, f) in network.fds.iter().enumerate() {
-        fds.push((f.as_raw_fd(), FIRST_TAP_FD + i as i32));
+        fds.push((f.as_raw_fd(), FIRST_TAP_FD + crate::num::small_i32(i)));
     }
     let uml_launch = Launch {
         program: info.path.clone(),
@@ -637,7 +637,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let reaper = crate::reaper::Reaper::spawn(&initroot::current_exe()?, &rundir)?;
     let t0 = Instant::now();
     let child = launch(jail.as_ref(), &uml_launch, true)?;
-    reaper.watch(child.kill_target().as_raw() as u32);
+    reaper.watch(child.kill_target().as_raw().unsigned_abs());
     // Close our copies of the UML ends so that EOFs arrive when UML exits.
     drop((con_in_r, log_w, stdin_for_uml, out_w, err_w, ctl_r, st_w));
     let uml_pid = child.pid;

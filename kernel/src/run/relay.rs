@@ -157,7 +157,7 @@ pub(crate) fn copy_in(
                 let Some(room) = credits.room(total) else {
                     return;
                 };
-                let k = chunk.len().min(room as usize);
+                let k = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
                 if to.write_all(&chunk[..k]).is_err() {
                     return;
                 }

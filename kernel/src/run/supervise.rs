@@ -48,10 +48,10 @@ pub(crate) fn kill_descendants() {
             all.push(p);
         }
         for p in &all {
-            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+            let _ = kill(crate::num::pid(*p), Signal::SIGKILL);
         }
         for p in &all {
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(*p as i32), None);
+            let _ = nix::sys::wait::waitpid(crate::num::pid(*p), None);
         }
     }
 }
