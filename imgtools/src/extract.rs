@@ -16,7 +16,6 @@
 //! nothing. Files with several links in the image are extracted once and
 //! hard-linked. On error, what this extraction created is removed.
 
-use crate::num::us;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -24,6 +23,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::ext4::read::{Image, Piece, RawInode, ReadAt, ReadError};
+use crate::num::us;
 use crate::tree::Time;
 
 /// Directories nested deeper than this are refused.
@@ -231,18 +231,22 @@ impl<R: ReadAt> Extractor<'_, R> {
                     return Ok(());
                 }
                 let (maj, min) = node.rdev();
+                use nix::sys::stat::{makedev, mknod, Mode, SFlag};
                 let fmt = match kind {
-                    "char" => libc::S_IFCHR,
-                    "block" => libc::S_IFBLK,
-                    "fifo" => libc::S_IFIFO,
-                    _ => libc::S_IFSOCK,
+                    "char" => SFlag::S_IFCHR,
+                    "block" => SFlag::S_IFBLK,
+                    "fifo" => SFlag::S_IFIFO,
+                    _ => SFlag::S_IFSOCK,
                 };
-                // SAFETY: c is NUL-terminated; mknod does not follow a
-                // symlink at the last component (it fails with EEXIST).
-                let r = unsafe { libc::mknod(c.as_ptr(), fmt | 0o600, libc::makedev(maj, min)) };
-                if r != 0 {
-                    return Err(io("create node")(std::io::Error::last_os_error()));
-                }
+                // mknod does not follow a symlink at the last component
+                // (it fails with EEXIST).
+                mknod(
+                    c.as_c_str(),
+                    fmt,
+                    Mode::from_bits_truncate(0o600),
+                    makedev(maj.into(), min.into()),
+                )
+                .map_err(|e| io("create node")(e.into()))?;
                 self.out.entries += 1;
             }
             kind => {
@@ -253,13 +257,10 @@ impl<R: ReadAt> Extractor<'_, R> {
             }
         }
         if self.opts.privileged {
-            // SAFETY: c is NUL-terminated; lchown does not follow symlinks.
-            if unsafe { libc::lchown(c.as_ptr(), node.uid, node.gid) } != 0 {
-                self.out.warnings.push(format!(
-                    "{}: chown: {}",
-                    dest.display(),
-                    std::io::Error::last_os_error()
-                ));
+            if let Err(e) = std::os::unix::fs::lchown(dest, Some(node.uid), Some(node.gid)) {
+                self.out
+                    .warnings
+                    .push(format!("{}: chown: {e}", dest.display()));
             }
         }
         // The mode after the owner (a chown clears set-id bits). By path:

@@ -2,6 +2,7 @@
 
 use std::os::fd::{BorrowedFd, RawFd};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::termios::{self, SetArg, Termios};
 
 /// Restores a terminal's settings (termios and file status flags, which UML
@@ -18,8 +19,7 @@ impl TermGuard {
         // SAFETY: the descriptor is only borrowed for this call.
         let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
         let t = termios::tcgetattr(bfd).ok()?;
-        // SAFETY: F_GETFL on an open descriptor.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let flags = fcntl(fd, FcntlArg::F_GETFL).unwrap_or(-1);
         Some(TermGuard {
             fd,
             termios: t,
@@ -46,8 +46,8 @@ impl Drop for TermGuard {
         let bfd = unsafe { BorrowedFd::borrow_raw(self.fd) };
         let _ = termios::tcsetattr(bfd, SetArg::TCSANOW, &self.termios);
         if self.flags >= 0 {
-            // SAFETY: F_SETFL restoring the flags we read.
-            unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.flags) };
+            let flags = OFlag::from_bits_truncate(self.flags);
+            let _ = fcntl(self.fd, FcntlArg::F_SETFL(flags));
         }
     }
 }

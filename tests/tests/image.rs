@@ -632,7 +632,11 @@ fn bad_input_is_a_clear_error_and_leaves_nothing() {
     build_fails(p, &[&t("uid.tar")], "entry \"f\": PAX uid record");
     // GNU headers hold ids in base-256, up to 64 bits: one above 2^32 is
     // refused (it was cut to its low 32 bits, another user's id).
-    py_tar_format(&t("biguid.tar"), "GNU_FORMAT", "add('f', b'x', uid=2**32 + 5)");
+    py_tar_format(
+        &t("biguid.tar"),
+        "GNU_FORMAT",
+        "add('f', b'x', uid=2**32 + 5)",
+    );
     build_fails(p, &[&t("biguid.tar")], "entry \"f\": header uid 4294967301");
     // A regular file where ext4's lost+found directory goes.
     py_tar(&t("lpf.tar"), "add('lost+found', b'x')");

@@ -742,6 +742,289 @@ fn body_blocks(p: &Planned, tree: &Tree) -> u64 {
     data + u64::from(!p.attrs_in_inode)
 }
 
+/// The inode's own fields (the xattr fields are set by the caller), with
+/// its checksum last.
+fn encode_inode(raw: &mut [u8], p: &Planned, nblocks: u64, i_block: &[u8; 60], seed: u32) {
+    raw[0..2].copy_from_slice(&p.mode.to_le_bytes());
+    raw[2..4].copy_from_slice(&lo16(p.uid).to_le_bytes());
+    raw[0x78..0x7A].copy_from_slice(&((p.uid >> 16) as u16).to_le_bytes());
+    raw[0x18..0x1A].copy_from_slice(&lo16(p.gid).to_le_bytes());
+    raw[0x7A..0x7C].copy_from_slice(&((p.gid >> 16) as u16).to_le_bytes());
+    raw[4..8].copy_from_slice(&lo32(p.size).to_le_bytes());
+    raw[0x6C..0x70].copy_from_slice(&lo32(p.size >> 32).to_le_bytes());
+    put_time(raw, 0x08, 0x8C, p.mtime);
+    put_time(raw, 0x0C, 0x84, p.mtime);
+    put_time(raw, 0x10, 0x88, p.mtime);
+    put_time(raw, 0x90, 0x94, p.mtime);
+    raw[0x1A..0x1C].copy_from_slice(&fit16(p.links).to_le_bytes());
+    let sectors = nblocks * (BLOCK as u64 / 512);
+    raw[0x1C..0x20].copy_from_slice(&lo32(sectors).to_le_bytes());
+    raw[0x74..0x76].copy_from_slice(&hi16(sectors).to_le_bytes());
+    raw[0x20..0x24].copy_from_slice(&p.flags.to_le_bytes());
+    raw[0x28..0x64].copy_from_slice(i_block);
+    raw[0x80..0x82].copy_from_slice(&32u16.to_le_bytes());
+    let c = crc(seed, raw);
+    raw[0x7C..0x7E].copy_from_slice(&lo16(c).to_le_bytes());
+    raw[0x82..0x84].copy_from_slice(&((c >> 16) as u16).to_le_bytes());
+}
+
+/// What the group tables are made from.
+struct Tables<'a> {
+    geo: &'a Geometry,
+    alloc: &'a Alloc,
+    itable: &'a [u8],
+    max_ino: u64,
+    /// Block bitmap, inode bitmap and inode table block of each group.
+    bb: &'a [u64],
+    ib: &'a [u64],
+    it: &'a [u64],
+    used_dirs: &'a [u64],
+    fs_seed: u32,
+}
+
+impl Tables<'_> {
+    /// Write every group's inode table and bitmaps; the group descriptor
+    /// table (to be written with each superblock copy) and the free block
+    /// and inode totals.
+    fn write(&self, out: &File, out_path: &Path) -> Result<(Vec<u8>, u64, u64), WriteError> {
+        let Tables {
+            geo,
+            alloc,
+            itable,
+            max_ino,
+            bb,
+            ib,
+            it,
+            used_dirs,
+            fs_seed,
+        } = *self;
+        let mut gdt = vec![0u8; us(geo.gdt) * BLOCK];
+        let mut free_blocks_total = 0u64;
+        let mut free_inodes_total = 0u64;
+        for g in 0..geo.groups {
+            let first_ino = g * geo.ipg + 1;
+            let last_ino = ((g + 1) * geo.ipg).min(max_ino);
+            let mut highest = 0u64;
+            let mut inode_bitmap = vec![0u8; BLOCK];
+            let mut used_inodes = 0u64;
+            if first_ino <= max_ino {
+                let slice = &itable[(us(first_ino) - 1) * INODE_SIZE..us(last_ino) * INODE_SIZE];
+                out.write_all_at(slice, it[us(g)] * BLOCK as u64)
+                    .map_err(io("write", out_path))?;
+                for ino in first_ino..=last_ino {
+                    let idx = ino - first_ino;
+                    let raw = &itable[(us(ino) - 1) * INODE_SIZE..us(ino) * INODE_SIZE];
+                    if ino < 11 || raw[0..2] != [0, 0] {
+                        inode_bitmap[(idx / 8) as usize] |= 1 << (idx % 8);
+                        used_inodes += 1;
+                        highest = idx + 1;
+                    }
+                }
+            }
+            for bit in geo.ipg..(BLOCK as u64 * 8) {
+                inode_bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+            let mut block_bitmap = vec![0u8; BLOCK];
+            let start = g * BLOCKS_PER_GROUP;
+            let mut used_blocks = 0u64;
+            for i in 0..BLOCKS_PER_GROUP {
+                let b = start + i;
+                if b >= geo.blocks || alloc.is_used(b) {
+                    block_bitmap[(i / 8) as usize] |= 1 << (i % 8);
+                    if b < geo.blocks {
+                        used_blocks += 1;
+                    }
+                }
+            }
+            let in_group = BLOCKS_PER_GROUP.min(geo.blocks - start);
+            let free_b = in_group - used_blocks;
+            let free_i = geo.ipg - used_inodes;
+            free_blocks_total += free_b;
+            free_inodes_total += free_i;
+            out.write_all_at(&block_bitmap, bb[us(g)] * BLOCK as u64)
+                .map_err(io("write", out_path))?;
+            out.write_all_at(&inode_bitmap, ib[us(g)] * BLOCK as u64)
+                .map_err(io("write", out_path))?;
+            let d = &mut gdt[us(g) * 32..us(g) * 32 + 32];
+            d[0..4].copy_from_slice(&fit32(bb[us(g)]).to_le_bytes());
+            d[4..8].copy_from_slice(&fit32(ib[us(g)]).to_le_bytes());
+            d[8..12].copy_from_slice(&fit32(it[us(g)]).to_le_bytes());
+            d[0xC..0xE].copy_from_slice(&fit16(free_b).to_le_bytes());
+            d[0xE..0x10].copy_from_slice(&fit16(free_i).to_le_bytes());
+            d[0x10..0x12].copy_from_slice(&fit16(used_dirs[us(g)]).to_le_bytes());
+            d[0x12..0x14].copy_from_slice(&4u16.to_le_bytes()); // ITABLE_ZEROED
+            let bcs = crc(fs_seed, &block_bitmap);
+            let ics = crc(fs_seed, &inode_bitmap[..(geo.ipg / 8) as usize]);
+            d[0x18..0x1A].copy_from_slice(&lo16(bcs).to_le_bytes());
+            d[0x1A..0x1C].copy_from_slice(&lo16(ics).to_le_bytes());
+            d[0x1C..0x1E].copy_from_slice(&fit16(geo.ipg - highest).to_le_bytes());
+            let mut c = crc(fs_seed, &fit32(g).to_le_bytes());
+            c = crc(c, &d[..0x1E]);
+            c = crc(c, &[0, 0]);
+            d[0x1E..0x20].copy_from_slice(&lo16(c).to_le_bytes());
+        }
+        Ok((gdt, free_blocks_total, free_inodes_total))
+    }
+}
+
+/// The primary superblock before its group number and checksum (set per
+/// copy).
+fn superblock(
+    geo: &Geometry,
+    ids: &Ids,
+    opts: &Options,
+    ninodes: u64,
+    (free_blocks_total, free_inodes_total): (u64, u64),
+    journal_iblock: &[u8; 60],
+) -> Vec<u8> {
+    let mut sb = vec![0u8; 1024];
+    let w32 =
+        |sb: &mut [u8], off: usize, v: u32| sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let w16 =
+        |sb: &mut [u8], off: usize, v: u16| sb[off..off + 2].copy_from_slice(&v.to_le_bytes());
+    w32(&mut sb, 0x00, fit32(ninodes));
+    w32(&mut sb, 0x04, fit32(geo.blocks));
+    w32(&mut sb, 0x0C, fit32(free_blocks_total));
+    w32(&mut sb, 0x10, fit32(free_inodes_total));
+    w32(&mut sb, 0x18, 2);
+    w32(&mut sb, 0x1C, 2);
+    w32(&mut sb, 0x20, fit32(BLOCKS_PER_GROUP));
+    w32(&mut sb, 0x24, fit32(BLOCKS_PER_GROUP));
+    w32(&mut sb, 0x28, fit32(geo.ipg));
+    w32(&mut sb, 0x30, time32(ids.time));
+    w16(&mut sb, 0x36, 0xFFFF);
+    w16(&mut sb, 0x38, 0xEF53);
+    w16(&mut sb, 0x3A, 1);
+    w16(&mut sb, 0x3C, 1);
+    w32(&mut sb, 0x40, time32(ids.time));
+    w32(&mut sb, 0x4C, 1);
+    w32(&mut sb, 0x54, 11);
+    w16(&mut sb, 0x58, fit16(INODE_SIZE));
+    let compat = 0x8 | 0x20 | if geo.journal > 0 { 0x4 } else { 0 };
+    w32(&mut sb, 0x5C, compat);
+    w32(&mut sb, 0x60, 0x2 | 0x40 | 0x200);
+    w32(&mut sb, 0x64, 0x1 | 0x2 | 0x8 | 0x20 | 0x40 | 0x400);
+    sb[0x68..0x78].copy_from_slice(&ids.uuid);
+    sb[0x78..0x78 + opts.label.len()].copy_from_slice(&opts.label);
+    if geo.journal > 0 {
+        w32(&mut sb, 0xE0, JOURNAL_INO);
+        sb[0xFD] = 1;
+        sb[0x10C..0x10C + 60].copy_from_slice(journal_iblock);
+        w32(&mut sb, 0x10C + 60 + 4, fit32(geo.journal * BLOCK as u64));
+    }
+    sb[0xEC..0xFC].copy_from_slice(&ids.hash_seed);
+    sb[0xFC] = 1;
+    w32(&mut sb, 0x100, 0x0C);
+    w32(&mut sb, 0x108, time32(ids.time));
+    w16(&mut sb, 0x15C, 32);
+    w16(&mut sb, 0x15E, 32);
+    w32(&mut sb, 0x160, 1);
+    sb[0x174] = 4;
+    sb[0x175] = 1;
+    sb
+}
+
+/// What an image must hold, for choosing (or checking) its geometry.
+struct Sizing {
+    max_ino: u64,
+    /// Blocks below which an in-image spool already holds file data.
+    spool_end: u64,
+    /// Content blocks still to allocate.
+    content: u64,
+    /// Extent-tree blocks (estimate, with slack).
+    tree_est: u64,
+    nplanned: u64,
+}
+
+impl Sizing {
+    /// Inodes for an image of `blocks` blocks.
+    fn inodes_for(&self, opts: &Options, blocks: u64) -> u64 {
+        match opts.inodes {
+            Some(n) => n,
+            None => match (opts.size, opts.headroom) {
+                (Some(s), _) => (self.max_ino + 64).max(s / 16384),
+                (None, Headroom::Percent(p)) => self.max_ino + self.max_ino * p / 100 + 256,
+                (None, Headroom::Bytes(b)) => self.max_ino + b / 16384 + 256,
+            }
+            .max(blocks.min(1) * 16),
+        }
+    }
+
+    /// Blocks the image needs with geometry `g`.
+    fn need_for(&self, g: &Geometry) -> u64 {
+        self.spool_end
+            + g.overhead()
+            + g.journal
+            + self.content
+            + self.tree_est
+            + self.nplanned / 64
+            + g.groups
+    }
+
+    /// The geometry: the one asked for, checked, or the smallest that holds
+    /// everything with the headroom asked for.
+    fn geometry(&self, opts: &Options) -> Result<Geometry, WriteError> {
+        Ok(match opts.size {
+            Some(size) => {
+                let mut blocks = size / BLOCK as u64;
+                if blocks >= MAX_BLOCKS {
+                    return Err(WriteError::TooLarge);
+                }
+                // A tail group too small for its own superblock copy is dropped (as mke2fs).
+                let tail = blocks % BLOCKS_PER_GROUP;
+                if blocks > BLOCKS_PER_GROUP && tail > 0 && tail < 256 {
+                    blocks -= tail;
+                }
+                let g = Geometry::new(blocks, self.inodes_for(opts, blocks), opts.journal);
+                if opts.journal && g.journal == 0 {
+                    return Err(WriteError::JournalTooSmall);
+                }
+                let need = self.need_for(&g);
+                if need > blocks {
+                    return Err(WriteError::TooSmall {
+                        need_mib: (need * 4).div_ceil(1024),
+                        have_mib: blocks * 4 / 1024,
+                    });
+                }
+                g
+            }
+            None => {
+                let mut blocks = 256u64;
+                loop {
+                    let g = Geometry::new(blocks, self.inodes_for(opts, blocks), opts.journal);
+                    let need = self.need_for(&g);
+                    let free = match opts.headroom {
+                        Headroom::Percent(p) => need * p / 100,
+                        Headroom::Bytes(b) => b / BLOCK as u64,
+                    };
+                    let mut want = (need + free.max(256)).div_ceil(256) * 256;
+                    if opts.journal && want < 2048 {
+                        want = 2048;
+                    }
+                    // A group holds at most BLOCKS_PER_GROUP inodes (one bitmap
+                    // block), so many small files need more groups than their
+                    // bytes do.
+                    let groups = self.inodes_for(opts, want).div_ceil(BLOCKS_PER_GROUP);
+                    if groups > 1 {
+                        want = want.max((groups - 1) * BLOCKS_PER_GROUP + 256);
+                    }
+                    let tail = want % BLOCKS_PER_GROUP;
+                    if want > BLOCKS_PER_GROUP && tail > 0 && tail < 256 {
+                        want += 256 - tail;
+                    }
+                    if want <= blocks {
+                        break g;
+                    }
+                    if want >= MAX_BLOCKS {
+                        return Err(WriteError::TooLarge);
+                    }
+                    blocks = want;
+                }
+            }
+        })
+    }
+}
+
 /// Write the image for `tree` to `out` (a new, empty file).
 pub fn write_image(
     tree: &Tree,
@@ -806,17 +1089,6 @@ pub fn write_image(
         })
         .sum();
 
-    let inodes_for = |blocks: u64| -> u64 {
-        match opts.inodes {
-            Some(n) => n,
-            None => match (opts.size, opts.headroom) {
-                (Some(s), _) => (max_ino + 64).max(s / 16384),
-                (None, Headroom::Percent(p)) => max_ino + max_ino * p / 100 + 256,
-                (None, Headroom::Bytes(b)) => max_ino + b / 16384 + 256,
-            }
-            .max(blocks.min(1) * 16),
-        }
-    };
     if let Some(n) = opts.inodes {
         if n < max_ino {
             return Err(WriteError::TooFewInodes {
@@ -825,68 +1097,14 @@ pub fn write_image(
             });
         }
     }
-    let nplanned = planned.len() as u64;
-    let need_for = |g: &Geometry| {
-        spool_end + g.overhead() + g.journal + content + tree_est + nplanned / 64 + g.groups
+    let sizing = Sizing {
+        max_ino,
+        spool_end,
+        content,
+        tree_est,
+        nplanned: planned.len() as u64,
     };
-    let geo = match opts.size {
-        Some(size) => {
-            let mut blocks = size / BLOCK as u64;
-            if blocks >= MAX_BLOCKS {
-                return Err(WriteError::TooLarge);
-            }
-            // A tail group too small for its own superblock copy is dropped (as mke2fs).
-            let tail = blocks % BLOCKS_PER_GROUP;
-            if blocks > BLOCKS_PER_GROUP && tail > 0 && tail < 256 {
-                blocks -= tail;
-            }
-            let g = Geometry::new(blocks, inodes_for(blocks), opts.journal);
-            if opts.journal && g.journal == 0 {
-                return Err(WriteError::JournalTooSmall);
-            }
-            let need = need_for(&g);
-            if need > blocks {
-                return Err(WriteError::TooSmall {
-                    need_mib: (need * 4).div_ceil(1024),
-                    have_mib: blocks * 4 / 1024,
-                });
-            }
-            g
-        }
-        None => {
-            let mut blocks = 256u64;
-            loop {
-                let g = Geometry::new(blocks, inodes_for(blocks), opts.journal);
-                let need = need_for(&g);
-                let free = match opts.headroom {
-                    Headroom::Percent(p) => need * p / 100,
-                    Headroom::Bytes(b) => b / BLOCK as u64,
-                };
-                let mut want = (need + free.max(256)).div_ceil(256) * 256;
-                if opts.journal && want < 2048 {
-                    want = 2048;
-                }
-                // A group holds at most BLOCKS_PER_GROUP inodes (one bitmap
-                // block), so many small files need more groups than their
-                // bytes do.
-                let groups = inodes_for(want).div_ceil(BLOCKS_PER_GROUP);
-                if groups > 1 {
-                    want = want.max((groups - 1) * BLOCKS_PER_GROUP + 256);
-                }
-                let tail = want % BLOCKS_PER_GROUP;
-                if want > BLOCKS_PER_GROUP && tail > 0 && tail < 256 {
-                    want += 256 - tail;
-                }
-                if want <= blocks {
-                    break g;
-                }
-                if want >= MAX_BLOCKS {
-                    return Err(WriteError::TooLarge);
-                }
-                blocks = want;
-            }
-        }
-    };
+    let geo = sizing.geometry(opts)?;
     let ninodes = geo.ipg * geo.groups;
     if ninodes < max_ino {
         return Err(WriteError::InodeLimit {
@@ -895,7 +1113,7 @@ pub fn write_image(
         });
     }
     let too_small = || WriteError::TooSmall {
-        need_mib: (need_for(&geo) * 4).div_ceil(1024) + 1,
+        need_mib: (sizing.need_for(&geo) * 4).div_ceil(1024) + 1,
         have_mib: geo.blocks * 4 / 1024,
     };
     if let Some((_, reserve)) = in_image {
@@ -1061,27 +1279,7 @@ pub fn write_image(
                 nblocks += 1;
             }
         }
-        raw[0..2].copy_from_slice(&p.mode.to_le_bytes());
-        raw[2..4].copy_from_slice(&lo16(p.uid).to_le_bytes());
-        raw[0x78..0x7A].copy_from_slice(&((p.uid >> 16) as u16).to_le_bytes());
-        raw[0x18..0x1A].copy_from_slice(&lo16(p.gid).to_le_bytes());
-        raw[0x7A..0x7C].copy_from_slice(&((p.gid >> 16) as u16).to_le_bytes());
-        raw[4..8].copy_from_slice(&lo32(p.size).to_le_bytes());
-        raw[0x6C..0x70].copy_from_slice(&lo32(p.size >> 32).to_le_bytes());
-        put_time(raw, 0x08, 0x8C, p.mtime);
-        put_time(raw, 0x0C, 0x84, p.mtime);
-        put_time(raw, 0x10, 0x88, p.mtime);
-        put_time(raw, 0x90, 0x94, p.mtime);
-        raw[0x1A..0x1C].copy_from_slice(&fit16(p.links).to_le_bytes());
-        let sectors = nblocks * (BLOCK as u64 / 512);
-        raw[0x1C..0x20].copy_from_slice(&lo32(sectors).to_le_bytes());
-        raw[0x74..0x76].copy_from_slice(&hi16(sectors).to_le_bytes());
-        raw[0x20..0x24].copy_from_slice(&p.flags.to_le_bytes());
-        raw[0x28..0x64].copy_from_slice(&i_block);
-        raw[0x80..0x82].copy_from_slice(&32u16.to_le_bytes());
-        let c = crc(seed, raw);
-        raw[0x7C..0x7E].copy_from_slice(&lo16(c).to_le_bytes());
-        raw[0x82..0x84].copy_from_slice(&((c >> 16) as u16).to_le_bytes());
+        encode_inode(raw, p, nblocks, &i_block, seed);
     }
 
     // Write: size first (the file is sparse; unwritten blocks read as zeros).
@@ -1110,117 +1308,30 @@ pub fn write_image(
     }
 
     // Inode tables and bitmaps, group by group.
-    let mut gdt = vec![0u8; us(geo.gdt) * BLOCK];
-    let mut free_blocks_total = 0u64;
-    let mut free_inodes_total = 0u64;
-    for g in 0..geo.groups {
-        let first_ino = g * geo.ipg + 1;
-        let last_ino = ((g + 1) * geo.ipg).min(max_ino);
-        let mut highest = 0u64;
-        let mut inode_bitmap = vec![0u8; BLOCK];
-        let mut used_inodes = 0u64;
-        if first_ino <= max_ino {
-            let slice = &itable[(us(first_ino) - 1) * INODE_SIZE..us(last_ino) * INODE_SIZE];
-            out.write_all_at(slice, it[us(g)] * BLOCK as u64)
-                .map_err(io("write", out_path))?;
-            for ino in first_ino..=last_ino {
-                let idx = ino - first_ino;
-                let raw = &itable[(us(ino) - 1) * INODE_SIZE..us(ino) * INODE_SIZE];
-                if ino < 11 || raw[0..2] != [0, 0] {
-                    inode_bitmap[(idx / 8) as usize] |= 1 << (idx % 8);
-                    used_inodes += 1;
-                    highest = idx + 1;
-                }
-            }
-        }
-        for bit in geo.ipg..(BLOCK as u64 * 8) {
-            inode_bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
-        }
-        let mut block_bitmap = vec![0u8; BLOCK];
-        let start = g * BLOCKS_PER_GROUP;
-        let mut used_blocks = 0u64;
-        for i in 0..BLOCKS_PER_GROUP {
-            let b = start + i;
-            if b >= geo.blocks || alloc.is_used(b) {
-                block_bitmap[(i / 8) as usize] |= 1 << (i % 8);
-                if b < geo.blocks {
-                    used_blocks += 1;
-                }
-            }
-        }
-        let in_group = BLOCKS_PER_GROUP.min(geo.blocks - start);
-        let free_b = in_group - used_blocks;
-        let free_i = geo.ipg - used_inodes;
-        free_blocks_total += free_b;
-        free_inodes_total += free_i;
-        out.write_all_at(&block_bitmap, bb[us(g)] * BLOCK as u64)
-            .map_err(io("write", out_path))?;
-        out.write_all_at(&inode_bitmap, ib[us(g)] * BLOCK as u64)
-            .map_err(io("write", out_path))?;
-        let d = &mut gdt[us(g) * 32..us(g) * 32 + 32];
-        d[0..4].copy_from_slice(&fit32(bb[us(g)]).to_le_bytes());
-        d[4..8].copy_from_slice(&fit32(ib[us(g)]).to_le_bytes());
-        d[8..12].copy_from_slice(&fit32(it[us(g)]).to_le_bytes());
-        d[0xC..0xE].copy_from_slice(&fit16(free_b).to_le_bytes());
-        d[0xE..0x10].copy_from_slice(&fit16(free_i).to_le_bytes());
-        d[0x10..0x12].copy_from_slice(&fit16(used_dirs[us(g)]).to_le_bytes());
-        d[0x12..0x14].copy_from_slice(&4u16.to_le_bytes()); // ITABLE_ZEROED
-        let bcs = crc(fs_seed, &block_bitmap);
-        let ics = crc(fs_seed, &inode_bitmap[..(geo.ipg / 8) as usize]);
-        d[0x18..0x1A].copy_from_slice(&lo16(bcs).to_le_bytes());
-        d[0x1A..0x1C].copy_from_slice(&lo16(ics).to_le_bytes());
-        d[0x1C..0x1E].copy_from_slice(&fit16(geo.ipg - highest).to_le_bytes());
-        let mut c = crc(fs_seed, &fit32(g).to_le_bytes());
-        c = crc(c, &d[..0x1E]);
-        c = crc(c, &[0, 0]);
-        d[0x1E..0x20].copy_from_slice(&lo16(c).to_le_bytes());
-    }
+    let tables = Tables {
+        geo: &geo,
+        alloc: &alloc,
+        itable: &itable,
+        max_ino,
+        bb: &bb,
+        ib: &ib,
+        it: &it,
+        used_dirs: &used_dirs,
+        fs_seed,
+    };
+    let (gdt, free_blocks_total, free_inodes_total) = tables.write(out, out_path)?;
 
     // Superblock, then the copies in backup groups.
-    let mut sb = vec![0u8; 1024];
-    let w32 =
-        |sb: &mut [u8], off: usize, v: u32| sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let sb = superblock(
+        &geo,
+        ids,
+        opts,
+        ninodes,
+        (free_blocks_total, free_inodes_total),
+        &journal_iblock,
+    );
     let w16 =
         |sb: &mut [u8], off: usize, v: u16| sb[off..off + 2].copy_from_slice(&v.to_le_bytes());
-    w32(&mut sb, 0x00, fit32(ninodes));
-    w32(&mut sb, 0x04, fit32(geo.blocks));
-    w32(&mut sb, 0x0C, fit32(free_blocks_total));
-    w32(&mut sb, 0x10, fit32(free_inodes_total));
-    w32(&mut sb, 0x18, 2);
-    w32(&mut sb, 0x1C, 2);
-    w32(&mut sb, 0x20, fit32(BLOCKS_PER_GROUP));
-    w32(&mut sb, 0x24, fit32(BLOCKS_PER_GROUP));
-    w32(&mut sb, 0x28, fit32(geo.ipg));
-    w32(&mut sb, 0x30, time32(ids.time));
-    w16(&mut sb, 0x36, 0xFFFF);
-    w16(&mut sb, 0x38, 0xEF53);
-    w16(&mut sb, 0x3A, 1);
-    w16(&mut sb, 0x3C, 1);
-    w32(&mut sb, 0x40, time32(ids.time));
-    w32(&mut sb, 0x4C, 1);
-    w32(&mut sb, 0x54, 11);
-    w16(&mut sb, 0x58, fit16(INODE_SIZE));
-    let compat = 0x8 | 0x20 | if geo.journal > 0 { 0x4 } else { 0 };
-    w32(&mut sb, 0x5C, compat);
-    w32(&mut sb, 0x60, 0x2 | 0x40 | 0x200);
-    w32(&mut sb, 0x64, 0x1 | 0x2 | 0x8 | 0x20 | 0x40 | 0x400);
-    sb[0x68..0x78].copy_from_slice(&ids.uuid);
-    sb[0x78..0x78 + opts.label.len()].copy_from_slice(&opts.label);
-    if geo.journal > 0 {
-        w32(&mut sb, 0xE0, JOURNAL_INO);
-        sb[0xFD] = 1;
-        sb[0x10C..0x10C + 60].copy_from_slice(&journal_iblock);
-        w32(&mut sb, 0x10C + 60 + 4, fit32(geo.journal * BLOCK as u64));
-    }
-    sb[0xEC..0xFC].copy_from_slice(&ids.hash_seed);
-    sb[0xFC] = 1;
-    w32(&mut sb, 0x100, 0x0C);
-    w32(&mut sb, 0x108, time32(ids.time));
-    w16(&mut sb, 0x15C, 32);
-    w16(&mut sb, 0x15E, 32);
-    w32(&mut sb, 0x160, 1);
-    sb[0x174] = 4;
-    sb[0x175] = 1;
     let write_sb = |group: u64| -> Result<(), WriteError> {
         let mut s = sb.clone();
         w16(&mut s, 0x5A, lo16(group));

@@ -199,8 +199,7 @@ impl GuestSpec {
 }
 
 fn is_tty(fd: RawFd) -> bool {
-    // SAFETY: isatty on any integer is safe.
-    unsafe { libc::isatty(fd) == 1 }
+    nix::unistd::isatty(fd).unwrap_or(false)
 }
 
 fn winsize(fd: RawFd) -> Option<(u16, u16)> {
@@ -569,13 +568,10 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let (err_r, err_w) = cloexec_pipe()?;
     let mut stdin_w = None;
     let stdin_for_uml: OwnedFd = if interactive {
-        // SAFETY: F_DUPFD_CLOEXEC of our stdin; the new fd is owned here.
-        let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
-        if fd < 0 {
-            return Err(Error::sys("dup stdin", io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        unsafe { OwnedFd::from_raw_fd(fd) }
+        // F_DUPFD_CLOEXEC at 3 or above.
+        std::os::fd::AsFd::as_fd(&io::stdin())
+            .try_clone_to_owned()
+            .map_err(|e| Error::sys("dup stdin", e))?
     } else {
         let (r, w) = cloexec_pipe()?;
         stdin_w = Some(w);
