@@ -40,10 +40,18 @@ pub enum BootRoot {
     /// umlctl's init from it, which then switches to the image on
     /// `/dev/ubda`. hostfs is unusable ([`NO_HOST_FILES`]).
     InitDisk { index: usize },
+    /// The read-only init disk `file` in the last ubd slot ([`LAST_UBD`],
+    /// `/dev/ubdp`), outside `disks`, so that the guest's own disks keep
+    /// their names and the slots after them stay free for hot-plugging
+    /// (`start`).
+    InitDiskLast { file: PathBuf },
     /// The first disk (`/dev/ubda`) as root, read-write. hostfs is unusable
     /// ([`NO_HOST_FILES`]).
     Disk { fstype: String },
 }
+
+/// The last ubd slot UML has (it supports 16).
+pub const LAST_UBD: usize = 15;
 
 /// The `hostfs=` prefix for guests that must not reach host files: a path
 /// below a character device, which cannot exist and cannot be created, so
@@ -84,7 +92,10 @@ pub struct BootPlan {
     /// up, and panics.
     pub notify: Option<PathBuf>,
     pub disks: Vec<Disk>,
-    /// Console 0 (the kernel console): input, output.
+    /// The kernel console (`ttyN`, UML's `conN`): its line, input, output.
+    /// `run` uses line 0; `start` line 1, where the gettys of systemd,
+    /// sysvinit and busybox images look for a terminal.
+    pub console_line: u32,
     pub console: (Chan, Chan),
     /// Serial lines: (line number, input, output). The others exist but
     /// are connected to nothing.
@@ -258,6 +269,19 @@ impl BootPlan {
                 a.push("rootfstype=ext4".into());
                 a.push("ro".into());
             }
+            BootRoot::InitDiskLast { file } => {
+                if self.disks.len() > LAST_UBD {
+                    return Err(Error::Usage(format!(
+                        "{} disks given; with umlctl's init disk UML takes at most {LAST_UBD}",
+                        self.disks.len()
+                    )));
+                }
+                a.push(format!("hostfs={NO_HOST_FILES}"));
+                a.push(format!("root={}", ubd_device(LAST_UBD)));
+                a.push("rootfstype=ext4".into());
+                a.push("ro".into());
+                a.push(format!("ubd{LAST_UBD}r={}", check_path("init disk", file)?));
+            }
             BootRoot::Disk { fstype } => {
                 if self.disks.is_empty() {
                     return Err(Error::Usage("a disk root needs at least one disk".into()));
@@ -283,7 +307,8 @@ impl BootPlan {
         }
         a.push("con=null".into());
         a.push(format!(
-            "con0={},{}",
+            "con{}={},{}",
+            self.console_line,
             self.console.0.spec(),
             self.console.1.spec()
         ));
@@ -294,7 +319,7 @@ impl BootPlan {
         for (n, nic) in self.nics.iter().enumerate() {
             a.push(nic.arg(n)?);
         }
-        a.push("console=tty0".into());
+        a.push(format!("console=tty{}", self.console_line));
         a.push("noreboot".into());
         for (k, v) in &self.init_env {
             let ok = |s: &str| {
@@ -404,6 +429,7 @@ mod tests {
             init: Some("/usr/bin/umlctl".into()),
             notify: None,
             disks: vec![],
+            console_line: 0,
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
             init_env: vec![],

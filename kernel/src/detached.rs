@@ -202,19 +202,31 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         .collect();
     let notify_sock =
         UnixDatagram::bind(layout.notify()).map_err(|e| Error::io("bind", layout.notify(), e))?;
+    // umlctl's init boots first, from its read-only disk after the user's,
+    // sets the guest up and execs the image's init (init/boot.rs).
+    let initroot = crate::initroot::prepare(&crate::initroot::current_exe()?)?;
+    let mut init_env = vec![
+        (crate::init::BOOT_ENV.to_string(), "/dev/ubda".to_string()),
+        (crate::init::HOSTNAME_ENV.to_string(), name.clone()),
+    ];
+    if let Some(i) = &spec.init {
+        init_env.push((crate::init::INIT_ENV.to_string(), check_init(i)?));
+    }
+    init_env.extend(net_env(&network));
     let plan = BootPlan {
         mem_bytes: spec.mem_bytes,
         umid: name.clone(),
         uml_dir: layout.uml_parent(),
-        root: BootRoot::Disk {
-            fstype: "ext4".into(),
+        root: BootRoot::InitDiskLast {
+            file: initroot.disk.clone(),
         },
-        init: spec.init.clone(),
+        init: Some(initroot.init.clone()),
         notify: Some(layout.notify()),
         disks,
+        console_line: 1,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines: vec![],
-        init_env: net_env(&network),
+        init_env,
         nics: network.nics.clone(),
     };
     let args = plan.to_args()?;
@@ -226,6 +238,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let mut jail = prep.jail(JailRoot::Empty, spec.mem_bytes, spec.jail);
     if let Some(j) = jail.as_mut() {
         crate::run::bind_disks(j, &plan.disks, std::slice::from_ref(&image))?;
+        j.bind(Bind::ro(&initroot.disk));
         crate::jail::hand_over(j, &layout.uml_parent())?;
         crate::jail::hand_over(j, &layout.notify())?;
         if spec.overlay.is_none() {
@@ -309,16 +322,16 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     };
     instance::save(&layout, &record)?;
 
-    // Wait for the mconsole to come up and init to start (the kernel logs
-    // "Run <init> as init process"), then a moment more, so that a panic
-    // right at init (a missing or broken init) is reported here, not
-    // discovered later. A panic notification or UML's exit is a failure.
+    // Wait for the mconsole to come up and the image's init to start
+    // (umlctl's init logs STARTING_MARK once the guest is set up and the
+    // image's init exists), then a moment more, so that a broken init is
+    // reported here, not discovered later. A panic notification or UML's exit is a failure.
     let deadline = Instant::now() + spec.boot_timeout;
     let _ = notify_sock.set_read_timeout(Some(Duration::from_millis(10)));
     let mut buf = [0u8; 16 + mconsole::MAX_DATA];
     let mut mconsole_up = false;
     let mut settled_at: Option<Instant> = None;
-    let mut init_seen = LogSearch::new(b" as init process");
+    let mut init_seen = LogSearch::new(crate::init::STARTING_MARK.as_bytes());
     let failure: Option<String> = loop {
         if let Ok(Some(st)) = child.try_wait() {
             break Some(format!("the guest kernel exited during boot ({st})"));
@@ -372,6 +385,19 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
 /// `_MTU`, `_MAC` and, when netd gives name servers, `_DNS` (comma
 /// separated), passed on the kernel command line (which hands unknown
 /// `K=V` parameters to init as its environment).
+/// `--init` as the kernel command line can carry it to umlctl's init.
+fn check_init(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .filter(|s| s.starts_with('/') && s.chars().all(|c| c.is_ascii_graphic() && c != '"'));
+    s.map(str::to_string).ok_or_else(|| {
+        Error::Usage(format!(
+            "--init {}: give an absolute path inside the image, without spaces or quotes",
+            p.display()
+        ))
+    })
+}
+
 fn net_env(net: &crate::run::Network) -> Vec<(String, String)> {
     let mut env = Vec::new();
     for (i, (n, nic)) in net.specs.iter().zip(&net.nics).enumerate() {

@@ -11,6 +11,9 @@
 //! init itself cannot go on it reports `error ...` and powers off, so the
 //! host always learns what happened.
 
+mod boot;
+pub(crate) use boot::{BOOT_ENV, HOSTNAME_ENV, INIT_ENV, STARTING_MARK};
+
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -193,7 +196,9 @@ fn setup_host_root(tmpfs: &[String], binds: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn setup_image_root(device: &str) -> Result<(), String> {
+/// Mount the image on `device` and make it the root, the init disk (or
+/// the host filesystem) detached beneath it.
+fn mount_image(device: &str) -> Result<(), String> {
     const NEWROOT: &str = "/newroot";
     let mut last = String::new();
     let mut mounted = false;
@@ -222,7 +227,11 @@ fn setup_image_root(device: &str) -> Result<(), String> {
     // The old root (the host filesystem and its /dev) is now stacked on
     // "."; detach it, so nothing of the host stays reachable.
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach the host filesystem: {e}"))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+fn setup_image_root(device: &str) -> Result<(), String> {
+    mount_image(device)?;
     mount_dev("")?;
     mount_pseudo("")?;
     for t in ["/run", "/tmp"] {
@@ -572,6 +581,10 @@ pub fn main() -> ! {
         if !Path::new("/dev/ttyS0").exists() {
             g.fail(format!("{e}; the kernel needs CONFIG_DEVTMPFS"));
         }
+    }
+    // `start`: boot the image's own init after setting the guest up.
+    if let Some(device) = std::env::var_os(boot::BOOT_ENV) {
+        boot::main(&device.to_string_lossy());
     }
     match open_tty(STATUS_LINE, false, true) {
         Ok(f) => {

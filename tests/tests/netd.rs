@@ -1130,8 +1130,9 @@ fn answers(ns: &Netns, addr: &str) -> bool {
 }
 
 /// `start --net`: a detached guest's tap lives exactly as long as its UML
-/// (UML holds the netd connection; no umlctl stays behind), and the image's
-/// own init configures the lease from the UMLCTL_NET0_* variables.
+/// (UML holds the netd connection; no umlctl stays behind), and the guest
+/// has its lease (address, route, name server, hostname) before the image's
+/// own init runs: that init configures nothing, it only looks.
 #[test]
 fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
     let d = Netd::start("start");
@@ -1141,7 +1142,9 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for t in ["sh", "ip", "sleep", "mount", "echo", "cat"] {
+    for t in [
+        "sh", "ip", "sleep", "mount", "echo", "cat", "grep", "hostname",
+    ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
     }
     let init = root.join("sbin/netinit");
@@ -1149,10 +1152,11 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
         &init,
         "#!/bin/sh\n\
          mount -t proc proc /proc\n\
-         ip addr add \"$UMLCTL_NET0_ADDRESS\" dev \"$UMLCTL_NET0_DEVICE\"\n\
-         ip link set \"$UMLCTL_NET0_DEVICE\" mtu \"$UMLCTL_NET0_MTU\" up\n\
-         ip route add default via \"$UMLCTL_NET0_GATEWAY\"\n\
-         echo \"net-configured $UMLCTL_NET0_ADDRESS mac $UMLCTL_NET0_MAC dns $UMLCTL_NET0_DNS\"\n\
+         a=$(ip -4 -o addr show dev \"$UMLCTL_NET0_DEVICE\" | grep -o 'inet [0-9./]*')\n\
+         r=$(ip route | grep -o 'default via [0-9.]*')\n\
+         n=$(grep -o 'nameserver [0-9.]*' /etc/resolv.conf)\n\
+         m=$(ip -o link show dev \"$UMLCTL_NET0_DEVICE\" | grep -o 'mtu [0-9]*')\n\
+         echo \"guest-sees $a $r $n $m host $(hostname) env $UMLCTL_NET0_ADDRESS mac $UMLCTL_NET0_MAC dns $UMLCTL_NET0_DNS\"\n\
          while :; do sleep 1000; done\n",
     )
     .unwrap();
@@ -1242,17 +1246,18 @@ fn a_detached_guest_on_a_bridge_answers_and_its_tap_goes_with_it() {
     let addr = nic_address(&g);
     wait_until(
         || {
-            String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout)
-                .contains(&format!("net-configured {addr}/24 mac 02:"))
+            String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout).contains(&format!(
+                "guest-sees inet {addr}/24 default via 10.99.0.1 nameserver 10.99.0.1 mtu "
+            ))
         },
-        "the guest's init configured its lease",
+        "the guest had its lease before the image's init ran",
         &d,
     );
     let logs = String::from_utf8_lossy(&umlctl(&["logs", "netg"]).stdout).into_owned();
     assert!(
         logs.lines()
-            .any(|l| l.contains("net-configured") && l.ends_with(" dns 10.99.0.1")),
-        "the bridge's name server in UMLCTL_NET0_DNS:\n{logs}"
+            .any(|l| l.contains(&format!(" host netg env {addr}/24 mac 02:")) && l.ends_with(" dns 10.99.0.1")),
+        "the hostname is the guest's name, and UMLCTL_NET0_* stay in the image init's environment:\n{logs}"
     );
     // umlctl start has exited; the guest answers from the bridge's host side.
     assert!(

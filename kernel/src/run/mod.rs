@@ -392,6 +392,7 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
         init: Some(f.init),
         notify: None,
         disks: f.disks,
+        console_line: 0,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines,
         init_env: if f.trace {
