@@ -16,10 +16,12 @@ cd "$(dirname "$0")/.."
 # nix-bin: nix-instantiate parses and evaluates flake.nix and nix/*.nix;
 # xfsprogs: a reflink filesystem (loop-mounted) for cow merge's clone path;
 # nftables: `nft` is the oracle for the NAT table netd writes over netlink;
-# zstd: a tar.zst source on standard input.
+# zstd: a tar.zst source on standard input;
+# mmdebstrap: a stock Debian image for the distribution-guest tests (built once
+# per machine, cached in /var/tmp/umlctl-test-images).
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
   attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
-  nftables zstd
+  nftables zstd mmdebstrap
 ensure_cargo
 ensure_clippy
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.

@@ -366,3 +366,57 @@ pub fn tun_node(mode: u32) -> String {
 /// Setup for [`with_private_mounts`]: /dev/shm is a fresh tmpfs mounted
 /// noexec, as Docker gives containers.
 pub const NOEXEC_SHM: &str = "mount -t tmpfs -o noexec,nosuid,nodev umlctl-test-shm /dev/shm";
+
+/// The packages of the stock Debian image (on top of mmdebstrap's minbase).
+pub const DEBIAN_PACKAGES: &str = "systemd-sysv,udev,iproute2,openssh-server";
+
+/// A stock Debian bookworm root (`mmdebstrap --variant=minbase` with
+/// [`DEBIAN_PACKAGES`], unchanged) as an ext4 image made by `umlctl image
+/// build -` from mmdebstrap's tar on a pipe. Built once per machine (about a
+/// minute) and cached beside the test kernels in `/var/tmp/umlctl-test-images`
+/// (`$UMLCTL_TEST_IMAGE_CACHE` moves it), under a lock so that parallel test
+/// binaries build it once; atomically, so a failed build leaves nothing.
+pub fn debian_image() -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::var_os("UMLCTL_TEST_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/umlctl-test-images"));
+    fs::create_dir_all(&dir).unwrap();
+    let key = DEBIAN_PACKAGES.replace(',', "+");
+    let img = dir.join(format!("bookworm-minbase+{key}-v1.ext4"));
+    let lock = fs::File::create(dir.join(".lock")).unwrap();
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    if img.exists() {
+        return img;
+    }
+    assert!(
+        Command::new("sh")
+            .args(["-c", "command -v mmdebstrap"])
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "mmdebstrap is missing: apt-get install mmdebstrap (scripts/test.sh does)"
+    );
+    let tmp = dir.join(format!(".build-{}.ext4", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; mmdebstrap --quiet --variant=minbase --include={DEBIAN_PACKAGES} bookworm - | '{}' image build -o '{}' -",
+            umlctl_bin().display(),
+            tmp.display()
+        ))
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let _ = fs::remove_file(&tmp);
+        panic!(
+            "building the Debian test image failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fs::rename(&tmp, &img).unwrap();
+    img
+}
