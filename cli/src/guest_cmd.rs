@@ -86,6 +86,34 @@ pub struct ConsoleArgs {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Exit status: CMD's own (0-255; 128+N if CMD died of signal N), or 125 umlctl failure (no such guest, not running, no free exec slot, the guest stopped), 126 CMD not executable, 127 CMD not found.\n\n\
+Examples:\n  umlctl exec web -- systemctl is-system-running\n  umlctl exec -it web -- bash\n  \
+tar c site | umlctl exec -i web -- tar x -C /srv"
+)]
+pub struct ExecArgs {
+    name: String,
+    /// Pass stdin to CMD (otherwise its stdin is /dev/null).
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Give CMD a pseudo-terminal (with -i: an interactive shell; Ctrl-C is a key).
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Set an environment variable for CMD (KEY=VALUE, or KEY to pass the host's value). Repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY[=VALUE]")]
+    env: Vec<String>,
+    /// CMD's working directory in the guest (default /).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run CMD as this user of the guest (name or uid; default root).
+    #[arg(long, short = 'u', value_name = "USER")]
+    user: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
 pub struct LogsArgs {
     name: String,
     /// Keep following the log until the guest stops.
@@ -273,6 +301,38 @@ pub fn stop(a: StopArgs) -> u8 {
             println!("{}: {how}", a.name);
             0
         }
+        Err(e) => fail(e),
+    }
+}
+
+pub fn exec(a: ExecArgs) -> u8 {
+    let mut env = Vec::new();
+    for kv in a.env {
+        let (k, v) = match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => match std::env::var(&kv) {
+                Ok(v) => (kv, v),
+                Err(_) => continue,
+            },
+        };
+        if k.is_empty() || k.contains('\0') || v.contains('\0') {
+            return fail(format!("--env {k:?}: invalid name or value"));
+        }
+        env.push((k, v));
+    }
+    let spec = umlctl_kernel::execproto::ExecSpec {
+        argv: a.command,
+        env,
+        cwd: a.workdir,
+        user: a.user,
+        tty: a.tty,
+        rows: 0,
+        cols: 0,
+        term: std::env::var("TERM").ok(),
+        stdin: a.interactive,
+    };
+    match umlctl_kernel::exec::exec(&a.name, &spec) {
+        Ok(code) => u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX),
         Err(e) => fail(e),
     }
 }

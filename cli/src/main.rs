@@ -52,6 +52,8 @@ enum Cmd {
     Stop(guest_cmd::StopArgs),
     /// Attach the terminal to a guest's console.
     Console(guest_cmd::ConsoleArgs),
+    /// Run a command in a running guest (stdout, stderr and exit status passed through; -t for a terminal).
+    Exec(guest_cmd::ExecArgs),
     /// Print a guest's console log.
     Logs(guest_cmd::LogsArgs),
     /// Send a command to a guest's management console (mconsole).
@@ -118,6 +120,7 @@ fn main() -> ExitCode {
         Cmd::Ps(a) => guest_cmd::ps(a),
         Cmd::Stop(a) => guest_cmd::stop(a),
         Cmd::Console(a) => guest_cmd::console(a),
+        Cmd::Exec(a) => guest_cmd::exec(a),
         Cmd::Logs(a) => guest_cmd::logs(a),
         Cmd::Ctl(a) => guest_cmd::ctl(a),
         Cmd::Gc => guest_cmd::gc(),

@@ -165,6 +165,12 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         nix::sys::stat::Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| Error::io("mkfifo", layout.console_in(), crate::error::errno(e)))?;
+    for i in 0..crate::execproto::SLOTS {
+        for p in [layout.exec_in(i), layout.exec_out(i)] {
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(|e| Error::io("mkfifo", &p, crate::error::errno(e)))?;
+        }
+    }
     // A persistent overlay this start creates goes again if the start fails.
     cleanup.1 = spec
         .overlay
@@ -212,6 +218,26 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     if let Some(i) = &spec.init {
         init_env.push((crate::init::INIT_ENV.to_string(), check_init(i)?));
     }
+    // Exec slots: serial line FIRST_LINE + i reads FIFO exec<i>.in and
+    // writes exec<i>.out, both held open read-write by UML (so neither
+    // side ever sees EOF while the guest runs); `umlctl exec` takes a slot.
+    use crate::execproto::{FIRST_FD, FIRST_LINE, SLOTS};
+    let mut exec_lines = Vec::new();
+    let mut exec_fifos = Vec::new();
+    for i in 0..SLOTS {
+        let fd = FIRST_FD + 2 * crate::num::small_i32(i as usize);
+        exec_lines.push((FIRST_LINE + i, Chan::Fd(fd), Chan::Fd(fd + 1)));
+        for (p, n) in [(layout.exec_in(i), fd), (layout.exec_out(i), fd + 1)] {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(|e| Error::io("open", &p, e))?;
+            exec_fifos.push((f, n));
+        }
+    }
+    let lines_list: Vec<String> = exec_lines.iter().map(|l| l.0.to_string()).collect();
+    init_env.push((crate::init::EXEC_ENV.to_string(), lines_list.join(",")));
     init_env.extend(net_env(&network));
     let plan = BootPlan {
         mem_bytes: spec.mem_bytes,
@@ -225,7 +251,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         disks,
         console_line: 1,
         console: (Chan::Fd(0), Chan::Fd(1)),
-        lines: vec![],
+        lines: exec_lines,
         init_env,
         nics: network.nics.clone(),
     };
@@ -276,6 +302,9 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         (log.as_raw_fd(), 1),
         (log.as_raw_fd(), 2),
     ];
+    for (f, n) in &exec_fifos {
+        fds.push((f.as_raw_fd(), *n));
+    }
     // The netd connection at fd 7, the tap descriptors from fd 8.
     if let Some(k) = &keepalive {
         fds.push((k.as_raw_fd(), crate::run::FIRST_TAP_FD - 1));
@@ -298,7 +327,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         die_with_parent: false,
     };
     let mut child = crate::run::launch(jail.as_ref(), &launch, false)?;
-    drop((console_in, log));
+    drop((console_in, log, exec_fifos));
     let pid = child.pid.as_raw();
     let pid_start = instance::process_start(pid).unwrap_or(0);
     let jail_pid = child.jail_pid.map(|p| p.as_raw());

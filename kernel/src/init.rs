@@ -11,8 +11,9 @@
 //! init itself cannot go on it reports `error ...` and powers off, so the
 //! host always learns what happened.
 
+mod agent;
 mod boot;
-pub(crate) use boot::{BOOT_ENV, HOSTNAME_ENV, INIT_ENV, STARTING_MARK};
+pub(crate) use boot::{BOOT_ENV, EXEC_ENV, HOSTNAME_ENV, INIT_ENV, STARTING_MARK};
 
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};

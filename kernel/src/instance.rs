@@ -132,6 +132,17 @@ impl Layout {
     pub fn console_in(&self) -> PathBuf {
         self.state.join("console.in")
     }
+    /// Exec slot `i`: the FIFO UML reads (host to guest), the one it writes
+    /// (guest to host), and the lock an `exec` holds while it uses them.
+    pub fn exec_in(&self, i: u32) -> PathBuf {
+        self.state.join(format!("exec{i}.in"))
+    }
+    pub fn exec_out(&self, i: u32) -> PathBuf {
+        self.state.join(format!("exec{i}.out"))
+    }
+    pub fn exec_lock(&self, i: u32) -> PathBuf {
+        self.state.join(format!("exec{i}.lock"))
+    }
     pub fn mconsole(&self) -> PathBuf {
         self.uml_instance.join("mconsole")
     }

@@ -24,6 +24,8 @@ pub mod cache;
 pub mod cmdline;
 pub mod detached;
 pub mod error;
+pub mod exec;
+pub mod execproto;
 pub mod exit;
 pub(crate) mod guestnet;
 pub mod init;

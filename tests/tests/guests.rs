@@ -76,6 +76,7 @@ fn guest_image(dir: &Path) -> PathBuf {
         .expect("/bin/busybox: apt-get install busybox-static");
     for t in [
         "sh", "ls", "cat", "echo", "mount", "umount", "sleep", "sync", "poweroff", "mkdir", "true",
+        "pwd", "grep", "cut", "wc", "tty", "stty", "kill",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
     }
@@ -431,4 +432,139 @@ fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
         "the overlay this failed start created was left behind"
     );
     assert!(processes_mentioning("umid=bad ").is_empty());
+}
+
+/// `exec` needs nothing in the image (the test image has no agent, no
+/// sshd): exit codes, stdout and stderr kept apart, stdin byte-exact in
+/// both directions, a terminal with the host's size, several at once (more
+/// than there are slots: the rest wait), a stopped guest refused.
+#[test]
+fn exec_runs_commands_in_a_running_guest() {
+    let env = Env::new();
+    let img = guest_image(env.dir.path());
+    let k = kernel();
+    env.ok(&[
+        "start",
+        "--name",
+        "ex",
+        "--image",
+        s(&img),
+        "--mem",
+        "64M",
+        "--kernel",
+        s(&k),
+    ]);
+    let exec = |args: &[&str]| {
+        let mut a = vec!["exec", "ex"];
+        a.extend_from_slice(args);
+        env.umlctl(&a)
+    };
+    // The hostname is the guest's name, set before the image's init.
+    let o = exec(&["--", "cat", "/proc/sys/kernel/hostname"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ex\n");
+    assert_eq!(o.status.code(), Some(0));
+    let o = exec(&["--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err\n");
+    let o = exec(&["--", "no-such-command"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-command: command not found"));
+    let o = exec(&["--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(o.status.code(), Some(128 + 9));
+    // -e, -w and -u.
+    let o = exec(&[
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "-u",
+        "65534",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\" $(pwd) $(cat /proc/self/status | grep ^Uid | cut -f2)",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi there /tmp 65534\n");
+    let o = exec(&["-w", "/nonexistent", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    // stdin, byte-exact (every byte value, more than the flow-control
+    // window many times over); without -i the command's stdin is empty.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let mut c = env.cmd(&["exec", "-i", "ex", "--", "cat"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut w = child.stdin.take().unwrap();
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&d2).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout == data,
+        "stdin came back changed ({} bytes)",
+        out.stdout.len()
+    );
+    let o = exec(&["--", "wc", "-c"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0");
+    // A terminal (script(1) gives exec one): the command sees a tty of the
+    // host's size.
+    let cmd = format!(
+        "stty rows 33 cols 111; UMLCTL_UML_DIR='{}' UMLCTL_CACHE_DIR='{}' '{}' exec -t ex -- sh -c 'tty; stty size'",
+        env.uml_dir().display(),
+        cache_dir().display(),
+        umlctl_bin().display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("/dev/pts/") && text.contains("33 111"),
+        "{text:?}"
+    );
+    // Six at once on four slots: all finish, each with its own output.
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let mut c = env.cmd(&[
+                "exec",
+                "ex",
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep 1; echo n{i}"),
+            ]);
+            c.stdout(Stdio::piped());
+            (i, c.spawn().unwrap())
+        })
+        .collect();
+    for (i, h) in handles {
+        let o = h.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), format!("n{i}\n"));
+    }
+    // The agent killed under a running command (its parent): the exec
+    // says so instead of waiting forever.
+    let o = exec(&["--", "sh", "-c", "kill -9 $PPID; sleep 100"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("exec agent stopped answering"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    env.ok(&["stop", "ex"]);
+    let o = exec(&["--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not running"));
+    let o = env.umlctl(&["exec", "nosuch", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no guest named"));
 }

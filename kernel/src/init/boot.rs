@@ -22,6 +22,9 @@ pub(crate) const BOOT_ENV: &str = "UMLCTL_BOOT";
 pub(crate) const INIT_ENV: &str = "UMLCTL_BOOT_INIT";
 /// The guest's hostname.
 pub(crate) const HOSTNAME_ENV: &str = "UMLCTL_HOSTNAME";
+/// The serial lines of the exec slots (`1,2,3,4`): the exec agent serves
+/// them.
+pub(crate) const EXEC_ENV: &str = "UMLCTL_EXEC_LINES";
 
 /// What the console shows just before the image's init is exec'd (after
 /// the init exists and is executable); `start` waits for it.
@@ -38,11 +41,19 @@ pub(super) fn main(device: &str) -> ! {
         super::console(&e);
         super::power_off(crate::exit::FAILURE);
     }
+    if let Some(lines) = lookup(&env, EXEC_ENV) {
+        let lines: Vec<u32> = lines.split(',').filter_map(|n| n.parse().ok()).collect();
+        super::agent::spawn(lines);
+    }
     let chosen = lookup(&env, INIT_ENV).filter(|s| !s.is_empty());
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let kept: Vec<CString> = env
         .iter()
-        .filter(|(k, _)| ![BOOT_ENV, INIT_ENV, HOSTNAME_ENV].iter().any(|o| k == *o))
+        .filter(|(k, _)| {
+            ![BOOT_ENV, INIT_ENV, HOSTNAME_ENV, EXEC_ENV]
+                .iter()
+                .any(|o| k == *o)
+        })
         .filter_map(|(k, v)| {
             let mut kv = k.as_bytes().to_vec();
             kv.push(b'=');

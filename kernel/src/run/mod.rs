@@ -40,7 +40,7 @@ use crate::xstate::{self, HostXstate};
 
 mod launch;
 mod outcome;
-mod relay;
+pub(crate) mod relay;
 mod supervise;
 
 pub use launch::*;
@@ -202,7 +202,7 @@ fn is_tty(fd: RawFd) -> bool {
     nix::unistd::isatty(fd).unwrap_or(false)
 }
 
-fn winsize(fd: RawFd) -> Option<(u16, u16)> {
+pub(crate) fn winsize(fd: RawFd) -> Option<(u16, u16)> {
     // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
     unsafe {
         let mut ws: libc::winsize = std::mem::zeroed();

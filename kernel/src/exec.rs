@@ -1,0 +1,381 @@
+//! `umlctl exec`: run a command in a running detached guest, with stdout,
+//! stderr and the exit status passed through (the same codes as `run`), an
+//! optional pseudo-terminal (`-t`) and stdin (`-i`). It needs nothing in
+//! the image: the guest's exec agent (forked by umlctl's init before the
+//! image's init) serves one UML serial line per slot, and `start` gave UML
+//! a FIFO pair per slot. An exec takes a free slot (a lock file), starts a
+//! session with a fresh nonce (whatever an earlier, killed exec left on the
+//! line is skipped), and speaks [`crate::execproto`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::error::{Error, Result};
+use crate::execproto::{self as proto, kind, Ended, ExecSpec, SLOTS};
+use crate::instance::{self, State};
+use crate::run::relay::Credits;
+
+/// How long the agent may take to answer a new session.
+const ANSWER: Duration = Duration::from_secs(10);
+
+/// Run `spec` in guest `name`; the exit code to leave with. With a
+/// terminal, its size is the host terminal's (stdin's).
+pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
+    let mut spec = spec.clone();
+    if spec.tty && spec.rows == 0 {
+        if let Some((rows, cols)) = crate::run::winsize(0) {
+            spec.rows = rows;
+            spec.cols = cols;
+        }
+    }
+    let spec = &spec;
+    if spec.argv.is_empty() {
+        return Err(Error::Usage("exec needs a command after --".into()));
+    }
+    if spec.argv.iter().any(|a| a.contains('\0')) {
+        return Err(Error::Usage("the command contains a NUL byte".into()));
+    }
+    let g = instance::load(name)?;
+    if g.state() != State::Running {
+        return Err(Error::Usage(format!(
+            "guest {name} is not running (see `umlctl ps --all`)"
+        )));
+    }
+    let layout = &g.layout;
+    if !layout.exec_in(0).exists() {
+        return Err(Error::Usage(format!(
+            "guest {name} has no exec slots (it was started by an older umlctl); restart it"
+        )));
+    }
+    // A free slot: its lock is held for as long as this exec runs.
+    // When all are busy, wait for one (chosen by pid, to spread waiters).
+    let open_lock = |i: u32| {
+        let p = layout.exec_lock(i);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| Error::io("open", &p, e))
+    };
+    let mut slot = None;
+    for i in 0..SLOTS {
+        if let Ok(l) = Flock::lock(open_lock(i)?, FlockArg::LockExclusiveNonblock) {
+            slot = Some((i, l));
+            break;
+        }
+    }
+    let (i, _lock) = match slot {
+        Some(s) => s,
+        None => {
+            let i = std::process::id() % SLOTS;
+            let l = Flock::lock(open_lock(i)?, FlockArg::LockExclusive)
+                .map_err(|(_, e)| Error::sys("wait for an exec slot", crate::error::errno(e)))?;
+            (i, l)
+        }
+    };
+    // UML holds both FIFOs open: no reader means no guest.
+    let to_guest = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(layout.exec_in(i))
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => Error::Usage(format!("guest {name} is not running")),
+            _ => Error::io("open", layout.exec_in(i), e),
+        })?;
+    set_blocking(&to_guest)?;
+    let mut from_guest = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(layout.exec_out(i))
+        .map_err(|e| Error::io("open", layout.exec_out(i), e))?;
+    // What an earlier exec on this slot left unread.
+    let mut buf = vec![0u8; 64 * 1024];
+    while matches!(from_guest.read(&mut buf), Ok(n) if n > 0) {}
+
+    let nonce = nonce();
+    let tx = Arc::new(Sender {
+        file: Mutex::new(to_guest),
+        sent: AtomicU64::new(0),
+    });
+    tx.send_uncounted(kind::HELLO, &nonce.to_le_bytes())?;
+    let spec_bytes = serde_json::to_vec(spec).map_err(|e| Error::Usage(e.to_string()))?;
+    tx.send(kind::SPEC, &spec_bytes)?;
+
+    let mut dec = proto::Decoder::default();
+    let ready = proto::encode(kind::READY, &nonce.to_le_bytes());
+    let deadline = Instant::now() + ANSWER;
+    loop {
+        if dec.seek(&ready) {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Usage(format!(
+                "guest {name}'s exec agent did not answer on slot {i} within {} s (is it still booting, or was it started with another init than umlctl's?)",
+                ANSWER.as_secs()
+            )));
+        }
+        match read_some(&mut from_guest, &mut buf, left)? {
+            Some(0) => return Err(gone(name)),
+            Some(n) => dec.push(&buf[..n]),
+            None => {}
+        }
+    }
+    // The READY frame itself.
+    let _ = dec.next_frame();
+
+    let credits = Arc::new(Credits::default());
+    let _term = if spec.tty {
+        crate::terminal::TermGuard::raw(0)
+    } else {
+        None
+    };
+    if spec.stdin {
+        let tx = Arc::clone(&tx);
+        let credits = Arc::clone(&credits);
+        std::thread::spawn(move || copy_stdin(&tx, &credits));
+    }
+    forward_signals(spec.tty, Arc::clone(&tx))?;
+
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let mut heard = Instant::now();
+    loop {
+        loop {
+            let f = match dec.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Error::Usage(format!(
+                        "guest {name} sent a bad exec frame: {e}"
+                    )))
+                }
+            };
+            match f.kind {
+                kind::CREDIT => {
+                    if let Ok(c) = proto::credit(&f.payload) {
+                        credits.grant(c);
+                    }
+                }
+                kind::STDOUT => {
+                    let _ = stdout.write_all(&f.payload);
+                    let _ = stdout.flush();
+                }
+                kind::STDERR => {
+                    let _ = stderr.write_all(&f.payload);
+                    let _ = stderr.flush();
+                }
+                kind::EXIT => {
+                    let ended = proto::ended(&f.payload).map_err(|e| {
+                        Error::Usage(format!("guest {name} sent a bad exit status: {e}"))
+                    })?;
+                    return Ok(match ended {
+                        Ended::Exited(c) => c,
+                        Ended::Signaled(s) => crate::exit::signaled(s),
+                    });
+                }
+                kind::ERROR => {
+                    let (code, msg) = proto::error(&f.payload)
+                        .map_err(|e| Error::Usage(format!("guest {name} sent a bad error: {e}")))?;
+                    drop(_term);
+                    eprintln!("umlctl: {msg}");
+                    return Ok(code.into());
+                }
+                _ => {}
+            }
+        }
+        match read_some(&mut from_guest, &mut buf, Duration::from_secs(1))? {
+            Some(0) => {
+                credits.close();
+                return Err(gone(name));
+            }
+            Some(n) => {
+                heard = Instant::now();
+                dec.push(&buf[..n]);
+            }
+            None => {
+                // UML holds the FIFO's write side: a quiet line is normal,
+                // a dead guest or agent (no heartbeat) is noticed here.
+                if g.state() != State::Running {
+                    credits.close();
+                    return Err(gone(name));
+                }
+                if heard.elapsed() > proto::ALIVE_TIMEOUT {
+                    credits.close();
+                    return Err(Error::Usage(format!(
+                        "guest {name}'s exec agent stopped answering (nothing for {} s); the command's fate is unknown",
+                        proto::ALIVE_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn gone(name: &str) -> Error {
+    Error::Usage(format!("guest {name} stopped while the command ran"))
+}
+
+fn set_blocking(f: &File) -> Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fl = fcntl(f.as_raw_fd(), FcntlArg::F_GETFL)
+        .map_err(|e| Error::sys("fcntl", crate::error::errno(e)))?;
+    let fl = OFlag::from_bits_truncate(fl) & !OFlag::O_NONBLOCK;
+    fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(fl))
+        .map_err(|e| Error::sys("fcntl", crate::error::errno(e)))?;
+    Ok(())
+}
+
+/// Read what is there within `wait`: `Some(0)` at EOF, `None` if nothing
+/// came.
+fn read_some(f: &mut File, buf: &mut [u8], wait: Duration) -> Result<Option<usize>> {
+    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(f.as_fd_ref(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(nix::errno::Errno::EINTR) => return Ok(None),
+        Err(e) => return Err(Error::sys("poll", crate::error::errno(e))),
+    }
+    match f.read(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(Error::sys("read from the guest's exec line", e)),
+    }
+}
+
+trait AsFdRef {
+    fn as_fd_ref(&self) -> std::os::fd::BorrowedFd<'_>;
+}
+
+impl AsFdRef for File {
+    fn as_fd_ref(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+/// The host end of a slot's input line; counts what it sends after HELLO
+/// (the agent credits the same bytes).
+struct Sender {
+    file: Mutex<File>,
+    sent: AtomicU64,
+}
+
+impl Sender {
+    fn send(&self, k: u8, payload: &[u8]) -> Result<()> {
+        let frame = proto::encode(k, payload);
+        let mut f = self
+            .file
+            .lock()
+            .map_err(|_| Error::Usage("exec line lock poisoned".into()))?;
+        f.write_all(&frame)
+            .map_err(|e| Error::sys("write to the guest's exec line", e))?;
+        self.sent.fetch_add(frame.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn send_uncounted(&self, k: u8, payload: &[u8]) -> Result<()> {
+        let mut f = self
+            .file
+            .lock()
+            .map_err(|_| Error::Usage("exec line lock poisoned".into()))?;
+        f.write_all(&proto::encode(k, payload))
+            .map_err(|e| Error::sys("write to the guest's exec line", e))
+    }
+}
+
+/// Copy the host's stdin to the command, within the window the agent's
+/// credits allow; then EOF.
+fn copy_stdin(tx: &Sender, credits: &Credits) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut off = 0;
+        while off < n {
+            let sent = tx.sent.load(Ordering::SeqCst);
+            let Some(room) = credits.room(sent) else {
+                return;
+            };
+            // The header counts against the window too.
+            let room = usize::try_from(room).unwrap_or(usize::MAX);
+            if room <= proto::HEADER {
+                // Wait for more credit.
+                let Some(_) = credits.room(sent + u64::try_from(room).unwrap_or(0)) else {
+                    return;
+                };
+                continue;
+            }
+            let k = (n - off).min(room - proto::HEADER);
+            if tx.send(kind::STDIN, &buf[off..off + k]).is_err() {
+                return;
+            }
+            off += k;
+        }
+    }
+    let _ = tx.send(kind::STDIN_EOF, &[]);
+}
+
+/// Ctrl-C and friends go to the command (its process group) without a
+/// terminal; with one they are keys and pass as data. A window size
+/// change reaches the command's terminal.
+fn forward_signals(tty: bool, tx: Arc<Sender>) -> Result<()> {
+    use signal_hook::consts::*;
+    let list: Vec<i32> = if tty {
+        vec![SIGWINCH, SIGTERM, SIGHUP]
+    } else {
+        vec![SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+    };
+    let mut sigs = signal_hook::iterator::Signals::new(&list)
+        .map_err(|e| Error::sys("install signal handlers", e))?;
+    if tty {
+        if let Some((rows, cols)) = crate::run::winsize(0) {
+            let _ = tx.send(kind::WINSIZE, &proto::winsize_payload(rows, cols));
+        }
+    }
+    std::thread::spawn(move || {
+        for s in sigs.forever() {
+            if s == SIGWINCH {
+                if let Some((rows, cols)) = crate::run::winsize(0) {
+                    let _ = tx.send(kind::WINSIZE, &proto::winsize_payload(rows, cols));
+                }
+            } else {
+                let _ = tx.send(kind::SIGNAL, &s.to_le_bytes());
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A session nonce: nothing an earlier session wrote can look like its
+/// READY.
+fn nonce() -> u64 {
+    let mut b = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() << 30 ^ u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
+        b = (u64::from(std::process::id()) ^ t).to_le_bytes();
+    }
+    u64::from_le_bytes(b)
+}
