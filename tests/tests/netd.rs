@@ -1796,6 +1796,86 @@ fn a_stock_debian_image_boots_to_a_login_with_its_network_and_sshd() {
         })
         .unwrap_or_else(|| panic!("sshd at {addr}:22 did not answer:\n{}", logs()));
     assert_eq!(banner, "SSH-2.0-");
+    // exec needs nothing in the image: systemd says the system runs and no
+    // unit failed.
+    let o = umlctl(&[
+        "exec",
+        "deb",
+        "--",
+        "systemctl",
+        "is-system-running",
+        "--wait",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "running",
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&umlctl(&["exec", "deb", "--", "systemctl", "--failed"]).stdout)
+    );
+    let o = umlctl(&[
+        "exec",
+        "deb",
+        "--",
+        "systemctl",
+        "--failed",
+        "--no-legend",
+        "--plain",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "",
+        "failed units"
+    );
+    let o = umlctl(&["exec", "deb", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    let o = umlctl(&[
+        "exec",
+        "deb",
+        "--",
+        "cat",
+        "/etc/resolv.conf",
+        "/etc/hostname",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("nameserver 10.99.0.1") && text.ends_with("deb\n"),
+        "{text}"
+    );
+    // A key placed through exec lets the host in over ssh at the lease.
+    let key = dir.path().join("id_ed25519");
+    let kg = sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f '{}'",
+        key.display()
+    ));
+    assert!(
+        kg.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&kg.stderr)
+    );
+    let pubkey = std::fs::read(key.with_extension("pub")).unwrap();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &d.ns.0])
+        .arg(umlctl_bin())
+        .args(["exec", "-i", "deb", "--", "sh", "-c",
+            "mkdir -p -m 700 /root/.ssh && cat > /root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys"])
+        .env("UMLCTL_UML_DIR", dir.path().join("uml"))
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdin(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&pubkey).unwrap();
+    assert!(child.wait().unwrap().success(), "placing the key");
+    let o = sh(&format!(
+        "ip netns exec {} ssh -i '{}' -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 root@{addr} 'echo in-as-$(id -un) on-$(hostname)'",
+        d.ns.0,
+        key.display()
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "in-as-root on-deb",
+        "ssh: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let t = Instant::now();
     let out = umlctl(&["stop", "deb"]);
     let said = assert_ok(&out, "stop");
