@@ -261,6 +261,44 @@ pub fn spec(p: &[u8]) -> Result<ExecSpec, FrameError> {
     Ok(s)
 }
 
+/// Everything a hostile peer's bytes can reach, for the fuzz target and
+/// its deterministic short version: the bytes as a stream cut at the
+/// places the first byte chooses, every frame through its typed parser.
+/// Panics only if an invariant breaks.
+#[doc(hidden)]
+pub fn exercise(data: &[u8]) {
+    let step = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let mut d = Decoder::default();
+    for chunk in data.chunks(step) {
+        d.push(chunk);
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => {
+                    assert!(f.payload.len() <= MAX_PAYLOAD);
+                    let p = &f.payload;
+                    let _ = (nonce(p), credit(p), signal(p), winsize(p), error(p));
+                    if let Ok(e) = ended(p) {
+                        assert_eq!(ended(&ended_payload(e)), Ok(e));
+                    }
+                    if let Ok(s) = spec(p) {
+                        let again = serde_json::to_vec(&s).map(|b| spec(&b));
+                        assert!(matches!(again, Ok(Ok(ref t)) if *t == s));
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    d = Decoder::default();
+                    break;
+                }
+            }
+        }
+        assert!(d.pending() < HEADER + MAX_PAYLOAD + step);
+    }
+    let mut d = Decoder::default();
+    d.push(data);
+    let _ = d.seek(&encode(kind::READY, &[1, 2, 3, 4, 5, 6, 7, 8]));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +347,39 @@ mod tests {
         assert_eq!(spec(&serde_json::to_vec(&s).unwrap()).unwrap(), s);
         assert_eq!(winsize(&winsize_payload(24, 80)).unwrap(), (24, 80));
         assert_eq!(error(&error_payload(127, "x: not found")).unwrap().0, 127);
+    }
+
+    /// The fuzz target's deterministic short version: seeds and 20,000
+    /// mutations of them.
+    #[test]
+    fn hostile_streams_never_panic() {
+        let mut seeds: Vec<Vec<u8>> = vec![
+            encode(kind::HELLO, &7u64.to_le_bytes()),
+            encode(kind::SPEC, br#"{"argv":["sh","-c","x"],"env":[["A","b"]],"cwd":null,"user":null,"tty":true,"rows":1,"cols":2,"term":null,"stdin":true}"#),
+            encode(kind::EXIT, &ended_payload(Ended::Exited(3))),
+            encode(kind::ERROR, &error_payload(127, "x")),
+            encode(kind::WINSIZE, &winsize_payload(3, 4)),
+        ];
+        let all: Vec<u8> = seeds.concat();
+        seeds.push(all);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for s in &seeds {
+            exercise(s);
+        }
+        for _ in 0..20_000 {
+            let mut s = seeds[usize::try_from(next() % 6).unwrap()].clone();
+            for _ in 0..1 + next() % 4 {
+                let i = usize::try_from(next() % s.len() as u64).unwrap();
+                s[i] = (next() & 0xff) as u8;
+            }
+            exercise(&s);
+        }
     }
 
     #[test]
