@@ -44,13 +44,24 @@ pub struct StartArgs {
     #[arg(long)]
     no_xstate_shim: bool,
     /// Connect the guest to this host bridge through netd (vec0, vec1, … in order). The tap
-    /// lives as long as the guest; the image's init configures the address from the
-    /// UMLCTL_NET<i>_* variables in its environment. Repeatable.
+    /// lives as long as the guest; umlctl's init configures address, route and name servers
+    /// before the image's init runs (which also gets them as UMLCTL_NET<i>_*). Repeatable.
     #[arg(long = "net", value_name = "BRIDGE")]
     nets: Vec<String>,
     /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
     #[arg(long, value_name = "PATH")]
     netd_socket: Option<PathBuf>,
+    /// The guest's hostname (default: its name).
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Return only when the guest is ready: `exec` (the exec channel answers; the default when
+    /// --wait has no value) or `tcp:PORT` (a port on its first address accepts). A guest not
+    /// ready in time is stopped and removed, with its console's last lines.
+    #[arg(long, value_name = "PROBE", num_args = 0..=1, default_missing_value = "exec")]
+    wait: Option<detached::Ready>,
+    /// Seconds --wait may take.
+    #[arg(long, value_name = "SECS", default_value = "120")]
+    wait_timeout: u64,
     #[command(flatten)]
     jail: crate::run_cmd::JailArgs,
 }
@@ -149,6 +160,7 @@ pub fn start(a: StartArgs) -> u8 {
     spec.init = a.init;
     spec.nets = a.nets;
     spec.netd_socket = a.netd_socket;
+    spec.hostname = a.hostname;
     spec.jail = a.jail.opts();
     spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
     spec.shim = if a.no_xstate_shim {
@@ -160,13 +172,18 @@ pub fn start(a: StartArgs) -> u8 {
         Ok(m) => m,
         Err(e) => return fail(e),
     };
-    match detached::start(&spec) {
-        Ok(g) => {
-            println!("{}", g.record.name);
-            0
+    let g = match detached::start(&spec) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    if let Some(probe) = &a.wait {
+        if let Err(e) = detached::wait_ready(&g, probe, Duration::from_secs(a.wait_timeout)) {
+            let _ = detached::stop(&g, Duration::from_secs(5), true, true);
+            return fail(e);
         }
-        Err(e) => fail(e),
     }
+    println!("{}", g.record.name);
+    0
 }
 
 fn human_secs(s: u64) -> String {

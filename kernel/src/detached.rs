@@ -48,6 +48,8 @@ pub struct StartSpec {
     pub netd_socket: Option<PathBuf>,
     /// How UML is confined.
     pub jail: JailOpts,
+    /// The guest's hostname (`None`: its name).
+    pub hostname: Option<String>,
 }
 
 impl StartSpec {
@@ -65,6 +67,7 @@ impl StartSpec {
             nets: Vec::new(),
             netd_socket: None,
             jail: JailOpts::default(),
+            hostname: None,
         }
     }
 }
@@ -76,6 +79,83 @@ fn generated_name() -> String {
 }
 
 /// The last `n` lines of a log file.
+/// What `start --wait` waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ready {
+    /// The exec agent answers.
+    Exec,
+    /// A TCP port on the guest's first address accepts.
+    Tcp(u16),
+}
+
+impl std::str::FromStr for Ready {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Ready, String> {
+        match s {
+            "exec" => Ok(Ready::Exec),
+            _ => s
+                .strip_prefix("tcp:")
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p > 0)
+                .map(Ready::Tcp)
+                .ok_or_else(|| format!("--wait {s:?}: expected exec or tcp:PORT")),
+        }
+    }
+}
+
+/// Wait until guest `g` is ready by `probe`, or fail after `timeout` with
+/// the console's tail.
+pub fn wait_ready(g: &Guest, probe: &Ready, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let target = match probe {
+        Ready::Exec => None,
+        Ready::Tcp(port) => {
+            let addr = g
+                .record
+                .nics
+                .first()
+                .and_then(|n| n.split_whitespace().nth(1))
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--wait tcp:{port}: guest {} has no network address (give it --net BRIDGE)",
+                        g.record.name
+                    ))
+                })?;
+            Some(std::net::SocketAddr::from((addr, *port)))
+        }
+    };
+    let last = loop {
+        if g.state() != State::Running {
+            break "the guest stopped".to_string();
+        }
+        let r = match target {
+            None => crate::exec::ping(&g.record.name).map_err(|e| e.to_string()),
+            Some(a) => std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1))
+                .map(drop)
+                .map_err(|e| format!("{a}: {e}")),
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => break e,
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    Err(Error::StartFailed {
+        why: format!(
+            "guest {} was not ready ({}) within {} s: {last}",
+            g.record.name,
+            match probe {
+                Ready::Exec => "exec".to_string(),
+                Ready::Tcp(p) => format!("tcp:{p}"),
+            },
+            timeout.as_secs()
+        ),
+        console_tail: tail(&g.layout.console_log(), 20),
+    })
+}
+
 pub fn tail(path: &Path, n: usize) -> String {
     let Ok(mut f) = File::open(path) else {
         return String::new();
@@ -211,9 +291,15 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     // umlctl's init boots first, from its read-only disk after the user's,
     // sets the guest up and execs the image's init (init/boot.rs).
     let initroot = crate::initroot::prepare(&crate::initroot::current_exe()?)?;
+    if let Some(h) = &spec.hostname {
+        check_hostname(h)?;
+    }
     let mut init_env = vec![
         (crate::init::BOOT_ENV.to_string(), "/dev/ubda".to_string()),
-        (crate::init::HOSTNAME_ENV.to_string(), name.clone()),
+        (
+            crate::init::HOSTNAME_ENV.to_string(),
+            spec.hostname.clone().unwrap_or_else(|| name.clone()),
+        ),
     ];
     if let Some(i) = &spec.init {
         init_env.push((crate::init::INIT_ENV.to_string(), check_init(i)?));
@@ -414,6 +500,23 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
 /// `_MTU`, `_MAC` and, when netd gives name servers, `_DNS` (comma
 /// separated), passed on the kernel command line (which hands unknown
 /// `K=V` parameters to init as its environment).
+/// A hostname the guest can have: 1 to 63 letters, digits and '-', not
+/// starting or ending with '-'.
+fn check_hostname(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 63
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !h.starts_with('-')
+        && !h.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "--hostname {h:?}: use 1 to 63 letters, digits or '-', not starting or ending with '-'"
+        )))
+    }
+}
+
 /// `--init` as the kernel command line can carry it to umlctl's init.
 fn check_init(p: &Path) -> Result<String> {
     let s = p

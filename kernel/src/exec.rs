@@ -44,95 +44,13 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
         return Err(Error::Usage("the command contains a NUL byte".into()));
     }
     let g = instance::load(name)?;
-    if g.state() != State::Running {
-        return Err(Error::Usage(format!(
-            "guest {name} is not running (see `umlctl ps --all`)"
-        )));
-    }
-    let layout = &g.layout;
-    if !layout.exec_in(0).exists() {
-        return Err(Error::Usage(format!(
-            "guest {name} has no exec slots (it was started by an older umlctl); restart it"
-        )));
-    }
-    // A free slot: its lock is held for as long as this exec runs.
-    // When all are busy, wait for one (chosen by pid, to spread waiters).
-    let open_lock = |i: u32| {
-        let p = layout.exec_lock(i);
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(|e| Error::io("open", &p, e))
-    };
-    let mut slot = None;
-    for i in 0..SLOTS {
-        if let Ok(l) = Flock::lock(open_lock(i)?, FlockArg::LockExclusiveNonblock) {
-            slot = Some((i, l));
-            break;
-        }
-    }
-    let (i, _lock) = match slot {
-        Some(s) => s,
-        None => {
-            let i = std::process::id() % SLOTS;
-            let l = Flock::lock(open_lock(i)?, FlockArg::LockExclusive)
-                .map_err(|(_, e)| Error::sys("wait for an exec slot", crate::error::errno(e)))?;
-            (i, l)
-        }
-    };
-    // UML holds both FIFOs open: no reader means no guest.
-    let to_guest = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(layout.exec_in(i))
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENXIO) => Error::Usage(format!("guest {name} is not running")),
-            _ => Error::io("open", layout.exec_in(i), e),
-        })?;
-    set_blocking(&to_guest)?;
-    let mut from_guest = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(layout.exec_out(i))
-        .map_err(|e| Error::io("open", layout.exec_out(i), e))?;
-    // What an earlier exec on this slot left unread.
-    let mut buf = vec![0u8; 64 * 1024];
-    while matches!(from_guest.read(&mut buf), Ok(n) if n > 0) {}
-
-    let nonce = nonce();
-    let tx = Arc::new(Sender {
-        file: Mutex::new(to_guest),
-        sent: AtomicU64::new(0),
-    });
-    tx.send_uncounted(kind::HELLO, &nonce.to_le_bytes())?;
-    let spec_bytes = serde_json::to_vec(spec).map_err(|e| Error::Usage(e.to_string()))?;
-    tx.send(kind::SPEC, &spec_bytes)?;
-
-    let mut dec = proto::Decoder::default();
-    let ready = proto::encode(kind::READY, &nonce.to_le_bytes());
-    let deadline = Instant::now() + ANSWER;
-    loop {
-        if dec.seek(&ready) {
-            break;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Usage(format!(
-                "guest {name}'s exec agent did not answer on slot {i} within {} s (is it still booting, or was it started with another init than umlctl's?)",
-                ANSWER.as_secs()
-            )));
-        }
-        match read_some(&mut from_guest, &mut buf, left)? {
-            Some(0) => return Err(gone(name)),
-            Some(n) => dec.push(&buf[..n]),
-            None => {}
-        }
-    }
-    // The READY frame itself.
-    let _ = dec.next_frame();
+    let Connected {
+        slot: _slot,
+        tx,
+        mut from_guest,
+        mut dec,
+        mut buf,
+    } = connect(&g, name, Some(spec))?;
 
     let credits = Arc::new(Credits::default());
     let _term = if spec.tty {
@@ -220,6 +138,125 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
             }
         }
     }
+}
+
+/// A session on a slot, READY received.
+struct Connected {
+    /// Held for as long as the session runs.
+    slot: Flock<File>,
+    tx: Arc<Sender>,
+    from_guest: File,
+    dec: proto::Decoder,
+    buf: Vec<u8>,
+}
+
+/// Take a slot of running guest `g`, start a session and send `spec` (none:
+/// only see that the agent answers).
+fn connect(g: &instance::Guest, name: &str, spec: Option<&ExecSpec>) -> Result<Connected> {
+    if g.state() != State::Running {
+        return Err(Error::Usage(format!(
+            "guest {name} is not running (see `umlctl ps --all`)"
+        )));
+    }
+    let layout = &g.layout;
+    if !layout.exec_in(0).exists() {
+        return Err(Error::Usage(format!(
+            "guest {name} has no exec slots (it was started by an older umlctl); restart it"
+        )));
+    }
+    // A free slot: its lock is held for as long as this exec runs.
+    // When all are busy, wait for one (chosen by pid, to spread waiters).
+    let open_lock = |i: u32| {
+        let p = layout.exec_lock(i);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| Error::io("open", &p, e))
+    };
+    let mut slot = None;
+    for i in 0..SLOTS {
+        if let Ok(l) = Flock::lock(open_lock(i)?, FlockArg::LockExclusiveNonblock) {
+            slot = Some((i, l));
+            break;
+        }
+    }
+    let (i, lock) = match slot {
+        Some(s) => s,
+        None => {
+            let i = std::process::id() % SLOTS;
+            let l = Flock::lock(open_lock(i)?, FlockArg::LockExclusive)
+                .map_err(|(_, e)| Error::sys("wait for an exec slot", crate::error::errno(e)))?;
+            (i, l)
+        }
+    };
+    // UML holds both FIFOs open: no reader means no guest.
+    let to_guest = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(layout.exec_in(i))
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => Error::Usage(format!("guest {name} is not running")),
+            _ => Error::io("open", layout.exec_in(i), e),
+        })?;
+    set_blocking(&to_guest)?;
+    let mut from_guest = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(layout.exec_out(i))
+        .map_err(|e| Error::io("open", layout.exec_out(i), e))?;
+    // What an earlier exec on this slot left unread.
+    let mut buf = vec![0u8; 64 * 1024];
+    while matches!(from_guest.read(&mut buf), Ok(n) if n > 0) {}
+
+    let nonce = nonce();
+    let tx = Arc::new(Sender {
+        file: Mutex::new(to_guest),
+        sent: AtomicU64::new(0),
+    });
+    tx.send_uncounted(kind::HELLO, &nonce.to_le_bytes())?;
+    if let Some(spec) = spec {
+        let spec_bytes = serde_json::to_vec(spec).map_err(|e| Error::Usage(e.to_string()))?;
+        tx.send(kind::SPEC, &spec_bytes)?;
+    }
+
+    let mut dec = proto::Decoder::default();
+    let ready = proto::encode(kind::READY, &nonce.to_le_bytes());
+    let deadline = Instant::now() + ANSWER;
+    loop {
+        if dec.seek(&ready) {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Usage(format!(
+                "guest {name}'s exec agent did not answer on slot {i} within {} s (is it still booting, or was it started with another init than umlctl's?)",
+                ANSWER.as_secs()
+            )));
+        }
+        match read_some(&mut from_guest, &mut buf, left)? {
+            Some(0) => return Err(gone(name)),
+            Some(n) => dec.push(&buf[..n]),
+            None => {}
+        }
+    }
+    // The READY frame itself.
+    let _ = dec.next_frame();
+    Ok(Connected {
+        slot: lock,
+        tx,
+        from_guest,
+        dec,
+        buf,
+    })
+}
+
+/// Whether guest `name`'s exec agent answers now (`start --wait exec`).
+pub fn ping(name: &str) -> Result<()> {
+    let g = instance::load(name)?;
+    connect(&g, name, None).map(|_| ())
 }
 
 fn gone(name: &str) -> Error {

@@ -443,10 +443,14 @@ fn exec_runs_commands_in_a_running_guest() {
     let env = Env::new();
     let img = guest_image(env.dir.path());
     let k = kernel();
+    // --wait returns when the exec channel answers.
     env.ok(&[
         "start",
         "--name",
         "ex",
+        "--hostname",
+        "box-1",
+        "--wait",
         "--image",
         s(&img),
         "--mem",
@@ -459,9 +463,10 @@ fn exec_runs_commands_in_a_running_guest() {
         a.extend_from_slice(args);
         env.umlctl(&a)
     };
-    // The hostname is the guest's name, set before the image's init.
+    // The hostname (--hostname; by default the guest's name), set before
+    // the image's init.
     let o = exec(&["--", "cat", "/proc/sys/kernel/hostname"]);
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "ex\n");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "box-1\n");
     assert_eq!(o.status.code(), Some(0));
     let o = exec(&["--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
     assert_eq!(o.status.code(), Some(7));
@@ -564,6 +569,24 @@ fn exec_runs_commands_in_a_running_guest() {
     let o = exec(&["--", "true"]);
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not running"));
+    // A guest that is not ready in time is stopped and removed, with the
+    // reason.
+    let o = env.umlctl(&[
+        "start",
+        "--name",
+        "nr",
+        "--wait",
+        "tcp:22",
+        "--image",
+        s(&img),
+        "--mem",
+        "64M",
+        "--kernel",
+        s(&k),
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has no network address"));
+    assert_eq!(env.state("nr"), None, "the unready guest was left behind");
     let o = env.umlctl(&["exec", "nosuch", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no guest named"));

@@ -1746,9 +1746,9 @@ fn a_stock_debian_image_boots_to_a_login_with_its_network_and_sshd() {
     assert_ok(
         &umlctl(&[
             "start", "--name", "deb", "--image", &img_s, "--kernel", &kernel_s, "--mem", "384M",
-            "--net", "br0",
+            "--net", "br0", "--wait", "tcp:22",
         ]),
-        "start the Debian image",
+        "start the Debian image (returning once sshd accepts)",
     );
     let logs = || String::from_utf8_lossy(&umlctl(&["logs", "deb"]).stdout).into_owned();
     let t = Instant::now();
