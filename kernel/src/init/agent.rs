@@ -52,6 +52,8 @@ struct Line {
     /// Bytes of the current session taken from the line (credited).
     taken: AtomicU64,
     reported: AtomicU64,
+    /// The session whose command runs (0: none), for the heartbeat.
+    running: AtomicU64,
 }
 
 impl Line {
@@ -100,7 +102,21 @@ fn serve(n: u32) {
         inner: Mutex::new((out, 0)),
         taken: AtomicU64::new(0),
         reported: AtomicU64::new(0),
+        running: AtomicU64::new(0),
     });
+    // One heartbeat per slot (a thread per command would cost every exec a
+    // thread creation in the guest): so the host can tell a quiet command
+    // from a dead agent.
+    {
+        let line = Arc::clone(&line);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(proto::ALIVE_EVERY);
+            let gen = line.running.load(Ordering::SeqCst);
+            if gen != 0 {
+                line.send(gen, kind::ALIVE, &[]);
+            }
+        });
+    }
     let mut input = tty;
     let mut dec = proto::Decoder::default();
     let mut gen = 0u64;
@@ -424,19 +440,8 @@ fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, St
         });
         tx
     });
-    // A heartbeat while the command runs, so the host can tell a quiet
-    // command from a dead agent.
-    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    {
-        let line = Arc::clone(line);
-        let running = Arc::clone(&running);
-        std::thread::spawn(move || {
-            while running.load(Ordering::SeqCst) {
-                std::thread::sleep(proto::ALIVE_EVERY);
-                line.send(gen, kind::ALIVE, &[]);
-            }
-        });
-    }
+    // The slot's heartbeat runs while the command does.
+    line.running.store(gen, Ordering::SeqCst);
     // The waiter: status after the output is drained (or given up on, when
     // a daemonized grandchild keeps it open).
     let line2 = Arc::clone(line);
@@ -456,7 +461,9 @@ fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, St
             Err(_) => Ended::Exited(crate::exit::FAILURE.into()),
         };
         line2.send(gen, kind::EXIT, &proto::ended_payload(ended));
-        running.store(false, Ordering::SeqCst);
+        let _ = line2
+            .running
+            .compare_exchange(gen, 0, Ordering::SeqCst, Ordering::SeqCst);
     });
     Ok(Session {
         pgid,
