@@ -861,6 +861,26 @@ pub fn attach(g: &Guest) -> Result<()> {
     let _ = log.seek(SeekFrom::Start(len.saturating_sub(2048)));
 
     let raw = crate::terminal::TermGuard::raw(0);
+    // The guest's console follows the host terminal's size (through the
+    // exec agent; a guest without one keeps its size).
+    if raw.is_some() {
+        let name = g.record.name.clone();
+        let resize = move || {
+            if let Some((rows, cols)) = crate::run::winsize(0) {
+                let _ = crate::exec::console_size(&name, rows, cols);
+            }
+        };
+        // In the background: an agent that does not answer must not hold
+        // up the console.
+        if let Ok(mut sigs) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH]) {
+            std::thread::spawn(move || {
+                resize();
+                for _ in sigs.forever() {
+                    resize();
+                }
+            });
+        }
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     // Keyboard → console FIFO, until the detach key.

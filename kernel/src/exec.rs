@@ -253,6 +253,14 @@ fn connect(g: &instance::Guest, name: &str, spec: Option<&ExecSpec>) -> Result<C
     })
 }
 
+/// Give the guest's console (`tty1`) a size, as `umlctl console` does for
+/// the host terminal it attaches.
+pub fn console_size(name: &str, rows: u16, cols: u16) -> Result<()> {
+    let g = instance::load(name)?;
+    let c = connect(&g, name, None)?;
+    c.tx.send(kind::TTY_SIZE, &proto::tty_size_payload(1, rows, cols))
+}
+
 /// Whether guest `name`'s exec agent answers now (`start --wait exec`).
 pub fn ping(name: &str) -> Result<()> {
     let g = instance::load(name)?;

@@ -62,6 +62,10 @@ pub mod kind {
     pub const STDIN_EOF: u8 = 4;
     pub const SIGNAL: u8 = 5;
     pub const WINSIZE: u8 = 6;
+    /// The size of one of the guest's consoles (`ttyN`): line, rows,
+    /// columns. `umlctl console` sends it so the guest's console follows
+    /// the host terminal.
+    pub const TTY_SIZE: u8 = 7;
     pub const READY: u8 = 64;
     pub const CREDIT: u8 = 65;
     pub const STDOUT: u8 = 66;
@@ -198,6 +202,29 @@ pub fn winsize(p: &[u8]) -> Result<(u16, u16), FrameError> {
     ))
 }
 
+/// A TTY_SIZE payload: console line, rows, columns.
+pub fn tty_size(p: &[u8]) -> Result<(u8, u16, u16), FrameError> {
+    let b: [u8; 5] = fixed("tty size", p)?;
+    if b[0] > 63 {
+        return Err(FrameError::Malformed {
+            what: "tty size",
+            why: format!("line {}", b[0]),
+        });
+    }
+    Ok((
+        b[0],
+        u16::from_le_bytes([b[1], b[2]]),
+        u16::from_le_bytes([b[3], b[4]]),
+    ))
+}
+
+/// Encode a TTY_SIZE payload.
+pub fn tty_size_payload(line: u8, rows: u16, cols: u16) -> Vec<u8> {
+    let mut v = vec![line];
+    v.extend_from_slice(&winsize_payload(rows, cols));
+    v
+}
+
 /// Encode a WINSIZE payload.
 pub fn winsize_payload(rows: u16, cols: u16) -> Vec<u8> {
     let mut v = rows.to_le_bytes().to_vec();
@@ -276,7 +303,14 @@ pub fn exercise(data: &[u8]) {
                 Ok(Some(f)) => {
                     assert!(f.payload.len() <= MAX_PAYLOAD);
                     let p = &f.payload;
-                    let _ = (nonce(p), credit(p), signal(p), winsize(p), error(p));
+                    let _ = (
+                        nonce(p),
+                        credit(p),
+                        signal(p),
+                        winsize(p),
+                        error(p),
+                        tty_size(p),
+                    );
                     if let Ok(e) = ended(p) {
                         assert_eq!(ended(&ended_payload(e)), Ok(e));
                     }

@@ -535,6 +535,8 @@ fn the_uml_process_of_a_detached_guest_sees_only_its_jail() {
         allowed.push(fs::canonicalize(f).unwrap());
     }
     allowed.push(fs::canonicalize(inv.work().join("uml/seen.umlctl")).unwrap());
+    // umlctl's init disk, which boots first and sets the guest up.
+    allowed.push(fs::canonicalize(inv.work().join("cache/initroot")).unwrap());
     let result = std::panic::catch_unwind(|| assert_jailed(pid, &allowed, 65534, false, &canary));
     let _ = inv.output(&["stop", "--force", "seen"]);
     if let Err(e) = result {

@@ -1842,6 +1842,27 @@ fn a_stock_debian_image_boots_to_a_login_with_its_network_and_sshd() {
         text.contains("nameserver 10.99.0.1") && text.ends_with("deb\n"),
         "{text}"
     );
+    // `console` on a terminal: the login prompt, and the guest's console
+    // takes the host terminal's size.
+    let cmd = format!(
+        "stty rows 33 cols 111; UMLCTL_UML_DIR='{}' UMLCTL_CACHE_DIR='{}' '{}' console deb",
+        dir.path().join("uml").display(),
+        cache_dir().display(),
+        umlctl_bin().display()
+    );
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg("(sleep 2; printf '\\r'; sleep 3; printf '\\035') | script -qec \"$0\" /dev/null")
+        .arg(&cmd)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("deb login:"),
+        "no login prompt on console: {text:?}"
+    );
+    let o = umlctl(&["exec", "deb", "--", "stty", "-F", "/dev/tty1", "size"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "33 111");
     // A key placed through exec lets the host in over ssh at the lease.
     let key = dir.path().join("id_ed25519");
     let kg = sh(&format!(

@@ -202,6 +202,17 @@ fn serve(n: u32) {
                         }
                     }
                 }
+                kind::TTY_SIZE => {
+                    if let Ok((n, rows, cols)) = proto::tty_size(&f.payload) {
+                        if let Ok(t) = OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+                            .open(format!("/dev/tty{n}"))
+                        {
+                            set_winsize(t.as_raw_fd(), rows, cols);
+                        }
+                    }
+                }
                 kind::WINSIZE => {
                     if let (Some(m), Ok((rows, cols))) = (
                         session.as_ref().and_then(|s| s.master.as_ref()),
