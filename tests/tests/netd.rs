@@ -1742,11 +1742,26 @@ fn a_stock_debian_image_boots_to_a_login_with_its_network_and_sshd() {
             .unwrap()
     };
     let img_s = img.display().to_string();
+    let overlay = dir.path().join("deb.cow");
+    let overlay_s = overlay.display().to_string();
     let kernel_s = kernel().display().to_string();
     assert_ok(
         &umlctl(&[
-            "start", "--name", "deb", "--image", &img_s, "--kernel", &kernel_s, "--mem", "384M",
-            "--net", "br0", "--wait", "tcp:22",
+            "start",
+            "--name",
+            "deb",
+            "--image",
+            &img_s,
+            "--overlay",
+            &overlay_s,
+            "--kernel",
+            &kernel_s,
+            "--mem",
+            "384M",
+            "--net",
+            "br0",
+            "--wait",
+            "tcp:22",
         ]),
         "start the Debian image (returning once sshd accepts)",
     );
@@ -1904,4 +1919,18 @@ fn a_stock_debian_image_boots_to_a_login_with_its_network_and_sshd() {
     eprintln!("stop of the networked Debian guest took {:?}", t.elapsed());
     wait_until(|| d.ns.taps().is_empty(), "the tap removed after stop", &d);
     assert_ok(&umlctl(&["gc"]), "gc");
+    // The guest's disk after systemd has run on it (journald preallocates:
+    // unwritten extents) reads as a filesystem, and the change made through
+    // exec is there.
+    let v = umlctl(&["image", "verify", &overlay_s]);
+    assert_ok(&v, "image verify on the used overlay");
+    let diff = umlctl(&["image", "diff", &img_s, &overlay_s]);
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        text.contains("/root/.ssh/authorized_keys"),
+        "image diff: {text}\n{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    let cat = umlctl(&["image", "cat", &overlay_s, "/root/.ssh/authorized_keys"]);
+    assert_eq!(cat.stdout, pubkey);
 }
