@@ -226,7 +226,8 @@ pub fn ps(a: PsArgs) -> u8 {
                     "image": g.record.image,
                     "overlay": g.record.overlay,
                     "disks": g.record.disks,
-                    "nics": g.record.nics,
+                    // A stopped guest holds no lease.
+                    "nics": if *s == State::Running { g.record.nics.clone() } else { Vec::new() },
                     "ended": g.record.ended,
                 })
             })
