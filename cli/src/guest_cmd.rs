@@ -54,6 +54,11 @@ pub struct StartArgs {
     /// The guest's hostname (default: its name).
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
+    /// Publish a host port to the guest, [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]: connections to
+    /// it from outside the host (through the uplink) reach the guest on its first --net bridge,
+    /// which must be a NAT bridge; netd's policy must allow the port. Repeatable.
+    #[arg(long, value_name = "PORTS")]
+    publish: Vec<umlctl_netd::protocol::Publish>,
     /// Return only when the guest is ready: `exec` (the exec channel answers; the default when
     /// --wait has no value) or `tcp:PORT` (a port on its first address accepts). A guest not
     /// ready in time is stopped and removed, with its console's last lines.
@@ -161,6 +166,7 @@ pub fn start(a: StartArgs) -> u8 {
     spec.nets = a.nets;
     spec.netd_socket = a.netd_socket;
     spec.hostname = a.hostname;
+    spec.publish = a.publish;
     spec.jail = a.jail.opts();
     spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
     spec.shim = if a.no_xstate_shim {

@@ -50,6 +50,8 @@ pub struct StartSpec {
     pub jail: JailOpts,
     /// The guest's hostname (`None`: its name).
     pub hostname: Option<String>,
+    /// Host ports published to the guest on its first (NAT) bridge.
+    pub publish: Vec<umlctl_netd::protocol::Publish>,
 }
 
 impl StartSpec {
@@ -68,6 +70,7 @@ impl StartSpec {
             netd_socket: None,
             jail: JailOpts::default(),
             hostname: None,
+            publish: Vec::new(),
         }
     }
 }
@@ -272,16 +275,27 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     // Taps from netd. UML inherits the netd connection (fd 7) along with
     // any passed tap descriptors (from fd 8): the taps live exactly as long
     // as the guest, with no umlctl process staying behind.
-    let mut network =
-        crate::run::attach_network(&spec.nets, spec.netd_socket.as_deref(), Some(&name))?;
+    let mut network = crate::run::attach_network(
+        &spec.nets,
+        spec.netd_socket.as_deref(),
+        Some(&name),
+        &spec.publish,
+    )?;
     let keepalive = network.client.take().map(|c| c.into_fd());
     let nic_notes: Vec<String> = network
         .specs
         .iter()
         .zip(&network.nics)
-        .map(|(n, nic)| {
+        .zip(&network.published)
+        .map(|((n, nic), ports)| {
+            let published = if ports.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = ports.iter().map(ToString::to_string).collect();
+                format!(" publish {}", list.join(","))
+            };
             format!(
-                "{} {}/{} gateway {} mtu {} mac {}",
+                "{} {}/{} gateway {} mtu {}{published} mac {}",
                 n.device, n.address, n.prefix, n.gateway, n.mtu, nic.mac
             )
         })

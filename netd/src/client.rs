@@ -170,11 +170,25 @@ impl Client {
         mode: TapMode,
         tag: Option<&str>,
     ) -> Result<(Lease, Option<OwnedFd>), ClientError> {
+        self.create_tap_publishing(bridge, mode, tag, &[])
+    }
+
+    /// As [`Client::create_tap`], with host ports published to the guest
+    /// (a NAT bridge; within the policy's `publish` ranges) for as long as
+    /// the tap lives.
+    pub fn create_tap_publishing(
+        &mut self,
+        bridge: &str,
+        mode: TapMode,
+        tag: Option<&str>,
+        publish: &[crate::protocol::Publish],
+    ) -> Result<(Lease, Option<OwnedFd>), ClientError> {
         self.fds.clear();
         match self.call(&Request::CreateTap {
             bridge: bridge.into(),
             mode,
             tag: tag.map(str::to_string),
+            publish: publish.to_vec(),
         })? {
             Reply::Tap { lease } => {
                 let fd = self.fds.pop();

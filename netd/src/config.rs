@@ -27,6 +27,8 @@
 //! groups = ["umlctl"]        # names or gids (primary or supplementary)
 //! bridges = ["umlbr0"]       # or ["*"]
 //! max_taps = 4               # per user, over all bridges (default 4)
+//! publish = ["8000-8099"]    # host ports they may publish to guests on NAT
+//!                            # bridges (`start --publish`); default none
 //! ```
 
 use std::collections::BTreeSet;
@@ -93,6 +95,8 @@ pub struct Allow {
     /// `None`: every bridge.
     pub bridges: Option<BTreeSet<String>>,
     pub max_taps: u32,
+    /// Host port ranges (inclusive) these users may publish.
+    pub publish: Vec<(u16, u16)>,
 }
 
 /// A configuration that cannot be used.
@@ -149,6 +153,8 @@ struct RawAllow {
     groups: Vec<IdRef>,
     bridges: Vec<String>,
     max_taps: Option<u32>,
+    #[serde(default)]
+    publish: Vec<String>,
 }
 
 /// A user or group, by name or number.
@@ -444,11 +450,28 @@ impl Config {
                 }
                 Some(set)
             };
+            let mut publish = Vec::new();
+            for r in &a.publish {
+                let range = match r.split_once('-') {
+                    Some((lo, hi)) => (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()),
+                    None => (r.trim().parse::<u16>(), r.trim().parse::<u16>()),
+                };
+                match range {
+                    (Ok(lo), Ok(hi)) if lo >= 1 && lo <= hi => publish.push((lo, hi)),
+                    _ => {
+                        return Err(bad(
+                            format!("{key}.publish"),
+                            format!("{r:?} is not a port or a range LOW-HIGH of ports 1-65535"),
+                        ))
+                    }
+                }
+            }
             allow.push(Allow {
                 uids,
                 gids,
                 bridges: brs,
                 max_taps: a.max_taps.unwrap_or(DEFAULT_MAX_TAPS),
+                publish,
             });
         }
         Ok(Config {

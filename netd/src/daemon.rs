@@ -23,9 +23,11 @@ use tokio::sync::{Mutex, Semaphore};
 use crate::config::{Config, ConfigError};
 use crate::lease;
 use crate::link::{self, LinkError};
-use crate::nat::{IsolatedBridge, Nat, NatBridge, NatError};
+use crate::nat::{Dnat, IsolatedBridge, Nat, NatBridge, NatError};
 use crate::policy::{self, Peer, Refusal};
-use crate::protocol::{self, BridgeInfo, DecodeError, ErrorCode, Lease, Reply, Request, TapMode};
+use crate::protocol::{
+    self, BridgeInfo, DecodeError, ErrorCode, Lease, Proto, Publish, Reply, Request, TapMode,
+};
 use crate::tap::{self, TapError};
 
 /// How long a new connection may take to say hello.
@@ -86,6 +88,13 @@ struct Tap {
     _fd: Option<OwnedFd>,
 }
 
+/// The nftables table and its inputs.
+struct NatSet {
+    nat: Nat,
+    bridges: Vec<NatBridge>,
+    isolated: Vec<IsolatedBridge>,
+}
+
 struct Shared {
     config: Config,
     nl: rtnetlink::Handle,
@@ -97,6 +106,9 @@ struct Shared {
     /// The name servers each bridge's guests get.
     dns: BTreeMap<String, Vec<std::net::Ipv4Addr>>,
     taps: Mutex<BTreeMap<String, Tap>>,
+    /// netd's nftables table and what it was made from, rebuilt when the
+    /// published ports change (`None`: no NAT or isolated bridges).
+    nat: std::sync::Mutex<Option<NatSet>>,
     /// Addresses kept for named guests (see [`Reservation`]), oldest first.
     reserved: std::sync::Mutex<Vec<Reservation>>,
     /// Open connections per uid.
@@ -291,7 +303,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         Ok(l) => l,
         Err(e) => {
             let _ = link::remove_rules(&nl).await;
-            stop_nat(nat, &restore);
+            stop_nat(nat.map(|s| s.nat), &restore);
             return Err(e);
         }
     };
@@ -304,6 +316,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         restore,
         dns,
         taps: Mutex::new(BTreeMap::new()),
+        nat: std::sync::Mutex::new(nat),
         reserved: std::sync::Mutex::new(reserved),
         conns: std::sync::Mutex::new(BTreeMap::new()),
         idle: std::env::var("UMLCTL_NETD_IDLE_TIMEOUT")
@@ -367,7 +380,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     if let Err(e) = link::remove_rules(&shared.nl).await {
         eprintln!("netd: {e}");
     }
-    stop_nat(nat, &shared.restore);
+    let nat = shared.nat.lock().ok().and_then(|mut n| n.take());
+    stop_nat(nat.map(|s| s.nat), &shared.restore);
     save_state(&shared, &BTreeMap::new(), &taps).await;
     let _ = std::fs::remove_file(&shared.config.socket);
     Ok(())
@@ -480,7 +494,7 @@ async fn resolve_uplinks(
 fn start_nat(
     config: &Config,
     uplinks: &BTreeMap<String, String>,
-) -> Result<(Option<Nat>, BTreeMap<String, bool>), DaemonError> {
+) -> Result<(Option<NatSet>, BTreeMap<String, bool>), DaemonError> {
     let isolated: Vec<IsolatedBridge> = config
         .bridges
         .iter()
@@ -546,7 +560,14 @@ fn start_nat(
     }
     // Only what netd changed is restored.
     restore.retain(|_, was| !*was);
-    Ok((Some(nat), restore))
+    Ok((
+        Some(NatSet {
+            nat,
+            bridges: list,
+            isolated,
+        }),
+        restore,
+    ))
 }
 
 /// Remove the NAT table and put the uplinks' forwarding back.
@@ -780,7 +801,7 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
                 ),
             },
             _ if !hello => (error(ErrorCode::Version, "say hello first"), None),
-            Request::CreateTap { bridge, mode, tag } => match create(&sh, &peer, id, &bridge, mode, tag).await {
+            Request::CreateTap { bridge, mode, tag, publish } => match create(&sh, &peer, id, &bridge, mode, tag, publish).await {
                 Ok((lease, fd)) => (Reply::Tap { lease }, fd),
                 Err(reply) => (reply, None),
             },
@@ -828,7 +849,14 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
         if let Err(e) = link::remove(&sh.nl, name).await {
             eprintln!("netd: {e}");
         }
-        taps.remove(name);
+        if taps
+            .remove(name)
+            .is_some_and(|t| !t.lease.publish.is_empty())
+        {
+            if let Err(e) = publish_ports(&sh, &taps) {
+                eprintln!("netd: {e}");
+            }
+        }
         audit(&peer, format_args!("connection closed: removed {name}"));
     }
     if !mine.is_empty() {
@@ -843,18 +871,43 @@ async fn create(
     bridge: &str,
     mode: TapMode,
     tag: Option<String>,
+    publish: Vec<Publish>,
 ) -> Result<(Lease, Option<OwnedFd>), Reply> {
     let mut taps = sh.taps.lock().await;
     let held = taps.values().filter(|t| t.lease.uid == peer.uid).count();
     let held = u32::try_from(held).unwrap_or(u32::MAX);
-    if let Err(r) = policy::check(&sh.config, peer, bridge, held) {
+    if let Err(r) = policy::check(&sh.config, peer, bridge, held)
+        .and_then(|()| policy::check_publish(&sh.config, peer, bridge, &publish))
+    {
         audit(peer, format_args!("refused: {r}"));
         let code = match r {
             Refusal::NoSuchBridge(_) => ErrorCode::NoSuchBridge,
-            Refusal::Denied { .. } => ErrorCode::Denied,
+            Refusal::Denied { .. } | Refusal::NotNat(_) | Refusal::PortDenied { .. } => {
+                ErrorCode::Denied
+            }
             Refusal::Limit { .. } => ErrorCode::Limit,
         };
         return Err(error(code, r.to_string()));
+    }
+    if publish.len() > 64 {
+        return Err(error(ErrorCode::BadRequest, "more than 64 published ports"));
+    }
+    for (i, p) in publish.iter().enumerate() {
+        let taken = publish[..i].iter().any(|q| q.clashes(p))
+            || taps
+                .values()
+                .flat_map(|t| &t.lease.publish)
+                .any(|q| q.clashes(p));
+        if taken {
+            audit(
+                peer,
+                format_args!("refused: host port {p} is published already"),
+            );
+            return Err(error(
+                ErrorCode::InUse,
+                format!("host port {p} is published already (by another guest, or twice here)"),
+            ));
+        }
     }
     if tag.as_ref().is_some_and(|t| t.len() > 256) {
         return Err(error(ErrorCode::BadRequest, "tag over 256 bytes"));
@@ -958,6 +1011,7 @@ async fn create(
         mtu: b.mtu,
         uid: peer.uid,
         dns: sh.dns.get(bridge).cloned().unwrap_or_default(),
+        publish,
     };
     let client_fd = match &fd {
         Some(f) => Some(f.try_clone().map_err(|e| internal(&e))?),
@@ -971,6 +1025,14 @@ async fn create(
             _fd: fd,
         },
     );
+    if !lease.publish.is_empty() {
+        if let Err(e) = publish_ports(sh, &taps) {
+            taps.remove(&ifname);
+            let _ = link::remove(&sh.nl, &ifname).await;
+            let _ = publish_ports(sh, &taps);
+            return Err(internal(&e));
+        }
+    }
     save_state(sh, &sh.restore, &taps).await;
     audit(
         peer,
@@ -980,6 +1042,37 @@ async fn create(
         ),
     );
     Ok((lease, client_fd))
+}
+
+/// Make netd's table publish exactly the ports of `taps` (one transaction).
+fn publish_ports(sh: &Shared, taps: &BTreeMap<String, Tap>) -> Result<(), NatError> {
+    let Ok(mut guard) = sh.nat.lock() else {
+        return Ok(());
+    };
+    let Some(set) = guard.as_mut() else {
+        return Ok(());
+    };
+    let dnat: Vec<Dnat> = taps
+        .values()
+        .flat_map(|t| {
+            let uplink = sh.uplinks.get(&t.lease.bridge).cloned();
+            t.lease.publish.iter().filter_map(move |p| {
+                Some(Dnat {
+                    bridge: t.lease.bridge.clone(),
+                    uplink: uplink.clone()?,
+                    host_ip: p.host_ip,
+                    host_port: p.host_port,
+                    guest: t.lease.address,
+                    guest_port: p.guest_port,
+                    proto: match p.proto {
+                        Proto::Tcp => 6,
+                        Proto::Udp => 17,
+                    },
+                })
+            })
+        })
+        .collect();
+    set.nat.replace(&set.bridges, &set.isolated, &dnat)
 }
 
 async fn release(sh: &Shared, peer: &Peer, conn: u64, ifname: &str) -> Reply {
@@ -1001,7 +1094,14 @@ async fn release(sh: &Shared, peer: &Peer, conn: u64, ifname: &str) -> Reply {
                 eprintln!("netd: {e}");
                 return error(ErrorCode::Internal, e.to_string());
             }
-            taps.remove(ifname);
+            let had = taps
+                .remove(ifname)
+                .is_some_and(|t| !t.lease.publish.is_empty());
+            if had {
+                if let Err(e) = publish_ports(sh, &taps) {
+                    eprintln!("netd: {e}");
+                }
+            }
             save_state(sh, &sh.restore, &taps).await;
             audit(peer, format_args!("released {ifname}"));
             Reply::Released {

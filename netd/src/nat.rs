@@ -15,7 +15,16 @@
 //! ```
 //!
 //! so guests reach the outside under the uplink's address, and the outside
-//! reaches guests only with replies to connections they opened. Return
+//! reaches guests only with replies to connections they opened — and at the
+//! ports published to them (`start --publish`), each a rule
+//!
+//! ```text
+//! chain prerouting { type nat hook prerouting priority dstnat; policy accept;
+//!     iifname "U" meta l4proto tcp th dport 8080 fib daddr type local
+//!         [ip daddr HOST_IP] dnat to GUEST:80 }
+//! ```
+//!
+//! with `iifname "U" oifname "B" ct status dnat accept` before the drop. Return
 //! traffic is forwarded only if the uplink forwards
 //! (`net.ipv4.conf.U.forwarding`); the daemon sets that and restores it.
 //!
@@ -61,6 +70,19 @@ pub struct IsolatedBridge {
     pub address: Ipv4Addr,
 }
 
+/// A host port published to a guest on a NAT bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dnat {
+    pub bridge: String,
+    pub uplink: String,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+}
+
 /// Setting up or removing the NAT table failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
@@ -89,6 +111,32 @@ const IPV4_DADDR: u32 = 16;
 /// nf_tables' hook priorities: NF_IP_PRI_NAT_SRC and NF_IP_PRI_FILTER.
 const PRIORITY_SRCNAT: u32 = 100;
 const PRIORITY_FILTER: u32 = 0;
+/// NF_IP_PRI_NAT_DST.
+/// NF_IP_PRI_NAT_DST: -100, as the kernel reads the 32-bit priority.
+const PRIORITY_DSTNAT: u32 = u32::MAX - 99;
+/// NFT_PAYLOAD_TRANSPORT_HEADER and the destination port's offset in TCP
+/// and UDP headers.
+const TRANSPORT_HEADER: u32 = 2;
+const DPORT: u32 = 2;
+/// `ct status` (NFT_CT_STATUS) and IPS_DST_NAT.
+const NFT_CT_STATUS: u32 = 2;
+const IPS_DST_NAT: u32 = 1 << 5;
+/// `nat` expression attributes (enum nft_nat_attributes), NFT_NAT_DNAT,
+/// NFPROTO_IPV4.
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFT_NAT_DNAT: u32 = 1;
+const NFPROTO_IPV4: u32 = 2;
+/// `fib` expression: NFTA_FIB_DREG, NFTA_FIB_RESULT, NFTA_FIB_FLAGS,
+/// NFT_FIB_RESULT_ADDRTYPE, NFTA_FIB_F_DADDR, RTN_LOCAL.
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+const RTN_LOCAL: u32 = 2;
 /// NF_ACCEPT and NF_DROP as verdict codes (and chain policies).
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
@@ -191,6 +239,111 @@ fn ct_established_or_related() -> [Expressions; 3] {
     ]
 }
 
+/// `meta l4proto P th dport PORT fib daddr type local [ip daddr A]`.
+fn to_local_port(proto: u8, port: u16, addr: Option<Ipv4Addr>) -> Vec<Expressions> {
+    let mut v = vec![
+        Expressions::Meta(vec![
+            Meta::Key(MetaKey::L4Proto),
+            Meta::DestinationRegister(Register::Reg1),
+        ]),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::Equal),
+            Cmp::Data(DataAttribute::Value(vec![proto])),
+        ]),
+        Expressions::Payload(vec![
+            Payload::DestinationRegister(Register::Reg1),
+            Payload::Base(TRANSPORT_HEADER),
+            Payload::Offset(DPORT),
+            Payload::Len(2),
+        ]),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::Equal),
+            Cmp::Data(DataAttribute::Value(port.to_be_bytes().to_vec())),
+        ]),
+        Expressions::Other {
+            expression_type: "fib".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_FIB_DREG, 1u32.to_be_bytes().to_vec()),
+                DefaultNla::new(
+                    NFTA_FIB_RESULT,
+                    NFT_FIB_RESULT_ADDRTYPE.to_be_bytes().to_vec(),
+                ),
+                DefaultNla::new(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR.to_be_bytes().to_vec()),
+            ],
+        },
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::Equal),
+            // The address type is a host-endian register value.
+            Cmp::Data(DataAttribute::Value(RTN_LOCAL.to_ne_bytes().to_vec())),
+        ]),
+    ];
+    if let Some(a) = addr {
+        v.push(Expressions::Payload(vec![
+            Payload::DestinationRegister(Register::Reg1),
+            Payload::Base(NETWORK_HEADER),
+            Payload::Offset(IPV4_DADDR),
+            Payload::Len(4),
+        ]));
+        v.push(Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::Equal),
+            Cmp::Data(DataAttribute::Value(a.octets().to_vec())),
+        ]));
+    }
+    v
+}
+
+/// `dnat to A:PORT`.
+fn dnat_to(a: Ipv4Addr, port: u16) -> Vec<Expressions> {
+    vec![
+        Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::Reg1),
+            Immediate::Data(DataAttribute::Value(a.octets().to_vec())),
+        ]),
+        Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::Reg2),
+            Immediate::Data(DataAttribute::Value(port.to_be_bytes().to_vec())),
+        ]),
+        Expressions::Other {
+            expression_type: "nat".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_NAT_TYPE, NFT_NAT_DNAT.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_NAT_FAMILY, NFPROTO_IPV4.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_NAT_REG_ADDR_MIN, 1u32.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_NAT_REG_PROTO_MIN, 2u32.to_be_bytes().to_vec()),
+            ],
+        },
+    ]
+}
+
+/// `ct status dnat`.
+fn ct_dnat() -> [Expressions; 3] {
+    [
+        Expressions::Other {
+            expression_type: "ct".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_CT_KEY, NFT_CT_STATUS.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_CT_DREG, 1u32.to_be_bytes().to_vec()),
+            ],
+        },
+        Expressions::Bitwise(vec![
+            Bitwise::SourceRegister(Register::Reg1),
+            Bitwise::DestinationRegister(Register::Reg1),
+            Bitwise::Length(4),
+            Bitwise::Mask(DataAttribute::Value(IPS_DST_NAT.to_ne_bytes().to_vec())),
+            Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
+        ]),
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::Reg1),
+            Cmp::Op(Operator::NotEqual),
+            Cmp::Data(DataAttribute::Value(vec![0; 4])),
+        ]),
+    ]
+}
+
 fn verdict(code: u32) -> Expressions {
     Expressions::Immediate(vec![
         Immediate::DestinationRegister(Register::Verdict),
@@ -266,7 +419,7 @@ fn rule(chain: &str, what: String, exprs: Vec<Expressions>) -> Step {
 
 /// The steps that create netd's table for the NAT `bridges` and the
 /// `isolated` ones (inside one batch).
-pub fn batch(bridges: &[NatBridge], isolated: &[IsolatedBridge]) -> Vec<Step> {
+pub fn batch(bridges: &[NatBridge], isolated: &[IsolatedBridge], dnat: &[Dnat]) -> Vec<Step> {
     let mut steps = vec![nft(
         CREATE_TABLE.into(),
         NfTablesMessage::NewTable(TableMessage {
@@ -289,6 +442,31 @@ pub fn batch(bridges: &[NatBridge], isolated: &[IsolatedBridge]) -> Vec<Step> {
             "filter",
             InetHookNumber::Forward,
             PRIORITY_FILTER,
+        ));
+    }
+    if !dnat.is_empty() {
+        steps.push(base_chain(
+            "prerouting",
+            "nat",
+            InetHookNumber::PreRouting,
+            PRIORITY_DSTNAT,
+        ));
+    }
+    for d in dnat {
+        let mut v = meta_is(MetaKey::Iifname, &d.uplink).to_vec();
+        v.extend(to_local_port(d.proto, d.host_port, d.host_ip));
+        v.extend(dnat_to(d.guest, d.guest_port));
+        steps.push(rule(
+            "prerouting",
+            format!(
+                "publish port {} of {} to {}:{} on {}",
+                d.host_port,
+                d.host_ip.map_or("the host".to_string(), |a| a.to_string()),
+                d.guest,
+                d.guest_port,
+                d.bridge
+            ),
+            v,
         ));
     }
     if !isolated.is_empty() {
@@ -337,6 +515,16 @@ pub fn batch(bridges: &[NatBridge], isolated: &[IsolatedBridge]) -> Vec<Step> {
             format!("let replies from {} into {}", b.uplink, b.bridge),
             replies,
         ));
+        if dnat.iter().any(|d| d.bridge == b.bridge) {
+            let mut published = inbound();
+            published.extend(ct_dnat());
+            published.push(verdict(NF_ACCEPT));
+            steps.push(rule(
+                "forward",
+                format!("let published ports from {} into {}", b.uplink, b.bridge),
+                published,
+            ));
+        }
         let mut rest = inbound();
         rest.push(verdict(NF_DROP));
         steps.push(rule(
@@ -420,7 +608,21 @@ impl Nat {
             }
             Err(e) => return Err(e),
         }
-        self.send(batch(bridges, isolated))
+        self.send(batch(bridges, isolated, &[]))
+    }
+
+    /// Replace netd's own table with one for `bridges`, `isolated` and the
+    /// published ports `dnat`, in one transaction (no moment without the
+    /// filter; connections already translated keep their mappings).
+    pub fn replace(
+        &mut self,
+        bridges: &[NatBridge],
+        isolated: &[IsolatedBridge],
+        dnat: &[Dnat],
+    ) -> Result<(), NatError> {
+        let mut steps = vec![delete_table_step()];
+        steps.extend(batch(bridges, isolated, dnat));
+        self.send(steps)
     }
 
     /// Remove the table (gone already is fine).
@@ -591,7 +793,7 @@ mod tests {
 
     #[test]
     fn one_table_two_chains_three_rules_per_bridge() {
-        let steps = batch(&[br()], &[]);
+        let steps = batch(&[br()], &[], &[]);
         assert_eq!(steps.len(), 3 + 3);
         let whats: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
         assert_eq!(whats[0], CREATE_TABLE);
@@ -605,6 +807,7 @@ mod tests {
                 },
             ],
             &[],
+            &[],
         );
         assert_eq!(two.len(), 3 + 6);
         // Isolated bridges only: the table and an input chain, one rule each.
@@ -614,6 +817,7 @@ mod tests {
                 bridge: "iso0".into(),
                 address: Ipv4Addr::new(10, 98, 0, 1),
             }],
+            &[],
         );
         let whats: Vec<&str> = iso.iter().map(|s| s.what.as_str()).collect();
         assert_eq!(
@@ -637,6 +841,46 @@ mod tests {
     }
 
     #[test]
+    fn a_published_port_is_a_dnat_rule_and_a_forward_accept() {
+        let d = Dnat {
+            bridge: "br0".into(),
+            uplink: "eth0".into(),
+            host_ip: Some(Ipv4Addr::new(192, 0, 2, 1)),
+            host_port: 8080,
+            guest: Ipv4Addr::new(10, 77, 0, 5),
+            guest_port: 80,
+            proto: 6,
+        };
+        let steps = batch(&[br()], &[], std::slice::from_ref(&d));
+        let whats: Vec<&str> = steps.iter().map(|s| s.what.as_str()).collect();
+        assert!(whats.contains(&"create chain prerouting"), "{whats:?}");
+        let rule = steps
+            .iter()
+            .find(|s| s.what.starts_with("publish port 8080"))
+            .unwrap();
+        let m = bytes(&rule.message);
+        assert!(contains(&m, &8080u16.to_be_bytes()));
+        assert!(contains(&m, &80u16.to_be_bytes()));
+        assert!(contains(&m, &[10, 77, 0, 5]));
+        assert!(contains(&m, &[192, 0, 2, 1]));
+        assert!(contains(&m, b"nat\0") && contains(&m, b"fib\0"));
+        // The accept comes before the bridge's drop.
+        let acc = whats
+            .iter()
+            .position(|w| w.starts_with("let published ports"))
+            .unwrap();
+        let drop = whats
+            .iter()
+            .position(|w| w.starts_with("keep other traffic"))
+            .unwrap();
+        assert!(acc < drop);
+        // No published ports: no prerouting chain.
+        assert!(!batch(&[br()], &[], &[])
+            .iter()
+            .any(|s| s.what.contains("prerouting")));
+    }
+
+    #[test]
     fn the_masquerade_rule_matches_uplink_and_subnet_exactly() {
         let steps = batch(
             &[NatBridge {
@@ -644,6 +888,7 @@ mod tests {
                 network: Ipv4Addr::new(10, 77, 16, 0),
                 ..br()
             }],
+            &[],
             &[],
         );
         let m = bytes(&steps[3].message);

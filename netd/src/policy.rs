@@ -22,6 +22,10 @@ pub enum Refusal {
     Denied { uid: u32, bridge: String },
     #[error("uid {uid} already holds {held} tap(s), the most its policy allows")]
     Limit { uid: u32, held: u32 },
+    #[error("bridge {0:?} is not a NAT bridge: ports are published only to guests behind NAT (its guests' addresses are reachable as they are)")]
+    NotNat(String),
+    #[error("uid {uid} may not publish host port {port} (no [[allow]] rule for it and bridge {bridge:?} lists it in publish)")]
+    PortDenied { uid: u32, port: u16, bridge: String },
 }
 
 /// How many taps `peer` may hold in all when taking one on `bridge`: the
@@ -51,6 +55,43 @@ pub fn check(config: &Config, peer: &Peer, bridge: &str, held: u32) -> Result<()
             uid: peer.uid,
             held,
         });
+    }
+    Ok(())
+}
+
+/// Check that `peer` may publish `ports` to a guest on `bridge`: a NAT
+/// bridge, every host port within the `publish` ranges of a rule that
+/// matches the peer and the bridge.
+pub fn check_publish(
+    config: &Config,
+    peer: &Peer,
+    bridge: &str,
+    ports: &[crate::protocol::Publish],
+) -> Result<(), Refusal> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    if !config.bridge(bridge).is_some_and(|b| b.nat) {
+        return Err(Refusal::NotNat(bridge.to_string()));
+    }
+    let ranges: Vec<(u16, u16)> = config
+        .allow
+        .iter()
+        .filter(|r| r.uids.contains(&peer.uid) || peer.gids.iter().any(|g| r.gids.contains(g)))
+        .filter(|r| r.bridges.as_ref().map_or(true, |b| b.contains(bridge)))
+        .flat_map(|r| r.publish.iter().copied())
+        .collect();
+    for p in ports {
+        if !ranges
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&p.host_port))
+        {
+            return Err(Refusal::PortDenied {
+                uid: peer.uid,
+                port: p.host_port,
+                bridge: bridge.to_string(),
+            });
+        }
     }
     Ok(())
 }
@@ -128,5 +169,48 @@ max_taps = 3
             .map(|(b, _)| b.name.as_str())
             .collect();
         assert_eq!(v, ["a"]);
+    }
+
+    #[test]
+    fn published_ports_need_a_nat_bridge_and_a_range() {
+        let text = r#"
+[[bridge]]
+name = "n"
+address = "10.3.0.1/24"
+nat = true
+uplink = "eth0"
+[[bridge]]
+name = "r"
+address = "10.4.0.1/24"
+forward = true
+[[allow]]
+users = [1000]
+bridges = ["*"]
+publish = ["8000-8099", "2222"]
+"#;
+        let c = Config::parse(text, Path::new("t.toml"), &|_| None, &|_| None).unwrap();
+        let p = |s: &str| -> crate::protocol::Publish { s.parse().unwrap() };
+        let me = peer(1000, &[]);
+        assert_eq!(
+            check_publish(&c, &me, "n", &[p("8080:80"), p("2222:22")]),
+            Ok(())
+        );
+        assert!(matches!(
+            check_publish(&c, &me, "n", &[p("8100:80")]),
+            Err(Refusal::PortDenied { port: 8100, .. })
+        ));
+        assert_eq!(
+            check_publish(&c, &me, "r", &[p("8080:80")]),
+            Err(Refusal::NotNat("r".into()))
+        );
+        assert!(check_publish(&c, &peer(7, &[]), "n", &[p("8080:80")]).is_err());
+        assert_eq!(check_publish(&c, &peer(7, &[]), "n", &[]), Ok(()));
+        for bad in ["0-10", "90-80", "x", "1-70000"] {
+            let t = text.replace("\"2222\"", &format!("{bad:?}"));
+            assert!(
+                Config::parse(&t, Path::new("t.toml"), &|_| None, &|_| None).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

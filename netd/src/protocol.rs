@@ -44,12 +44,16 @@ pub enum Request {
     /// The versions the client speaks.
     Hello { versions: Vec<u32> },
     /// A tap on `bridge`. `tag` (a guest name) makes the MAC stable across runs.
+    /// `publish`: ports of the host that reach the guest (NAT bridges only,
+    /// within the policy's `publish` ranges), for as long as the tap lives.
     CreateTap {
         bridge: String,
         #[serde(default)]
         mode: TapMode,
         #[serde(default)]
         tag: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        publish: Vec<Publish>,
     },
     /// The caller's taps (on every connection of its uid). (Empty struct
     /// variants, not unit ones: serde only denies unknown fields on those.)
@@ -58,6 +62,80 @@ pub enum Request {
     Bridges {},
     /// Give back a tap of this connection.
     Release { ifname: String },
+}
+
+/// A transport protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A port of the host that reaches a port of the guest (DNAT), like
+/// `docker run -p`: `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    /// Only connections to this host address (default: any of the host's
+    /// addresses on the bridge's uplink).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub proto: Proto,
+}
+
+impl std::str::FromStr for Publish {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Publish, String> {
+        let bad = || {
+            format!(
+                "--publish {s:?}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp], ports 1-65535"
+            )
+        };
+        let (ports, proto) = match s.rsplit_once('/') {
+            Some((p, "tcp")) => (p, Proto::Tcp),
+            Some((p, "udp")) => (p, Proto::Udp),
+            Some(_) => return Err(bad()),
+            None => (s, Proto::Tcp),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, hp, gp) = match parts.as_slice() {
+            [h, g] => (None, *h, *g),
+            [ip, h, g] => (Some(ip.parse::<Ipv4Addr>().map_err(|_| bad())?), *h, *g),
+            _ => return Err(bad()),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad);
+        Ok(Publish {
+            host_ip,
+            host_port: port(hp)?,
+            guest_port: port(gp)?,
+            proto,
+        })
+    }
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        let p = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        write!(f, "{}:{}/{p}", self.host_port, self.guest_port)
+    }
+}
+
+impl Publish {
+    /// Whether two publications claim the same host port.
+    pub fn clashes(&self, other: &Publish) -> bool {
+        self.proto == other.proto
+            && self.host_port == other.host_port
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+    }
 }
 
 /// What a tap lease gives the guest.
@@ -78,6 +156,9 @@ pub struct Lease {
     /// Name servers for the guest (none: leave its resolver alone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<Ipv4Addr>,
+    /// The host ports that reach this guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<Publish>,
 }
 
 /// A bridge as the caller sees it.
@@ -114,6 +195,8 @@ pub enum ErrorCode {
     NoSuchTap,
     /// The bridge's subnet has no free address.
     Exhausted,
+    /// A host port asked for is published already.
+    InUse,
     /// netd itself failed (netlink, tun); the message says what.
     Internal,
 }
@@ -198,6 +281,7 @@ mod tests {
                 bridge: "umlbr0".into(),
                 mode: TapMode::Fd,
                 tag: Some("web".into()),
+                publish: vec![],
             },
             Request::List {},
             Request::Bridges {},
@@ -221,6 +305,7 @@ mod tests {
             mtu: 1500,
             uid: 1000,
             dns: vec![],
+            publish: vec![],
         };
         let r = Reply::Tap {
             lease: lease.clone(),
@@ -247,6 +332,7 @@ mod tests {
             bridge: "b".into(),
             mode: TapMode::Owned,
             tag: None,
+            publish: vec![],
         });
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
@@ -258,9 +344,44 @@ mod tests {
             Request::CreateTap {
                 bridge: "b".into(),
                 mode: TapMode::Owned,
-                tag: None
+                tag: None,
+                publish: vec![],
             }
         );
+    }
+
+    #[test]
+    fn published_ports_parse_print_and_clash() {
+        let p: Publish = "8080:80".parse().unwrap();
+        assert_eq!(p.to_string(), "8080:80/tcp");
+        let q: Publish = "192.0.2.1:53:5353/udp".parse().unwrap();
+        assert_eq!(q.host_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(q.to_string(), "192.0.2.1:53:5353/udp");
+        for bad in [
+            "80",
+            "0:80",
+            "80:0",
+            "70000:80",
+            "a:80",
+            "1.2.3:80:80",
+            "80:80/sctp",
+            ":80:80",
+        ] {
+            assert!(bad.parse::<Publish>().is_err(), "{bad}");
+        }
+        let any: Publish = "8080:81".parse().unwrap();
+        let one: Publish = "192.0.2.1:8080:82".parse().unwrap();
+        let other: Publish = "192.0.2.2:8080:82".parse().unwrap();
+        assert!(p.clashes(&any) && any.clashes(&one) && !one.clashes(&other));
+        assert!(!p.clashes(&"8080:80/udp".parse().unwrap()));
+        // On the wire, with the request; left out when empty.
+        let r = Request::CreateTap {
+            bridge: "b".into(),
+            mode: TapMode::Owned,
+            tag: None,
+            publish: vec![p, q],
+        };
+        assert_eq!(decode::<Request>(&encode(&r)).unwrap(), r);
     }
 
     #[test]

@@ -1934,3 +1934,121 @@ fn a_stock_debian_image_boots_to_a_login_with_its_network_and_sshd() {
     let cat = umlctl(&["image", "cat", &overlay_s, "/root/.ssh/authorized_keys"]);
     assert_eq!(cat.stdout, pubkey);
 }
+
+/// `start --publish`: a host port reaches a detached guest on a NAT bridge
+/// from the outside (through the uplink), only while the guest runs, only
+/// within the policy's `publish` ranges, only on NAT bridges, and never
+/// twice; `ps` shows it.
+#[test]
+fn a_published_port_reaches_a_detached_guest_from_outside() {
+    let outside = Netns::new("pubout");
+    let out = outside.0.clone();
+    let config = NAT_CONFIG.replace("max_taps = 8", "max_taps = 8\npublish = [\"8000-8099\"]");
+    let d = Netd::start_with("pub", &config, |ns| {
+        let o = sh(&format!(
+            "set -e; ip link add up0 netns {ns} type veth peer name out0 netns {out}
+             ip -n {ns} addr add 192.0.2.1/24 dev up0; ip -n {ns} link set up0 up
+             ip -n {out} addr add 192.0.2.2/24 dev out0; ip -n {out} link set out0 up
+             ip -n {ns} route add default via 192.0.2.2",
+            ns = ns.0
+        ));
+        assert_ok(&o, "the uplink veth");
+    });
+    let dir = scratch();
+    let root = dir.path().join("root");
+    for sub in ["bin", "sbin", "proc", "dev", "tmp", "www"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for t in ["sh", "httpd", "sleep", "mount"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "published\n").unwrap();
+    let init = root.join("sbin/webinit");
+    std::fs::write(
+        &init,
+        "#!/bin/sh\nmount -t proc proc /proc\nhttpd -p 80 -h /www\nwhile :; do sleep 1000; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let img = dir.path().join("web.ext4");
+    mkfs_ext4(&root, &img);
+    let img_s = img.display().to_string();
+    let kernel_s = kernel().display().to_string();
+    let umlctl = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &d.ns.0])
+            .arg(umlctl_bin())
+            .args(args)
+            .env("UMLCTL_UML_DIR", dir.path().join("uml"))
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .env("UMLCTL_NETD_SOCKET", d.socket())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let start = |name: &str, bridge: &str, publish: &str| {
+        umlctl(&[
+            "start",
+            "--name",
+            name,
+            "--image",
+            &img_s,
+            "--kernel",
+            &kernel_s,
+            "--init",
+            "/sbin/webinit",
+            "--mem",
+            "64M",
+            "--net",
+            bridge,
+            "--publish",
+            publish,
+            "--wait",
+            "tcp:80",
+        ])
+    };
+    assert_ok(&start("web", "nat0", "8080:80"), "start --publish 8080:80");
+    let ps = String::from_utf8_lossy(&umlctl(&["ps"]).stdout).into_owned();
+    assert!(ps.contains("publish 8080:80/tcp"), "{ps}");
+    let table = assert_ok(&nft_table(&d.ns), "nft list table");
+    assert!(
+        table.contains("tcp dport 8080") && table.contains("dnat to 10.95.0."),
+        "{table}"
+    );
+    let fetch = || {
+        sh(&format!(
+            "ip netns exec {out} timeout 10 bash -c 'exec 3<>/dev/tcp/192.0.2.1/8080 && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
+        ))
+    };
+    let o = fetch();
+    let page = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        page.starts_with("HTTP/1.") && page.ends_with("\r\n\r\npublished\n"),
+        "from outside: {page:?} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The same port again, a port the policy does not allow, a bridge
+    // without NAT: refused, and nothing is left of the attempt.
+    for (name, bridge, publish, why) in [
+        ("twice", "nat0", "8080:81", "published already"),
+        ("far", "nat0", "9999:80", "may not publish host port 9999"),
+        ("routed", "routed0", "8081:80", "not a NAT bridge"),
+    ] {
+        let o = start(name, bridge, publish);
+        assert_eq!(o.status.code(), Some(125), "{name}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{name}: {err}");
+        let ps = String::from_utf8_lossy(&umlctl(&["ps", "--all"]).stdout).into_owned();
+        assert!(!ps.contains(name), "{name} left behind:\n{ps}");
+    }
+    // Gone with the guest.
+    assert_ok(&umlctl(&["stop", "web"]), "stop");
+    wait_until(|| d.ns.taps().is_empty(), "the tap removed after stop", &d);
+    let table = assert_ok(&nft_table(&d.ns), "nft list table");
+    assert!(!table.contains("dnat"), "{table}");
+    assert!(
+        !fetch().status.success(),
+        "the port still reaches somewhere"
+    );
+}

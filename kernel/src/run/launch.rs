@@ -12,6 +12,8 @@ pub struct Network {
     pub nics: Vec<crate::cmdline::Nic>,
     pub specs: Vec<crate::protocol::NicSpec>,
     pub fds: Vec<OwnedFd>,
+    /// The host ports published to each interface's guest.
+    pub published: Vec<Vec<umlctl_netd::protocol::Publish>>,
 }
 
 /// Where UML finds the first fd-mode tap descriptor.
@@ -19,11 +21,13 @@ pub const FIRST_TAP_FD: i32 = 8;
 
 /// Ask netd for a tap on each bridge. An owned tap (UML opens it, with
 /// offloads) when this process can open /dev/net/tun, else netd's
-/// descriptor (the `fd` transport).
+/// descriptor (the `fd` transport). `publish`: host ports for the guest
+/// on the first bridge (which must be a NAT bridge).
 pub fn attach_network(
     bridges: &[String],
     socket: Option<&Path>,
     tag: Option<&str>,
+    publish: &[umlctl_netd::protocol::Publish],
 ) -> Result<Network> {
     use crate::cmdline::{Nic, NicTransport};
     use umlctl_netd::protocol::TapMode;
@@ -32,8 +36,15 @@ pub fn attach_network(
         nics: vec![],
         specs: vec![],
         fds: vec![],
+        published: vec![],
     };
     if bridges.is_empty() {
+        if !publish.is_empty() {
+            return Err(Error::Usage(
+                "--publish needs --net BRIDGE (a NAT bridge: the ports reach the guest on it)"
+                    .into(),
+            ));
+        }
         return Ok(net);
     }
     if bridges.len() > 16 {
@@ -51,7 +62,8 @@ pub fn attach_network(
     };
     for (i, bridge) in bridges.iter().enumerate() {
         let tag = tag.map(|t| format!("{t}/{i}"));
-        let (lease, fd) = client.create_tap(bridge, mode, tag.as_deref())?;
+        let ports = if i == 0 { publish } else { &[] };
+        let (lease, fd) = client.create_tap_publishing(bridge, mode, tag.as_deref(), ports)?;
         let transport = match fd {
             Some(fd) => {
                 let n = FIRST_TAP_FD + crate::num::small_i32(net.fds.len());
@@ -74,6 +86,7 @@ pub fn attach_network(
             transport,
             mac: lease.mac.clone(),
         });
+        net.published.push(lease.publish.clone());
         net.specs.push(crate::protocol::NicSpec {
             device: format!("vec{i}"),
             address: lease.address,

@@ -422,7 +422,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     }
     let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
     // Held until the guest is gone: the taps live as long as this connection.
-    let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None)?;
+    let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &[])?;
     let info = &prep.located.info;
     let use_shim = prep.shim.is_some();
 
