@@ -1,10 +1,13 @@
-//! The daemon: on start it removes the taps a previous run left (its state
-//! file), creates or adopts its bridges, and listens on its socket. Each
-//! connection is its own task, so a slow, malformed or oversized client
-//! only ever stalls itself. A tap lives as long as the connection that
-//! asked for it; when the connection closes, for any reason, the tap is
-//! removed and its lease freed. Every decision is written to stderr (the
-//! audit log), refusals included.
+//! The daemon: on start it adopts the taps a previous run left that a guest
+//! still holds and removes the others (its state file), creates or adopts
+//! its bridges, and listens on its socket. Each connection is its own task,
+//! so a slow, malformed or oversized client only ever stalls itself. A tap
+//! lives as long as the connection that asked for it; when the connection
+//! closes, for any reason, the tap is removed and its lease freed. When
+//! netd stops, the taps of its open connections stay with their guests, so
+//! a restarted (upgraded) netd adopts them: an adopted tap lives as long as
+//! a process holds it. Every decision is written to stderr (the audit log),
+//! refusals included.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -162,7 +165,15 @@ struct State {
     /// again gets the same one (as long as the state file lives).
     #[serde(default)]
     reserved: Vec<Reservation>,
+    /// The leases of `taps`, for a restarted netd to adopt the ones a guest
+    /// still holds.
+    #[serde(default)]
+    leases: Vec<Lease>,
 }
+
+/// The connection id of adopted taps (no connection: they live as long as
+/// a process holds them).
+const ADOPTED: u64 = 0;
 
 /// An address kept for a guest: its owner, its name (the tap's tag) and
 /// its bridge.
@@ -198,6 +209,7 @@ async fn save_state(sh: &Shared, restore: &BTreeMap<String, bool>, taps: &BTreeM
         forwarding: restore.clone(),
         bridges: config.bridges.iter().map(|b| b.name.clone()).collect(),
         reserved: sh.reserved.lock().map(|r| r.clone()).unwrap_or_default(),
+        leases: taps.values().map(|t| t.lease.clone()).collect(),
     };
     let tmp = config.state.with_extension("tmp");
     let data = serde_json::to_vec(&state).unwrap_or_default();
@@ -232,10 +244,26 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     // Whatever a previous run created is gone with its connections; the
     // addresses it kept for named guests stay kept.
     let mut reserved = Vec::new();
+    let mut adopt: Vec<Lease> = Vec::new();
     if let Ok(data) = std::fs::read(&config.state) {
         let old: State = serde_json::from_slice(&data).unwrap_or_default();
         reserved = old.reserved.clone();
+        // A tap a guest still holds (on a bridge still configured) is
+        // adopted: a netd restart does not cut running guests off.
+        adopt = old
+            .leases
+            .into_iter()
+            .filter(|l| {
+                l.ifname.starts_with(lease::TAP_PREFIX)
+                    && old.taps.contains(&l.ifname)
+                    && config.bridge(&l.bridge).is_some()
+                    && link::attached(&l.ifname)
+            })
+            .collect();
         for name in old.taps {
+            if adopt.iter().any(|l| l.ifname == name) {
+                continue;
+            }
             if name.starts_with(lease::TAP_PREFIX) {
                 match link::remove(&nl, &name).await {
                     Ok(()) => eprintln!("netd: removed {name}, left by a previous run"),
@@ -326,7 +354,64 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             .map(Duration::from_secs)
             .unwrap_or(IDLE_TIMEOUT),
     });
-    save_state(&shared, &shared.restore, &BTreeMap::new()).await;
+    {
+        let mut taps = shared.taps.lock().await;
+        for l in adopt {
+            eprintln!(
+                "netd: adopted {} on {} ({}/{}, uid {}): a guest still holds it",
+                l.ifname, l.bridge, l.address, l.prefix, l.uid
+            );
+            taps.insert(
+                l.ifname.clone(),
+                Tap {
+                    lease: l,
+                    conn: ADOPTED,
+                    _fd: None,
+                },
+            );
+        }
+        if taps.values().any(|t| !t.lease.publish.is_empty()) {
+            if let Err(e) = publish_ports(&shared, &taps) {
+                eprintln!("netd: {e}");
+            }
+        }
+        save_state(&shared, &shared.restore, &taps).await;
+    }
+    // Adopted taps go when their guest lets go of them.
+    {
+        let sh = Arc::clone(&shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let mut taps = sh.taps.lock().await;
+                let gone: Vec<String> = taps
+                    .iter()
+                    .filter(|(n, t)| t.conn == ADOPTED && !link::attached(n))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if gone.is_empty() {
+                    continue;
+                }
+                // The published ports go before the links.
+                let mut published = false;
+                for n in &gone {
+                    published |= taps.remove(n).is_some_and(|t| !t.lease.publish.is_empty());
+                }
+                if published {
+                    if let Err(e) = publish_ports(&sh, &taps) {
+                        eprintln!("netd: {e}");
+                    }
+                }
+                for n in &gone {
+                    if let Err(e) = link::remove(&sh.nl, n).await {
+                        eprintln!("netd: {e}");
+                    }
+                    eprintln!("netd: removed adopted {n}: its guest let go of it");
+                }
+                save_state(&sh, &sh.restore, &taps).await;
+            }
+        });
+    }
     eprintln!("netd: listening on {}", shared.config.socket.display());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -368,14 +453,25 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    eprintln!("netd: stopping; removing every tap");
+    eprintln!("netd: stopping");
     let mut taps = shared.taps.lock().await;
-    for name in taps.keys() {
-        if let Err(e) = link::remove(&shared.nl, name).await {
+    // A tap a guest holds stays with it (a restarted netd adopts it); the
+    // others go. netd's own descriptors of fd-mode taps are let go first,
+    // so that only a guest's hold counts.
+    for t in taps.values_mut() {
+        t._fd = None;
+    }
+    let names: Vec<String> = taps.keys().cloned().collect();
+    for name in names {
+        if link::attached(&name) {
+            eprintln!("netd: left {name} to its guest (a restarted netd adopts it)");
+            continue;
+        }
+        if let Err(e) = link::remove(&shared.nl, &name).await {
             eprintln!("netd: {e}");
         }
+        taps.remove(&name);
     }
-    taps.clear();
     save_state(&shared, &shared.restore, &taps).await;
     if let Err(e) = link::remove_rules(&shared.nl).await {
         eprintln!("netd: {e}");
@@ -846,9 +942,7 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
         .map(|(n, _)| n.clone())
         .collect();
     for name in &mine {
-        if let Err(e) = link::remove(&sh.nl, name).await {
-            eprintln!("netd: {e}");
-        }
+        // The published ports go before the link.
         if taps
             .remove(name)
             .is_some_and(|t| !t.lease.publish.is_empty())
@@ -856,6 +950,9 @@ async fn connection(sh: Arc<Shared>, stream: UnixStream, id: u64) {
             if let Err(e) = publish_ports(&sh, &taps) {
                 eprintln!("netd: {e}");
             }
+        }
+        if let Err(e) = link::remove(&sh.nl, name).await {
+            eprintln!("netd: {e}");
         }
         audit(&peer, format_args!("connection closed: removed {name}"));
     }

@@ -150,6 +150,14 @@ pub async fn attach(h: &Handle, tap: &str, bridge: u32, mtu: u32) -> Result<(), 
 }
 
 /// Remove link `name`; a link that is already gone is fine.
+/// Whether a tap has a process attached (its carrier is on): a guest's
+/// UML holds it. Read from sysfs, which `ip netns exec` and systemd's
+/// namespaces mount for the namespace netd runs in.
+pub fn attached(ifname: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/carrier"))
+        .is_ok_and(|c| c.trim() == "1")
+}
+
 pub async fn remove(h: &Handle, name: &str) -> Result<(), LinkError> {
     let Some(m) = get(h, name).await? else {
         return Ok(());

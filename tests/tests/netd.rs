@@ -1944,7 +1944,7 @@ fn a_published_port_reaches_a_detached_guest_from_outside() {
     let outside = Netns::new("pubout");
     let out = outside.0.clone();
     let config = NAT_CONFIG.replace("max_taps = 8", "max_taps = 8\npublish = [\"8000-8099\"]");
-    let d = Netd::start_with("pub", &config, |ns| {
+    let mut d = Netd::start_with("pub", &config, |ns| {
         let o = sh(&format!(
             "set -e; ip link add up0 netns {ns} type veth peer name out0 netns {out}
              ip -n {ns} addr add 192.0.2.1/24 dev up0; ip -n {ns} link set up0 up
@@ -1975,14 +1975,15 @@ fn a_published_port_reaches_a_detached_guest_from_outside() {
     mkfs_ext4(&root, &img);
     let img_s = img.display().to_string();
     let kernel_s = kernel().display().to_string();
+    let (ns_name, sock) = (d.ns.0.clone(), d.socket());
     let umlctl = |args: &[&str]| {
         Command::new("ip")
-            .args(["netns", "exec", &d.ns.0])
+            .args(["netns", "exec", &ns_name])
             .arg(umlctl_bin())
             .args(args)
             .env("UMLCTL_UML_DIR", dir.path().join("uml"))
             .env("UMLCTL_CACHE_DIR", cache_dir())
-            .env("UMLCTL_NETD_SOCKET", d.socket())
+            .env("UMLCTL_NETD_SOCKET", &sock)
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -2042,11 +2043,47 @@ fn a_published_port_reaches_a_detached_guest_from_outside() {
         let ps = String::from_utf8_lossy(&umlctl(&["ps", "--all"]).stdout).into_owned();
         assert!(!ps.contains(name), "{name} left behind:\n{ps}");
     }
+    // netd restarted (SIGTERM, as an upgrade does) and killed (SIGKILL)
+    // while the guest runs: the new netd adopts the guest's tap, its
+    // address and its published port, and the guest stays reachable.
+    let addr = {
+        let ps: serde_json::Value =
+            serde_json::from_slice(&umlctl(&["ps", "--json"]).stdout).unwrap();
+        nic_address(&ps[0])
+    };
+    for how in ["SIGTERM", "SIGKILL"] {
+        if how == "SIGTERM" {
+            d.kill_and_wait();
+        } else {
+            d.kill9();
+        }
+        d.spawn();
+        assert!(
+            d.log().matches("adopted umltap").count() >= if how == "SIGTERM" { 1 } else { 2 },
+            "after {how}:\n{}",
+            d.log()
+        );
+        assert_eq!(d.ns.taps().len(), 1, "after {how}");
+        assert!(answers(&d.ns, &addr), "the guest after netd's {how}");
+        let page = String::from_utf8_lossy(&fetch().stdout).into_owned();
+        assert!(
+            page.ends_with("published\n"),
+            "the published port after netd's {how}: {page:?}"
+        );
+        // The adopted lease is in use: another tap gets another address.
+        let mut c = d.client();
+        let (other, _) = c.create_tap("nat0", TapMode::Owned, None).unwrap();
+        assert_ne!(other.address.to_string(), addr);
+        drop(c);
+    }
     // Gone with the guest.
     assert_ok(&umlctl(&["stop", "web"]), "stop");
     wait_until(|| d.ns.taps().is_empty(), "the tap removed after stop", &d);
     let table = assert_ok(&nft_table(&d.ns), "nft list table");
-    assert!(!table.contains("dnat"), "{table}");
+    assert!(
+        !table.contains("dnat"),
+        "the published port outlived the tap:\n{table}"
+    );
     assert!(
         !fetch().status.success(),
         "the port still reaches somewhere"
