@@ -591,3 +591,67 @@ fn exec_runs_commands_in_a_running_guest() {
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no guest named"));
 }
+
+/// A busybox image with busybox's built-in init table (no /etc/inittab):
+/// its console shell appears on `umlctl console` and takes input, and exec
+/// works beside it.
+#[test]
+fn a_busybox_default_init_gives_its_console_shell() {
+    let env = Env::new();
+    let root = env.dir.path().join("bbroot");
+    for d in [
+        "bin",
+        "sbin",
+        "etc/init.d",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for t in ["sh", "mount", "echo", "true", "cat", "hostname"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    std::os::unix::fs::symlink("../bin/busybox", root.join("sbin/init")).unwrap();
+    let rcs = root.join("etc/init.d/rcS");
+    fs::write(&rcs, "#!/bin/sh\nmount -t proc proc /proc\n").unwrap();
+    fs::set_permissions(&rcs, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let img = env.dir.path().join("bb.ext4");
+    mkfs_ext4(&root, &img);
+    let k = kernel();
+    env.ok(&[
+        "start",
+        "--name",
+        "bb",
+        "--wait",
+        "--image",
+        s(&img),
+        "--mem",
+        "64M",
+        "--kernel",
+        s(&k),
+    ]);
+    let cmd = format!(
+        "UMLCTL_UML_DIR='{}' UMLCTL_CACHE_DIR='{}' '{}' console bb",
+        env.uml_dir().display(),
+        cache_dir().display(),
+        umlctl_bin().display()
+    );
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg("(sleep 2; printf '\\r'; sleep 1; printf 'echo typed-$((20+22))\\r'; sleep 2; printf '\\035') | script -qec \"$0\" /dev/null")
+        .arg(&cmd)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("Please press Enter to activate this console") && text.contains("typed-42"),
+        "{text:?}"
+    );
+    let o = env.umlctl(&["exec", "bb", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "bb\n");
+    env.ok(&["stop", "--force", "bb"]);
+}
