@@ -490,6 +490,25 @@ fn info(a: InfoArgs) -> u8 {
     0
 }
 
+/// What a kernel offers beyond what umlctl requires, in one line.
+fn supports(i: &umlctl_kernel::inspect::KernelInfo) -> String {
+    let mut net = vec!["vector"];
+    if i.has("legacy-net") {
+        net.push("legacy tuntap/daemon");
+    }
+    format!(
+        "userspace {}; {}; net {}; virtio {}",
+        if i.has("seccomp-mode") {
+            "ptrace or seccomp"
+        } else {
+            "ptrace only"
+        },
+        if i.has("smp") { "SMP" } else { "1 CPU" },
+        net.join(", "),
+        if i.has("virtio") { "yes" } else { "no" }
+    )
+}
+
 fn print_info(l: &Located, host: Option<xstate::HostXstate>, needs_shim: Option<bool>) {
     let i = &l.info;
     println!("kernel:    {}", i.path.display());
@@ -530,6 +549,20 @@ fn print_info(l: &Located, host: Option<xstate::HostXstate>, needs_shim: Option<
         ),
         (None, _) => println!("xstate:    could not measure the host (see `umlctl doctor`)"),
     }
+    let modes = if i.has("seccomp-mode") {
+        "ptrace (default), seccomp (faster; guest processes can reach the guest kernel's memory)"
+    } else {
+        "ptrace"
+    };
+    println!("userspace: {modes}");
+    println!(
+        "cpus:      {}",
+        if i.has("smp") {
+            "several (SMP kernel)"
+        } else {
+            "1 (no SMP)"
+        }
+    );
     println!("features:");
     for f in &i.features {
         println!(
@@ -557,14 +590,15 @@ pub fn doctor_main(a: DoctorArgs) -> u8 {
             name: "kernel",
             level: Level::Ok,
             detail: format!(
-                "{} ({}, {}) via {}",
+                "{} ({}, {}) via {}; {}",
                 l.info.path.display(),
                 l.info.version,
                 match l.info.linkage {
                     Linkage::Static => "static",
                     Linkage::Dynamic { .. } => "dynamic",
                 },
-                l.origin
+                l.origin,
+                supports(&l.info)
             ),
             fix: None,
         },

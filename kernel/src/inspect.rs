@@ -51,7 +51,8 @@ pub struct KernelInfo {
     pub libs: Vec<PathBuf>,
 }
 
-/// (name, config options (any of, `|`), used for)
+/// (name, config options (any of, `|`; `help:X`: the kernel's `--help`
+/// lists the boot option X), used for)
 const FEATURES: &[(&str, &str, &str)] = &[
     (
         "hostfs",
@@ -86,6 +87,22 @@ const FEATURES: &[(&str, &str, &str)] = &[
         "writable /tmp, /run in the guest",
     ),
     ("ext4", "CONFIG_EXT4_FS", "ext4 root images"),
+    (
+        "seccomp-mode",
+        "help:seccomp=",
+        "guest processes under seccomp instead of ptrace (UML >= 6.16, `seccomp=`)",
+    ),
+    (
+        "smp",
+        "CONFIG_SMP",
+        "several virtual CPUs (UML >= 6.19, `ncpus=`)",
+    ),
+    (
+        "legacy-net",
+        "CONFIG_UML_NET_TUNTAP|CONFIG_UML_NET_DAEMON|CONFIG_UML_NET_SLIRP",
+        "UML's old network transports (gone in 6.16; umlctl uses vector)",
+    ),
+    ("virtio", "CONFIG_VIRTIO_UML", "vhost-user virtio devices"),
 ];
 
 impl KernelInfo {
@@ -140,7 +157,7 @@ pub fn inspect(path: &Path) -> Result<KernelInfo> {
 fn identity_key(path: &Path) -> Option<PathBuf> {
     let md = std::fs::metadata(path).ok()?;
     // Bump the salt when KernelInfo or the feature list changes.
-    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v2");
+    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v3");
     let dir = crate::paths::cache_dir().ok()?.join("kernel-info");
     crate::paths::ensure_dir(&dir).ok()?;
     Some(dir.join(format!("{hex}.json")))
@@ -202,15 +219,18 @@ pub fn inspect_uncached(path: &Path) -> Result<KernelInfo> {
         ))
     })?;
     let config = parse_config(&run_quietly(path, "--showconfig")?);
+    // The boot options the kernel documents (seccomp=, ncpus=, ...).
+    let help = run_quietly(path, "--help").unwrap_or_default();
     let features = FEATURES
         .iter()
         .map(|&(name, opts, used_for)| Feature {
             name: name.into(),
             config: opts.into(),
             used_for: used_for.into(),
-            present: opts
-                .split('|')
-                .any(|o| config.get(o).is_some_and(|v| v == "y")),
+            present: opts.split('|').any(|o| match o.strip_prefix("help:") {
+                Some(option) => help.lines().any(|l| l.trim_start().starts_with(option)),
+                None => config.get(o).is_some_and(|v| v == "y"),
+            }),
         })
         .collect();
     Ok(KernelInfo {

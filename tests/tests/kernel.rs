@@ -220,6 +220,31 @@ fn a_built_6_12_kernel_has_umlctls_options_and_runs_acl_and_capability_images() 
     let info: serde_json::Value = serde_json::from_str(&assert_ok(&info, "kernel info")).unwrap();
     assert_eq!(info["origin"]["kind"], "cache", "{info}");
     assert_eq!(info["path"].as_str().unwrap(), path.to_str().unwrap());
+    // What the kernel offers beyond umlctl's needs is reported: 6.12 has
+    // neither seccomp mode (6.16) nor SMP (6.19), and still the legacy
+    // transports; Debian's 6.1 the same.
+    let has = |info: &serde_json::Value, name: &str| {
+        info["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {info}"))["present"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(!has(&info, "seccomp-mode") && !has(&info, "smp") && has(&info, "legacy-net"));
+    let deb = umlctl_in(
+        &kcache(),
+        ["kernel", "info", "--json", "/usr/bin/linux.uml"],
+    );
+    let deb: serde_json::Value = serde_json::from_str(&assert_ok(&deb, "kernel info 6.1")).unwrap();
+    assert!(!has(&deb, "seccomp-mode") && has(&deb, "legacy-net") && has(&deb, "vector-net"));
+    let text = assert_ok(&umlctl_in(&kcache(), ["kernel", "info"]), "kernel info");
+    assert!(
+        text.contains("userspace: ptrace\n") && text.contains("cpus:      1 (no SMP)"),
+        "{text}"
+    );
     let out = umlctl_in(&kcache(), ["run", "--", "uname", "-r"]);
     assert!(assert_ok(&out, "run (default kernel)").starts_with("6.12."));
 
