@@ -64,6 +64,11 @@ pub struct StartArgs {
     /// ready in time is stopped and removed, with its console's last lines.
     #[arg(long, value_name = "PROBE", num_args = 0..=1, default_missing_value = "exec")]
     wait: Option<detached::Ready>,
+    /// How the guest's processes run: ptrace (default: the guest kernel's memory is out of their
+    /// reach), seccomp (faster, UML >= 6.16; they can reach the guest kernel's memory: trusted
+    /// workloads only) or auto (seccomp where the host allows it).
+    #[arg(long, value_name = "MODE", default_value = "ptrace")]
+    userspace: umlctl_kernel::cmdline::Userspace,
     /// Seconds --wait may take.
     #[arg(long, value_name = "SECS", default_value = "120")]
     wait_timeout: u64,
@@ -167,6 +172,7 @@ pub fn start(a: StartArgs) -> u8 {
     spec.netd_socket = a.netd_socket;
     spec.hostname = a.hostname;
     spec.publish = a.publish;
+    spec.userspace = a.userspace;
     spec.jail = a.jail.opts();
     spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
     spec.shim = if a.no_xstate_shim {

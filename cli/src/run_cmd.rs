@@ -49,6 +49,11 @@ pub struct RunArgs {
     /// CMD's working directory (default: the current directory; / with --image).
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<PathBuf>,
+    /// How CMD's processes run: ptrace (default: the guest kernel's memory is out of their reach),
+    /// seccomp (faster, UML >= 6.16; they can reach the guest kernel's memory: for trusted work
+    /// such as a CI job's own code) or auto (seccomp where the host allows it).
+    #[arg(long, value_name = "MODE", default_value = "ptrace")]
+    userspace: umlctl_kernel::cmdline::Userspace,
     /// Stop the guest and exit 124 after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -120,6 +125,7 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     spec.overlay = a.overlay;
     spec.mem_bytes = parse_size(&a.mem)?;
     spec.workdir = a.workdir;
+    spec.userspace = a.userspace;
     spec.console_log = a.console_log;
     spec.verbose = a.verbose;
     spec.shim = match (

@@ -77,6 +77,55 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+/// The mode the guest's processes run in (UML's `seccomp=`, 6.16 on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Userspace {
+    /// Traced with ptrace: the guest kernel's memory is out of their reach.
+    #[default]
+    Ptrace,
+    /// seccomp: faster system calls and page faults, but guest processes
+    /// can reach the guest kernel's memory (trusted workloads only).
+    Seccomp,
+    /// seccomp where the host allows it, else ptrace (UML decides).
+    Auto,
+}
+
+impl std::str::FromStr for Userspace {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Userspace, String> {
+        match s {
+            "ptrace" => Ok(Userspace::Ptrace),
+            "seccomp" => Ok(Userspace::Seccomp),
+            "auto" => Ok(Userspace::Auto),
+            _ => Err(format!(
+                "--userspace {s:?}: expected ptrace, seccomp or auto"
+            )),
+        }
+    }
+}
+
+impl Userspace {
+    /// The `seccomp=` boot option for a kernel that has the mode, or an
+    /// error naming what is missing for one that has not (`version`).
+    pub fn boot_option(
+        self,
+        kernel_has_seccomp: bool,
+        version: &str,
+    ) -> Result<Option<&'static str>> {
+        match (self, kernel_has_seccomp) {
+            (Userspace::Ptrace, true) => Ok(Some("off")),
+            (Userspace::Seccomp, true) => Ok(Some("on")),
+            (Userspace::Auto, true) => Ok(Some("auto")),
+            (Userspace::Seccomp, false) => Err(Error::Usage(format!(
+                "--userspace seccomp: kernel {version} has no seccomp mode (UML 6.16 or later; `umlctl kernel info` lists the modes a kernel has)"
+            ))),
+            // ptrace is all there is; auto falls back to it.
+            (_, false) => Ok(None),
+        }
+    }
+}
+
 /// Everything that goes onto a UML command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootPlan {
@@ -104,6 +153,8 @@ pub struct BootPlan {
     pub init_env: Vec<(String, String)>,
     /// Network interfaces, `vec0`, `vec1`, … in order.
     pub nics: Vec<Nic>,
+    /// UML's `seccomp=` (on, off, auto); `None` for kernels without it.
+    pub seccomp: Option<&'static str>,
 }
 
 /// How a guest interface reaches the host.
@@ -320,6 +371,9 @@ impl BootPlan {
             a.push(nic.arg(n)?);
         }
         a.push(format!("console=tty{}", self.console_line));
+        if let Some(s) = self.seccomp {
+            a.push(format!("seccomp={s}"));
+        }
         a.push("noreboot".into());
         for (k, v) in &self.init_env {
             let ok = |s: &str| {
@@ -359,6 +413,36 @@ impl BootPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userspace_modes_need_a_kernel_that_has_them() {
+        assert_eq!(
+            Userspace::Ptrace.boot_option(true, "7.2.13").unwrap(),
+            Some("off")
+        );
+        assert_eq!(
+            Userspace::Seccomp.boot_option(true, "7.2.13").unwrap(),
+            Some("on")
+        );
+        assert_eq!(
+            Userspace::Auto.boot_option(true, "7.2.13").unwrap(),
+            Some("auto")
+        );
+        assert_eq!(
+            Userspace::Ptrace.boot_option(false, "6.1.176").unwrap(),
+            None
+        );
+        assert_eq!(Userspace::Auto.boot_option(false, "6.1.176").unwrap(), None);
+        let e = Userspace::Seccomp
+            .boot_option(false, "6.1.176")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("6.1.176") && e.contains("6.16"), "{e}");
+        assert!("nope".parse::<Userspace>().is_err());
+        let mut p = plan();
+        p.seccomp = Some("on");
+        assert!(p.to_args().unwrap().contains(&"seccomp=on".to_string()));
+    }
 
     #[test]
     fn nics() {
@@ -430,6 +514,7 @@ mod tests {
             notify: None,
             disks: vec![],
             console_line: 0,
+            seccomp: None,
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
             init_env: vec![],

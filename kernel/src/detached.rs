@@ -52,6 +52,8 @@ pub struct StartSpec {
     pub hostname: Option<String>,
     /// Host ports published to the guest on its first (NAT) bridge.
     pub publish: Vec<umlctl_netd::protocol::Publish>,
+    /// The mode the guest's processes run in.
+    pub userspace: crate::cmdline::Userspace,
 }
 
 impl StartSpec {
@@ -71,6 +73,7 @@ impl StartSpec {
             jail: JailOpts::default(),
             hostname: None,
             publish: Vec::new(),
+            userspace: crate::cmdline::Userspace::Ptrace,
         }
     }
 }
@@ -217,6 +220,10 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         &["ubd", "ext4", "mconsole"],
         spec.shim,
     )?;
+    let seccomp = spec.userspace.boot_option(
+        prep.located.info.has("seccomp-mode"),
+        &prep.located.info.version,
+    )?;
 
     // umlctl's directory for the guest; created fresh, removed on failure.
     match fs::DirBuilder::new().mode(0o700).create(&layout.state) {
@@ -353,6 +360,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines: exec_lines,
         init_env,
+        seccomp,
         nics: network.nics.clone(),
     };
     let args = plan.to_args()?;

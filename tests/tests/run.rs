@@ -675,3 +675,41 @@ fn a_noexec_dev_shm_is_worked_around() {
         "{err}"
     );
 }
+
+/// `--userspace`: ptrace by default; seccomp on a kernel that has the mode
+/// (UML ≥ 6.16), refused with the version needed on one that has not;
+/// `auto` falls back to ptrace there. `--json` says which ran.
+#[test]
+fn userspace_modes_are_chosen_or_refused_with_the_version_needed() {
+    let info = std::process::Command::new(umlctl_bin())
+        .args(["kernel", "info", "--json"])
+        .arg(kernel())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&assert_ok(&info, "kernel info")).unwrap();
+    let has_seccomp = info["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["name"] == "seccomp-mode" && f["present"] == true);
+    let (rc, _, err) = run(&["--json"], &["true"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(last_json(&err)["userspace"], "ptrace");
+    let (rc, _, err) = run(&["--json", "--userspace", "auto"], &["true"]);
+    assert_eq!(rc, 0, "{err}");
+    let (rc, _, err) = run(&["--json", "--userspace", "seccomp"], &["true"]);
+    if has_seccomp {
+        assert_eq!(rc, 0, "{err}");
+        assert_eq!(last_json(&err)["userspace"], "seccomp");
+    } else {
+        assert_eq!(rc, 125, "{err}");
+        assert!(
+            err.contains("has no seccomp mode (UML 6.16 or later"),
+            "{err}"
+        );
+    }
+    let (rc, _, err) = run(&["--userspace", "fast"], &["true"]);
+    assert_eq!(rc, 125, "{err}");
+    assert!(err.contains("expected ptrace, seccomp or auto"), "{err}");
+}

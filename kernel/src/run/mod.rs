@@ -81,6 +81,8 @@ pub enum TtyMode {
 pub struct GuestSpec {
     /// `--kernel`; `None` searches the usual places.
     pub kernel: Option<PathBuf>,
+    /// `--userspace`: the mode the guest's processes run in.
+    pub userspace: crate::cmdline::Userspace,
     /// `--image`: ext4 root image, booted through a COW overlay.
     pub image: Option<PathBuf>,
     /// `--overlay`: a persistent overlay for the image (created if missing);
@@ -194,6 +196,7 @@ impl GuestSpec {
             nets: Vec::new(),
             netd_socket: None,
             jail: JailOpts::default(),
+            userspace: crate::cmdline::Userspace::Ptrace,
         }
     }
 }
@@ -362,6 +365,8 @@ pub(crate) struct BootFacts {
     pub(crate) nics: Vec<crate::cmdline::Nic>,
     /// `$UMLCTL_TRACE`: the init reports its timings.
     pub(crate) trace: bool,
+    /// UML's `seccomp=`, for kernels that have it.
+    pub(crate) seccomp: Option<&'static str>,
 }
 
 /// UML's boot plan for `run`: memory, disks, root, init, and the serial
@@ -401,6 +406,7 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
             vec![]
         },
         nics: f.nics,
+        seccomp: f.seccomp,
     }
 }
 
@@ -421,6 +427,10 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         need.push("vector-net");
     }
     let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
+    let seccomp = spec.userspace.boot_option(
+        prep.located.info.has("seccomp-mode"),
+        &prep.located.info.version,
+    )?;
     // Held until the guest is gone: the taps live as long as this connection.
     let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &[])?;
     let info = &prep.located.info;
@@ -589,6 +599,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             interactive,
             nics: network.nics.clone(),
             trace: std::env::var_os("UMLCTL_TRACE").is_some(),
+            seccomp,
         },
     );
     let args = plan.to_args()?;
@@ -724,7 +735,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         .lock()
         .map(|t| (t.panic.clone(), t.tail(15)))
         .unwrap_or_default();
-    Ok(outcome(
+    let mut o = outcome(
         sup,
         &prep.located,
         use_shim,
@@ -732,7 +743,13 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         prep.host_xstate,
         tail,
         t0,
-    ))
+    );
+    o.userspace = match seccomp {
+        Some("on") => "seccomp",
+        Some("auto") => "auto",
+        _ => "ptrace",
+    };
+    Ok(o)
 }
 
 fn same_file(a: RawFd, b: RawFd) -> bool {
@@ -952,6 +969,7 @@ mod tests {
             interactive,
             nics: vec![],
             trace: false,
+            seccomp: None,
         };
         let pipes = boot_plan(&spec, facts(false));
         assert_eq!(pipes.lines.len(), 5);

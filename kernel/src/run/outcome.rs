@@ -55,6 +55,9 @@ pub struct RunOutcome {
     pub kernel: PathBuf,
     pub kernel_version: String,
     pub xstate_shim: bool,
+    /// The mode the guest's processes ran in: `ptrace`, `seccomp`, or
+    /// `auto` (seccomp where the host allowed it).
+    pub userspace: &'static str,
     pub timings: Timings,
 }
 
@@ -85,6 +88,7 @@ pub(crate) fn outcome(
         kernel: located.info.path.clone(),
         kernel_version: located.info.version.clone(),
         xstate_shim: shim_used,
+        userspace: "ptrace",
         timings,
     };
     if let Some(what) = s.garbage {
