@@ -21,7 +21,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::error::{Error, Result};
 use crate::execproto::{self as proto, kind, Ended, ExecSpec, SLOTS};
 use crate::instance::{self, State};
-use crate::run::relay::Credits;
+use crate::run::relay::Window;
 
 /// How long the agent may take to answer a new session.
 const ANSWER: Duration = Duration::from_secs(10);
@@ -52,7 +52,7 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
         mut buf,
     } = connect(&g, name, Some(spec))?;
 
-    let credits = Arc::new(Credits::default());
+    let credits = Arc::new(Window::new(crate::execproto::WINDOW));
     let _term = if spec.tty {
         crate::terminal::TermGuard::raw(0)
     } else {
@@ -342,7 +342,7 @@ impl Sender {
 
 /// Copy the host's stdin to the command, within the window the agent's
 /// credits allow; then EOF.
-fn copy_stdin(tx: &Sender, credits: &Credits) {
+fn copy_stdin(tx: &Sender, credits: &Window) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = vec![0u8; 16 * 1024];
     loop {

@@ -4,8 +4,9 @@
 //! the pseudo filesystems, reads its [`InitSpec`] from the control line,
 //! prepares the root (the host's `/` read-only with tmpfs over the writable
 //! paths, or an ext4 image with the host filesystem detached), runs the
-//! command with its stdio on the serial lines, reports how it ended on the
-//! status line and in `/proc/exitcode`, and powers the guest off.
+//! command with its stdio relayed through the ring disk (or on the terminal
+//! line), reports how it ended on the status line and in `/proc/exitcode`,
+//! and powers the guest off.
 //!
 //! Nothing here returns: every path ends in `reboot(RB_POWER_OFF)`. If the
 //! init itself cannot go on it reports `error ...` and powers off, so the
@@ -18,14 +19,15 @@ pub(crate) use boot::{BOOT_ENV, EXEC_ENV, HOSTNAME_ENV, INIT_ENV, STARTING_MARK}
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -34,9 +36,9 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::protocol::{
-    Control, InitSpec, RootSpec, SpecDecoder, Status, CONTROL_LINE, STATUS_LINE,
+    ring, Control, InitSpec, RootSpec, SpecDecoder, Status, CONTROL_LINE, STATUS_LINE,
 };
-use crate::protocol::{STDERR_LINE, STDIN_CREDIT_STEP, STDIN_LINE, STDOUT_LINE};
+use crate::protocol::STDIN_LINE;
 
 /// Default `PATH` when the spec's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -300,33 +302,104 @@ fn read_spec(control: &mut LineReader) -> Result<InitSpec, String> {
     }
 }
 
-/// Where `stdin-eof` reaches the stdin relay.
-#[derive(Clone)]
-struct StdinEof {
-    /// Total bytes the host sent, `u64::MAX` until it is known.
-    total: Arc<AtomicU64>,
-    /// Written to once `total` is set, to wake the relay.
-    wake: Arc<OwnedFd>,
+/// What the control line tells the stdin relay, in order.
+enum StdinMsg {
+    /// The next stdin slot holds this many bytes.
+    Data(u32),
+    /// The host's stdin ended after this many bytes in all.
+    Eof(u64),
+}
+
+/// How many slots of an output stream the host has consumed, and whether
+/// its reader on the host is gone.
+#[derive(Default)]
+struct OutCredits {
+    /// (slots acknowledged, closed)
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl OutCredits {
+    fn grant(&self, n: u64) {
+        if let Ok(mut a) = self.state.lock() {
+            a.0 = a.0.max(n);
+        }
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        if let Ok(mut a) = self.state.lock() {
+            a.1 = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait until slot `seq` is free again; `false` once the stream is
+    /// closed.
+    fn wait_slot(&self, seq: u64) -> bool {
+        let Ok(mut a) = self.state.lock() else {
+            return false;
+        };
+        loop {
+            if a.1 {
+                return false;
+            }
+            if seq.saturating_sub(a.0) < ring::SLOTS {
+                return true;
+            }
+            match self.cv.wait(a) {
+                Ok(g) => a = g,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Where the control loop sends what it reads besides signals.
+struct ControlSinks {
+    cmd: Pid,
+    tty: Option<File>,
+    stdin: Option<mpsc::Sender<StdinMsg>>,
+    /// stdout's and stderr's credits, by stream.
+    out: [Arc<OutCredits>; 2],
 }
 
 /// Apply control messages until the control line closes.
-fn control_loop(mut control: LineReader, cmd: Pid, tty: Option<File>, eof: StdinEof) {
+fn control_loop(mut control: LineReader, sinks: ControlSinks) {
     while let Ok(Some(line)) = control.next_line() {
         match Control::parse(&line) {
             Some(Control::Signal(sig)) => {
                 if let Ok(sig) = Signal::try_from(sig) {
                     // The command leads its own process group.
-                    let _ = kill(Pid::from_raw(-cmd.as_raw()), sig);
+                    let _ = kill(Pid::from_raw(-sinks.cmd.as_raw()), sig);
                 }
             }
             Some(Control::Winsize { rows, cols }) => {
-                if let Some(t) = &tty {
+                if let Some(t) = &sinks.tty {
                     set_winsize(t, rows, cols);
                 }
             }
+            Some(Control::Data(len)) => {
+                if let Some(s) = &sinks.stdin {
+                    let _ = s.send(StdinMsg::Data(len));
+                }
+            }
             Some(Control::StdinEof(total)) => {
-                eof.total.store(total, Ordering::SeqCst);
-                let _ = nix::unistd::write(eof.wake.as_fd(), b"x");
+                if let Some(s) = &sinks.stdin {
+                    let _ = s.send(StdinMsg::Eof(total));
+                }
+            }
+            Some(Control::Ack { stream, count }) => {
+                let i = usize::from(stream.saturating_sub(ring::STDOUT));
+                if let Some(c) = sinks.out.get(i) {
+                    c.grant(count);
+                }
+            }
+            Some(Control::Closed(stream)) => {
+                let i = usize::from(stream.saturating_sub(ring::STDOUT));
+                if let Some(c) = sinks.out.get(i) {
+                    c.close();
+                }
             }
             None => {}
         }
@@ -346,85 +419,96 @@ fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) {
     }
 }
 
-/// Relay the stdin line into the command's stdin pipe until the host's
-/// announced total has passed, then close the pipe (the command sees EOF).
-///
-/// What has been read is reported on the status line (`credit N`, at least
-/// every [`STDIN_CREDIT_STEP`] bytes): the host keeps less than the tty's
-/// buffer in flight, so UML's line is never throttled (which would lose its
-/// input interrupt for good).
-fn relay_stdin(
-    mut line: File,
-    sink: File,
-    eof: StdinEof,
-    wake_r: OwnedFd,
-    mut status: Option<File>,
-) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut sink = Some(sink);
-    let mut received: u64 = 0;
-    let mut reported: u64 = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if received >= eof.total.load(Ordering::SeqCst) {
-            return; // drops the sink: EOF for the command
-        }
-        let (line_ready, wake_ready) = {
-            let mut fds = [
-                PollFd::new(line.as_fd(), PollFlags::POLLIN),
-                PollFd::new(wake_r.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return,
-            }
-            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), ready(&fds[1]))
-        };
-        if wake_ready {
-            let mut b = [0u8; 16];
-            let _ = nix::unistd::read(wake_r.as_raw_fd(), &mut b);
-        }
-        if line_ready {
-            let n = match line.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            received += n as u64;
-            if received - reported >= STDIN_CREDIT_STEP {
-                if let Some(st) = status.as_mut() {
-                    let _ = st.write_all(Status::Credit(received).encode().as_bytes());
-                }
-                reported = received;
-            }
-            if let Some(s) = sink.as_mut() {
-                if s.write_all(&buf[..n]).is_err() {
-                    // The command closed its stdin; keep draining the line
-                    // so the host is never stuck writing.
-                    sink = None;
-                }
-            }
-        }
+/// A slot-sized buffer aligned for `O_DIRECT` (a page), without unsafe
+/// code: a larger vector, used from its first aligned byte.
+struct SlotBuf {
+    mem: Vec<u8>,
+    start: usize,
+}
+
+impl SlotBuf {
+    const PAGE: usize = 4096;
+
+    fn new() -> Self {
+        let mem = vec![0u8; crate::num::usize_of(ring::SLOT) + Self::PAGE];
+        let start = mem.as_ptr().align_offset(Self::PAGE);
+        SlotBuf { mem, start }
+    }
+
+    fn slot(&mut self) -> &mut [u8] {
+        let end = self.start + crate::num::usize_of(ring::SLOT);
+        &mut self.mem[self.start..end]
     }
 }
 
-/// Relay the command's output pipe to a serial line until EOF.
+/// The guest's end of the ring disk, opened for `O_DIRECT` so that every
+/// access reaches the host's file, never a guest page cache.
+fn open_ring(device: &str) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(device)
+        .map_err(|e| format!("open the I/O ring disk {device}: {e}"))
+}
+
+/// Relay stdin slots from the ring into the command's stdin pipe, each
+/// acknowledged on the status line once copied, until the host's announced
+/// total has passed; then close the pipe (the command sees EOF). If the
+/// command closes its stdin first, slots are still acknowledged, so the
+/// host is never stuck.
+fn relay_stdin(ring: Arc<File>, sink: File, msgs: mpsc::Receiver<StdinMsg>, mut status: File) {
+    let mut sink = Some(sink);
+    let mut buf = SlotBuf::new();
+    let mut seq: u64 = 0;
+    let mut received: u64 = 0;
+    let mut total = u64::MAX;
+    while received < total {
+        let Ok(msg) = msgs.recv() else {
+            return;
+        };
+        let len = match msg {
+            StdinMsg::Eof(t) => {
+                total = t;
+                continue;
+            }
+            StdinMsg::Data(len) => crate::num::usize_of(u64::from(len)),
+        };
+        let area = &mut buf.slot()[..ring::padded(len)];
+        if ring.read_exact_at(area, ring::offset(ring::STDIN, seq)).is_err() {
+            return;
+        }
+        seq += 1;
+        received += len as u64;
+        if let Some(s) = sink.as_mut() {
+            if s.write_all(&area[..len]).is_err() {
+                // The command closed its stdin: keep taking slots.
+                sink = None;
+            }
+        }
+        let _ = status.write_all(Status::Ack(seq).encode().as_bytes());
+    }
+    // Dropping the sink here: EOF for the command.
+}
+
+/// Relay the command's output pipe into the ring's `stream` until EOF,
+/// announcing each slot on the status line once it is on the host's disk.
+/// When the host says nobody reads the stream any more, the pipe is
+/// closed: the command's next write gets SIGPIPE, as on the host.
 ///
 /// While output trickles, the relay runs at real-time priority: woken by
 /// the command's write, it runs before the command's next system call, so
 /// what the command wrote reaches the host even if it then crashes the
 /// guest (sysrq-c, a panic). While output floods, it runs at normal
-/// priority, so that the command fills the pipe between its reads and the
-/// serial line gets large writes (each one a host system call).
-fn relay_out(mut from: File, mut to: File) -> std::thread::JoinHandle<File> {
-    /// More than this in one `WINDOW` is a flood.
-    const FLOOD_BYTES: u64 = 1 << 20;
-    const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
-    /// A read that waited this long means the flood is over.
-    const IDLE: std::time::Duration = std::time::Duration::from_millis(20);
+/// priority, so that the command fills the pipe between its reads and
+/// each slot carries much.
+fn relay_out(
+    mut from: File,
+    ring: Arc<File>,
+    stream: u8,
+    credits: Arc<OutCredits>,
+    mut status: File,
+) -> std::thread::JoinHandle<()> {
     fn set_realtime(on: bool) {
         let param = libc::sched_param {
             sched_priority: i32::from(on),
@@ -441,35 +525,36 @@ fn relay_out(mut from: File, mut to: File) -> std::thread::JoinHandle<File> {
     let h = std::thread::spawn(move || {
         set_realtime(true);
         let mut realtime = true;
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = SlotBuf::new();
         let _ = up_tx.send(());
-        let mut window = (std::time::Instant::now(), 0u64);
+        let mut filler = crate::slotfill::Filler::default();
+        let mut seq: u64 = 0;
         loop {
-            let asked = std::time::Instant::now();
-            let n = match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            let now = std::time::Instant::now();
-            if !realtime && now - asked >= IDLE {
-                set_realtime(true);
-                realtime = true;
+            let n = filler.fill(&mut from, buf.slot());
+            if n == 0 {
+                break;
             }
-            if now - window.0 > WINDOW {
-                window = (now, 0);
+            if realtime == filler.flooding() {
+                realtime = !realtime;
+                set_realtime(realtime);
             }
-            window.1 += n as u64;
-            if realtime && window.1 > FLOOD_BYTES {
-                set_realtime(false);
-                realtime = false;
+            if !credits.wait_slot(seq) {
+                break;
             }
-            if to.write_all(&buf[..n]).is_err() {
+            let area = &buf.slot()[..ring::padded(n)];
+            if ring.write_all_at(area, ring::offset(stream, seq)).is_err() {
+                break;
+            }
+            seq += 1;
+            // n ≤ SLOT (1 MiB).
+            let len = u32::try_from(n).unwrap_or(u32::MAX);
+            if status
+                .write_all(Status::Data { stream, len }.encode().as_bytes())
+                .is_err()
+            {
                 break;
             }
         }
-        to
     });
     // Started and at its priority before the command can write.
     let _ = up_rx.recv();
@@ -478,25 +563,15 @@ fn relay_out(mut from: File, mut to: File) -> std::thread::JoinHandle<File> {
 
 /// The command's stdio in the guest.
 enum GuestIo {
-    /// Interactive: the command gets the terminal line itself.
-    Tty { term: File, stderr: File },
-    /// Pipes relayed to the raw stdin, stdout and stderr lines.
-    Lines {
-        stdin: File,
-        stdout: File,
-        stderr: File,
-    },
+    /// Interactive: the command gets the terminal line itself (and its
+    /// stderr too, or stderr goes through the ring).
+    Tty { term: File, stderr_on_tty: bool },
+    /// Pipes relayed through the ring.
+    Ring,
 }
 
 fn open_stdio(spec: &InitSpec) -> Result<GuestIo, String> {
     let err = |n: u32, e: std::io::Error| format!("open {}: {e}", tty(n));
-    let raw_line = |n: u32, read: bool| -> Result<File, String> {
-        let f = open_tty(n, read, !read).map_err(|e| err(n, e))?;
-        // Raw: no CR/LF translation, no echo, no special characters, so
-        // bytes pass through exactly.
-        make_raw(&f);
-        Ok(f)
-    };
     match &spec.tty {
         Some(t) => {
             // The controlling terminal: no O_NOCTTY; the child makes it its
@@ -508,19 +583,23 @@ fn open_stdio(spec: &InitSpec) -> Result<GuestIo, String> {
                 .open(tty(STDIN_LINE))
                 .map_err(|e| err(STDIN_LINE, e))?;
             set_winsize(&term, t.rows, t.cols);
-            let stderr = if t.stderr_on_tty {
-                term.try_clone().map_err(|e| err(STDIN_LINE, e))?
-            } else {
-                raw_line(STDERR_LINE, false)?
-            };
-            Ok(GuestIo::Tty { term, stderr })
+            Ok(GuestIo::Tty {
+                term,
+                stderr_on_tty: t.stderr_on_tty,
+            })
         }
-        None => Ok(GuestIo::Lines {
-            stdin: raw_line(STDIN_LINE, true)?,
-            stdout: raw_line(STDOUT_LINE, false)?,
-            stderr: raw_line(STDERR_LINE, false)?,
-        }),
+        None => Ok(GuestIo::Ring),
     }
+}
+
+/// A pipe whose buffer holds a whole ring slot, so that one read fills one
+/// slot when the command writes fast.
+fn slot_pipe() -> Result<(File, File), String> {
+    let (r, w) = cloexec_pipe()?;
+    let size = libc::c_int::try_from(ring::SLOT).unwrap_or(libc::c_int::MAX);
+    // Best effort: a smaller pipe only means smaller slots.
+    let _ = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(size));
+    Ok((r, w))
 }
 
 fn cloexec_pipe() -> Result<(File, File), String> {
@@ -611,6 +690,11 @@ pub fn main() -> ! {
     };
     tstamp("ready");
     g.report(&Status::Ready);
+    // Before the root changes: the device node is in this /dev.
+    let ring = match open_ring(&spec.ring) {
+        Ok(f) => Arc::new(f),
+        Err(e) => g.fail(e),
+    };
 
     let root = match &spec.root {
         RootSpec::Host { tmpfs, binds } => setup_host_root(tmpfs, binds),
@@ -666,42 +750,46 @@ pub fn main() -> ! {
         };
         cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
     }
-    // Relays: (stdin line, stdin pipe), [(output pipe, output line)].
+    // Relays: the stdin pipe, [(output pipe, stream)].
     let mut stdin_relay = None;
     let mut out_relays = Vec::new();
     let mut term_for_control = None;
-    // Lines to drain before reporting, when the command writes to them directly.
-    let mut direct_lines: Vec<File> = Vec::new();
     let interactive = matches!(io, GuestIo::Tty { .. });
+    let pipe = |g: &mut Guest| match slot_pipe() {
+        Ok(p) => p,
+        Err(e) => g.fail(e),
+    };
     match io {
-        GuestIo::Tty { term, stderr } => {
+        GuestIo::Tty {
+            term,
+            stderr_on_tty,
+        } => {
             let dup = |f: &File| f.try_clone().map_err(|e| format!("dup the terminal: {e}"));
             let (a, b, c) = match (dup(&term), dup(&term), dup(&term)) {
                 (Ok(a), Ok(b), Ok(c)) => (a, b, c),
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => g.fail(e),
             };
-            cmd.stdin(Stdio::from(a))
-                .stdout(Stdio::from(b))
-                .stderr(Stdio::from(stderr));
+            cmd.stdin(Stdio::from(a)).stdout(Stdio::from(b));
+            if stderr_on_tty {
+                cmd.stderr(Stdio::from(term));
+            } else {
+                let (err_r, err_w) = pipe(&mut g);
+                cmd.stderr(Stdio::from(err_w));
+                out_relays.push((err_r, ring::STDERR));
+                drop(term);
+            }
             term_for_control = Some(c);
-            drop(term);
         }
-        GuestIo::Lines {
-            stdin,
-            stdout,
-            stderr,
-        } => {
-            let (in_r, in_w, out_r, out_w, err_r, err_w) =
-                match (cloexec_pipe(), cloexec_pipe(), cloexec_pipe()) {
-                    (Ok((a, b)), Ok((c, d)), Ok((e, f))) => (a, b, c, d, e, f),
-                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => g.fail(e),
-                };
+        GuestIo::Ring => {
+            let (in_r, in_w) = pipe(&mut g);
+            let (out_r, out_w) = pipe(&mut g);
+            let (err_r, err_w) = pipe(&mut g);
             cmd.stdin(Stdio::from(in_r))
                 .stdout(Stdio::from(out_w))
                 .stderr(Stdio::from(err_w));
-            stdin_relay = Some((stdin, in_w));
-            out_relays.push((out_r, stdout));
-            out_relays.push((err_r, stderr));
+            stdin_relay = Some(in_w);
+            out_relays.push((out_r, ring::STDOUT));
+            out_relays.push((err_r, ring::STDERR));
         }
     }
     if interactive {
@@ -723,10 +811,17 @@ pub fn main() -> ! {
     }
     // The output relays run (at real-time priority, see relay_out) before
     // the command does, so none of its output waits on their start-up.
-    let outputs: Vec<_> = out_relays
-        .into_iter()
-        .map(|(from, to)| relay_out(from, to))
-        .collect();
+    let out_credits: [Arc<OutCredits>; 2] = Default::default();
+    let mut outputs = Vec::new();
+    for (from, stream) in out_relays {
+        let credits = out_credits[usize::from(stream - ring::STDOUT)].clone();
+        let status = match g.status.as_ref().map(File::try_clone) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => g.fail(format!("dup the status line: {e}")),
+            None => g.fail("no status line".into()),
+        };
+        outputs.push(relay_out(from, ring.clone(), stream, credits, status));
+    }
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -744,22 +839,27 @@ pub fn main() -> ! {
     drop(cmd);
     let cmd_pid = crate::num::pid(child.id());
 
-    let (wake_r, wake_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => g.fail(format!("pipe: {e}")),
-    };
-    let eof = StdinEof {
-        total: Arc::new(AtomicU64::new(u64::MAX)),
-        wake: Arc::new(wake_w),
-    };
-    if let Some((line, sink)) = stdin_relay {
-        let eof = eof.clone();
-        let status = g.status.as_ref().and_then(|f| f.try_clone().ok());
-        std::thread::spawn(move || relay_stdin(line, sink, eof, wake_r, status));
+    let mut stdin_tx = None;
+    if let Some(sink) = stdin_relay {
+        let (tx, rx) = mpsc::channel();
+        stdin_tx = Some(tx);
+        let status = match g.status.as_ref().map(File::try_clone) {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => g.fail(format!("dup the status line: {e}")),
+            None => g.fail("no status line".into()),
+        };
+        let ring = ring.clone();
+        std::thread::spawn(move || relay_stdin(ring, sink, rx, status));
     }
     tstamp("started");
     g.report(&Status::Started);
-    std::thread::spawn(move || control_loop(control, cmd_pid, term_for_control, eof));
+    let sinks = ControlSinks {
+        cmd: cmd_pid,
+        tty: term_for_control,
+        stdin: stdin_tx,
+        out: out_credits,
+    };
+    std::thread::spawn(move || control_loop(control, sinks));
 
     // Reap everything (we are PID 1) until the command ends.
     let status = loop {
@@ -788,12 +888,7 @@ pub fn main() -> ! {
     }
     // The command's output must have left the guest before we report.
     for h in outputs {
-        if let Ok(line) = h.join() {
-            direct_lines.push(line);
-        }
-    }
-    for line in &direct_lines {
-        let _ = termios::tcdrain(line.as_fd());
+        let _ = h.join();
     }
     tstamp("drained");
     nix::unistd::sync();

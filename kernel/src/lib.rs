@@ -44,6 +44,7 @@ pub mod preflight;
 pub mod protocol;
 pub mod reaper;
 pub mod run;
+pub(crate) mod slotfill;
 pub(crate) mod terminal;
 pub mod xstate;
 

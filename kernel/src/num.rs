@@ -28,6 +28,12 @@ pub(crate) fn small_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+/// A size that fits memory on every target umlctl runs on (64-bit Linux):
+/// buffer and slot lengths given as `u64`.
+pub(crate) fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +47,6 @@ mod tests {
         assert_eq!(exit_byte(3), 3);
         assert_eq!(small_u32(usize::MAX), u32::MAX);
         assert_eq!(small_i32(5), 5);
+        assert_eq!(usize_of(1 << 20), 1 << 20);
     }
 }

@@ -1,33 +1,39 @@
 //! The protocol between `umlctl run` on the host and umlctl's init in the
-//! guest. It runs over UML serial lines (`sslN` on the host, `/dev/ttySN` in
-//! the guest), one line of ASCII per message, so it survives a tty in either
-//! canonical or raw mode:
+//! guest. Messages run over UML serial lines (`sslN` on the host,
+//! `/dev/ttySN` in the guest), one line of ASCII per message, so they
+//! survive a tty in either canonical or raw mode:
 //!
 //! * host → guest on [`CONTROL_LINE`]: the [`InitSpec`] as `spec <base64>`
-//!   chunks closed by `end`, then `signal N`, `winsize ROWS COLS` and
-//!   `stdin-eof TOTAL` at any time;
-//! * guest → host on [`STATUS_LINE`]: [`Status`] records (`hello`, `ready`, `started`,
-//!   `exit N`, `signal N`, `notfound MSG`, `noexec MSG`, `error MSG`).
+//!   chunks closed by `end`, then [`Control`] messages (`signal N`,
+//!   `winsize ROWS COLS`, `data 0 LEN`, `ack STREAM N`, `closed STREAM`,
+//!   `stdin-eof TOTAL`) at any time;
+//! * guest → host on [`STATUS_LINE`]: [`Status`] records (`hello`, `ready`,
+//!   `started`, `data STREAM LEN`, `ack 0 N`, `exit N`, `signal N`,
+//!   `notfound MSG`, `noexec MSG`, `error MSG`).
 //!
-//! The command's own stdin, stdout and stderr use [`STDIN_LINE`],
-//! [`STDOUT_LINE`] and [`STDERR_LINE`], in raw mode, relayed by the init to
-//! pipes (so the command sees pipes, as it would on the host). The host
-//! never closes the stdin line: UML turns EOF on a line into a tty hangup,
-//! which discards input not yet read. Instead the host sends stdin only
-//! after `started` (the line is raw by then) and announces its end with
-//! `stdin-eof TOTAL`, the number of bytes it sent; the init closes the
-//! command's stdin once it has relayed that many.
+//! The command's stdin, stdout and stderr travel through the *ring*: a
+//! disk (UML's ubd, read and written by the guest with `O_DIRECT`, so every
+//! access is one host `pread`/`pwrite` of up to a megabyte) holding
+//! [`ring::SLOTS`] slots of [`ring::SLOT`] bytes per stream. The writer of a
+//! stream fills the next slot and announces it (`data STREAM LEN`); the
+//! reader copies it out and acknowledges it (`ack STREAM N`: N slots
+//! consumed in all); a writer never has more than [`ring::SLOTS`] slots
+//! unacknowledged. The serial lines carry only these short messages: UML
+//! reads a line's input one byte per host system call, and a line whose
+//! guest tty buffer fills loses its input interrupt for good, so nothing
+//! bulky may go that way. With a terminal, the command's stdin and stdout
+//! are the terminal line [`STDIN_LINE`] itself.
+//!
+//! The host announces the end of stdin with `stdin-eof TOTAL` after its
+//! last `data 0` message; the init closes the command's stdin once it has
+//! relayed that many bytes.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-/// Serial line carrying the command's stdin (and, in tty mode, its output).
+/// Serial line carrying the command's terminal, in tty mode.
 pub const STDIN_LINE: u32 = 0;
-/// Serial line carrying the command's stdout.
-pub const STDOUT_LINE: u32 = 1;
-/// Serial line carrying the command's stderr.
-pub const STDERR_LINE: u32 = 2;
 /// Serial line carrying host → guest control messages.
 pub const CONTROL_LINE: u32 = 3;
 /// Serial line carrying guest → host status records.
@@ -81,6 +87,44 @@ pub struct InitSpec {
     /// Network interfaces to configure before the command runs.
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// The ring disk's device in the guest (`/dev/ubdc`).
+    pub ring: String,
+}
+
+/// The ring: where each stream's slots lie on the ring disk.
+pub mod ring {
+    /// One slot: the most one `data` message carries.
+    pub const SLOT: u64 = 1 << 20;
+    /// Slots per stream: how many may be in flight, unacknowledged.
+    pub const SLOTS: u64 = 4;
+    /// stdin (host → guest), stdout and stderr (guest → host).
+    pub const STREAMS: u64 = 3;
+    /// The command's stdin.
+    pub const STDIN: u8 = 0;
+    /// The command's stdout.
+    pub const STDOUT: u8 = 1;
+    /// The command's stderr.
+    pub const STDERR: u8 = 2;
+    /// Sector alignment of every guest access (`O_DIRECT`).
+    pub const ALIGN: usize = 512;
+    /// The first slot-sized area stays zero: nothing in the guest ever
+    /// takes stream data for a partition table.
+    const BASE: u64 = SLOT;
+
+    /// The ring disk's size.
+    pub const fn disk_len() -> u64 {
+        BASE + STREAMS * SLOTS * SLOT
+    }
+
+    /// Where the `seq`th slot (counted from 0) of `stream` starts.
+    pub const fn offset(stream: u8, seq: u64) -> u64 {
+        BASE + ((stream as u64) * SLOTS + seq % SLOTS) * SLOT
+    }
+
+    /// `len` rounded up to whole sectors (what the guest transfers).
+    pub const fn padded(len: usize) -> usize {
+        len.div_ceil(ALIGN) * ALIGN
+    }
 }
 
 /// One guest interface's configuration (from netd's lease).
@@ -185,6 +229,14 @@ pub enum Control {
     Winsize { rows: u16, cols: u16 },
     /// The host's stdin ended after this many bytes.
     StdinEof(u64),
+    /// The next stdin slot holds this many bytes.
+    Data(u32),
+    /// The host has consumed this many slots of a guest → host stream in all.
+    Ack { stream: u8, count: u64 },
+    /// Nothing reads this guest → host stream on the host any more (its
+    /// reader went away): the guest closes the command's end, so that the
+    /// writer gets SIGPIPE as it would on the host.
+    Closed(u8),
 }
 
 impl Control {
@@ -193,6 +245,9 @@ impl Control {
             Control::Signal(n) => format!("signal {n}\n"),
             Control::Winsize { rows, cols } => format!("winsize {rows} {cols}\n"),
             Control::StdinEof(n) => format!("stdin-eof {n}\n"),
+            Control::Data(len) => format!("data {} {len}\n", ring::STDIN),
+            Control::Ack { stream, count } => format!("ack {stream} {count}\n"),
+            Control::Closed(stream) => format!("closed {stream}\n"),
         }
     }
 
@@ -205,23 +260,25 @@ impl Control {
                 cols: w.next()?.parse().ok()?,
             }),
             "stdin-eof" => Some(Control::StdinEof(w.next()?.parse().ok()?)),
+            "data" => {
+                let stream: u8 = w.next()?.parse().ok()?;
+                let len: u32 = w.next()?.parse().ok()?;
+                (stream == ring::STDIN && u64::from(len) <= ring::SLOT).then_some(Control::Data(len))
+            }
+            "ack" => {
+                let stream: u8 = w.next()?.parse().ok()?;
+                let count = w.next()?.parse().ok()?;
+                (stream == ring::STDOUT || stream == ring::STDERR)
+                    .then_some(Control::Ack { stream, count })
+            }
+            "closed" => {
+                let stream: u8 = w.next()?.parse().ok()?;
+                (stream == ring::STDOUT || stream == ring::STDERR).then_some(Control::Closed(stream))
+            }
             _ => None,
         }
     }
 }
-
-/// How many bytes of stdin may be in flight between the host and the
-/// guest init's reader. UML's serial line loses its input interrupt for
-/// good once the guest's tty throttles it (`line_throttle` deactivates the
-/// fd; `line_unthrottle` never re-arms it), so input stalls forever as soon
-/// as the host pipe runs dry afterwards. The tty throttles when its 4 KiB
-/// buffer is nearly full; keeping less than that in flight means it never
-/// does.
-pub const STDIN_WINDOW: u64 = 2048;
-
-/// The guest reports what it has read of stdin at least this often (in
-/// bytes) while data flows.
-pub const STDIN_CREDIT_STEP: u64 = 512;
 
 /// Guest → host status records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,9 +302,10 @@ pub enum Status {
     NotExecutable(String),
     /// The init could not set up the guest.
     Error(String),
-    /// The init has read this many bytes of stdin in all (flow control,
-    /// see [`STDIN_WINDOW`]).
-    Credit(u64),
+    /// The init has consumed this many stdin slots in all.
+    Ack(u64),
+    /// The next slot of `stream` (stdout or stderr) holds `len` bytes.
+    Data { stream: u8, len: u32 },
 }
 
 fn one_line(s: &str) -> String {
@@ -267,7 +325,8 @@ impl Status {
             Status::NotFound(m) => format!("notfound {}\n", one_line(m)),
             Status::NotExecutable(m) => format!("noexec {}\n", one_line(m)),
             Status::Error(m) => format!("error {}\n", one_line(m)),
-            Status::Credit(n) => format!("credit {n}\n"),
+            Status::Ack(n) => format!("ack {} {n}\n", ring::STDIN),
+            Status::Data { stream, len } => format!("data {stream} {len}\n"),
         }
     }
 
@@ -292,7 +351,21 @@ impl Status {
             "notfound" => Some(Status::NotFound(rest.into())),
             "noexec" => Some(Status::NotExecutable(rest.into())),
             "error" => Some(Status::Error(rest.into())),
-            "credit" => rest.trim().parse().ok().map(Status::Credit),
+            "ack" => {
+                let mut w = rest.split_whitespace();
+                let stream: u8 = w.next()?.parse().ok()?;
+                let n = w.next()?.parse().ok()?;
+                (stream == ring::STDIN && w.next().is_none()).then_some(Status::Ack(n))
+            }
+            "data" => {
+                let mut w = rest.split_whitespace();
+                let stream: u8 = w.next()?.parse().ok()?;
+                let len: u32 = w.next()?.parse().ok()?;
+                ((stream == ring::STDOUT || stream == ring::STDERR)
+                    && u64::from(len) <= ring::SLOT
+                    && w.next().is_none())
+                .then_some(Status::Data { stream, len })
+            }
             _ => None,
         }
     }
@@ -301,7 +374,11 @@ impl Status {
     pub fn is_final(&self) -> bool {
         !matches!(
             self,
-            Status::Hello | Status::Ready | Status::Started | Status::Credit(_)
+            Status::Hello
+                | Status::Ready
+                | Status::Started
+                | Status::Ack(_)
+                | Status::Data { .. }
         )
     }
 }
@@ -333,6 +410,7 @@ mod tests {
                 mtu: 1500,
                 dns: vec!["10.0.0.53".parse().unwrap()],
             }],
+            ring: "/dev/ubda".into(),
         }
     }
 
@@ -382,11 +460,25 @@ mod tests {
             Status::NotFound("nosuch: not found".into()),
             Status::NotExecutable("x: Permission denied".into()),
             Status::Error("mount /dev/ubda: Invalid argument".into()),
+            Status::Ack(7),
+            Status::Data {
+                stream: ring::STDOUT,
+                len: 1 << 20,
+            },
+            Status::Data {
+                stream: ring::STDERR,
+                len: 0,
+            },
         ] {
             assert_eq!(Status::parse(&s.encode()), Some(s.clone()));
             assert_eq!(Status::parse(&s.encode().replace('\n', "\r\n")), Some(s));
         }
         assert_eq!(Status::parse("exit 256"), None);
+        // Only the guest's own streams, and never more than a slot.
+        assert_eq!(Status::parse("data 0 5"), None);
+        assert_eq!(Status::parse("data 3 5"), None);
+        assert_eq!(Status::parse("data 1 1048577"), None);
+        assert_eq!(Status::parse("ack 1 5"), None);
         assert_eq!(Status::parse("garbage"), None);
         assert_eq!(Status::Error("a\nb".into()).encode(), "error a b\n");
     }
@@ -399,10 +491,20 @@ mod tests {
                 rows: 50,
                 cols: 132,
             },
+            Control::StdinEof(1 << 40),
+            Control::Data(4096),
+            Control::Closed(ring::STDOUT),
+            Control::Ack {
+                stream: ring::STDERR,
+                count: 99,
+            },
         ] {
             assert_eq!(Control::parse(c.encode().trim()), Some(c));
         }
         assert_eq!(Control::parse("signal x"), None);
+        assert_eq!(Control::parse("data 1 5"), None);
+        assert_eq!(Control::parse("data 0 1048577"), None);
+        assert_eq!(Control::parse("ack 0 5"), None);
     }
 
     /// A deterministic short version of fuzz/fuzz_targets/guest_lines.rs:
@@ -416,7 +518,11 @@ mod tests {
             "started",
             "exit 3",
             "signal 9 core",
-            "credit 4096",
+            "ack 0 4096",
+            "data 1 65536",
+            "data 0 512",
+            "ack 2 3",
+            "closed 1",
             "notfound sh: x",
             "noexec y",
             "error z",

@@ -14,18 +14,10 @@ use std::sync::OnceLock;
 
 use common::*;
 
-/// Debian's `linux-source-6.12` (scripts/test.sh installs it).
-const SOURCE: &str = "/usr/src/linux-source-6.12.tar.xz";
+const SOURCE: &str = SOURCE_6_12;
 
-/// The cache the real kernels are built into: it outlives the checkout, so
-/// the ~4-minute build happens once per machine (`$UMLCTL_TEST_KERNEL_CACHE`
-/// moves it).
 fn kcache() -> PathBuf {
-    let d = std::env::var_os("UMLCTL_TEST_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/umlctl-test-kernels"));
-    fs::create_dir_all(&d).unwrap();
-    d
+    kernel_cache()
 }
 
 fn umlctl_in<I, S>(cache: &Path, args: I) -> Output
@@ -52,15 +44,8 @@ fn need_source() {
     );
 }
 
-/// `kernel build --json` of the 6.12 source with umlctl's options, once.
 fn built() -> &'static serde_json::Value {
-    static B: OnceLock<serde_json::Value> = OnceLock::new();
-    B.get_or_init(|| {
-        need_source();
-        let out = umlctl_in(&kcache(), ["kernel", "build", "--source", SOURCE, "--json"]);
-        let text = assert_ok(&out, "umlctl kernel build (6.12)");
-        serde_json::from_str(&text).unwrap()
-    })
+    built_6_12()
 }
 
 fn built_path() -> PathBuf {

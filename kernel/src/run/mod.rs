@@ -18,7 +18,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -33,9 +36,8 @@ use crate::initroot;
 use crate::jail::{Bind, JailRoot, JailSpec, Launch, Spawned};
 use crate::locate::{locate, Located};
 use crate::paths;
-use crate::protocol::STDIN_WINDOW;
-use crate::protocol::{Control, InitSpec, RootSpec, Status, TtySpec};
-use crate::protocol::{CONTROL_LINE, STATUS_LINE, STDERR_LINE, STDIN_LINE, STDOUT_LINE};
+use crate::protocol::{ring, Control, InitSpec, RootSpec, Status, TtySpec};
+use crate::protocol::{CONTROL_LINE, STATUS_LINE, STDIN_LINE};
 use crate::xstate::{self, HostXstate};
 
 mod launch;
@@ -326,6 +328,9 @@ pub(crate) fn init_plan(
     tty: Option<TtySpec>,
     nics: &[crate::protocol::NicSpec],
 ) -> InitSpec {
+    // The ring disk comes after the guest's other disks: the image's
+    // overlay and the init disk, or none.
+    let ring = if host_root { "/dev/ubda" } else { "/dev/ubdc" };
     let root = if host_root {
         // A working directory under one of the guest's private tmpfs
         // mounts stays visible: it is bound back over it.
@@ -351,6 +356,7 @@ pub(crate) fn init_plan(
         hostname: "uml".into(),
         tty,
         nics: nics.to_vec(),
+        ring: ring.into(),
     }
 }
 
@@ -369,26 +375,17 @@ pub(crate) struct BootFacts {
     pub(crate) seccomp: Option<&'static str>,
 }
 
-/// UML's boot plan for `run`: memory, disks, root, init, and the serial
-/// lines on their fixed descriptors (3 stdin, 4 stdout, 5 stderr, 6
-/// control, 7 status; a terminal is the stdin line both ways). Pure.
+/// UML's boot plan for `run`: memory, disks (the ring last), root, init,
+/// and the serial lines on their fixed descriptors (3 the terminal, both
+/// ways, in tty mode; 6 control, 7 status). Pure.
 pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
-    let lines = if f.interactive {
-        vec![
-            (STDIN_LINE, Chan::Fd(3), Chan::Fd(3)),
-            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
-            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
-            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
-        ]
-    } else {
-        vec![
-            (STDIN_LINE, Chan::Fd(3), Chan::Null),
-            (STDOUT_LINE, Chan::Null, Chan::Fd(4)),
-            (STDERR_LINE, Chan::Null, Chan::Fd(5)),
-            (CONTROL_LINE, Chan::Fd(6), Chan::Null),
-            (STATUS_LINE, Chan::Null, Chan::Fd(7)),
-        ]
-    };
+    let mut lines = vec![
+        (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+        (STATUS_LINE, Chan::Null, Chan::Fd(7)),
+    ];
+    if f.interactive {
+        lines.insert(0, (STDIN_LINE, Chan::Fd(3), Chan::Fd(3)));
+    }
     BootPlan {
         mem_bytes: spec.mem_bytes,
         umid: f.umid,
@@ -417,9 +414,10 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
 /// returned as `Err`; everything after is a [`RunOutcome`].
 pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     spec.validate()?;
-    let mut need = vec!["serial-lines", "devtmpfs", "exitcode", "tmpfs"];
+    // ubd: the command's stdio goes through the ring disk.
+    let mut need = vec!["serial-lines", "devtmpfs", "exitcode", "tmpfs", "ubd"];
     if spec.image.is_some() {
-        need.extend(["ubd", "ext4"]);
+        need.push("ext4");
     } else {
         need.push("hostfs");
     }
@@ -508,7 +506,8 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         None => None,
     };
 
-    let (boot_root, init_path, disks) = match &root {
+    let (ring_path, ring_file) = create_ring(&rundir)?;
+    let (boot_root, init_path, mut disks) = match &root {
         Root::Host { init } => (BootRoot::Hostfs, init.clone(), vec![]),
         Root::Image { image, initroot } => (
             BootRoot::InitDisk { index: 1 },
@@ -527,6 +526,12 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             ],
         ),
     };
+
+    disks.push(Disk {
+        file: ring_path,
+        backing: None,
+        read_only: false,
+    });
 
     // The jail: UML sees its kernel files, its disks and its run directory
     // (image), or the host's root read-only (host root).
@@ -569,24 +574,22 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         warn_unjailed();
     }
 
-    // The UML process's descriptors: 0 console in, 1+2 kernel log, 3 stdin
-    // line, 4 stdout line, 5 stderr line, 6 control line, 7 status line.
+    // The UML process's descriptors: 0 console in, 1+2 kernel log, 3 the
+    // terminal (tty mode), 6 control line, 7 status line.
     let (con_in_r, con_in_w) = cloexec_pipe()?;
     let (log_r, log_w) = cloexec_pipe()?;
     let (ctl_r, ctl_w) = cloexec_pipe()?;
     let (st_r, st_w) = cloexec_pipe()?;
-    let (out_r, out_w) = cloexec_pipe()?;
-    let (err_r, err_w) = cloexec_pipe()?;
-    let mut stdin_w = None;
-    let stdin_for_uml: OwnedFd = if interactive {
+    let terminal: Option<OwnedFd> = if interactive {
         // F_DUPFD_CLOEXEC at 3 or above.
-        std::os::fd::AsFd::as_fd(&io::stdin())
-            .try_clone_to_owned()
-            .map_err(|e| Error::sys("dup stdin", e))?
+        Some(
+            io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::sys("dup stdin", e))?,
+        )
     } else {
-        let (r, w) = cloexec_pipe()?;
-        stdin_w = Some(w);
-        r
+        None
     };
     let plan = boot_plan(
         spec,
@@ -614,18 +617,18 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
-    // 0 console in, 1+2 kernel log, 3..=7 the lines, then the fd-mode taps
-    // from FIRST_TAP_FD (= 8).
+    // 0 console in, 1+2 kernel log, 3 and 6..=7 the lines, then the
+    // fd-mode taps from FIRST_TAP_FD (= 8).
     let mut fds: Vec<(RawFd, i32)> = vec![
         (con_in_r.as_raw_fd(), 0),
         (log_w.as_raw_fd(), 1),
         (log_w.as_raw_fd(), 2),
-        (stdin_for_uml.as_raw_fd(), 3),
-        (out_w.as_raw_fd(), 4),
-        (err_w.as_raw_fd(), 5),
         (ctl_r.as_raw_fd(), 6),
         (st_w.as_raw_fd(), 7),
     ];
+    if let Some(t) = &terminal {
+        fds.push((t.as_raw_fd(), 3));
+    }
     for (i, f) in network.fds.iter().enumerate() {
         fds.push((f.as_raw_fd(), FIRST_TAP_FD + crate::num::small_i32(i)));
     }
@@ -647,21 +650,12 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let child = launch(jail.as_ref(), &uml_launch, true)?;
     reaper.watch(child.kill_target().as_raw().unsigned_abs());
     // Close our copies of the UML ends so that EOFs arrive when UML exits.
-    drop((con_in_r, log_w, stdin_for_uml, out_w, err_w, ctl_r, st_w));
+    drop((con_in_r, log_w, terminal, ctl_r, st_w));
     let uml_pid = child.pid;
     let jail_pid = child.kill_target();
 
     let tail = Arc::new(Mutex::new(LogTail::default()));
     let log_thread = read_log(File::from(log_r), console_log, spec.verbose, tail.clone());
-    let mut outputs = Vec::new();
-    if !interactive {
-        outputs.push(copy_out(File::from(out_r), 1, tx.clone()));
-    } else {
-        drop(out_r);
-    }
-    outputs.push(copy_out(File::from(err_r), 2, tx.clone()));
-    let credits = Arc::new(Credits::default());
-    read_status(File::from(st_r), tx.clone(), credits.clone());
     // One writer thread owns the control line, so that a guest that stops
     // reading it can never block the supervision loop.
     // Nothing is written before the guest has opened the line (`hello`).
@@ -682,17 +676,26 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         tx
     };
     let _ = control.send(init_spec.encode());
+    // The streams through the ring: stdout unless the terminal has it,
+    // stderr unless it shares the terminal, stdin unless it is the terminal.
+    let mut outputs = Vec::new();
+    let mut streams: [Option<SyncSender<u32>>; 3] = [None, None, None];
+    for (stream, fd, relayed) in [
+        (ring::STDOUT, 1, !interactive),
+        (ring::STDERR, 2, !stderr_on_tty),
+    ] {
+        if relayed {
+            let (data, h) = copy_out(ring_file.clone(), stream, fd, control.clone());
+            streams[usize::from(stream)] = Some(data);
+            outputs.push(h);
+        }
+    }
+    let credits = Arc::new(Credits::default());
+    read_status(File::from(st_r), tx.clone(), credits.clone(), streams);
     let mut stdin_go = None;
-    let stdin_keep: Arc<Mutex<Option<File>>> = Arc::default();
-    if let Some(w) = stdin_w {
+    if !interactive {
         let (go_tx, go_rx) = mpsc::channel();
-        copy_in(
-            File::from(w),
-            go_rx,
-            control.clone(),
-            stdin_keep.clone(),
-            credits.clone(),
-        );
+        copy_in(ring_file.clone(), go_rx, control.clone(), credits.clone());
         stdin_go = Some(go_tx);
     }
     {
@@ -720,9 +723,6 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
 
     kill_descendants();
     reaper.dismiss();
-    if let Ok(mut k) = stdin_keep.lock() {
-        k.take();
-    }
     // UML and its helpers are gone, so the pipes reach EOF; join the output
     // copies so that every byte is out before we return.
     for h in outputs {
@@ -946,8 +946,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(init.ring, "/dev/ubda", "the ring is the only disk");
         let image = init_plan(&spec, vec![], Path::new("/"), false, None, &[]);
         assert!(matches!(image.root, RootSpec::Image { ref device } if device == "/dev/ubda"));
+        assert_eq!(image.ring, "/dev/ubdc", "after the overlay and the init disk");
 
         let facts = |interactive| BootFacts {
             umid: "umlctl-abc".into(),
@@ -965,17 +967,27 @@ mod tests {
                     backing: None,
                     read_only: true,
                 },
+                Disk {
+                    file: "/run/ring".into(),
+                    backing: None,
+                    read_only: false,
+                },
             ],
             interactive,
             nics: vec![],
             trace: false,
             seccomp: None,
         };
+        // Without a terminal only the control and status lines: the
+        // command's stdio goes through the ring.
         let pipes = boot_plan(&spec, facts(false));
-        assert_eq!(pipes.lines.len(), 5);
-        assert!(pipes
-            .lines
-            .contains(&(STDOUT_LINE, Chan::Null, Chan::Fd(4))));
+        assert_eq!(
+            pipes.lines,
+            [
+                (CONTROL_LINE, Chan::Fd(6), Chan::Null),
+                (STATUS_LINE, Chan::Null, Chan::Fd(7))
+            ]
+        );
         let args = pipes.to_args().unwrap().join(" ");
         for want in [
             "mem=512M",
@@ -983,14 +995,12 @@ mod tests {
             "init=/init",
             "ubd0=/img.cow",
             "ubd1r=/initroot.ext4",
+            "ubd2=/run/ring",
         ] {
             assert!(args.contains(want), "{want:?} not in {args}");
         }
         let term = boot_plan(&spec, facts(true));
         assert!(term.lines.contains(&(STDIN_LINE, Chan::Fd(3), Chan::Fd(3))));
-        assert!(
-            !term.lines.iter().any(|l| l.0 == STDOUT_LINE),
-            "a terminal has no stdout line"
-        );
+        assert_eq!(term.lines.len(), 3, "the terminal, control and status");
     }
 }

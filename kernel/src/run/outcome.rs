@@ -122,7 +122,8 @@ pub(crate) fn outcome(
         Some(Status::Hello)
         | Some(Status::Ready)
         | Some(Status::Started)
-        | Some(Status::Credit(_))
+        | Some(Status::Ack(_))
+        | Some(Status::Data { .. })
         | None => {
             if s.timed_out {
                 o.exit_code = i32::from(crate::exit::TIMEOUT);

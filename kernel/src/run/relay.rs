@@ -1,6 +1,6 @@
-//! The stdio pumps between the host and UML's serial lines: output out,
-//! flow-controlled stdin in, the kernel log and the status line read with
-//! bounds.
+//! The stdio pumps between the host and the guest: stdin in and stdout and
+//! stderr out through the ring disk (see [`crate::protocol`]), the kernel
+//! log and the status line read with bounds.
 
 #[allow(unused_imports)]
 use super::*;
@@ -62,33 +62,27 @@ impl LogTail {
     }
 }
 
-/// Copy `from` to the host fd `to` until EOF. When the host side breaks
-/// (EPIPE), report it once and keep draining so the guest never blocks.
-pub(crate) fn copy_out(mut from: File, to: RawFd, tx: Sender<Event>) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut out = borrow_file(to);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut broken = false;
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            if !broken && out.write_all(&buf[..n]).is_err() {
-                broken = true;
-                let _ = tx.send(Event::OutputBroken);
-            }
-        }
-    })
+/// The host's end of the ring disk (see [`crate::protocol`]): a sparse
+/// file in the run directory that UML serves to the guest as a disk.
+pub(crate) fn create_ring(rundir: &Path) -> Result<(PathBuf, Arc<File>)> {
+    let path = rundir.join("ring");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| Error::io("create the I/O ring disk", &path, e))?;
+    f.set_len(ring::disk_len())
+        .map_err(|e| Error::io("size the I/O ring disk", &path, e))?;
+    Ok((path, Arc::new(f)))
 }
 
-/// How much of stdin the guest's init has read (its `credit` records), so
-/// that the copier keeps at most [`STDIN_WINDOW`] bytes in flight.
+/// How many slots of a stream its reader has consumed, so that the writer
+/// never has more than [`ring::SLOTS`] of them unacknowledged.
 #[derive(Default)]
 pub(crate) struct Credits {
-    /// (bytes the guest has read, the status line has closed)
+    /// (slots consumed, the reader is gone)
     pub(crate) state: Mutex<(u64, bool)>,
     pub(crate) cv: std::sync::Condvar,
 }
@@ -108,8 +102,62 @@ impl Credits {
         self.cv.notify_all();
     }
 
-    /// Wait until fewer than [`STDIN_WINDOW`] of the `sent` bytes are
-    /// unread; how many more may go. `None` once the guest is gone.
+    /// Wait until slot number `seq` (counted from 0) is free; `false` once
+    /// the reader is gone.
+    pub(crate) fn wait_slot(&self, seq: u64) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        loop {
+            if s.1 {
+                return false;
+            }
+            if seq.saturating_sub(s.0) < ring::SLOTS {
+                return true;
+            }
+            match self.cv.wait(s) {
+                Ok(g) => s = g,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// A byte window: how much of a stream its reader has taken in all, so that
+/// the writer keeps at most `window` bytes in flight (`umlctl exec`'s
+/// serial lines, whose guest tty must never fill).
+pub(crate) struct Window {
+    /// (bytes the reader has taken, the reader is gone)
+    state: Mutex<(u64, bool)>,
+    cv: std::sync::Condvar,
+    window: u64,
+}
+
+impl Window {
+    pub(crate) fn new(window: u64) -> Self {
+        Window {
+            state: Mutex::new((0, false)),
+            cv: std::sync::Condvar::new(),
+            window,
+        }
+    }
+
+    pub(crate) fn grant(&self, consumed: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = s.0.max(consumed);
+        }
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait until fewer than `window` of the `sent` bytes are unread; how
+    /// many more may go. `None` once the reader is gone.
     pub(crate) fn room(&self, sent: u64) -> Option<u64> {
         let mut s = self.state.lock().ok()?;
         loop {
@@ -117,59 +165,96 @@ impl Credits {
                 return None;
             }
             let inflight = sent.saturating_sub(s.0);
-            if inflight < STDIN_WINDOW {
-                return Some(STDIN_WINDOW - inflight);
+            if inflight < self.window {
+                return Some(self.window - inflight);
             }
             s = self.cv.wait(s).ok()?;
         }
     }
 }
 
-/// Copy the host's stdin into the guest's stdin line once the guest says
-/// the line is ready (raw), at most [`STDIN_WINDOW`] bytes ahead of what the
-/// guest has read, then announce the total. The pipe itself stays open: UML
-/// would turn its EOF into a tty hangup that discards unread input; the
-/// copier parks it in `keep`, which `run` drops once UML has exited.
+/// Copy the host's stdin into the guest through the ring once the command
+/// has started, a slot at a time, then announce the total.
 pub(crate) fn copy_in(
-    to: File,
+    ring: Arc<File>,
     go: Receiver<()>,
     control: Sender<String>,
-    keep: Arc<Mutex<Option<File>>>,
     credits: Arc<Credits>,
 ) {
     thread::spawn(move || {
         if go.recv().is_err() {
             return;
         }
-        let mut to = to;
         let mut input = borrow_file(0);
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; crate::num::usize_of(ring::SLOT)];
         let mut total: u64 = 0;
+        let mut seq: u64 = 0;
+        let mut filler = crate::slotfill::Filler::default();
         loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            let mut chunk = &buf[..n];
-            while !chunk.is_empty() {
-                let Some(room) = credits.room(total) else {
-                    return;
-                };
-                let k = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-                if to.write_all(&chunk[..k]).is_err() {
-                    return;
-                }
-                total += k as u64;
-                chunk = &chunk[k..];
+            let n = filler.fill(&mut input, &mut buf);
+            if n == 0 {
+                break;
             }
+            if !credits.wait_slot(seq)
+                || ring
+                    .write_all_at(&buf[..n], ring::offset(ring::STDIN, seq))
+                    .is_err()
+            {
+                return;
+            }
+            // n ≤ SLOT (1 MiB).
+            let len = u32::try_from(n).unwrap_or(u32::MAX);
+            if control.send(Control::Data(len).encode()).is_err() {
+                return;
+            }
+            seq += 1;
+            total += n as u64;
         }
         let _ = control.send(Control::StdinEof(total).encode());
-        if let Ok(mut k) = keep.lock() {
-            *k = Some(to);
+    });
+}
+
+/// One guest → host stream (stdout or stderr): the status reader hands
+/// over each `data` record's length; the copier reads that slot, writes it
+/// to the host fd `to` and acknowledges it. When the host side breaks
+/// (EPIPE: the reader went away), it tells the guest, which closes the
+/// command's end (the writer gets SIGPIPE, as on the host), and keeps
+/// acknowledging what is still in flight, so the guest never blocks.
+pub(crate) fn copy_out(
+    ring: Arc<File>,
+    stream: u8,
+    to: RawFd,
+    control: Sender<String>,
+) -> (SyncSender<u32>, thread::JoinHandle<()>) {
+    let (data_tx, data_rx) = mpsc::sync_channel::<u32>(crate::num::usize_of(ring::SLOTS));
+    let h = thread::spawn(move || {
+        let mut out = borrow_file(to);
+        let mut buf = vec![0u8; crate::num::usize_of(ring::SLOT)];
+        let mut broken = false;
+        let mut seq: u64 = 0;
+        for len in data_rx {
+            let chunk = &mut buf[..crate::num::usize_of(u64::from(len))];
+            if ring
+                .read_exact_at(chunk, ring::offset(stream, seq))
+                .is_err()
+            {
+                break;
+            }
+            if !broken && out.write_all(chunk).is_err() {
+                broken = true;
+                let _ = control.send(Control::Closed(stream).encode());
+            }
+            seq += 1;
+            let _ = control.send(
+                Control::Ack {
+                    stream,
+                    count: seq,
+                }
+                .encode(),
+            );
         }
     });
+    (data_tx, h)
 }
 
 /// Read the kernel log: to the console log file, to stderr with `-v`, and
@@ -239,7 +324,14 @@ pub(crate) fn split_lines(
 /// [`MAX_STATUS_LINE`] bytes each. A guest that sends more without a
 /// newline is reported once ([`Event::Garbage`]) and the rest is drained
 /// unread, so umlctl's memory does not grow with what the guest writes.
-pub(crate) fn read_status(mut from: File, tx: Sender<Event>, credits: Arc<Credits>) {
+/// `data` records go to the stream's copier in `outputs` (indexed by
+/// stream); a record for a stream without one is a protocol error.
+pub(crate) fn read_status(
+    mut from: File,
+    tx: Sender<Event>,
+    credits: Arc<Credits>,
+    outputs: [Option<SyncSender<u32>>; 3],
+) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         let mut pending = Vec::new();
@@ -255,16 +347,31 @@ pub(crate) fn read_status(mut from: File, tx: Sender<Event>, credits: Arc<Credit
                 continue;
             }
             let mut records = Vec::new();
+            let mut stray = None;
             let r = split_lines(
                 &mut pending,
                 &buf[..n],
                 MAX_STATUS_LINE,
                 |l| match Status::parse(&String::from_utf8_lossy(l)) {
-                    Some(Status::Credit(c)) => credits.grant(c),
+                    Some(Status::Ack(c)) => credits.grant(c),
+                    Some(Status::Data { stream, len }) => {
+                        match outputs.get(usize::from(stream)).and_then(Option::as_ref) {
+                            Some(out) => {
+                                let _ = out.send(len);
+                            }
+                            None => stray = Some(stream),
+                        }
+                    }
                     Some(s) => records.push(s),
                     None => {}
                 },
             );
+            if let Some(stream) = stray {
+                broken = true;
+                let _ = tx.send(Event::Garbage(format!(
+                    "the guest sent data for stream {stream}, which this run does not relay"
+                )));
+            }
             for s in records {
                 let _ = tx.send(Event::Status(s));
             }
@@ -277,6 +384,7 @@ pub(crate) fn read_status(mut from: File, tx: Sender<Event>, credits: Arc<Credit
             }
         }
         credits.close();
+        drop(outputs);
         let _ = tx.send(Event::StatusEof);
     });
 }

@@ -18,7 +18,6 @@ pub(crate) enum Event {
     StatusEof,
     UmlExited(ExitStatus),
     Signal(i32),
-    OutputBroken,
     /// The guest broke umlctl's protocol (what it did).
     Garbage(String),
 }
@@ -207,7 +206,7 @@ pub(crate) fn supervise(
             Event::Status(Status::Hello) => {
                 let _ = control_go.send(());
             }
-            Event::Status(Status::Ready) | Event::Status(Status::Credit(_)) => {}
+            Event::Status(Status::Ready | Status::Ack(_) | Status::Data { .. }) => {}
             Event::Status(st) => {
                 s.ended = Some(Instant::now());
                 s.final_status = Some(st);
@@ -238,7 +237,6 @@ pub(crate) fn supervise(
                     }
                 }
             }
-            Event::OutputBroken => send(Control::Signal(libc::SIGPIPE)),
             Event::Garbage(what) => {
                 // The guest is not following the protocol: stop it now.
                 if s.garbage.is_none() {

@@ -104,11 +104,20 @@ impl Run {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Run::with_kernel(&kernel(), args)
+    }
+
+    /// `umlctl run --kernel KERNEL ARGS…`.
+    pub fn with_kernel<I, S>(kernel: &Path, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let runtime = scratch();
         let mut cmd = Command::new(umlctl_bin());
         cmd.arg("run")
             .arg("--kernel")
-            .arg(kernel())
+            .arg(kernel)
             .args(args)
             .env("UMLCTL_RUNTIME_DIR", runtime.path())
             .env("UMLCTL_CACHE_DIR", cache_dir())
@@ -419,4 +428,54 @@ pub fn debian_image() -> PathBuf {
     }
     fs::rename(&tmp, &img).unwrap();
     img
+}
+
+/// Debian's `linux-source-6.12` (scripts/test.sh installs it).
+pub const SOURCE_6_12: &str = "/usr/src/linux-source-6.12.tar.xz";
+
+/// The cache the real kernels are built into: it outlives the checkout, so
+/// the ~4-minute build happens once per machine (`$UMLCTL_TEST_KERNEL_CACHE`
+/// moves it).
+pub fn kernel_cache() -> PathBuf {
+    let d = std::env::var_os("UMLCTL_TEST_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/umlctl-test-kernels"));
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `kernel build --json` of Debian's 6.12 source with umlctl's options,
+/// once per test binary (later binaries find the cached build up to date).
+pub fn built_6_12() -> &'static serde_json::Value {
+    static B: OnceLock<serde_json::Value> = OnceLock::new();
+    B.get_or_init(|| {
+        assert!(
+            Path::new(SOURCE_6_12).is_file(),
+            "{SOURCE_6_12} is missing: apt-get install linux-source-6.12 (scripts/test.sh does)"
+        );
+        let out = Command::new(umlctl_bin())
+            .args(["kernel", "build", "--source", SOURCE_6_12, "--json"])
+            .env("UMLCTL_CACHE_DIR", kernel_cache())
+            .env_remove("UMLCTL_KERNEL")
+            .output()
+            .expect("run umlctl kernel build");
+        let text = assert_ok(&out, "umlctl kernel build (6.12)");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// Where the 6.12 build's kernel binary is.
+pub fn kernel_6_12() -> PathBuf {
+    PathBuf::from(built_6_12()["path"].as_str().unwrap())
+}
+
+/// Debian's own `linux.uml` (the user-mode-linux package).
+pub fn debian_kernel() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/linux.uml");
+    assert!(
+        p.is_file(),
+        "{} is missing: apt-get install user-mode-linux (scripts/test.sh does)",
+        p.display()
+    );
+    p
 }
