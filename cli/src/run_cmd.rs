@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// such as a CI job's own code) or auto (seccomp where the host allows it).
     #[arg(long, value_name = "MODE", default_value = "ptrace")]
     userspace: umlctl_kernel::cmdline::Userspace,
+    /// Keep the boot-time RAID6 speed test that run skips on kernels that have it (Debian's
+    /// linux.uml: about a second). Only needed to build btrfs or md RAID6 arrays in the guest.
+    #[arg(long)]
+    full_boot: bool,
     /// Stop the guest and exit 124 after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -126,6 +130,7 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     spec.mem_bytes = parse_size(&a.mem)?;
     spec.workdir = a.workdir;
     spec.userspace = a.userspace;
+    spec.full_boot = a.full_boot;
     spec.console_log = a.console_log;
     spec.verbose = a.verbose;
     spec.shim = match (

@@ -155,6 +155,9 @@ pub struct BootPlan {
     pub nics: Vec<Nic>,
     /// UML's `seccomp=` (on, off, auto); `None` for kernels without it.
     pub seccomp: Option<&'static str>,
+    /// Initcalls the kernel skips (`initcall_blacklist=`): boot-time speed
+    /// tests whose result nothing in the guest uses.
+    pub skip_initcalls: Vec<&'static str>,
 }
 
 /// How a guest interface reaches the host.
@@ -374,6 +377,12 @@ impl BootPlan {
         if let Some(s) = self.seccomp {
             a.push(format!("seccomp={s}"));
         }
+        if !self.skip_initcalls.is_empty() {
+            a.push(format!(
+                "initcall_blacklist={}",
+                self.skip_initcalls.join(",")
+            ));
+        }
         a.push("noreboot".into());
         for (k, v) in &self.init_env {
             let ok = |s: &str| {
@@ -515,6 +524,7 @@ mod tests {
             disks: vec![],
             console_line: 0,
             seccomp: None,
+            skip_initcalls: vec![],
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
             init_env: vec![],

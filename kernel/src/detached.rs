@@ -347,6 +347,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     init_env.push((crate::init::EXEC_ENV.to_string(), lines_list.join(",")));
     init_env.extend(net_env(&network));
     let plan = BootPlan {
+        skip_initcalls: vec![],
         mem_bytes: spec.mem_bytes,
         umid: name.clone(),
         uml_dir: layout.uml_parent(),

@@ -21,11 +21,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -35,10 +35,10 @@ use nix::sys::termios::{self, SetArg};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::protocol::STDIN_LINE;
 use crate::protocol::{
     ring, Control, InitSpec, RootSpec, SpecDecoder, Status, CONTROL_LINE, STATUS_LINE,
 };
-use crate::protocol::STDIN_LINE;
 
 /// Default `PATH` when the spec's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -475,7 +475,10 @@ fn relay_stdin(ring: Arc<File>, sink: File, msgs: mpsc::Receiver<StdinMsg>, mut 
             StdinMsg::Data(len) => crate::num::usize_of(u64::from(len)),
         };
         let area = &mut buf.slot()[..ring::padded(len)];
-        if ring.read_exact_at(area, ring::offset(ring::STDIN, seq)).is_err() {
+        if ring
+            .read_exact_at(area, ring::offset(ring::STDIN, seq))
+            .is_err()
+        {
             return;
         }
         seq += 1;

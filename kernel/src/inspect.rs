@@ -62,12 +62,12 @@ const FEATURES: &[(&str, &str, &str)] = &[
     (
         "ubd",
         "CONFIG_BLK_DEV_UBD",
-        "disk images and copy-on-write overlays (--image)",
+        "disk images, copy-on-write overlays (--image) and run's I/O ring",
     ),
     (
         "serial-lines",
         "CONFIG_SSL",
-        "the command's stdin, stdout and stderr",
+        "run's control and status lines and its terminal",
     ),
     (
         "vector-net",
@@ -103,6 +103,11 @@ const FEATURES: &[(&str, &str, &str)] = &[
         "UML's old network transports (gone in 6.16; umlctl uses vector)",
     ),
     ("virtio", "CONFIG_VIRTIO_UML", "vhost-user virtio devices"),
+    (
+        "raid6-benchmark",
+        "CONFIG_RAID6_PQ_BENCHMARK",
+        "times RAID6 algorithms at boot (about a second; run skips it)",
+    ),
 ];
 
 impl KernelInfo {
@@ -157,7 +162,7 @@ pub fn inspect(path: &Path) -> Result<KernelInfo> {
 fn identity_key(path: &Path) -> Option<PathBuf> {
     let md = std::fs::metadata(path).ok()?;
     // Bump the salt when KernelInfo or the feature list changes.
-    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v3");
+    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v4");
     let dir = crate::paths::cache_dir().ok()?.join("kernel-info");
     crate::paths::ensure_dir(&dir).ok()?;
     Some(dir.join(format!("{hex}.json")))

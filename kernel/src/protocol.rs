@@ -263,7 +263,8 @@ impl Control {
             "data" => {
                 let stream: u8 = w.next()?.parse().ok()?;
                 let len: u32 = w.next()?.parse().ok()?;
-                (stream == ring::STDIN && u64::from(len) <= ring::SLOT).then_some(Control::Data(len))
+                (stream == ring::STDIN && u64::from(len) <= ring::SLOT)
+                    .then_some(Control::Data(len))
             }
             "ack" => {
                 let stream: u8 = w.next()?.parse().ok()?;
@@ -273,7 +274,8 @@ impl Control {
             }
             "closed" => {
                 let stream: u8 = w.next()?.parse().ok()?;
-                (stream == ring::STDOUT || stream == ring::STDERR).then_some(Control::Closed(stream))
+                (stream == ring::STDOUT || stream == ring::STDERR)
+                    .then_some(Control::Closed(stream))
             }
             _ => None,
         }
@@ -374,11 +376,7 @@ impl Status {
     pub fn is_final(&self) -> bool {
         !matches!(
             self,
-            Status::Hello
-                | Status::Ready
-                | Status::Started
-                | Status::Ack(_)
-                | Status::Data { .. }
+            Status::Hello | Status::Ready | Status::Started | Status::Ack(_) | Status::Data { .. }
         )
     }
 }

@@ -215,7 +215,10 @@ fn stdin_from_a_file_a_fifo_dev_null_or_a_closed_descriptor() {
     for k in kernels() {
         let sum = |stdin: Stdio| {
             let mut r = Run::with_kernel(&k, ["--timeout", "300", "--", "sha256sum"]);
-            r.cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
+            r.cmd
+                .stdin(stdin)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
             let out = r.cmd.output().unwrap();
             assert_eq!(
                 out.status.code(),
@@ -232,7 +235,12 @@ fn stdin_from_a_file_a_fifo_dev_null_or_a_closed_descriptor() {
         };
         // A regular file, read from where its offset stands (as cat would).
         let mut f = File::open(&file).unwrap();
-        assert_eq!(sum(Stdio::from(f.try_clone().unwrap())), want, "{}", k.display());
+        assert_eq!(
+            sum(Stdio::from(f.try_clone().unwrap())),
+            want,
+            "{}",
+            k.display()
+        );
         let mut skip = [0u8; 3];
         f = File::open(&file).unwrap();
         f.read_exact(&mut skip).unwrap();

@@ -713,3 +713,47 @@ fn userspace_modes_are_chosen_or_refused_with_the_version_needed() {
     assert_eq!(rc, 125, "{err}");
     assert!(err.contains("expected ptrace, seccomp or auto"), "{err}");
 }
+
+/// Debian's linux.uml times its RAID6 algorithms at boot (most of a second);
+/// `run` skips that and says so in --json, `--full-boot` keeps it. The
+/// kernel's own log is the oracle.
+#[test]
+fn the_raid6_speed_test_is_skipped_unless_full_boot_is_asked_for() {
+    let dir = scratch();
+    let log = |name: &str| dir.path().join(name);
+    for (full, name) in [(false, "fast.log"), (true, "full.log")] {
+        let mut args = vec![
+            "--json",
+            "--console-log",
+            log(name).to_str().unwrap().to_owned(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if full {
+            args.push("--full-boot".into());
+        }
+        args.extend(["--".into(), "true".into()]);
+        let out = Run::with_kernel(&debian_kernel(), &args).output();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let v = last_json(&err);
+        let kernel_log = fs::read_to_string(log(name)).unwrap();
+        let timed = kernel_log.contains("raid6: using algorithm");
+        if full {
+            assert_eq!(v["skipped_initcalls"], serde_json::json!([]), "{err}");
+            assert!(
+                timed,
+                "the full boot chose a RAID6 algorithm:\n{kernel_log}"
+            );
+        } else {
+            assert_eq!(
+                v["skipped_initcalls"],
+                serde_json::json!(["raid6_select_algo"]),
+                "{err}"
+            );
+            assert!(!timed, "the RAID6 test ran:\n{kernel_log}");
+        }
+        assert!(v["timings"]["kernel_ms"].as_f64().unwrap() > 0.0, "{err}");
+    }
+}

@@ -10,17 +10,17 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::fs::OpenOptions;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
+use std::os::fd::AsFd;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -85,6 +85,9 @@ pub struct GuestSpec {
     pub kernel: Option<PathBuf>,
     /// `--userspace`: the mode the guest's processes run in.
     pub userspace: crate::cmdline::Userspace,
+    /// `--full-boot`: keep the boot-time RAID6 speed test (see
+    /// [`RAID6_SELECT`]).
+    pub full_boot: bool,
     /// `--image`: ext4 root image, booted through a COW overlay.
     pub image: Option<PathBuf>,
     /// `--overlay`: a persistent overlay for the image (created if missing);
@@ -199,6 +202,7 @@ impl GuestSpec {
             netd_socket: None,
             jail: JailOpts::default(),
             userspace: crate::cmdline::Userspace::Ptrace,
+            full_boot: false,
         }
     }
 }
@@ -373,6 +377,8 @@ pub(crate) struct BootFacts {
     pub(crate) trace: bool,
     /// UML's `seccomp=`, for kernels that have it.
     pub(crate) seccomp: Option<&'static str>,
+    /// Initcalls to skip.
+    pub(crate) skip_initcalls: Vec<&'static str>,
 }
 
 /// UML's boot plan for `run`: memory, disks (the ring last), root, init,
@@ -404,8 +410,19 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
         },
         nics: f.nics,
         seccomp: f.seccomp,
+        skip_initcalls: f.skip_initcalls,
     }
 }
+
+/// The initcall that times the kernel's RAID6 algorithms at boot, when the
+/// kernel is built with `CONFIG_RAID6_PQ_BENCHMARK` (Debian's `linux.uml`
+/// is: RAID6 is built in for btrfs). It takes most of a second of such a
+/// kernel's boot, so `run` skips it: nothing a `run` guest is given uses
+/// RAID6 (its root is the host's, read-only, or an ext4 image; it gets no
+/// other disks). The algorithms are then never chosen, so a guest that
+/// builds a btrfs RAID6 (or md RAID6) array on its own, on loop devices,
+/// would crash its kernel; `--full-boot` keeps the test for that.
+pub const RAID6_SELECT: &str = "raid6_select_algo";
 
 /// Boot a guest, run `spec.command` in it, and report how it ended.
 ///
@@ -429,6 +446,11 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         prep.located.info.has("seccomp-mode"),
         &prep.located.info.version,
     )?;
+    let skip_initcalls = if prep.located.info.has("raid6-benchmark") && !spec.full_boot {
+        vec![RAID6_SELECT]
+    } else {
+        vec![]
+    };
     // Held until the guest is gone: the taps live as long as this connection.
     let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &[])?;
     let info = &prep.located.info;
@@ -603,6 +625,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             nics: network.nics.clone(),
             trace: std::env::var_os("UMLCTL_TRACE").is_some(),
             seccomp,
+            skip_initcalls: skip_initcalls.clone(),
         },
     );
     let args = plan.to_args()?;
@@ -744,6 +767,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         tail,
         t0,
     );
+    o.skipped_initcalls = skip_initcalls;
     o.userspace = match seccomp {
         Some("on") => "seccomp",
         Some("auto") => "auto",
@@ -949,7 +973,10 @@ mod tests {
         assert_eq!(init.ring, "/dev/ubda", "the ring is the only disk");
         let image = init_plan(&spec, vec![], Path::new("/"), false, None, &[]);
         assert!(matches!(image.root, RootSpec::Image { ref device } if device == "/dev/ubda"));
-        assert_eq!(image.ring, "/dev/ubdc", "after the overlay and the init disk");
+        assert_eq!(
+            image.ring, "/dev/ubdc",
+            "after the overlay and the init disk"
+        );
 
         let facts = |interactive| BootFacts {
             umid: "umlctl-abc".into(),
@@ -977,6 +1004,7 @@ mod tests {
             nics: vec![],
             trace: false,
             seccomp: None,
+            skip_initcalls: vec![RAID6_SELECT],
         };
         // Without a terminal only the control and status lines: the
         // command's stdio goes through the ring.
@@ -996,6 +1024,7 @@ mod tests {
             "ubd0=/img.cow",
             "ubd1r=/initroot.ext4",
             "ubd2=/run/ring",
+            "initcall_blacklist=raid6_select_algo",
         ] {
             assert!(args.contains(want), "{want:?} not in {args}");
         }

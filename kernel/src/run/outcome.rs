@@ -34,7 +34,11 @@ pub enum Reason {
 /// Wall-clock milestones of a run, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
-    /// From starting UML to the command starting.
+    /// From starting UML to umlctl's init running in the guest (the
+    /// kernel's own boot).
+    pub kernel_ms: Option<f64>,
+    /// From starting UML to the command starting (the kernel's boot, then
+    /// the init's: the spec, mounts, network, the ring).
     pub boot_ms: Option<f64>,
     /// From the command starting to its end.
     pub command_ms: Option<f64>,
@@ -58,6 +62,9 @@ pub struct RunOutcome {
     /// The mode the guest's processes ran in: `ptrace`, `seccomp`, or
     /// `auto` (seccomp where the host allowed it).
     pub userspace: &'static str,
+    /// Boot-time initcalls the kernel skipped (`raid6_select_algo` unless
+    /// `--full-boot`; see [`crate::run::RAID6_SELECT`]).
+    pub skipped_initcalls: Vec<&'static str>,
     pub timings: Timings,
 }
 
@@ -73,6 +80,7 @@ pub(crate) fn outcome(
     let ms =
         |a: Instant, b: Instant| (b.saturating_duration_since(a).as_secs_f64() * 1e6).round() / 1e3;
     let timings = Timings {
+        kernel_ms: s.hello.map(|t| ms(t0, t)),
         boot_ms: s.started.map(|t| ms(t0, t)),
         command_ms: match (s.started, s.ended) {
             (Some(a), Some(b)) => Some(ms(a, b)),
@@ -89,6 +97,7 @@ pub(crate) fn outcome(
         kernel_version: located.info.version.clone(),
         xstate_shim: shim_used,
         userspace: "ptrace",
+        skipped_initcalls: vec![],
         timings,
     };
     if let Some(what) = s.garbage {

@@ -245,13 +245,7 @@ pub(crate) fn copy_out(
                 let _ = control.send(Control::Closed(stream).encode());
             }
             seq += 1;
-            let _ = control.send(
-                Control::Ack {
-                    stream,
-                    count: seq,
-                }
-                .encode(),
-            );
+            let _ = control.send(Control::Ack { stream, count: seq }.encode());
         }
     });
     (data_tx, h)

@@ -90,6 +90,7 @@ pub(crate) struct Supervised {
     pub(crate) final_status: Option<Status>,
     pub(crate) timed_out: bool,
     pub(crate) interrupted: Option<i32>,
+    pub(crate) hello: Option<Instant>,
     pub(crate) started: Option<Instant>,
     pub(crate) ended: Option<Instant>,
     pub(crate) exited_at: Instant,
@@ -111,6 +112,7 @@ pub(crate) fn supervise(
         final_status: None,
         timed_out: false,
         interrupted: None,
+        hello: None,
         started: None,
         ended: None,
         exited_at: t0,
@@ -204,6 +206,7 @@ pub(crate) fn supervise(
                 }
             }
             Event::Status(Status::Hello) => {
+                s.hello = Some(Instant::now());
                 let _ = control_go.send(());
             }
             Event::Status(Status::Ready | Status::Ack(_) | Status::Data { .. }) => {}
