@@ -206,7 +206,7 @@ fn parse_headroom(s: &str) -> Result<Headroom, String> {
 }
 
 /// Write `text` to `path` so that it appears complete or not at all.
-fn write_atomic(path: &Path, text: &[u8]) -> Result<(), String> {
+pub(crate) fn write_atomic(path: &Path, text: &[u8]) -> Result<(), String> {
     let f = build::AtomicFile::new(path).map_err(|e| format!("{}: create: {e}", path.display()))?;
     (&mut f.file())
         .write_all(text)

@@ -19,6 +19,7 @@ mod fmt;
 mod guest_cmd;
 mod image_cmd;
 mod kernel_cmd;
+mod lab_cmd;
 mod net_cmd;
 mod progress;
 mod run_cmd;
@@ -66,6 +67,9 @@ enum Cmd {
     /// Create, inspect, merge and rebase UML copy-on-write overlays.
     #[command(subcommand)]
     Cow(cow_cmd::CowCmd),
+    /// Kathará/Netkit network labs: check a lab directory, show its plan, draw its topology.
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCmd),
     /// The privileged network helper daemon (run as root): taps on host bridges under a policy.
     Netd(net_cmd::NetdArgs),
     /// Networking as netd offers it to me.
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         Cmd::Logs(a) => guest_cmd::logs(a),
         Cmd::Ctl(a) => guest_cmd::ctl(a),
         Cmd::Gc => guest_cmd::gc(),
+        Cmd::Lab(c) => lab_cmd::main(c),
         Cmd::Netd(a) => net_cmd::netd(a),
         Cmd::Net(c) => net_cmd::main(c),
         Cmd::Completions(a) => docs::completions(a, Cli::command()),

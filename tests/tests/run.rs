@@ -722,14 +722,11 @@ fn the_raid6_speed_test_is_skipped_unless_full_boot_is_asked_for() {
     let dir = scratch();
     let log = |name: &str| dir.path().join(name);
     for (full, name) in [(false, "fast.log"), (true, "full.log")] {
-        let mut args = vec![
-            "--json",
-            "--console-log",
-            log(name).to_str().unwrap().to_owned(),
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
+        let mut args: Vec<String> = vec![
+            "--json".into(),
+            "--console-log".into(),
+            log(name).to_str().unwrap().into(),
+        ];
         if full {
             args.push("--full-boot".into());
         }

@@ -231,8 +231,7 @@ pub(crate) fn copy_out(
         let mut out = borrow_file(to);
         let mut buf = vec![0u8; crate::num::usize_of(ring::SLOT)];
         let mut broken = false;
-        let mut seq: u64 = 0;
-        for len in data_rx {
+        for (seq, len) in (0u64..).zip(data_rx) {
             let chunk = &mut buf[..crate::num::usize_of(u64::from(len))];
             if ring
                 .read_exact_at(chunk, ring::offset(stream, seq))
@@ -244,8 +243,8 @@ pub(crate) fn copy_out(
                 broken = true;
                 let _ = control.send(Control::Closed(stream).encode());
             }
-            seq += 1;
-            let _ = control.send(Control::Ack { stream, count: seq }.encode());
+            let count = seq + 1;
+            let _ = control.send(Control::Ack { stream, count }.encode());
         }
     });
     (data_tx, h)
