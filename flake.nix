@@ -30,6 +30,7 @@
           ./kernel
           ./imgtools
           ./netd
+          ./lab
           ./tests
         ];
       };

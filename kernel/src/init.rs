@@ -544,17 +544,26 @@ fn relay_out(
             if !credits.wait_slot(seq) {
                 break;
             }
-            let area = &buf.slot()[..ring::padded(n)];
-            if ring.write_all_at(area, ring::offset(stream, seq)).is_err() {
-                break;
-            }
+            let record = if n <= ring::INLINE_MAX && !filler.flooding() {
+                // A trickle goes on the status line: written without
+                // sleeping, it is out before the command runs on (a ring
+                // slot waits for the disk, and a command that crashes the
+                // guest meanwhile would lose it).
+                Status::Inline {
+                    stream,
+                    data: buf.slot()[..n].to_vec(),
+                }
+            } else {
+                let area = &buf.slot()[..ring::padded(n)];
+                if ring.write_all_at(area, ring::offset(stream, seq)).is_err() {
+                    break;
+                }
+                // n ≤ SLOT (1 MiB).
+                let len = u32::try_from(n).unwrap_or(u32::MAX);
+                Status::Data { stream, len }
+            };
             seq += 1;
-            // n ≤ SLOT (1 MiB).
-            let len = u32::try_from(n).unwrap_or(u32::MAX);
-            if status
-                .write_all(Status::Data { stream, len }.encode().as_bytes())
-                .is_err()
-            {
+            if status.write_all(record.encode().as_bytes()).is_err() {
                 break;
             }
         }

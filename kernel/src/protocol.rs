@@ -8,8 +8,8 @@
 //!   `winsize ROWS COLS`, `data 0 LEN`, `ack STREAM N`, `closed STREAM`,
 //!   `stdin-eof TOTAL`) at any time;
 //! * guest → host on [`STATUS_LINE`]: [`Status`] records (`hello`, `ready`,
-//!   `started`, `data STREAM LEN`, `ack 0 N`, `exit N`, `signal N`,
-//!   `notfound MSG`, `noexec MSG`, `error MSG`).
+//!   `started`, `data STREAM LEN`, `inline STREAM BASE64`, `ack 0 N`,
+//!   `exit N`, `signal N`, `notfound MSG`, `noexec MSG`, `error MSG`).
 //!
 //! The command's stdin, stdout and stderr travel through the *ring*: a
 //! disk (UML's ubd, read and written by the guest with `O_DIRECT`, so every
@@ -18,7 +18,9 @@
 //! stream fills the next slot and announces it (`data STREAM LEN`); the
 //! reader copies it out and acknowledges it (`ack STREAM N`: N slots
 //! consumed in all); a writer never has more than [`ring::SLOTS`] slots
-//! unacknowledged. The serial lines carry only these short messages: UML
+//! unacknowledged. Output that trickles travels in the status record itself
+//! (`inline`, counted like a slot), so that it is out of the guest before
+//! the command runs on. The serial lines carry only these short messages: UML
 //! reads a line's input one byte per host system call, and a line whose
 //! guest tty buffer fills loses its input interrupt for good, so nothing
 //! bulky may go that way. With a terminal, the command's stdin and stdout
@@ -105,6 +107,8 @@ pub mod ring {
     pub const STDOUT: u8 = 1;
     /// The command's stderr.
     pub const STDERR: u8 = 2;
+    /// The most output one `inline` status record carries.
+    pub const INLINE_MAX: usize = 2048;
     /// Sector alignment of every guest access (`O_DIRECT`).
     pub const ALIGN: usize = 512;
     /// The first slot-sized area stays zero: nothing in the guest ever
@@ -308,6 +312,11 @@ pub enum Status {
     Ack(u64),
     /// The next slot of `stream` (stdout or stderr) holds `len` bytes.
     Data { stream: u8, len: u32 },
+    /// The next chunk of `stream`, carried on the status line itself (at
+    /// most [`ring::INLINE_MAX`] bytes): a trickle of output, written by
+    /// the init without sleeping, so it reaches the host even if the
+    /// guest's kernel dies right after (a ring slot waits for the disk).
+    Inline { stream: u8, data: Vec<u8> },
 }
 
 fn one_line(s: &str) -> String {
@@ -329,6 +338,7 @@ impl Status {
             Status::Error(m) => format!("error {}\n", one_line(m)),
             Status::Ack(n) => format!("ack {} {n}\n", ring::STDIN),
             Status::Data { stream, len } => format!("data {stream} {len}\n"),
+            Status::Inline { stream, data } => format!("inline {stream} {}\n", B64.encode(data)),
         }
     }
 
@@ -368,6 +378,20 @@ impl Status {
                     && w.next().is_none())
                 .then_some(Status::Data { stream, len })
             }
+            "inline" => {
+                let mut w = rest.split_whitespace();
+                let stream: u8 = w.next()?.parse().ok()?;
+                let text = w.next()?;
+                if w.next().is_some()
+                    || !(stream == ring::STDOUT || stream == ring::STDERR)
+                    || text.len() > ring::INLINE_MAX.div_ceil(3) * 4
+                {
+                    return None;
+                }
+                let data = B64.decode(text).ok()?;
+                (!data.is_empty() && data.len() <= ring::INLINE_MAX)
+                    .then_some(Status::Inline { stream, data })
+            }
             _ => None,
         }
     }
@@ -376,7 +400,12 @@ impl Status {
     pub fn is_final(&self) -> bool {
         !matches!(
             self,
-            Status::Hello | Status::Ready | Status::Started | Status::Ack(_) | Status::Data { .. }
+            Status::Hello
+                | Status::Ready
+                | Status::Started
+                | Status::Ack(_)
+                | Status::Data { .. }
+                | Status::Inline { .. }
         )
     }
 }
@@ -467,6 +496,14 @@ mod tests {
                 stream: ring::STDERR,
                 len: 0,
             },
+            Status::Inline {
+                stream: ring::STDOUT,
+                data: vec![0, b'\n', 0xff, b' '],
+            },
+            Status::Inline {
+                stream: ring::STDERR,
+                data: vec![7; ring::INLINE_MAX],
+            },
         ] {
             assert_eq!(Status::parse(&s.encode()), Some(s.clone()));
             assert_eq!(Status::parse(&s.encode().replace('\n', "\r\n")), Some(s));
@@ -477,6 +514,10 @@ mod tests {
         assert_eq!(Status::parse("data 3 5"), None);
         assert_eq!(Status::parse("data 1 1048577"), None);
         assert_eq!(Status::parse("ack 1 5"), None);
+        assert_eq!(Status::parse("inline 1 !!!"), None);
+        assert_eq!(Status::parse("inline 0 aGk="), None);
+        let big = B64.encode(vec![1u8; ring::INLINE_MAX + 1]);
+        assert_eq!(Status::parse(&format!("inline 1 {big}")), None);
         assert_eq!(Status::parse("garbage"), None);
         assert_eq!(Status::Error("a\nb".into()).encode(), "error a b\n");
     }
@@ -521,6 +562,7 @@ mod tests {
             "data 0 512",
             "ack 2 3",
             "closed 1",
+            "inline 1 aGVsbG8K",
             "notfound sh: x",
             "noexec y",
             "error z",

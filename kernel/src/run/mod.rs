@@ -702,7 +702,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     // The streams through the ring: stdout unless the terminal has it,
     // stderr unless it shares the terminal, stdin unless it is the terminal.
     let mut outputs = Vec::new();
-    let mut streams: [Option<SyncSender<u32>>; 3] = [None, None, None];
+    let mut streams: [Option<SyncSender<Chunk>>; 3] = [None, None, None];
     for (stream, fd, relayed) in [
         (ring::STDOUT, 1, !interactive),
         (ring::STDERR, 2, !stderr_on_tty),

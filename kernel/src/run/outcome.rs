@@ -133,6 +133,7 @@ pub(crate) fn outcome(
         | Some(Status::Started)
         | Some(Status::Ack(_))
         | Some(Status::Data { .. })
+        | Some(Status::Inline { .. })
         | None => {
             if s.timed_out {
                 o.exit_code = i32::from(crate::exit::TIMEOUT);

@@ -214,8 +214,17 @@ pub(crate) fn copy_in(
     });
 }
 
+/// One chunk of a guest → host stream, as the status line announced it.
+pub(crate) enum Chunk {
+    /// In the next ring slot, this long.
+    Slot(u32),
+    /// On the status line itself.
+    Inline(Vec<u8>),
+}
+
 /// One guest → host stream (stdout or stderr): the status reader hands
-/// over each `data` record's length; the copier reads that slot, writes it
+/// over each chunk (a `data` record's length, or an `inline` record's
+/// bytes); the copier reads a slot's chunk from the ring, writes it
 /// to the host fd `to` and acknowledges it. When the host side breaks
 /// (EPIPE: the reader went away), it tells the guest, which closes the
 /// command's end (the writer gets SIGPIPE, as on the host), and keeps
@@ -225,20 +234,23 @@ pub(crate) fn copy_out(
     stream: u8,
     to: RawFd,
     control: Sender<String>,
-) -> (SyncSender<u32>, thread::JoinHandle<()>) {
-    let (data_tx, data_rx) = mpsc::sync_channel::<u32>(crate::num::usize_of(ring::SLOTS));
+) -> (SyncSender<Chunk>, thread::JoinHandle<()>) {
+    let (data_tx, data_rx) = mpsc::sync_channel::<Chunk>(crate::num::usize_of(ring::SLOTS));
     let h = thread::spawn(move || {
         let mut out = borrow_file(to);
         let mut buf = vec![0u8; crate::num::usize_of(ring::SLOT)];
         let mut broken = false;
-        for (seq, len) in (0u64..).zip(data_rx) {
-            let chunk = &mut buf[..crate::num::usize_of(u64::from(len))];
-            if ring
-                .read_exact_at(chunk, ring::offset(stream, seq))
-                .is_err()
-            {
-                break;
-            }
+        for (seq, c) in (0u64..).zip(data_rx) {
+            let chunk: &[u8] = match &c {
+                Chunk::Inline(d) => d,
+                Chunk::Slot(len) => {
+                    let area = &mut buf[..crate::num::usize_of(u64::from(*len))];
+                    if ring.read_exact_at(area, ring::offset(stream, seq)).is_err() {
+                        break;
+                    }
+                    area
+                }
+            };
             if !broken && out.write_all(chunk).is_err() {
                 broken = true;
                 let _ = control.send(Control::Closed(stream).encode());
@@ -323,7 +335,7 @@ pub(crate) fn read_status(
     mut from: File,
     tx: Sender<Event>,
     credits: Arc<Credits>,
-    outputs: [Option<SyncSender<u32>>; 3],
+    outputs: [Option<SyncSender<Chunk>>; 3],
 ) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -350,7 +362,15 @@ pub(crate) fn read_status(
                     Some(Status::Data { stream, len }) => {
                         match outputs.get(usize::from(stream)).and_then(Option::as_ref) {
                             Some(out) => {
-                                let _ = out.send(len);
+                                let _ = out.send(Chunk::Slot(len));
+                            }
+                            None => stray = Some(stream),
+                        }
+                    }
+                    Some(Status::Inline { stream, data }) => {
+                        match outputs.get(usize::from(stream)).and_then(Option::as_ref) {
+                            Some(out) => {
+                                let _ = out.send(Chunk::Inline(data));
                             }
                             None => stray = Some(stream),
                         }

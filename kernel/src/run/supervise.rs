@@ -209,7 +209,9 @@ pub(crate) fn supervise(
                 s.hello = Some(Instant::now());
                 let _ = control_go.send(());
             }
-            Event::Status(Status::Ready | Status::Ack(_) | Status::Data { .. }) => {}
+            Event::Status(
+                Status::Ready | Status::Ack(_) | Status::Data { .. } | Status::Inline { .. },
+            ) => {}
             Event::Status(st) => {
                 s.ended = Some(Instant::now());
                 s.final_status = Some(st);
