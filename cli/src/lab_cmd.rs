@@ -20,9 +20,9 @@ pub enum LabCmd {
     Graph(GraphArgs),
 }
 
-/// `lab info`
+/// The lab directory, as every `lab` subcommand takes it.
 #[derive(Args)]
-pub struct InfoArgs {
+pub struct LabDir {
     /// The lab directory (default: the current directory).
     #[arg(
         short = 'd',
@@ -31,6 +31,13 @@ pub struct InfoArgs {
         default_value = "."
     )]
     dir: PathBuf,
+}
+
+/// `lab info`
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    lab: LabDir,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -39,14 +46,8 @@ pub struct InfoArgs {
 /// `lab graph`
 #[derive(Args)]
 pub struct GraphArgs {
-    /// The lab directory (default: the current directory).
-    #[arg(
-        short = 'd',
-        long = "directory",
-        value_name = "DIR",
-        default_value = "."
-    )]
-    dir: PathBuf,
+    #[command(flatten)]
+    lab: LabDir,
     /// Write here: FILE.dot (DOT), FILE.svg, FILE.png or FILE.pdf (drawn by Graphviz's `dot`);
     /// default: DOT on stdout. A FILE that is not a regular file (/dev/null, a FIFO) is written in place.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
@@ -80,7 +81,7 @@ fn load(dir: &Path) -> Result<Lab, String> {
 }
 
 fn info(a: &InfoArgs) -> Result<(), String> {
-    let lab = load(&a.dir)?;
+    let lab = load(&a.lab.dir)?;
     if a.json {
         let text = serde_json::to_string_pretty(&lab).map_err(|e| e.to_string())?;
         println!("{text}");
@@ -152,7 +153,7 @@ fn info(a: &InfoArgs) -> Result<(), String> {
 }
 
 fn graph(a: &GraphArgs) -> Result<(), String> {
-    let lab = load(&a.dir)?;
+    let lab = load(&a.lab.dir)?;
     let dot = lab.dot(&BTreeMap::new());
     let Some(out) = &a.output else {
         return match a.format.as_deref() {

@@ -27,7 +27,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -310,50 +310,9 @@ enum StdinMsg {
     Eof(u64),
 }
 
-/// How many slots of an output stream the host has consumed, and whether
-/// its reader on the host is gone.
-#[derive(Default)]
-struct OutCredits {
-    /// (slots acknowledged, closed)
-    state: Mutex<(u64, bool)>,
-    cv: Condvar,
-}
-
-impl OutCredits {
-    fn grant(&self, n: u64) {
-        if let Ok(mut a) = self.state.lock() {
-            a.0 = a.0.max(n);
-        }
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        if let Ok(mut a) = self.state.lock() {
-            a.1 = true;
-        }
-        self.cv.notify_all();
-    }
-
-    /// Wait until slot `seq` is free again; `false` once the stream is
-    /// closed.
-    fn wait_slot(&self, seq: u64) -> bool {
-        let Ok(mut a) = self.state.lock() else {
-            return false;
-        };
-        loop {
-            if a.1 {
-                return false;
-            }
-            if seq.saturating_sub(a.0) < ring::SLOTS {
-                return true;
-            }
-            match self.cv.wait(a) {
-                Ok(g) => a = g,
-                Err(_) => return false,
-            }
-        }
-    }
-}
+/// How many slots of an output stream the host has consumed (closed once
+/// its reader on the host is gone).
+type OutCredits = crate::run::relay::Window;
 
 /// Where the control loop sends what it reads besides signals.
 struct ControlSinks {
@@ -541,7 +500,7 @@ fn relay_out(
                 realtime = !realtime;
                 set_realtime(realtime);
             }
-            if !credits.wait_slot(seq) {
+            if credits.room(seq).is_none() {
                 break;
             }
             let record = if n <= ring::INLINE_MAX && !filler.flooding() {
@@ -823,7 +782,10 @@ pub fn main() -> ! {
     }
     // The output relays run (at real-time priority, see relay_out) before
     // the command does, so none of its output waits on their start-up.
-    let out_credits: [Arc<OutCredits>; 2] = Default::default();
+    let out_credits: [Arc<OutCredits>; 2] = [
+        Arc::new(OutCredits::new(ring::SLOTS)),
+        Arc::new(OutCredits::new(ring::SLOTS)),
+    ];
     let mut outputs = Vec::new();
     for (from, stream) in out_relays {
         let credits = out_credits[usize::from(stream - ring::STDOUT)].clone();

@@ -713,7 +713,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             outputs.push(h);
         }
     }
-    let credits = Arc::new(Credits::default());
+    let credits = Arc::new(Window::new(ring::SLOTS));
     read_status(File::from(st_r), tx.clone(), credits.clone(), streams);
     let mut stdin_go = None;
     if !interactive {

@@ -78,56 +78,12 @@ pub(crate) fn create_ring(rundir: &Path) -> Result<(PathBuf, Arc<File>)> {
     Ok((path, Arc::new(f)))
 }
 
-/// How many slots of a stream its reader has consumed, so that the writer
-/// never has more than [`ring::SLOTS`] of them unacknowledged.
-#[derive(Default)]
-pub(crate) struct Credits {
-    /// (slots consumed, the reader is gone)
-    pub(crate) state: Mutex<(u64, bool)>,
-    pub(crate) cv: std::sync::Condvar,
-}
-
-impl Credits {
-    pub(crate) fn grant(&self, consumed: u64) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = s.0.max(consumed);
-        }
-        self.cv.notify_all();
-    }
-
-    pub(crate) fn close(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.1 = true;
-        }
-        self.cv.notify_all();
-    }
-
-    /// Wait until slot number `seq` (counted from 0) is free; `false` once
-    /// the reader is gone.
-    pub(crate) fn wait_slot(&self, seq: u64) -> bool {
-        let Ok(mut s) = self.state.lock() else {
-            return false;
-        };
-        loop {
-            if s.1 {
-                return false;
-            }
-            if seq.saturating_sub(s.0) < ring::SLOTS {
-                return true;
-            }
-            match self.cv.wait(s) {
-                Ok(g) => s = g,
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
-/// A byte window: how much of a stream its reader has taken in all, so that
-/// the writer keeps at most `window` bytes in flight (`umlctl exec`'s
-/// serial lines, whose guest tty must never fill).
+/// Flow control: how much of a stream its reader has taken in all, so that
+/// the writer keeps at most `window` units in flight — ring slots (`run`'s
+/// streams, both ends), or bytes (`umlctl exec`'s serial lines, whose guest
+/// tty must never fill).
 pub(crate) struct Window {
-    /// (bytes the reader has taken, the reader is gone)
+    /// (units the reader has taken, the reader is gone)
     state: Mutex<(u64, bool)>,
     cv: std::sync::Condvar,
     window: u64,
@@ -156,7 +112,7 @@ impl Window {
         self.cv.notify_all();
     }
 
-    /// Wait until fewer than `window` of the `sent` bytes are unread; how
+    /// Wait until fewer than `window` of the `sent` units are unread; how
     /// many more may go. `None` once the reader is gone.
     pub(crate) fn room(&self, sent: u64) -> Option<u64> {
         let mut s = self.state.lock().ok()?;
@@ -179,7 +135,7 @@ pub(crate) fn copy_in(
     ring: Arc<File>,
     go: Receiver<()>,
     control: Sender<String>,
-    credits: Arc<Credits>,
+    credits: Arc<Window>,
 ) {
     thread::spawn(move || {
         if go.recv().is_err() {
@@ -195,7 +151,7 @@ pub(crate) fn copy_in(
             if n == 0 {
                 break;
             }
-            if !credits.wait_slot(seq)
+            if credits.room(seq).is_none()
                 || ring
                     .write_all_at(&buf[..n], ring::offset(ring::STDIN, seq))
                     .is_err()
@@ -334,7 +290,7 @@ pub(crate) fn split_lines(
 pub(crate) fn read_status(
     mut from: File,
     tx: Sender<Event>,
-    credits: Arc<Credits>,
+    credits: Arc<Window>,
     outputs: [Option<SyncSender<Chunk>>; 3],
 ) {
     thread::spawn(move || {
