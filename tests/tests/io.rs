@@ -70,17 +70,24 @@ fn drain(mut from: impl Read) -> (u64, String) {
     (n, hex(h.finalize()))
 }
 
+/// `umlctl run --kernel K ARGS…` with all three streams piped (the run
+/// directory's guard comes back too: it must outlive the child).
+fn spawn_piped(k: &std::path::Path, args: &[&str]) -> (tempfile::TempDir, std::process::Child) {
+    let mut r = Run::with_kernel(k, args);
+    r.cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = r.cmd.spawn().unwrap();
+    (r.runtime, child)
+}
+
 /// 256 MiB through stdin: it used to stall for good after a few MB, and
 /// then crawled at ~2 MB/s (a byte per host system call).
 #[test]
 fn a_quarter_gigabyte_through_stdin_arrives_whole() {
     for k in kernels() {
-        let mut r = Run::with_kernel(&k, ["--timeout", "600", "--", "wc", "-c"]);
-        r.cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = r.cmd.spawn().unwrap();
+        let (_rt, mut child) = spawn_piped(&k, &["--timeout", "600", "--", "wc", "-c"]);
         let stdin = child.stdin.take().unwrap();
         let w = std::thread::spawn(move || feed(stdin, 256 << 20, 1));
         let out = child.wait_with_output().unwrap();
@@ -101,12 +108,7 @@ fn a_quarter_gigabyte_through_stdin_arrives_whole() {
 #[test]
 fn a_gigabyte_round_trip_and_binary_stderr_are_byte_exact() {
     for k in kernels() {
-        let mut r = Run::with_kernel(&k, ["--timeout", "900", "--", "cat"]);
-        r.cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = r.cmd.spawn().unwrap();
+        let (_rt, mut child) = spawn_piped(&k, &["--timeout", "900", "--", "cat"]);
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
@@ -162,9 +164,9 @@ fn a_gigabyte_round_trip_and_binary_stderr_are_byte_exact() {
 #[test]
 fn input_and_output_stream_while_the_command_runs() {
     for k in kernels() {
-        let mut r = Run::with_kernel(
+        let (_rt, mut child) = spawn_piped(
             &k,
-            [
+            &[
                 "--timeout",
                 "300",
                 "--",
@@ -173,11 +175,6 @@ fn input_and_output_stream_while_the_command_runs() {
                 "echo ready; echo also >&2; while read l; do echo \"got $l\"; done; echo bye",
             ],
         );
-        r.cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = r.cmd.spawn().unwrap();
         let mut stdin = child.stdin.take().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut err = BufReader::new(child.stderr.take().unwrap());
