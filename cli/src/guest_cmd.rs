@@ -69,6 +69,9 @@ pub struct StartArgs {
     /// workloads only) or auto (seccomp where the host allows it).
     #[arg(long, value_name = "MODE", default_value = "ptrace")]
     userspace: umlctl_kernel::cmdline::Userspace,
+    /// CPUs for the guest: more than 1 needs a kernel with SMP (UML >= 6.19, CONFIG_SMP).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
     /// Seconds --wait may take.
     #[arg(long, value_name = "SECS", default_value = "120")]
     wait_timeout: u64,
@@ -173,6 +176,7 @@ pub fn start(a: StartArgs) -> u8 {
     spec.hostname = a.hostname;
     spec.publish = a.publish;
     spec.userspace = a.userspace;
+    spec.cpus = a.cpus;
     spec.jail = a.jail.opts();
     spec.boot_timeout = Duration::from_secs(a.boot_timeout.max(1));
     spec.shim = if a.no_xstate_shim {

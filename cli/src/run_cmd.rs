@@ -58,6 +58,9 @@ pub struct RunArgs {
     /// linux.uml: about a second). Only needed to build btrfs or md RAID6 arrays in the guest.
     #[arg(long)]
     full_boot: bool,
+    /// CPUs for the guest: more than 1 needs a kernel with SMP (UML >= 6.19, CONFIG_SMP).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
     /// Stop the guest and exit 124 after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -131,6 +134,7 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     spec.workdir = a.workdir;
     spec.userspace = a.userspace;
     spec.full_boot = a.full_boot;
+    spec.cpus = a.cpus;
     spec.console_log = a.console_log;
     spec.verbose = a.verbose;
     spec.shim = match (

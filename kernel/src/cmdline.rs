@@ -126,6 +126,28 @@ impl Userspace {
     }
 }
 
+/// The most CPUs `--cpus` gives a guest.
+pub const MAX_CPUS: u32 = 64;
+
+/// The `ncpus=` boot option for `--cpus N`: none for 1 (what every kernel
+/// runs with), `N` on a kernel built with SMP (UML 6.19 on), and an error
+/// naming what is needed otherwise (`version` is the kernel's).
+pub fn cpus_option(cpus: u32, kernel_has_smp: bool, version: &str) -> Result<Option<u32>> {
+    match cpus {
+        0 => Err(Error::Usage(
+            "--cpus 0: a guest needs at least one CPU".into(),
+        )),
+        1 => Ok(None),
+        n if n > MAX_CPUS => Err(Error::Usage(format!(
+            "--cpus {n}: at most {MAX_CPUS}"
+        ))),
+        n if !kernel_has_smp => Err(Error::Usage(format!(
+            "--cpus {n}: kernel {version} runs one CPU (several need UML 6.19 or later built with CONFIG_SMP; `umlctl kernel info` says whether a kernel has SMP)"
+        ))),
+        n => Ok(Some(n)),
+    }
+}
+
 /// Everything that goes onto a UML command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootPlan {
@@ -158,6 +180,8 @@ pub struct BootPlan {
     /// Initcalls the kernel skips (`initcall_blacklist=`): boot-time speed
     /// tests whose result nothing in the guest uses.
     pub skip_initcalls: Vec<&'static str>,
+    /// UML's `ncpus=` (SMP kernels, more than one CPU).
+    pub ncpus: Option<u32>,
 }
 
 /// How a guest interface reaches the host.
@@ -377,6 +401,9 @@ impl BootPlan {
         if let Some(s) = self.seccomp {
             a.push(format!("seccomp={s}"));
         }
+        if let Some(n) = self.ncpus {
+            a.push(format!("ncpus={n}"));
+        }
         if !self.skip_initcalls.is_empty() {
             a.push(format!(
                 "initcall_blacklist={}",
@@ -422,6 +449,19 @@ impl BootPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpus_need_smp_and_stay_in_range() {
+        assert_eq!(cpus_option(1, false, "6.1.176").unwrap(), None);
+        assert_eq!(cpus_option(4, true, "7.2.13").unwrap(), Some(4));
+        let e = cpus_option(2, false, "6.12.118").unwrap_err().to_string();
+        assert!(
+            e.contains("6.12.118") && e.contains("6.19") && e.contains("CONFIG_SMP"),
+            "{e}"
+        );
+        assert!(cpus_option(0, true, "7.2").is_err());
+        assert!(cpus_option(MAX_CPUS + 1, true, "7.2").is_err());
+    }
 
     #[test]
     fn userspace_modes_need_a_kernel_that_has_them() {
@@ -525,6 +565,7 @@ mod tests {
             console_line: 0,
             seccomp: None,
             skip_initcalls: vec![],
+            ncpus: None,
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
             init_env: vec![],

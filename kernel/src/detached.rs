@@ -54,6 +54,8 @@ pub struct StartSpec {
     pub publish: Vec<umlctl_netd::protocol::Publish>,
     /// The mode the guest's processes run in.
     pub userspace: crate::cmdline::Userspace,
+    /// `--cpus`: the guest's CPUs (more than one on SMP kernels only).
+    pub cpus: u32,
 }
 
 impl StartSpec {
@@ -74,6 +76,7 @@ impl StartSpec {
             hostname: None,
             publish: Vec::new(),
             userspace: crate::cmdline::Userspace::Ptrace,
+            cpus: 1,
         }
     }
 }
@@ -224,6 +227,11 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         prep.located.info.has("seccomp-mode"),
         &prep.located.info.version,
     )?;
+    let ncpus = crate::cmdline::cpus_option(
+        spec.cpus,
+        prep.located.info.has("smp"),
+        &prep.located.info.version,
+    )?;
 
     // umlctl's directory for the guest; created fresh, removed on failure.
     match fs::DirBuilder::new().mode(0o700).create(&layout.state) {
@@ -362,6 +370,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         lines: exec_lines,
         init_env,
         seccomp,
+        ncpus,
         nics: network.nics.clone(),
     };
     let args = plan.to_args()?;

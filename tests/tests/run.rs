@@ -754,3 +754,18 @@ fn the_raid6_speed_test_is_skipped_unless_full_boot_is_asked_for() {
         assert!(v["timings"]["kernel_ms"].as_f64().unwrap() > 0.0, "{err}");
     }
 }
+
+/// `--cpus`: one CPU runs anywhere; more than one on a kernel without SMP
+/// is refused before anything boots, naming the kernel and what it needs.
+#[test]
+fn cpus_beyond_one_need_an_smp_kernel() {
+    let (rc, out, err) = run(&["--cpus", "1"], &["nproc"]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "1");
+    let (rc, _, err) = run(&["--cpus", "2"], &["true"]);
+    assert_eq!(rc, 125, "{err}");
+    assert!(
+        err.contains("--cpus 2") && err.contains("6.19") && err.contains("CONFIG_SMP"),
+        "{err}"
+    );
+}

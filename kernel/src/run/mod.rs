@@ -88,6 +88,8 @@ pub struct GuestSpec {
     /// `--full-boot`: keep the boot-time RAID6 speed test (see
     /// [`RAID6_SELECT`]).
     pub full_boot: bool,
+    /// `--cpus`: the guest's CPUs (more than one on SMP kernels only).
+    pub cpus: u32,
     /// `--image`: ext4 root image, booted through a COW overlay.
     pub image: Option<PathBuf>,
     /// `--overlay`: a persistent overlay for the image (created if missing);
@@ -203,6 +205,7 @@ impl GuestSpec {
             jail: JailOpts::default(),
             userspace: crate::cmdline::Userspace::Ptrace,
             full_boot: false,
+            cpus: 1,
         }
     }
 }
@@ -379,6 +382,8 @@ pub(crate) struct BootFacts {
     pub(crate) seccomp: Option<&'static str>,
     /// Initcalls to skip.
     pub(crate) skip_initcalls: Vec<&'static str>,
+    /// UML's `ncpus=`.
+    pub(crate) ncpus: Option<u32>,
 }
 
 /// UML's boot plan for `run`: memory, disks (the ring last), root, init,
@@ -411,6 +416,7 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
         nics: f.nics,
         seccomp: f.seccomp,
         skip_initcalls: f.skip_initcalls,
+        ncpus: f.ncpus,
     }
 }
 
@@ -444,6 +450,11 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
     let seccomp = spec.userspace.boot_option(
         prep.located.info.has("seccomp-mode"),
+        &prep.located.info.version,
+    )?;
+    let ncpus = crate::cmdline::cpus_option(
+        spec.cpus,
+        prep.located.info.has("smp"),
         &prep.located.info.version,
     )?;
     let skip_initcalls = if prep.located.info.has("raid6-benchmark") && !spec.full_boot {
@@ -626,6 +637,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             trace: std::env::var_os("UMLCTL_TRACE").is_some(),
             seccomp,
             skip_initcalls: skip_initcalls.clone(),
+            ncpus,
         },
     );
     let args = plan.to_args()?;
@@ -1005,6 +1017,7 @@ mod tests {
             trace: false,
             seccomp: None,
             skip_initcalls: vec![RAID6_SELECT],
+            ncpus: Some(2),
         };
         // Without a terminal only the control and status lines: the
         // command's stdio goes through the ring.
@@ -1025,6 +1038,7 @@ mod tests {
             "ubd1r=/initroot.ext4",
             "ubd2=/run/ring",
             "initcall_blacklist=raid6_select_algo",
+            "ncpus=2",
         ] {
             assert!(args.contains(want), "{want:?} not in {args}");
         }
