@@ -566,7 +566,7 @@ fn print_info(l: &Located, host: Option<xstate::HostXstate>, needs_shim: Option<
     println!("features:");
     for f in &i.features {
         println!(
-            "  {:<13} {:<4} {:<27} {}",
+            "  {:<15} {:<4} {:<27} {}",
             f.name,
             yes(f.present),
             f.config,
