@@ -130,9 +130,16 @@ impl Userspace {
 pub const MAX_CPUS: u32 = 64;
 
 /// The `ncpus=` boot option for `--cpus N`: none for 1 (what every kernel
-/// runs with), `N` on a kernel built with SMP (UML 6.19 on), and an error
+/// runs with), `N` on a kernel built with SMP (UML 6.19 on) whose guest
+/// processes run in seccomp mode (UML runs several CPUs only there: a
+/// ptrace-mode guest with `ncpus=2` prints nothing at all), and an error
 /// naming what is needed otherwise (`version` is the kernel's).
-pub fn cpus_option(cpus: u32, kernel_has_smp: bool, version: &str) -> Result<Option<u32>> {
+pub fn cpus_option(
+    cpus: u32,
+    kernel_has_smp: bool,
+    userspace: Userspace,
+    version: &str,
+) -> Result<Option<u32>> {
     match cpus {
         0 => Err(Error::Usage(
             "--cpus 0: a guest needs at least one CPU".into(),
@@ -143,6 +150,9 @@ pub fn cpus_option(cpus: u32, kernel_has_smp: bool, version: &str) -> Result<Opt
         ))),
         n if !kernel_has_smp => Err(Error::Usage(format!(
             "--cpus {n}: kernel {version} runs one CPU (several need UML 6.19 or later built with CONFIG_SMP; `umlctl kernel info` says whether a kernel has SMP)"
+        ))),
+        n if userspace != Userspace::Seccomp => Err(Error::Usage(format!(
+            "--cpus {n}: UML runs several CPUs only with its guest processes in seccomp mode; add --userspace seccomp (see the README on what that mode gives up)"
         ))),
         n => Ok(Some(n)),
     }
@@ -452,15 +462,26 @@ mod tests {
 
     #[test]
     fn cpus_need_smp_and_stay_in_range() {
-        assert_eq!(cpus_option(1, false, "6.1.176").unwrap(), None);
-        assert_eq!(cpus_option(4, true, "7.2.13").unwrap(), Some(4));
-        let e = cpus_option(2, false, "6.12.118").unwrap_err().to_string();
+        let s = Userspace::Seccomp;
+        assert_eq!(
+            cpus_option(1, false, Userspace::Ptrace, "6.1.176").unwrap(),
+            None
+        );
+        assert_eq!(cpus_option(4, true, s, "7.2.13").unwrap(), Some(4));
+        let e = cpus_option(2, false, s, "6.12.118")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("6.12.118") && e.contains("6.19") && e.contains("CONFIG_SMP"),
             "{e}"
         );
-        assert!(cpus_option(0, true, "7.2").is_err());
-        assert!(cpus_option(MAX_CPUS + 1, true, "7.2").is_err());
+        let e = cpus_option(2, true, Userspace::Ptrace, "7.2.13")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--userspace seccomp"), "{e}");
+        assert!(cpus_option(2, true, Userspace::Auto, "7.2.13").is_err());
+        assert!(cpus_option(0, true, s, "7.2").is_err());
+        assert!(cpus_option(MAX_CPUS + 1, true, s, "7.2").is_err());
     }
 
     #[test]

@@ -230,6 +230,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let ncpus = crate::cmdline::cpus_option(
         spec.cpus,
         prep.located.info.has("smp"),
+        spec.userspace,
         &prep.located.info.version,
     )?;
 

@@ -455,6 +455,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let ncpus = crate::cmdline::cpus_option(
         spec.cpus,
         prep.located.info.has("smp"),
+        spec.userspace,
         &prep.located.info.version,
     )?;
     let skip_initcalls = if prep.located.info.has("raid6-benchmark") && !spec.full_boot {
