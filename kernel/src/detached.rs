@@ -223,16 +223,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         &["ubd", "ext4", "mconsole"],
         spec.shim,
     )?;
-    let seccomp = spec.userspace.boot_option(
-        prep.located.info.has("seccomp-mode"),
-        &prep.located.info.version,
-    )?;
-    let ncpus = crate::cmdline::cpus_option(
-        spec.cpus,
-        prep.located.info.has("smp"),
-        spec.userspace,
-        &prep.located.info.version,
-    )?;
+    let (seccomp, ncpus) = prep.processes(spec.userspace, spec.cpus)?;
 
     // umlctl's directory for the guest; created fresh, removed on failure.
     match fs::DirBuilder::new().mode(0o700).create(&layout.state) {

@@ -20,8 +20,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{Error, Result};
 use crate::execproto::{self as proto, kind, Ended, ExecSpec, SLOTS};
+use crate::flow::Window;
 use crate::instance::{self, State};
-use crate::run::relay::Window;
 
 /// How long the agent may take to answer a new session.
 const ANSWER: Duration = Duration::from_secs(10);

@@ -312,7 +312,7 @@ enum StdinMsg {
 
 /// How many slots of an output stream the host has consumed (closed once
 /// its reader on the host is gone).
-type OutCredits = crate::run::relay::Window;
+type OutCredits = crate::flow::Window;
 
 /// Where the control loop sends what it reads besides signals.
 struct ControlSinks {
@@ -489,7 +489,7 @@ fn relay_out(
         let mut realtime = true;
         let mut buf = SlotBuf::new();
         let _ = up_tx.send(());
-        let mut filler = crate::slotfill::Filler::default();
+        let mut filler = crate::flow::Filler::default();
         let mut seq: u64 = 0;
         loop {
             let n = filler.fill(&mut from, buf.slot());

@@ -27,6 +27,7 @@ pub mod error;
 pub mod exec;
 pub mod execproto;
 pub mod exit;
+pub(crate) mod flow;
 pub(crate) mod guestnet;
 pub mod init;
 pub(crate) mod initroot;
@@ -44,7 +45,6 @@ pub mod preflight;
 pub mod protocol;
 pub mod reaper;
 pub mod run;
-pub(crate) mod slotfill;
 pub(crate) mod terminal;
 pub mod xstate;
 

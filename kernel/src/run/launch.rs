@@ -112,6 +112,20 @@ pub struct PreparedKernel {
 }
 
 impl PreparedKernel {
+    /// The boot options for how the guest's processes run: UML's
+    /// `seccomp=` and `ncpus=`, or an error naming what this kernel lacks
+    /// for `--userspace` and `--cpus`.
+    pub fn processes(
+        &self,
+        userspace: crate::cmdline::Userspace,
+        cpus: u32,
+    ) -> Result<(Option<&'static str>, Option<u32>)> {
+        let info = &self.located.info;
+        let seccomp = userspace.boot_option(info.has("seccomp-mode"), &info.version)?;
+        let ncpus = crate::cmdline::cpus_option(cpus, info.has("smp"), userspace, &info.version)?;
+        Ok((seccomp, ncpus))
+    }
+
     /// UML's environment: in a jail the whole of it (a private `/tmp` for
     /// its memory file, the shim if used); without one, what is added to
     /// umlctl's own (the shim, or nothing: an LD_PRELOAD meant for

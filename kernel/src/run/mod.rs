@@ -32,6 +32,7 @@ use nix::unistd::{pipe2, Pid};
 
 use crate::cmdline::{BootPlan, BootRoot, Chan, Disk};
 use crate::error::{errno, Error, Result};
+use crate::flow::Window;
 use crate::initroot;
 use crate::jail::{Bind, JailRoot, JailSpec, Launch, Spawned};
 use crate::locate::{locate, Located};
@@ -448,16 +449,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         need.push("vector-net");
     }
     let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
-    let seccomp = spec.userspace.boot_option(
-        prep.located.info.has("seccomp-mode"),
-        &prep.located.info.version,
-    )?;
-    let ncpus = crate::cmdline::cpus_option(
-        spec.cpus,
-        prep.located.info.has("smp"),
-        spec.userspace,
-        &prep.located.info.version,
-    )?;
+    let (seccomp, ncpus) = prep.processes(spec.userspace, spec.cpus)?;
     let skip_initcalls = if prep.located.info.has("raid6-benchmark") && !spec.full_boot {
         vec![RAID6_SELECT]
     } else {

@@ -78,57 +78,6 @@ pub(crate) fn create_ring(rundir: &Path) -> Result<(PathBuf, Arc<File>)> {
     Ok((path, Arc::new(f)))
 }
 
-/// Flow control: how much of a stream its reader has taken in all, so that
-/// the writer keeps at most `window` units in flight — ring slots (`run`'s
-/// streams, both ends), or bytes (`umlctl exec`'s serial lines, whose guest
-/// tty must never fill).
-pub(crate) struct Window {
-    /// (units the reader has taken, the reader is gone)
-    state: Mutex<(u64, bool)>,
-    cv: std::sync::Condvar,
-    window: u64,
-}
-
-impl Window {
-    pub(crate) fn new(window: u64) -> Self {
-        Window {
-            state: Mutex::new((0, false)),
-            cv: std::sync::Condvar::new(),
-            window,
-        }
-    }
-
-    pub(crate) fn grant(&self, consumed: u64) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = s.0.max(consumed);
-        }
-        self.cv.notify_all();
-    }
-
-    pub(crate) fn close(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.1 = true;
-        }
-        self.cv.notify_all();
-    }
-
-    /// Wait until fewer than `window` of the `sent` units are unread; how
-    /// many more may go. `None` once the reader is gone.
-    pub(crate) fn room(&self, sent: u64) -> Option<u64> {
-        let mut s = self.state.lock().ok()?;
-        loop {
-            if s.1 {
-                return None;
-            }
-            let inflight = sent.saturating_sub(s.0);
-            if inflight < self.window {
-                return Some(self.window - inflight);
-            }
-            s = self.cv.wait(s).ok()?;
-        }
-    }
-}
-
 /// Copy the host's stdin into the guest through the ring once the command
 /// has started, a slot at a time, then announce the total.
 pub(crate) fn copy_in(
@@ -145,7 +94,7 @@ pub(crate) fn copy_in(
         let mut buf = vec![0u8; crate::num::usize_of(ring::SLOT)];
         let mut total: u64 = 0;
         let mut seq: u64 = 0;
-        let mut filler = crate::slotfill::Filler::default();
+        let mut filler = crate::flow::Filler::default();
         loop {
             let n = filler.fill(&mut input, &mut buf);
             if n == 0 {

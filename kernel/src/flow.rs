@@ -1,5 +1,6 @@
-//! Filling a ring slot from a stream (the host's stdin, a command's output
-//! pipe in the guest), used at both ends of the ring.
+//! Flow control shared by the host and the guest: [`Window`] (how much
+//! may be in flight) and [`Filler`] (filling a ring slot from a stream —
+//! the host's stdin, a command's output pipe in the guest).
 //!
 //! Every slot costs a `data` message and an `ack` on the serial lines,
 //! whose input side UML reads one byte per host system call; so while a
@@ -11,7 +12,59 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Flow control: how much of a stream its reader has taken in all, so that
+/// the writer keeps at most `window` units in flight — ring slots (`run`'s
+/// streams, both ends), or bytes (`umlctl exec`'s serial lines, whose guest
+/// tty must never fill).
+pub(crate) struct Window {
+    /// (units the reader has taken, the reader is gone)
+    state: Mutex<(u64, bool)>,
+    cv: std::sync::Condvar,
+    window: u64,
+}
+
+impl Window {
+    pub(crate) fn new(window: u64) -> Self {
+        Window {
+            state: Mutex::new((0, false)),
+            cv: std::sync::Condvar::new(),
+            window,
+        }
+    }
+
+    pub(crate) fn grant(&self, consumed: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = s.0.max(consumed);
+        }
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait until fewer than `window` of the `sent` units are unread; how
+    /// many more may go. `None` once the reader is gone.
+    pub(crate) fn room(&self, sent: u64) -> Option<u64> {
+        let mut s = self.state.lock().ok()?;
+        loop {
+            if s.1 {
+                return None;
+            }
+            let inflight = sent.saturating_sub(s.0);
+            if inflight < self.window {
+                return Some(self.window - inflight);
+            }
+            s = self.cv.wait(s).ok()?;
+        }
+    }
+}
 
 /// More than this in one [`WINDOW`] is a flood.
 const FLOOD_BYTES: u64 = 1 << 20;
