@@ -116,7 +116,8 @@ Examples:\n  umlctl exec web -- systemctl is-system-running\n  umlctl exec -it w
 tar c site | umlctl exec -i web -- tar x -C /srv"
 )]
 pub struct ExecArgs {
-    name: String,
+    /// The guest (with `lab exec`: the device).
+    pub(crate) name: String,
     /// Pass stdin to CMD (otherwise its stdin is /dev/null).
     #[arg(long, short = 'i')]
     interactive: bool,
@@ -372,13 +373,18 @@ pub fn exec(a: ExecArgs) -> u8 {
 }
 
 pub fn console(a: ConsoleArgs) -> u8 {
-    let r = instance::load(&a.name).and_then(|g| {
-        eprintln!("attached to {} (detach with Ctrl-])", a.name);
+    console_named(a.name)
+}
+
+/// Attach to guest `name`'s console.
+pub fn console_named(name: String) -> u8 {
+    let r = instance::load(&name).and_then(|g| {
+        eprintln!("attached to {name} (detach with Ctrl-])");
         detached::attach(&g)
     });
     match r {
         Ok(()) => {
-            eprintln!("\r\ndetached from {}", a.name);
+            eprintln!("\r\ndetached from {name}");
             0
         }
         Err(e) => fail(e),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use clap::{Args, Subcommand};
-use umlctl_lab::Lab;
+use umlctl_lab::{runtime, Lab};
 
 use crate::exit;
 
@@ -18,6 +18,96 @@ pub enum LabCmd {
     Info(InfoArgs),
     /// Draw the lab's topology with Graphviz (DOT, SVG or PNG, by the output's extension).
     Graph(GraphArgs),
+    /// Start every device of the lab (detached UML guests on the lab's own segments) and run
+    /// their startup scripts in lab.dep order; returns when all have finished.
+    Start(StartArgs),
+    /// Run the devices' shutdown scripts, stop them, and remove everything the lab made.
+    Stop(StopArgs),
+    /// The running lab's devices: state, interfaces, startup status.
+    Ps(PsArgs),
+    /// Run a command in a device of the running lab (as `umlctl exec`).
+    Exec(LabExecArgs),
+    /// Attach to a device's console (detach with Ctrl-]).
+    Console(LabConsoleArgs),
+}
+
+/// `lab start`
+#[derive(Args)]
+#[command(after_help = "Rootless: the lab's bridges and taps live in a user and network namespace of its own \
+(/dev/net/tun must be 0666, as on stock Debian, Ubuntu and Fedora). Exit status: 0 all startup \
+scripts succeeded, 1 some failed (named, with the tail of their output; the lab keeps running), \
+125 the lab could not be started (nothing is left running).\n\n\
+Example:\n  umlctl lab start -d ospf-lab --image debian-frr.ext4\n  \
+umlctl lab start --image base.ext4 --image-for kathara/frr=frr.ext4")]
+pub struct StartArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// The image (ext4) of every device whose lab.conf `image` is not given by --image-for.
+    #[arg(long, value_name = "IMG")]
+    image: Option<PathBuf>,
+    /// The image file for devices with DEVICE[image]="NAME" in lab.conf. Repeatable.
+    #[arg(long = "image-for", value_name = "NAME=IMG")]
+    image_for: Vec<String>,
+    /// UML kernel binary (default: umlctl's default kernel).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Memory of devices without DEVICE[mem] (default 256M).
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// Apply an option to every device, as lab.conf's DEVICE[OPTION]: mem=SIZE, cpus=N or
+    /// image=NAME. Repeatable.
+    #[arg(short = 'o', long = "option", value_name = "OPTION=VALUE")]
+    options: Vec<String>,
+    /// Seconds a device's kernel may take to start its init.
+    #[arg(long, value_name = "SECS", default_value = "120")]
+    boot_timeout: u64,
+    /// Seconds the startup scripts of one lab.dep step may take.
+    #[arg(long, value_name = "SECS", default_value = "600")]
+    startup_timeout: u64,
+    /// Check the lab and the images and print what would start, without starting anything.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    jail: crate::run_cmd::JailArgs,
+}
+
+/// `lab stop`
+#[derive(Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// Seconds each device may take to run its shutdown scripts, and then to shut down (on
+    /// Ctrl-Alt-Del) before it is halted.
+    #[arg(long, value_name = "SECS", default_value = "10")]
+    timeout: u64,
+}
+
+/// `lab ps`
+#[derive(Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `lab exec`
+#[derive(Args)]
+pub struct LabExecArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    #[command(flatten)]
+    exec: crate::guest_cmd::ExecArgs,
+}
+
+/// `lab console`
+#[derive(Args)]
+pub struct LabConsoleArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// The device.
+    device: String,
 }
 
 /// The lab directory, as every `lab` subcommand takes it.
@@ -62,6 +152,30 @@ pub fn main(cmd: LabCmd) -> u8 {
     let r = match cmd {
         LabCmd::Info(a) => info(&a),
         LabCmd::Graph(a) => graph(&a),
+        LabCmd::Start(a) => return start(&a),
+        LabCmd::Stop(a) => stop(&a),
+        LabCmd::Ps(a) => ps(&a),
+        LabCmd::Exec(mut a) => {
+            return match runtime::device_guest(&a.lab.dir, &a.exec.name) {
+                Ok(g) => {
+                    a.exec.name = g;
+                    crate::guest_cmd::exec(a.exec)
+                }
+                Err(e) => {
+                    eprintln!("umlctl: {e}");
+                    exit::FAILURE
+                }
+            }
+        }
+        LabCmd::Console(a) => {
+            return match runtime::device_guest(&a.lab.dir, &a.device) {
+                Ok(g) => crate::guest_cmd::console_named(g),
+                Err(e) => {
+                    eprintln!("umlctl: {e}");
+                    exit::FAILURE
+                }
+            }
+        }
     };
     match r {
         Ok(()) => 0,
@@ -211,4 +325,184 @@ fn render(dot: &str, format: &str) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(out.stdout)
+}
+
+fn start_options(a: &StartArgs, lab: &mut Lab) -> Result<runtime::StartOptions, String> {
+    let mut o = runtime::StartOptions {
+        image: a.image.clone(),
+        kernel: a.kernel.clone(),
+        jail: a.jail.opts(),
+        boot_timeout: Some(std::time::Duration::from_secs(a.boot_timeout.max(1))),
+        startup_timeout: Some(std::time::Duration::from_secs(a.startup_timeout.max(1))),
+        ..Default::default()
+    };
+    for kv in &a.image_for {
+        let (name, file) = kv
+            .split_once('=')
+            .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+            .ok_or_else(|| format!("--image-for {kv:?}: expected NAME=IMG (NAME as lab.conf's DEVICE[image] says it)"))?;
+        o.image_for.insert(name.to_string(), PathBuf::from(file));
+    }
+    if let Some(m) = &a.mem {
+        o.mem_bytes = Some(
+            umlctl_kernel::cmdline::parse_size(m).map_err(|e| format!("--mem {m:?}: {e}"))?,
+        );
+    }
+    for kv in &a.options {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("-o {kv:?}: expected OPTION=VALUE"))?;
+        for d in &mut lab.devices {
+            match k {
+                "mem" => {
+                    d.options.mem = Some(
+                        umlctl_kernel::cmdline::parse_size(v)
+                            .map_err(|e| format!("-o mem={v}: {e}"))?,
+                    )
+                }
+                "cpus" => {
+                    d.options.cpus = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|n| *n >= 1)
+                            .ok_or_else(|| format!("-o cpus={v}: expected a number of CPUs, 1 or more"))?,
+                    )
+                }
+                "image" => d.options.image = Some(v.to_string()),
+                _ => {
+                    return Err(format!(
+                        "-o {k}: lab start applies mem, cpus and image to every device; set other options in lab.conf"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn start(a: &StartArgs) -> u8 {
+    let mut lab = match load(&a.lab.dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("umlctl: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let o = match start_options(a, &mut lab) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("umlctl: {e}");
+            return exit::FAILURE;
+        }
+    };
+    if a.dry_run {
+        for d in &lab.devices {
+            let img = d
+                .options
+                .image
+                .as_ref()
+                .and_then(|n| o.image_for.get(n))
+                .or(o.image.as_ref());
+            let ifs: Vec<String> = d
+                .interfaces
+                .iter()
+                .map(|i| format!("{}@{}", i.name, i.domain))
+                .collect();
+            println!(
+                "{} image {} {}",
+                d.name,
+                img.map_or("(none: give --image)".into(), |p| p.display().to_string()),
+                ifs.join(" ")
+            );
+        }
+        for (n, w) in lab.waves.iter().enumerate() {
+            println!("step {}: {}", n + 1, w.join(" "));
+        }
+        return 0;
+    }
+    match runtime::start(&lab, &o) {
+        Err(e) => {
+            eprintln!("umlctl: lab start: {e}");
+            exit::FAILURE
+        }
+        Ok(s) => {
+            println!(
+                "lab {} started: {} device(s) in {:.1} s",
+                s.state.dir.display(),
+                s.state.devices.len(),
+                s.elapsed.as_secs_f64()
+            );
+            if s.failed.is_empty() {
+                return 0;
+            }
+            for f in &s.failed {
+                eprintln!("umlctl: device {}: {}:\n{}", f.device, f.why, f.tail);
+            }
+            eprintln!(
+                "umlctl: {} device(s) failed their startup; the lab keeps running (`umlctl lab stop` stops it)",
+                s.failed.len()
+            );
+            exit::CHECK_FAILED
+        }
+    }
+}
+
+fn stop(a: &StopArgs) -> Result<(), String> {
+    let out = runtime::stop(&a.lab.dir, std::time::Duration::from_secs(a.timeout.max(1)))?;
+    for s in &out {
+        println!("{}: {}", s.device, s.how);
+    }
+    if out.iter().any(|s| s.how.starts_with("failed")) {
+        return Err("some devices could not be stopped".into());
+    }
+    Ok(())
+}
+
+fn ps(a: &PsArgs) -> Result<(), String> {
+    let s = runtime::load_state(&a.lab.dir)?.ok_or_else(|| {
+        format!("no lab was started in {}", a.lab.dir.display())
+    })?;
+    let rows: Vec<(&runtime::DeviceState, Option<umlctl_kernel::instance::Guest>)> =
+        s.devices.iter().map(|d| (d, runtime::guest(d))).collect();
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(d, g)| {
+                serde_json::json!({
+                    "device": d.name,
+                    "guest": d.guest,
+                    "state": g.as_ref().map(|g| g.state().to_string()).unwrap_or_else(|| "missing".into()),
+                    "pid": g.as_ref().map(|g| g.record.pid),
+                    "interfaces": d.interfaces.iter().map(|(n, dom, mac)| serde_json::json!({"name": n, "domain": dom, "mac": mac})).collect::<Vec<_>>(),
+                    "startup_status": d.startup_status,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({"lab": s.dir, "id": s.id, "devices": v});
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!("lab {} ({})", s.dir.display(), s.id);
+    println!("{:<16} {:<8} {:>8} {:<8} INTERFACES", "DEVICE", "STATE", "PID", "STARTUP");
+    for (d, g) in &rows {
+        let state = g.as_ref().map(|g| g.state());
+        let ifs: Vec<String> = d
+            .interfaces
+            .iter()
+            .map(|(n, dom, _)| format!("{n}@{dom}"))
+            .collect();
+        println!(
+            "{:<16} {:<8} {:>8} {:<8} {}",
+            d.name,
+            state.map_or("missing".into(), |s| s.to_string()),
+            match (g, state) {
+                (Some(g), Some(umlctl_kernel::instance::State::Running)) => g.record.pid.to_string(),
+                _ => "-".into(),
+            },
+            d.startup_status
+                .map_or("-".into(), |c| if c == 0 { "ok".into() } else { format!("exit {c}") }),
+            ifs.join(" ")
+        );
+    }
+    Ok(())
 }

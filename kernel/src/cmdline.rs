@@ -192,6 +192,10 @@ pub struct BootPlan {
     pub skip_initcalls: Vec<&'static str>,
     /// UML's `ncpus=` (SMP kernels, more than one CPU).
     pub ncpus: Option<u32>,
+    /// With an init disk: the one host directory hostfs may reach (a
+    /// lab's `shared/`, bound into the jail); `None`: no host files
+    /// ([`NO_HOST_FILES`]).
+    pub hostfs: Option<PathBuf>,
 }
 
 /// How a guest interface reaches the host.
@@ -364,7 +368,10 @@ impl BootPlan {
                         self.disks.len()
                     )));
                 }
-                a.push(format!("hostfs={NO_HOST_FILES}"));
+                match &self.hostfs {
+                    Some(d) => a.push(format!("hostfs={}", check_path("shared directory", d)?)),
+                    None => a.push(format!("hostfs={NO_HOST_FILES}")),
+                }
                 a.push(format!("root={}", ubd_device(LAST_UBD)));
                 a.push("rootfstype=ext4".into());
                 a.push("ro".into());
@@ -587,6 +594,7 @@ mod tests {
             seccomp: None,
             skip_initcalls: vec![],
             ncpus: None,
+            hostfs: None,
             console: (Chan::Fd(0), Chan::Fd(1)),
             lines: vec![(0, Chan::Fd(3), Chan::Null), (1, Chan::Null, Chan::Fd(4))],
             init_env: vec![],

@@ -56,6 +56,20 @@ pub struct StartSpec {
     pub userspace: crate::cmdline::Userspace,
     /// `--cpus`: the guest's CPUs (more than one on SMP kernels only).
     pub cpus: u32,
+    /// Tap descriptors the caller made (a lab's segments), after netd's:
+    /// each with the MAC its interface gets.
+    pub taps: Vec<(std::sync::Arc<std::os::fd::OwnedFd>, String)>,
+    /// The guest's names for its interfaces, in order (a lab's `eth0`,
+    /// `eth1`, …), brought up by umlctl's init; empty: UML's `vecN`.
+    pub ifnames: Vec<String>,
+    /// A disk whose tree umlctl's init copies over the root before the
+    /// image's init starts (a lab device's `DEVICE/` tree and scripts).
+    pub layer: Option<PathBuf>,
+    /// A host directory the guest mounts read-write at `/shared` (a lab's
+    /// `shared/`): hostfs reaches only it, bound into the jail.
+    pub shared: Option<PathBuf>,
+    /// The lab this guest is a device of (`ps` shows it).
+    pub lab: Option<String>,
 }
 
 impl StartSpec {
@@ -77,6 +91,11 @@ impl StartSpec {
             publish: Vec::new(),
             userspace: crate::cmdline::Userspace::Ptrace,
             cpus: 1,
+            taps: Vec::new(),
+            ifnames: Vec::new(),
+            layer: None,
+            shared: None,
+            lab: None,
         }
     }
 }
@@ -279,6 +298,21 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
             read_only: false,
         });
     }
+    let layer = match &spec.layer {
+        Some(l) => {
+            disks.push(Disk {
+                file: fs::canonicalize(l).map_err(|e| Error::io("resolve", l, e))?,
+                backing: None,
+                read_only: true,
+            });
+            Some(crate::cmdline::ubd_device(disks.len() - 1))
+        }
+        None => None,
+    };
+    let shared = match &spec.shared {
+        Some(d) => Some(fs::canonicalize(d).map_err(|e| Error::io("resolve", d, e))?),
+        None => None,
+    };
     // Taps from netd. UML inherits the netd connection (fd 7) along with
     // any passed tap descriptors (from fd 8): the taps live exactly as long
     // as the guest, with no umlctl process staying behind.
@@ -289,6 +323,23 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         &spec.publish,
     )?;
     let keepalive = network.client.take().map(|c| c.into_fd());
+    let mut extra: Vec<std::sync::Arc<std::os::fd::OwnedFd>> = Vec::new();
+    for (fd, mac) in &spec.taps {
+        let n = crate::run::FIRST_TAP_FD
+            + crate::num::small_i32(network.fds.len() + extra.len());
+        extra.push(std::sync::Arc::clone(fd));
+        network.nics.push(crate::cmdline::Nic {
+            transport: crate::cmdline::NicTransport::Fd { fd: n },
+            mac: mac.clone(),
+        });
+    }
+    if !spec.ifnames.is_empty() && spec.ifnames.len() != network.nics.len() {
+        return Err(Error::Usage(format!(
+            "{} interface names for {} interfaces",
+            spec.ifnames.len(),
+            network.nics.len()
+        )));
+    }
     let nic_notes: Vec<String> = network
         .specs
         .iter()
@@ -346,6 +397,18 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let lines_list: Vec<String> = exec_lines.iter().map(|l| l.0.to_string()).collect();
     init_env.push((crate::init::EXEC_ENV.to_string(), lines_list.join(",")));
     init_env.extend(net_env(&network));
+    if let Some(l) = &layer {
+        init_env.push((crate::init::lab::LAYER_ENV.into(), l.clone()));
+    }
+    if shared.is_some() {
+        init_env.push((crate::init::lab::SHARED_ENV.into(), "/shared".into()));
+    }
+    if !spec.ifnames.is_empty() {
+        for n in &spec.ifnames {
+            check_ifname(n)?;
+        }
+        init_env.push((crate::init::lab::IFNAMES_ENV.into(), spec.ifnames.join(",")));
+    }
     let plan = BootPlan {
         skip_initcalls: vec![],
         mem_bytes: spec.mem_bytes,
@@ -363,6 +426,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         init_env,
         seccomp,
         ncpus,
+        hostfs: shared.clone(),
         nics: network.nics.clone(),
     };
     let args = plan.to_args()?;
@@ -382,6 +446,9 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         }
         j.bind(Bind::rw(layout.uml_parent()));
         j.bind(Bind::rw(layout.notify()));
+        if let Some(d) = &shared {
+            j.bind(Bind::rw(d));
+        }
         j.share_net = true;
         if network
             .nics
@@ -415,15 +482,18 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     for (f, n) in &exec_fifos {
         fds.push((f.as_raw_fd(), *n));
     }
-    // The netd connection at fd 7, the tap descriptors from fd 8.
+    // The netd connection at fd 7, the tap descriptors from fd 8 (netd's,
+    // then the caller's).
     if let Some(k) = &keepalive {
         fds.push((k.as_raw_fd(), crate::run::FIRST_TAP_FD - 1));
-        for (i, f) in network.fds.iter().enumerate() {
-            fds.push((
-                f.as_raw_fd(),
-                crate::run::FIRST_TAP_FD + crate::num::small_i32(i),
-            ));
-        }
+    }
+    let tap_fds = network
+        .fds
+        .iter()
+        .map(|f| f.as_raw_fd())
+        .chain(extra.iter().map(|f| f.as_raw_fd()));
+    for (i, f) in tap_fds.enumerate() {
+        fds.push((f, crate::run::FIRST_TAP_FD + crate::num::small_i32(i)));
     }
     let launch = Launch {
         program: prep.located.info.path.clone(),
@@ -458,6 +528,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         nics: nic_notes,
         xstate_shim: prep.shim.is_some(),
         ended: None,
+        lab: spec.lab.clone(),
     };
     instance::save(&layout, &record)?;
 
@@ -537,6 +608,20 @@ fn check_hostname(h: &str) -> Result<()> {
     } else {
         Err(Error::Usage(format!(
             "--hostname {h:?}: use 1 to 63 letters, digits or '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+/// An interface name the guest can have (and the command line carry).
+fn check_ifname(n: &str) -> Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 15
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "interface name {n:?}: use 1 to 15 letters, digits, '_', '-' or '.'"
         )))
     }
 }

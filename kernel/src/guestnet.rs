@@ -89,6 +89,20 @@ pub fn up(name: &str) -> Result<(), String> {
     )
 }
 
+/// Rename interface `from` to `to` (it must be down).
+pub fn rename(from: &str, to: &str) -> Result<(), String> {
+    let s = inet_socket()?;
+    let mut req = ifreq(from)?;
+    let new = ifreq(to)?;
+    req.ifr_ifru.ifru_newname = new.ifr_name;
+    ioctl(
+        &s,
+        libc::SIOCSIFNAME,
+        &mut req as *mut _ as *mut _,
+        &format!("rename interface {from} to {to}"),
+    )
+}
+
 /// Give `nic.device` its address, netmask and MTU, and bring it up.
 pub fn configure(nic: &NicSpec) -> Result<(), String> {
     let s = inet_socket()?;

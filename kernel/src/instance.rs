@@ -46,6 +46,9 @@ pub struct Record {
     /// `stop` saw it; `None` while it runs or if it ended otherwise.
     #[serde(default)]
     pub ended: Option<String>,
+    /// The lab (its directory) this guest is a device of.
+    #[serde(default)]
+    pub lab: Option<String>,
 }
 
 /// A guest's state as seen from the host.

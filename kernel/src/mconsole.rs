@@ -143,19 +143,57 @@ pub struct Client {
     path: PathBuf,
     sock: UnixDatagram,
     timeout: Duration,
+    /// The client's socket file, removed on drop (`None`: abstract).
+    bound: Option<PathBuf>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(p) = self.bound.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Client {
-    /// Bind a client socket (an abstract name, unique to this process) for
-    /// the mconsole at `path`.
+    /// Bind a client socket for the mconsole at `path`: a socket file
+    /// beside it (so that a UML in another network namespace — a lab's —
+    /// can send its replies: abstract names exist per network namespace),
+    /// or, where that directory is not ours to write, an abstract name.
+    /// Either is unique to this process.
     pub fn new(path: &Path) -> Result<Client, McError> {
         let name = format!(
             "umlctl-mc-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
+        // The directory's real path: a jailed UML sees it at that path
+        // only (not through ~/.uml's symlinks).
+        if let Some(dir) = path.parent().and_then(|d| std::fs::canonicalize(d).ok()) {
+            let file = dir.join(format!(".{name}"));
+            // sun_path holds 107 bytes and a NUL.
+            if file.as_os_str().len() < 108 {
+                let _ = std::fs::remove_file(&file);
+                if let Ok(sock) = UnixDatagram::bind(&file) {
+                    // UML may run as another uid (a root umlctl's jail):
+                    // sending to a socket file needs write permission. The
+                    // instance directory keeps everyone else out.
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(
+                        &file,
+                        std::fs::Permissions::from_mode(0o666),
+                    );
+                    return Ok(Client {
+                        path: path.to_path_buf(),
+                        sock,
+                        timeout: Duration::from_secs(10),
+                        bound: Some(file),
+                    });
+                }
+            }
+        }
         let addr = <SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
             name.as_bytes(),
         )?;
@@ -164,6 +202,7 @@ impl Client {
             path: path.to_path_buf(),
             sock,
             timeout: Duration::from_secs(10),
+            bound: None,
         })
     }
 

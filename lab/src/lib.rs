@@ -17,6 +17,7 @@ mod conf;
 mod dep;
 mod graph;
 mod plan;
+pub mod runtime;
 
 pub use conf::{parse_conf, Conf, DeviceConf, IfaceConf, LabMeta, Options, Port};
 pub use dep::parse_dep;

@@ -50,8 +50,16 @@ pub(super) fn main(device: &str) -> ! {
     let kept: Vec<CString> = env
         .iter()
         .filter(|(k, _)| {
-            ![BOOT_ENV, INIT_ENV, HOSTNAME_ENV, EXEC_ENV]
-                .iter()
+            ![
+                BOOT_ENV,
+                INIT_ENV,
+                HOSTNAME_ENV,
+                EXEC_ENV,
+                super::lab::LAYER_ENV,
+                super::lab::SHARED_ENV,
+                super::lab::IFNAMES_ENV,
+            ]
+            .iter()
                 .any(|o| k == *o)
         })
         .filter_map(|(k, v)| {
@@ -114,6 +122,7 @@ fn prepare(device: &str, env: &[(OsString, OsString)]) -> Result<(), String> {
     if let Some(name) = lookup(env, HOSTNAME_ENV).filter(|n| !n.is_empty()) {
         set_hostname(&name)?;
     }
+    super::lab::prepare(&|k| lookup(env, k))?;
     let nics = nics_from_env(env)?;
     if nics.is_empty() {
         crate::guestnet::up("lo")?;

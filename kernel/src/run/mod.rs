@@ -418,6 +418,7 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
         seccomp: f.seccomp,
         skip_initcalls: f.skip_initcalls,
         ncpus: f.ncpus,
+        hostfs: None,
     }
 }
 

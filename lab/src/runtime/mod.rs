@@ -1,0 +1,607 @@
+//! Running a lab: every device a detached UML guest (`umlctl start`'s
+//! machinery) on its own throwaway overlay over its image, with its
+//! `DEVICE/` tree layered in by umlctl's init, its interfaces `eth0`, `eth1`,
+//! … on taps in bridges (one per collision domain) inside the lab's own
+//! network namespace ([`ns`]), `shared/` at `/shared`, and its startup
+//! scripts run in `lab.dep` order with their output kept per device.
+//!
+//! What a running lab is, is on disk: `<uml_dir>/labs/<id>/lab.json` (the
+//! lab directory, its namespace, its devices' guest names) beside the
+//! startup logs; the guests are ordinary detached guests named
+//! `DEVICE.<id>`. No umlctl process stays behind.
+
+mod ns;
+mod segment;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use umlctl_kernel::detached::{self, StartSpec};
+use umlctl_kernel::instance::{self, Guest, State};
+
+use crate::Lab;
+
+/// How `lab start` starts the devices.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The image of devices whose `image` option is not in `image_for`
+    /// (and of devices without one).
+    pub image: Option<PathBuf>,
+    /// `DEVICE[image]="NAME"` resolved: NAME → image file.
+    pub image_for: BTreeMap<String, PathBuf>,
+    /// The kernel (default: umlctl's default kernel).
+    pub kernel: Option<PathBuf>,
+    /// Memory of devices without a `mem` option.
+    pub mem_bytes: Option<u64>,
+    /// How UML is confined.
+    pub jail: umlctl_kernel::run::JailOpts,
+    /// How long a device's kernel may take to start its init.
+    pub boot_timeout: Option<Duration>,
+    /// How long all startup scripts of one wave may take.
+    pub startup_timeout: Option<Duration>,
+}
+
+/// What is recorded about one running device.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    /// The device's name in the lab.
+    pub name: String,
+    /// Its detached guest's name.
+    pub guest: String,
+    /// `(interface, collision domain, MAC)`.
+    pub interfaces: Vec<(String, String, String)>,
+    /// The exit status of its startup scripts (`None`: not run, or still running).
+    pub startup_status: Option<i32>,
+}
+
+/// What is recorded about a running lab.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LabState {
+    /// The lab directory (canonical).
+    pub dir: PathBuf,
+    /// Its id: the first hex digits of the directory's SHA-256.
+    pub id: String,
+    /// The lab's network namespace (its inode number).
+    pub netns: u64,
+    /// Collision domain → bridge in that namespace.
+    pub bridges: BTreeMap<String, String>,
+    /// The devices, in start order.
+    pub devices: Vec<DeviceState>,
+    /// Seconds since the epoch.
+    pub started: u64,
+}
+
+/// The id of the lab in `dir` (canonical): stable, short, one per directory.
+pub fn lab_id(dir: &Path) -> String {
+    let h = Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    h.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where a lab's state lives.
+pub fn state_dir(id: &str) -> Result<PathBuf, String> {
+    let d = instance::uml_dir()
+        .map_err(|e| e.to_string())?
+        .join("labs")
+        .join(id);
+    Ok(d)
+}
+
+fn canonical(dir: &Path) -> Result<PathBuf, String> {
+    fs::canonicalize(dir).map_err(|e| format!("lab directory {}: {e}", dir.display()))
+}
+
+/// The recorded state of the lab in `dir`, if it was started.
+pub fn load_state(dir: &Path) -> Result<Option<LabState>, String> {
+    let dir = canonical(dir)?;
+    let p = state_dir(&lab_id(&dir))?.join("lab.json");
+    match fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| format!("{}: {e} (remove it with `umlctl lab stop --force`)", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("read {}: {e}", p.display())),
+    }
+}
+
+fn save_state(s: &LabState) -> Result<(), String> {
+    let d = state_dir(&s.id)?;
+    let tmp = d.join(".lab.json.tmp");
+    let text = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
+    fs::write(&tmp, text).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    fs::rename(&tmp, d.join("lab.json")).map_err(|e| format!("write {}: {e}", d.display()))
+}
+
+/// The device's guest, if it has a record.
+pub fn guest(d: &DeviceState) -> Option<Guest> {
+    instance::load(&d.guest).ok()
+}
+
+/// The log of a device's startup scripts.
+pub fn startup_log(s: &LabState, device: &str) -> Result<PathBuf, String> {
+    Ok(state_dir(&s.id)?.join(format!("{device}.startup.log")))
+}
+
+/// The guest name of `device` in a running lab, or an error naming the
+/// devices there are.
+pub fn device_guest(dir: &Path, device: &str) -> Result<String, String> {
+    let s = load_state(dir)?.ok_or_else(|| {
+        format!(
+            "the lab in {} is not running (start it with `umlctl lab start -d {}`)",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    s.devices
+        .iter()
+        .find(|d| d.name == device)
+        .map(|d| d.guest.clone())
+        .ok_or_else(|| {
+            let names: Vec<&str> = s.devices.iter().map(|d| d.name.as_str()).collect();
+            format!(
+                "the lab has no device {device:?} (its devices: {})",
+                names.join(", ")
+            )
+        })
+}
+
+/// One device's startup that failed: its name, status and output's tail.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    /// The device.
+    pub device: String,
+    /// How its startup ended.
+    pub why: String,
+    /// The last lines of its output.
+    pub tail: String,
+}
+
+/// What `lab start` did.
+#[derive(Debug)]
+pub struct Started {
+    /// The lab's state as recorded.
+    pub state: LabState,
+    /// Devices whose startup scripts failed.
+    pub failed: Vec<Failed>,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+fn image_of(lab_dev: &crate::Device, o: &StartOptions) -> Result<PathBuf, String> {
+    match &lab_dev.options.image {
+        Some(name) => o
+            .image_for
+            .get(name)
+            .cloned()
+            .or_else(|| o.image.clone())
+            .ok_or_else(|| {
+                format!(
+                    "device {} wants image {name:?}: give it with --image-for {name}=FILE.ext4 (or --image FILE.ext4 for every device)",
+                    lab_dev.name
+                )
+            }),
+        None => o.image.clone().ok_or_else(|| {
+            format!(
+                "device {} has no image: give --image FILE.ext4 (an ext4 root, e.g. from `umlctl image build`)",
+                lab_dev.name
+            )
+        }),
+    }
+}
+
+/// Escape `s` for a single-quoted shell word.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The script that runs a device's startup (or shutdown) in the guest:
+/// waits for systemd to finish booting when it is the init (startup scripts
+/// start services), applies the device's sysctls and environment, then runs
+/// `shared.X` and `DEVICE.X` (bash when the image has it, as Kathará does).
+fn runner(d: &crate::Device, what: &str) -> String {
+    let dir = umlctl_kernel::init::lab::SCRIPTS;
+    let mut s = format!(
+        "# written by umlctl lab start: runs this device's {what} scripts\n\
+         cd /\n\
+         [ -d /proc/sys ] || mount -t proc proc /proc\n"
+    );
+    if what == "startup" {
+        s.push_str(
+            "if [ \"$(cat /proc/1/comm 2>/dev/null)\" = systemd ]; then\n  \
+             timeout 300 systemctl is-system-running --wait >/dev/null 2>&1\n\
+             fi\n",
+        );
+        for kv in &d.options.sysctl {
+            if let Some((k, v)) = kv.split_once('=') {
+                let path = format!("/proc/sys/{}", k.trim().replace('.', "/"));
+                s.push_str(&format!(
+                    "echo {} > {} || echo 'umlctl: sysctl {} failed' >&2\n",
+                    sh_quote(v.trim()),
+                    sh_quote(&path),
+                    sh_quote(k.trim())
+                ));
+            }
+        }
+    }
+    for kv in &d.options.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            if !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                s.push_str(&format!("export {k}={}\n", sh_quote(v)));
+            }
+        }
+    }
+    s.push_str(&format!(
+        "run() {{ if command -v bash >/dev/null 2>&1; then bash \"$1\"; else sh \"$1\"; fi; }}\n\
+         st=0\n\
+         if [ -f {dir}/shared.{what} ]; then run {dir}/shared.{what} || st=$?; fi\n\
+         if [ -f {dir}/device.{what} ]; then run {dir}/device.{what} || st=$?; fi\n\
+         exit $st\n"
+    ));
+    s
+}
+
+/// Build the layer disk of device `d`: its scripts (under
+/// [`umlctl_kernel::init::lab::LAYER_SCRIPTS`]) and its `DEVICE/` tree, all
+/// owned by root in the guest.
+fn build_layer(lab: &Lab, d: &crate::Device, state: &Path) -> Result<PathBuf, String> {
+    let stage = state.join(format!("{}.stage", d.name));
+    let _ = fs::remove_dir_all(&stage);
+    let scripts = stage.join(umlctl_kernel::init::lab::LAYER_SCRIPTS);
+    fs::create_dir_all(&scripts).map_err(|e| format!("create {}: {e}", scripts.display()))?;
+    let copy = |from: PathBuf, to: &str| -> Result<(), String> {
+        if from.is_file() {
+            fs::copy(&from, scripts.join(to))
+                .map(drop)
+                .map_err(|e| format!("copy {}: {e}", from.display()))
+        } else {
+            Ok(())
+        }
+    };
+    copy(lab.dir.join("shared.startup"), "shared.startup")?;
+    copy(lab.dir.join("shared.shutdown"), "shared.shutdown")?;
+    copy(lab.dir.join(format!("{}.startup", d.name)), "device.startup")?;
+    copy(lab.dir.join(format!("{}.shutdown", d.name)), "device.shutdown")?;
+    for what in ["startup", "shutdown"] {
+        let p = scripts.join(format!("run-{what}"));
+        fs::write(&p, runner(d, what)).map_err(|e| format!("write {}: {e}", p.display()))?;
+    }
+    let mut sources = Vec::new();
+    if d.tree {
+        sources.push(lab.dir.join(&d.name));
+    }
+    sources.push(stage.clone());
+    let out = state.join(format!("{}.layer.ext4", d.name));
+    let opts = umlctl_imgtools::build::BuildOptions {
+        dir_owner: Some((0, 0)),
+        ..Default::default()
+    };
+    let np = umlctl_imgtools::progress::NoProgress;
+    let r = umlctl_imgtools::build::build(&sources, &out, &opts, &np, &np)
+        .map(drop)
+        .map_err(|e| format!("device {}: build its layer from {}/: {e}", d.name, d.name));
+    let _ = fs::remove_dir_all(&stage);
+    r.map(|()| out)
+}
+
+/// Run `script` (in the guest's scripts directory) in `guest`, its output
+/// appended to `log`; returns the child to wait for.
+fn spawn_script(guest: &str, script: &str, log: &Path) -> Result<std::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("find umlctl's own binary: {e}"))?;
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("open {}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("open {}: {e}", log.display()))?;
+    Command::new(exe)
+        .args(["exec", guest, "--", "/bin/sh"])
+        .arg(format!("{}/{script}", umlctl_kernel::init::lab::SCRIPTS))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("run {script} in {guest}: {e}"))
+}
+
+/// Wait for `child` until `deadline`; kill it after.
+fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+fn tail_of(p: &Path, n: usize) -> String {
+    detached::tail(p, n)
+}
+
+/// Start the lab: see the module's description. Must be called from a
+/// single-threaded process (the lab's namespaces are entered here); on
+/// failure, whatever was started is stopped again.
+pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
+    let t0 = Instant::now();
+    let dir = canonical(&lab.dir)?;
+    let id = lab_id(&dir);
+    if let Some(s) = load_state(&dir)? {
+        let running: Vec<&str> = s
+            .devices
+            .iter()
+            .filter(|d| guest(d).is_some_and(|g| g.state() == State::Running))
+            .map(|d| d.name.as_str())
+            .collect();
+        if !running.is_empty() {
+            return Err(format!(
+                "the lab in {} is already running (devices {}); `umlctl lab stop -d {}` first",
+                dir.display(),
+                running.join(", "),
+                dir.display()
+            ));
+        }
+        // A lab whose devices all died: clear what they left.
+        stop_state(&s, Duration::from_secs(1))?;
+    }
+    let mut images = BTreeMap::new();
+    for d in &lab.devices {
+        let img = image_of(d, o)?;
+        if !img.is_file() {
+            return Err(format!(
+                "device {}: image {} is not a file",
+                d.name,
+                img.display()
+            ));
+        }
+        images.insert(d.name.clone(), img);
+    }
+    let state_path = state_dir(&id)?;
+    let _ = fs::remove_dir_all(&state_path);
+    fs::create_dir_all(&state_path)
+        .map_err(|e| format!("create {}: {e}", state_path.display()))?;
+
+    ns::create()?;
+    let mut state = LabState {
+        dir: dir.clone(),
+        id: id.clone(),
+        netns: ns::current_netns()?,
+        bridges: BTreeMap::new(),
+        devices: Vec::new(),
+        started: instance::now(),
+    };
+    let mut guard = StartGuard(Some(state.clone()));
+    for (i, dom) in lab.domains.iter().enumerate() {
+        let b = format!("cd{i}");
+        segment::bridge(&b).map_err(|e| format!("collision domain {}: {e}", dom.name))?;
+        state.bridges.insert(dom.name.clone(), b);
+    }
+    // Every device's taps, made now (the namespace's only owner is this
+    // process until the guests hold them).
+    let mut taps: BTreeMap<String, Vec<(Arc<OwnedFd>, String)>> = BTreeMap::new();
+    for (di, d) in lab.devices.iter().enumerate() {
+        let mut v = Vec::new();
+        let mut ifs = Vec::new();
+        for (ii, iface) in d.interfaces.iter().enumerate() {
+            let bridge = state
+                .bridges
+                .get(&iface.domain)
+                .ok_or_else(|| format!("internal: no bridge for {}", iface.domain))?;
+            let fd = segment::tap(&format!("t{di}.{ii}"), bridge)
+                .map_err(|e| format!("device {} {}: {e}", d.name, iface.name))?;
+            v.push((Arc::new(fd), iface.mac.clone()));
+            ifs.push((iface.name.clone(), iface.domain.clone(), iface.mac.clone()));
+        }
+        taps.insert(d.name.clone(), v);
+        state.devices.push(DeviceState {
+            name: d.name.clone(),
+            guest: format!("{}.{id}", d.name),
+            interfaces: ifs,
+            startup_status: None,
+        });
+    }
+    save_state(&state)?;
+    guard.0 = Some(state.clone());
+
+    let shared = lab.shared.then(|| dir.join("shared"));
+    let mut failed = Vec::new();
+    let by_name: BTreeMap<&str, &crate::Device> =
+        lab.devices.iter().map(|d| (d.name.as_str(), d)).collect();
+    for wave in &lab.waves {
+        // Boot the wave's devices side by side.
+        let mut boots = Vec::new();
+        for name in wave {
+            let d = by_name
+                .get(name.as_str())
+                .ok_or_else(|| format!("internal: no device {name}"))?;
+            let layer = build_layer(lab, d, &state_path)?;
+            let mut spec = StartSpec::new(images[name.as_str()].clone());
+            spec.name = Some(format!("{name}.{id}"));
+            spec.hostname = Some(name.clone());
+            spec.kernel = o.kernel.clone();
+            spec.mem_bytes = d
+                .options
+                .mem
+                .or(o.mem_bytes)
+                .unwrap_or(umlctl_kernel::run::DEFAULT_MEM);
+            spec.cpus = d.options.cpus.unwrap_or(1);
+            if spec.cpus > 1 {
+                spec.userspace = umlctl_kernel::cmdline::Userspace::Seccomp;
+            }
+            spec.jail = o.jail;
+            if let Some(t) = o.boot_timeout {
+                spec.boot_timeout = t;
+            }
+            spec.taps = taps.remove(name.as_str()).unwrap_or_default();
+            spec.ifnames = d.interfaces.iter().map(|i| i.name.clone()).collect();
+            spec.layer = Some(layer);
+            spec.shared = shared.clone();
+            spec.lab = Some(dir.display().to_string());
+            boots.push((name.clone(), std::thread::spawn(move || detached::start(&spec))));
+        }
+        let mut boot_err = None;
+        for (name, h) in boots {
+            match h.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    boot_err.get_or_insert(format!("device {name}: {e}"));
+                }
+                Err(_) => {
+                    boot_err.get_or_insert(format!("device {name}: start panicked"));
+                }
+            }
+        }
+        if let Some(e) = boot_err {
+            return Err(e);
+        }
+        // Then their startup scripts, side by side, output to their logs.
+        let mut running = Vec::new();
+        for name in wave {
+            let guest_name = format!("{name}.{id}");
+            let g = instance::load(&guest_name).map_err(|e| e.to_string())?;
+            detached::wait_ready(
+                &g,
+                &detached::Ready::Exec,
+                o.boot_timeout.unwrap_or(Duration::from_secs(120)),
+            )
+            .map_err(|e| format!("device {name}: {e}"))?;
+            let log = startup_log(&state, name)?;
+            let child = spawn_script(&guest_name, "run-startup", &log)?;
+            running.push((name.clone(), child, log));
+        }
+        let deadline = Instant::now() + o.startup_timeout.unwrap_or(Duration::from_secs(600));
+        for (name, mut child, log) in running {
+            let st = wait_until(&mut child, deadline);
+            let code = st.and_then(|s| s.code());
+            if let Some(ds) = state.devices.iter_mut().find(|d| d.name == name) {
+                ds.startup_status = code;
+            }
+            match code {
+                Some(0) => {}
+                Some(c) => failed.push(Failed {
+                    device: name,
+                    why: format!("startup exited with status {c}"),
+                    tail: tail_of(&log, 10),
+                }),
+                None => failed.push(Failed {
+                    device: name,
+                    why: "startup did not finish in time (killed)".into(),
+                    tail: tail_of(&log, 10),
+                }),
+            }
+        }
+        save_state(&state)?;
+    }
+    guard.0 = None;
+    Ok(Started {
+        state,
+        failed,
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// Stops what a failed `start` started.
+struct StartGuard(Option<LabState>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            let _ = stop_state(&s, Duration::from_secs(5));
+        }
+    }
+}
+
+/// What `lab stop` did to one device.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The device.
+    pub device: String,
+    /// How it went (`shut down`, `killed`, `was not running`, or an error).
+    pub how: String,
+}
+
+/// Stop the lab in `dir`: each running device's shutdown scripts, then a
+/// graceful stop (forced after `timeout`), all devices side by side; then
+/// its records, overlays, logs and state go. The lab's namespace, bridges
+/// and taps go with its last device.
+pub fn stop(dir: &Path, timeout: Duration) -> Result<Vec<Stopped>, String> {
+    let s = load_state(dir)?.ok_or_else(|| {
+        format!(
+            "no lab was started in {} (nothing to stop)",
+            canonical(dir).unwrap_or_else(|_| dir.to_path_buf()).display()
+        )
+    })?;
+    stop_state(&s, timeout)
+}
+
+fn stop_state(s: &LabState, timeout: Duration) -> Result<Vec<Stopped>, String> {
+    let state_path = state_dir(&s.id)?;
+    let mut handles = Vec::new();
+    for d in s.devices.clone() {
+        let log = state_path.join(format!("{}.shutdown.log", d.name));
+        handles.push(std::thread::spawn(move || {
+            let how = match instance::load(&d.guest) {
+                Err(_) => "was not started".to_string(),
+                Ok(g) => {
+                    if g.state() == State::Running {
+                        if let Ok(mut c) = spawn_script(&d.guest, "run-shutdown", &log) {
+                            let _ = wait_until(&mut c, Instant::now() + timeout);
+                        }
+                    }
+                    match detached::stop(&g, timeout, false, true) {
+                        Ok(detached::StopHow::AlreadyDown) => "was not running".into(),
+                        Ok(h) => h.describe().to_string(),
+                        Err(e) => format!("failed: {e}"),
+                    }
+                }
+            };
+            Stopped {
+                device: d.name,
+                how,
+            }
+        }));
+    }
+    let mut out = Vec::new();
+    for h in handles {
+        if let Ok(s) = h.join() {
+            out.push(s);
+        }
+    }
+    let _ = fs::remove_dir_all(&state_path);
+    Ok(out)
+}
+
+/// The running device whose jail can be entered to reach the lab's
+/// namespaces, and enter them (single-threaded callers only).
+pub fn enter(s: &LabState) -> Result<(), String> {
+    for d in &s.devices {
+        if let Some(g) = guest(d).filter(|g| g.state() == State::Running) {
+            if let Some(jp) = g.record.jail_pid {
+                if ns::join(jp, s.netns).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err("no running device of the lab to reach its network namespace through".into())
+}
+
+/// Read a whole file, for logs.
+pub fn read_log(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
