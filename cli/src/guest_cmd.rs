@@ -246,6 +246,7 @@ pub fn ps(a: PsArgs) -> u8 {
                     // A stopped guest holds no lease.
                     "nics": if *s == State::Running { g.record.nics.clone() } else { Vec::new() },
                     "ended": g.record.ended,
+                    "lab": g.record.lab,
                 })
             })
             .chain(damaged.iter().map(|d| {

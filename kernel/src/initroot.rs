@@ -64,7 +64,14 @@ pub fn prepare(exe: &Path) -> Result<InitRoot> {
     if root.disk.is_file() {
         return Ok(root);
     }
-    let tmp = base.join(format!(".tmp-{key}-{}", std::process::id()));
+    // Unique per process and per call: a lab starts several guests from
+    // threads of one process, and the first may find no disk yet.
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let tmp = base.join(format!(
+        ".tmp-{key}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let _ = fs::remove_dir_all(&tmp);
     let built = build_tree(exe, &tmp).and_then(|()| build_disk(&tmp, &root.disk));
     let _ = fs::remove_dir_all(&tmp);

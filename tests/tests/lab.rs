@@ -155,3 +155,314 @@ fn graph_draws_every_device_domain_and_interface() {
         .file_type()
         .is_char_device());
 }
+
+/// An isolated place for running labs: UML's instance directories and
+/// umlctl's records (and the labs' state) in a scratch directory.
+struct LabEnv {
+    dir: tempfile::TempDir,
+}
+
+impl LabEnv {
+    fn new() -> LabEnv {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch();
+        // A root umlctl's jails run as uid 65534, which must reach the
+        // guests' directories.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        LabEnv { dir }
+    }
+    fn uml_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("uml")
+    }
+    fn umlctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(umlctl_bin())
+            .args(args)
+            .env("UMLCTL_UML_DIR", self.uml_dir())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        assert_ok(&self.umlctl(args), &format!("umlctl {args:?}"))
+    }
+    /// `lab SUB -d DIR ARGS…`
+    fn lab(&self, sub: &str, dir: &Path, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["lab", sub, "-d", dir.to_str().unwrap()];
+        a.extend_from_slice(args);
+        self.umlctl(&a)
+    }
+}
+
+impl Drop for LabEnv {
+    fn drop(&mut self) {
+        // Never leave a lab running after a failed test.
+        if let Ok(v) =
+            serde_json::from_slice::<serde_json::Value>(&self.umlctl(&["ps", "--json"]).stdout)
+        {
+            for g in v.as_array().into_iter().flatten() {
+                let _ = self.umlctl(&["stop", "--force", "--rm", g["name"].as_str().unwrap_or_default()]);
+            }
+        }
+    }
+}
+
+/// A busybox image with every applet (ip, ping, date…), whose init stays
+/// up and powers off on ctrl-alt-del.
+fn busybox_lab_image(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("bbroot");
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox: apt-get install busybox-static");
+    let list = Command::new("/bin/busybox").arg("--list-full").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet.ends_with("/busybox") || applet.is_empty() {
+            continue;
+        }
+        let _ = std::os::unix::fs::symlink("/bin/busybox", root.join(applet));
+    }
+    fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/mount -t proc proc /proc\n\
+         ::respawn:/bin/sh\n\
+         ::ctrlaltdel:/bin/poweroff\n",
+    )
+    .unwrap();
+    let img = dir.join("bb.ext4");
+    mkfs_ext4(&root, &img);
+    img
+}
+
+/// A lab of four busybox devices on two segments: `a` and `b` on A, `b`
+/// and `c` (and `d`, whose startup fails) on B; c starts after a and b.
+fn busybox_lab(dir: &Path) {
+    fs::create_dir_all(dir.join("shared")).unwrap();
+    fs::create_dir_all(dir.join("a/etc")).unwrap();
+    fs::write(dir.join("a/etc/motd"), "a's own tree\n").unwrap();
+    fs::write(
+        dir.join("lab.conf"),
+        "LAB_NAME=\"tiny\"\na[0]=\"A\"\nb[0]=\"A\"\nb[1]=\"B\"\nc[0]=\"B/02:00:00:00:0c:00\"\nd[0]=\"B\"\n\
+         a[sysctl]=\"net.ipv4.ip_forward=1\"\na[env]=\"GREETING=hello\"\n",
+    )
+    .unwrap();
+    fs::write(dir.join("lab.dep"), "c: a b\n").unwrap();
+    fs::write(
+        dir.join("shared.startup"),
+        "echo shared-ran > /tmp/shared-ran\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("a.startup"),
+        "ip address add 10.0.0.1/24 dev eth0\nsleep 1\necho \"$GREETING\" > /tmp/greeting\necho a >> /shared/order\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("b.startup"),
+        "ip address add 10.0.0.2/24 dev eth0\nip address add 10.0.1.1/24 dev eth1\necho b >> /shared/order\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("c.startup"),
+        "ip address add 10.0.1.2/24 dev eth0\necho c >> /shared/order\n",
+    )
+    .unwrap();
+    fs::write(dir.join("d.startup"), "echo broken-startup\nexit 3\n").unwrap();
+    fs::write(dir.join("a.shutdown"), "echo a-down >> /shared/down\n").unwrap();
+}
+
+fn host_links() -> Vec<String> {
+    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().to_string()))
+        .collect()
+}
+
+/// Every process's network namespace inode.
+fn netns_in_use() -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(m) = fs::metadata(e.path().join("ns/net")) {
+            v.push(m.ino());
+        }
+    }
+    v
+}
+
+fn lab_state(env: &LabEnv) -> serde_json::Value {
+    let labs = env.uml_dir().join("labs");
+    let d = fs::read_dir(&labs).unwrap().next().unwrap().unwrap().path();
+    serde_json::from_slice(&fs::read(d.join("lab.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
+    let env = LabEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let dir = work.path().join("tiny");
+    fs::create_dir_all(&dir).unwrap();
+    busybox_lab(&dir);
+    let links_before = host_links();
+    let k = kernel();
+    let out = env.lab(
+        "start",
+        &dir,
+        &["--image", img.to_str().unwrap(), "--kernel", k.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // d's startup fails: exit 1, d named with its output; the lab runs on.
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("device d") && err.contains("broken-startup") && err.contains("status 3"), "{err}");
+    assert_eq!(host_links(), links_before, "the host's interfaces are not touched");
+
+    let ps: serde_json::Value = serde_json::from_slice(&env.lab("ps", &dir, &["--json"]).stdout).unwrap();
+    let devs = ps["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 4, "{ps}");
+    for d in devs {
+        assert_eq!(d["state"], "running", "{ps}");
+        let want = if d["device"] == "d" { 3 } else { 0 };
+        assert_eq!(d["startup_status"], want, "{ps}");
+    }
+    // lab.dep: c's startup ran after a's and b's.
+    let order = fs::read_to_string(dir.join("shared/order")).unwrap();
+    let lines: Vec<&str> = order.lines().collect();
+    assert_eq!(lines.len(), 3, "{order}");
+    assert_eq!(lines[2], "c", "c starts after a and b: {order}");
+    // Interfaces by lab.conf's names and MACs, on their segments.
+    let link = env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "c", "--", "ip", "-o", "link", "show", "eth0"]);
+    assert!(link.contains("02:00:00:00:0c:00"), "{link}");
+    let ping = env.lab("exec", &dir, &["a", "--", "ping", "-c", "2", "-W", "5", "10.0.0.2"]);
+    assert_ok(&ping, "a pings b on A");
+    let ping = env.lab("exec", &dir, &["c", "--", "ping", "-c", "1", "-W", "5", "10.0.1.1"]);
+    assert_ok(&ping, "c pings b on B");
+    // Segments are separate: a cannot reach B's addresses through b (no route).
+    let ping = env.lab("exec", &dir, &["c", "--", "ping", "-c", "1", "-W", "2", "10.0.0.1"]);
+    assert_ne!(ping.status.code(), Some(0));
+    // The device tree, shared.startup, sysctl and env.
+    let a = env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "a", "--", "cat", "/etc/motd", "/tmp/shared-ran", "/tmp/greeting", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(a, "a's own tree\nshared-ran\nhello\n1\n");
+    // shared/ is the lab's directory, read-write in every device.
+    env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "b", "--", "sh", "-c", "echo from-b > /shared/b-wrote"]);
+    assert_eq!(fs::read_to_string(dir.join("shared/b-wrote")).unwrap(), "from-b\n");
+    // Devices show in `umlctl ps` under their lab.
+    let all = env.ok(&["ps", "--json"]);
+    assert!(all.contains("\"lab\""), "{all}");
+
+    let state = lab_state(&env);
+    let netns = state["netns"].as_u64().unwrap();
+    assert!(netns_in_use().contains(&netns));
+    let out = env.lab("stop", &dir, &[]);
+    assert_ok(&out, "lab stop");
+    assert_eq!(fs::read_to_string(dir.join("shared/down")).unwrap(), "a-down\n", "shutdown scripts ran");
+    assert!(processes_mentioning(state["id"].as_str().unwrap()).is_empty());
+    assert!(!netns_in_use().contains(&netns), "the lab's namespace is gone");
+    assert_eq!(host_links(), links_before);
+    let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let labs_left: Vec<_> = fs::read_dir(env.uml_dir().join("labs")).unwrap().flatten().collect();
+    assert!(left.iter().all(|n| n == "labs") && labs_left.is_empty(), "{left:?} {labs_left:?}");
+    // Stopping again says there is nothing to stop.
+    let out = env.lab("stop", &dir, &[]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to stop"));
+}
+
+#[test]
+fn a_killed_lab_leaves_no_namespace_and_stop_clears_the_rest() {
+    let env = LabEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let dir = work.path().join("k");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("lab.conf"), "x[0]=\"A\"\ny[0]=\"A\"\n").unwrap();
+    let k = kernel();
+    assert_ok(
+        &env.lab("start", &dir, &["--image", img.to_str().unwrap(), "--kernel", k.to_str().unwrap()]),
+        "lab start",
+    );
+    let state = lab_state(&env);
+    let netns = state["netns"].as_u64().unwrap();
+    // SIGKILL every UML and every jail.
+    let ps: serde_json::Value = serde_json::from_str(&env.ok(&["ps", "--json"])).unwrap();
+    for g in ps.as_array().unwrap() {
+        let pid = g["pid"].as_i64().unwrap();
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while netns_in_use().contains(&netns) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!netns_in_use().contains(&netns), "the namespace went with the devices");
+    assert!(processes_mentioning(state["id"].as_str().unwrap()).is_empty());
+    // Starting again over the dead lab works and stop clears everything.
+    assert_ok(
+        &env.lab("start", &dir, &["--image", img.to_str().unwrap(), "--kernel", k.to_str().unwrap()]),
+        "lab start over a dead lab",
+    );
+    assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
+    let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| n == "labs"), "{left:?}");
+}
+
+#[test]
+fn lab_start_refuses_a_broken_lab_or_a_missing_image_by_name() {
+    let env = LabEnv::new();
+    let work = scratch();
+    let dir = work.path();
+    fs::write(dir.join("lab.conf"), "r1[0]=\"A\"\nr1[image]=\"kathara/frr\"\nr2[0]=A\"\n").unwrap();
+    let out = env.lab("start", dir, &["--image", "/nonexistent.ext4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(err.contains("lab.conf line 3"), "{err}");
+    fs::write(dir.join("lab.conf"), "r1[0]=\"A\"\nr1[image]=\"kathara/frr\"\n").unwrap();
+    let out = env.lab("start", dir, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(err.contains("kathara/frr") && err.contains("--image-for"), "{err}");
+    assert!(!env.uml_dir().join("labs").exists() || fs::read_dir(env.uml_dir().join("labs")).unwrap().next().is_none());
+}
+
+#[test]
+fn an_unprivileged_user_runs_a_whole_lab() {
+    use std::os::unix::fs::PermissionsExt;
+    let (copies, bin, kern) = nobody_copies("umlctl-lab-nobody-");
+    let work = copies.path();
+    let img = busybox_lab_image(work);
+    let dir = work.join("lab");
+    fs::create_dir_all(&dir).unwrap();
+    busybox_lab(&dir);
+    fs::remove_file(dir.join("d.startup")).unwrap();
+    fs::write(dir.join("lab.conf"), "a[0]=\"A\"\nb[0]=\"A\"\nb[1]=\"B\"\nc[0]=\"B\"\n").unwrap();
+    let home = work.join("home");
+    fs::create_dir_all(&home).unwrap();
+    Command::new("chmod").args(["-R", "a+rwX"]).arg(work).status().unwrap();
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o644)).unwrap();
+    let script = format!(
+        "set -e\nexport HOME={home}\ncd {dir}\n\
+         {bin} lab start --image {img} --kernel {kern}\n\
+         {bin} lab exec a -- ping -c 1 -W 5 10.0.0.2\n\
+         {bin} lab exec c -- id -u\n\
+         {bin} lab stop --timeout 2\n\
+         ls -A $HOME/.uml/labs\n",
+        home = home.display(),
+        dir = dir.display(),
+        bin = bin.display(),
+        img = img.display(),
+        kern = kern.display()
+    );
+    let out = with_private_mounts(&tun_node(0o666))
+        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = assert_ok(&out, "the lab as uid 65534");
+    assert!(text.contains("1 packets received"), "{text}");
+    assert!(text.contains("\n0\n"), "root in the guest: {text}");
+    let order = fs::read_to_string(dir.join("shared/order")).unwrap();
+    assert!(order.ends_with("c\n"), "{order}");
+    assert!(processes_mentioning(&dir.display().to_string()).is_empty());
+}

@@ -386,12 +386,23 @@ pub const DEBIAN_PACKAGES: &str = "systemd-sysv,udev,iproute2,openssh-server";
 /// (`$UMLCTL_TEST_IMAGE_CACHE` moves it), under a lock so that parallel test
 /// binaries build it once; atomically, so a failed build leaves nothing.
 pub fn debian_image() -> PathBuf {
+    debian_image_with("")
+}
+
+/// [`debian_image`] with more Debian packages (`frr,iputils-ping`): its own
+/// cached image.
+pub fn debian_image_with(extra: &str) -> PathBuf {
     use std::os::fd::AsRawFd;
+    let packages = if extra.is_empty() {
+        DEBIAN_PACKAGES.to_string()
+    } else {
+        format!("{DEBIAN_PACKAGES},{extra}")
+    };
     let dir = std::env::var_os("UMLCTL_TEST_IMAGE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/umlctl-test-images"));
     fs::create_dir_all(&dir).unwrap();
-    let key = DEBIAN_PACKAGES.replace(',', "+");
+    let key = packages.replace(',', "+");
     let img = dir.join(format!("bookworm-minbase+{key}-v1.ext4"));
     let lock = fs::File::create(dir.join(".lock")).unwrap();
     // SAFETY: flock on a descriptor we own; released when `lock` closes.
@@ -413,7 +424,7 @@ pub fn debian_image() -> PathBuf {
     let out = Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "set -o pipefail; mmdebstrap --quiet --variant=minbase --include={DEBIAN_PACKAGES} bookworm - | '{}' image build -o '{}' -",
+            "set -o pipefail; mmdebstrap --quiet --variant=minbase --include={packages} bookworm - | '{}' image build -o '{}' -",
             umlctl_bin().display(),
             tmp.display()
         ))
