@@ -246,7 +246,7 @@ fn busybox_lab(dir: &Path) {
     fs::write(
         dir.join("lab.conf"),
         "LAB_NAME=\"tiny\"\na[0]=\"A\"\nb[0]=\"A\"\nb[1]=\"B\"\nc[0]=\"B/02:00:00:00:0c:00\"\nd[0]=\"B\"\n\
-         a[sysctl]=\"net.ipv4.ip_forward=1\"\na[env]=\"GREETING=hello\"\n",
+         a[sysctl]=\"net.ipv4.tcp_syncookies=0\"\na[env]=\"GREETING=hello\"\n",
     )
     .unwrap();
     fs::write(dir.join("lab.dep"), "c: a b\n").unwrap();
@@ -345,8 +345,9 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     let ping = env.lab("exec", &dir, &["c", "--", "ping", "-c", "1", "-W", "2", "10.0.0.1"]);
     assert_ne!(ping.status.code(), Some(0));
     // The device tree, shared.startup, sysctl and env.
-    let a = env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "a", "--", "cat", "/etc/motd", "/tmp/shared-ran", "/tmp/greeting", "/proc/sys/net/ipv4/ip_forward"]);
-    assert_eq!(a, "a's own tree\nshared-ran\nhello\n1\n");
+    let a = env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "a", "--", "cat", "/etc/motd", "/tmp/shared-ran", "/tmp/greeting", "/proc/sys/net/ipv4/tcp_syncookies", "/proc/sys/net/ipv4/ip_forward"]);
+    // ip_forward: Kathará's default for every device.
+    assert_eq!(a, "a's own tree\nshared-ran\nhello\n0\n1\n");
     // shared/ is the lab's directory, read-write in every device.
     env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "b", "--", "sh", "-c", "echo from-b > /shared/b-wrote"]);
     assert_eq!(fs::read_to_string(dir.join("shared/b-wrote")).unwrap(), "from-b\n");
@@ -465,4 +466,121 @@ fn an_unprivileged_user_runs_a_whole_lab() {
     let order = fs::read_to_string(dir.join("shared/order")).unwrap();
     assert!(order.ends_with("c\n"), "{order}");
     assert!(processes_mentioning(&dir.display().to_string()).is_empty());
+}
+
+/// Kathará's own OSPF example shape: three FRR routers in a triangle, a
+/// host on each edge; `rN/etc/frr/` trees, `rN.startup` scripts that give
+/// addresses and `systemctl start frr`.
+fn frr_lab(dir: &Path) {
+    fs::write(
+        dir.join("lab.conf"),
+        "LAB_NAME=\"OSPF triangle\"\n\
+         r1[0]=\"A\"\nr1[1]=\"R12\"\nr1[2]=\"R13\"\n\
+         r2[0]=\"R12\"\nr2[1]=\"R23\"\n\
+         r3[0]=\"R23\"\nr3[1]=\"R13\"\nr3[2]=\"D\"\n\
+         pc1[0]=\"A\"\npc2[0]=\"D\"\n\
+         r1[image]=\"kathara/frr\"\nr2[image]=\"kathara/frr\"\nr3[image]=\"kathara/frr\"\n",
+    )
+    .unwrap();
+    for n in 1..=3 {
+        let etc = dir.join(format!("r{n}/etc/frr"));
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(
+            etc.join("daemons"),
+            "zebra=yes\nospfd=yes\nvtysh_enable=yes\n\
+             zebra_options=\"  -A 127.0.0.1 -s 90000000\"\nospfd_options=\"  -A 127.0.0.1\"\n",
+        )
+        .unwrap();
+        let mut conf = format!("frr defaults traditional\nhostname r{n}\n!\n");
+        for i in 0..3 {
+            conf.push_str(&format!(
+                "interface eth{i}\n ip ospf hello-interval 1\n ip ospf dead-interval 4\n"
+            ));
+        }
+        conf.push_str(&format!(
+            "!\nrouter ospf\n ospf router-id {n}.{n}.{n}.{n}\n network 10.0.0.0/8 area 0\n!\n"
+        ));
+        fs::write(etc.join("frr.conf"), conf).unwrap();
+    }
+    let startup = |name: &str, addrs: &[&str]| {
+        let mut s = String::new();
+        for (i, a) in addrs.iter().enumerate() {
+            s.push_str(&format!("ip address add {a} dev eth{i}\n"));
+        }
+        s.push_str("systemctl start frr\n");
+        fs::write(dir.join(format!("{name}.startup")), s).unwrap();
+    };
+    startup("r1", &["10.0.1.1/24", "10.1.12.1/24", "10.1.13.1/24"]);
+    startup("r2", &["10.1.12.2/24", "10.1.23.2/24"]);
+    startup("r3", &["10.1.23.3/24", "10.1.13.3/24", "10.0.4.1/24"]);
+    fs::write(
+        dir.join("pc1.startup"),
+        "ip address add 10.0.1.2/24 dev eth0\nip route add default via 10.0.1.1\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("pc2.startup"),
+        "ip address add 10.0.4.2/24 dev eth0\nip route add default via 10.0.4.1\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_ospf_lab_of_frr_routers_converges_and_routes_end_to_end() {
+    let env = LabEnv::new();
+    let work = scratch();
+    let dir = work.path().join("ospf");
+    fs::create_dir_all(&dir).unwrap();
+    frr_lab(&dir);
+    let frr = debian_image_with("frr,iputils-ping");
+    // The hosts need ping too: the same image.
+    let plain = frr.clone();
+    let k = kernel();
+    let out = env.lab(
+        "start",
+        &dir,
+        &[
+            "--image",
+            plain.to_str().unwrap(),
+            "--image-for",
+            &format!("kathara/frr={}", frr.display()),
+            "--kernel",
+            k.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&out, "lab start");
+    let d = dir.to_str().unwrap();
+    // Every router learns the two edge networks and the links it is not
+    // on as OSPF routes.
+    let want = [
+        ("r1", ["10.0.4.0/24", "10.1.23.0/24"]),
+        ("r2", ["10.0.1.0/24", "10.0.4.0/24"]),
+        ("r3", ["10.0.1.0/24", "10.1.12.0/24"]),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    for (r, nets) in want {
+        loop {
+            let routes = env.lab("exec", &dir, &[r, "--", "vtysh", "-c", "show ip route ospf"]);
+            let text = String::from_utf8_lossy(&routes.stdout).to_string();
+            let learned = nets
+                .iter()
+                .all(|n| text.lines().any(|l| l.starts_with("O>*") && l.contains(n)));
+            if learned {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{r} did not learn {nets:?} by OSPF:\n{text}\n{}",
+                String::from_utf8_lossy(&routes.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+    // A host on one edge reaches the host on the other, three routers away.
+    let ping = env.umlctl(&["lab", "exec", "-d", d, "pc1", "--", "ping", "-c", "3", "-W", "5", "10.0.4.2"]);
+    let text = assert_ok(&ping, "pc1 pings pc2");
+    assert!(text.contains("3 received"), "{text}");
+    assert_ok(&env.lab("stop", &dir, &[]), "lab stop");
+    let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| n == "labs"), "{left:?}");
 }

@@ -213,11 +213,33 @@ fn runner(d: &crate::Device, what: &str) -> String {
     );
     if what == "startup" {
         s.push_str(
-            "if [ \"$(cat /proc/1/comm 2>/dev/null)\" = systemd ]; then\n  \
-             timeout 300 systemctl is-system-running --wait >/dev/null 2>&1\n\
-             fi\n",
+            "case \"$(readlink /proc/1/exe 2>/dev/null)\" in\n\
+             */systemd)\n  \
+             i=0; while [ ! -S /run/systemd/private ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n  \
+             timeout 300 systemctl is-system-running --wait >/dev/null 2>&1;;\n\
+             esac\n",
         );
-        for kv in &d.options.sysctl {
+        // Kathará's defaults for every device: a router forwards, no
+        // reverse-path filter, no ICMP rate limit; IPv6 off unless
+        // DEVICE[ipv6] asks for it. Then the device's own sysctls.
+        let mut sysctls: Vec<String> = [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.lo.rp_filter=0",
+            "net.ipv4.icmp_ratelimit=0",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        if d.options.ipv6 == Some(true) {
+            sysctls.push("net.ipv6.conf.all.forwarding=1".into());
+        } else {
+            sysctls.push("net.ipv6.conf.all.disable_ipv6=1".into());
+            sysctls.push("net.ipv6.conf.default.disable_ipv6=1".into());
+        }
+        sysctls.extend(d.options.sysctl.iter().cloned());
+        for kv in &sysctls {
             if let Some((k, v)) = kv.split_once('=') {
                 let path = format!("/proc/sys/{}", k.trim().replace('.', "/"));
                 s.push_str(&format!(
