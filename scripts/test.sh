@@ -19,10 +19,11 @@ cd "$(dirname "$0")/.."
 # zstd: a tar.zst source on standard input;
 # mmdebstrap: a stock Debian image for the distribution-guest tests (built once
 # per machine, cached in /var/tmp/umlctl-test-images); openssh-client: ssh into it;
-# graphviz: `dot` draws and checks `umlctl lab graph`.
+# graphviz: `dot` draws and checks `umlctl lab graph`; slirp4netns: a lab's
+# `bridged` devices reach the outside through it.
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
   attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
-  nftables zstd mmdebstrap openssh-client graphviz
+  nftables zstd mmdebstrap openssh-client graphviz slirp4netns
 ensure_cargo
 ensure_clippy
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.

@@ -70,6 +70,12 @@ pub struct StartSpec {
     pub shared: Option<PathBuf>,
     /// The lab this guest is a device of (`ps` shows it).
     pub lab: Option<String>,
+    /// Fixed addresses umlctl's init gives interfaces (by their names in
+    /// the guest) besides netd's leases: a lab's bridged interface.
+    pub addresses: Vec<crate::protocol::NicSpec>,
+    /// Descriptors UML holds for as long as it runs (and with it, whatever
+    /// waits for them to close: a lab's user-mode network stack).
+    pub keep: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl StartSpec {
@@ -96,6 +102,8 @@ impl StartSpec {
             layer: None,
             shared: None,
             lab: None,
+            addresses: Vec::new(),
+            keep: Vec::new(),
         }
     }
 }
@@ -396,7 +404,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     }
     let lines_list: Vec<String> = exec_lines.iter().map(|l| l.0.to_string()).collect();
     init_env.push((crate::init::EXEC_ENV.to_string(), lines_list.join(",")));
-    init_env.extend(net_env(&network));
+    init_env.extend(net_env(&network, &spec.addresses));
     if let Some(l) = &layer {
         init_env.push((crate::init::lab::LAYER_ENV.into(), l.clone()));
     }
@@ -492,8 +500,14 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         .iter()
         .map(|f| f.as_raw_fd())
         .chain(extra.iter().map(|f| f.as_raw_fd()));
-    for (i, f) in tap_fds.enumerate() {
-        fds.push((f, crate::run::FIRST_TAP_FD + crate::num::small_i32(i)));
+    let mut next = crate::run::FIRST_TAP_FD;
+    for f in tap_fds {
+        fds.push((f, next));
+        next += 1;
+    }
+    for f in &spec.keep {
+        fds.push((f.as_raw_fd(), next));
+        next += 1;
     }
     let launch = Launch {
         program: prep.located.info.path.clone(),
@@ -639,15 +653,25 @@ fn check_init(p: &Path) -> Result<String> {
     })
 }
 
-fn net_env(net: &crate::run::Network) -> Vec<(String, String)> {
+fn net_env(
+    net: &crate::run::Network,
+    fixed: &[crate::protocol::NicSpec],
+) -> Vec<(String, String)> {
     let mut env = Vec::new();
-    for (i, (n, nic)) in net.specs.iter().zip(&net.nics).enumerate() {
+    let leased = net
+        .specs
+        .iter()
+        .zip(&net.nics)
+        .map(|(n, nic)| (n, nic.mac.as_str()));
+    for (i, (n, mac)) in leased.chain(fixed.iter().map(|n| (n, ""))).enumerate() {
         let k = |what: &str| format!("UMLCTL_NET{i}_{what}");
         env.push((k("DEVICE"), n.device.clone()));
         env.push((k("ADDRESS"), format!("{}/{}", n.address, n.prefix)));
         env.push((k("GATEWAY"), n.gateway.to_string()));
         env.push((k("MTU"), n.mtu.to_string()));
-        env.push((k("MAC"), nic.mac.clone()));
+        if !mac.is_empty() {
+            env.push((k("MAC"), mac.to_string()));
+        }
         if !n.dns.is_empty() {
             let list: Vec<String> = n.dns.iter().map(|a| a.to_string()).collect();
             env.push((k("DNS"), list.join(",")));

@@ -71,7 +71,7 @@ pub struct Lab {
 
 /// The MAC an interface gets when lab.conf gives none: locally
 /// administered, unicast, the same on every start.
-fn stable_mac(device: &str, index: u32) -> [u8; 6] {
+pub(crate) fn stable_mac(device: &str, index: u32) -> [u8; 6] {
     let h = Sha256::new()
         .chain_update(b"umlctl-lab-mac\0")
         .chain_update(device.as_bytes())
@@ -81,7 +81,7 @@ fn stable_mac(device: &str, index: u32) -> [u8; 6] {
     [0x02, h[0], h[1], h[2], h[3], h[4]]
 }
 
-fn mac_text(m: [u8; 6]) -> String {
+pub(crate) fn mac_text(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

@@ -584,3 +584,111 @@ fn an_ospf_lab_of_frr_routers_converges_and_routes_end_to_end() {
     let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.iter().all(|n| n == "labs"), "{left:?}");
 }
+
+/// Live slirp4netns processes (not zombies).
+fn slirps() -> usize {
+    let out = Command::new("ps").args(["-eo", "stat=,comm="]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("slirp4netns") && !l.trim_start().starts_with('Z'))
+        .count()
+}
+
+#[test]
+fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
+    // "The outside": a network namespace of this test's, with a web server
+    // on an address of its own and another on its loopback; the lab is
+    // started from there, so slirp4netns's sockets open there.
+    let ns = format!("umlt-out-{}", std::process::id());
+    let sh = |s: &str| {
+        let st = Command::new("sh").arg("-c").arg(s).status().unwrap();
+        assert!(st.success(), "{s}");
+    };
+    sh(&format!("ip netns add {ns} && ip -n {ns} link set lo up && ip -n {ns} address add 192.0.2.1/32 dev lo"));
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("ip netns pids {0} | xargs -r kill -9; ip netns del {0}", self.0))
+                .status();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
+    let env = LabEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let www = work.path().join("site");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("page.txt"), "hello from outside\n").unwrap();
+    let mut servers = Vec::new();
+    for addr in ["192.0.2.1", "127.0.0.1"] {
+        let s = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-m", "http.server", "-b", addr, "-d"])
+            .arg(&www)
+            .arg("8080")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        servers.push(s);
+    }
+    let dir = work.path().join("lab");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("lab.conf"), "h[0]=\"A\"\nh[bridged]=\"true\"\nz[0]=\"A\"\n").unwrap();
+    let before = slirps();
+    let k = kernel();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(umlctl_bin())
+        .args(["lab", "start", "-d"])
+        .arg(&dir)
+        .arg("--image")
+        .arg(&img)
+        .arg("--kernel")
+        .arg(&k)
+        .env("UMLCTL_UML_DIR", env.uml_dir())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .output()
+        .unwrap();
+    assert_ok(&out, "lab start with a bridged device");
+    assert_eq!(slirps(), before + 1, "one slirp4netns for the one bridged device");
+    let ps: serde_json::Value = serde_json::from_slice(&env.lab("ps", &dir, &["--json"]).stdout).unwrap();
+    let h = ps["devices"].as_array().unwrap().iter().find(|d| d["device"] == "h").unwrap().clone();
+    assert_eq!(h["interfaces"][1]["name"], "eth1", "{ps}");
+    // Polled: the web server may still be starting.
+    let mut page = String::new();
+    let mut why = String::new();
+    for _ in 0..50 {
+        let o = env.lab("exec", &dir, &["h", "--", "timeout", "10", "wget", "-qO-", "http://192.0.2.1:8080/page.txt"]);
+        page = String::from_utf8_lossy(&o.stdout).to_string();
+        why = String::from_utf8_lossy(&o.stderr).to_string();
+        if page.contains("hello from outside") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let addrs = env.lab("exec", &dir, &["h", "--", "ip", "-o", "address"]);
+    assert_eq!(
+        page,
+        "hello from outside\n",
+        "{why}\n{}",
+        String::from_utf8_lossy(&addrs.stdout)
+    );
+    // The host's loopback (slirp's 10.0.2.2) is out of reach.
+    let o = env.lab("exec", &dir, &["h", "--", "timeout", "5", "wget", "-qO-", "http://10.0.2.2:8080/page.txt"]);
+    assert_ne!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    // A device without `bridged` has no way out.
+    let o = env.lab("exec", &dir, &["z", "--", "timeout", "5", "wget", "-qO-", "http://192.0.2.1:8080/page.txt"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while slirps() > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(slirps(), before, "slirp4netns went with its device");
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}

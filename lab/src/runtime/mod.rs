@@ -12,6 +12,7 @@
 
 mod ns;
 mod segment;
+mod uplink;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -394,7 +395,19 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
     fs::create_dir_all(&state_path)
         .map_err(|e| format!("create {}: {e}", state_path.display()))?;
 
-    ns::create()?;
+    // bridged devices: their user-mode network stacks start in the host's
+    // network namespace, aimed at the lab's while it is being made.
+    let mut uplinks: BTreeMap<String, uplink::Uplink> = BTreeMap::new();
+    ns::create(&mut |pid| {
+        for (di, d) in lab.devices.iter().enumerate() {
+            if d.options.bridged {
+                let u = uplink::spawn(pid, &format!("s{di}"))
+                    .map_err(|e| format!("device {} (bridged): {e}", d.name))?;
+                uplinks.insert(d.name.clone(), u);
+            }
+        }
+        Ok(())
+    })?;
     let mut state = LabState {
         dir: dir.clone(),
         id: id.clone(),
@@ -424,6 +437,21 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
                 .map_err(|e| format!("device {} {}: {e}", d.name, iface.name))?;
             v.push((Arc::new(fd), iface.mac.clone()));
             ifs.push((iface.name.clone(), iface.domain.clone(), iface.mac.clone()));
+        }
+        if let Some(u) = uplinks.get(&d.name) {
+            // The bridged interface: after the lab's, on a bridge of its own
+            // with slirp4netns's tap.
+            let b = format!("xb{di}");
+            segment::bridge(&b).map_err(|e| format!("device {} (bridged): {e}", d.name))?;
+            segment::attach(&u.tap, &b)
+                .map_err(|e| format!("device {} (bridged): {e}", d.name))?;
+            let k = d.interfaces.len();
+            let fd = segment::tap(&format!("t{di}.{k}"), &b)
+                .map_err(|e| format!("device {} (bridged): {e}", d.name))?;
+            let index = u32::try_from(k).unwrap_or(u32::MAX);
+            let mac = crate::plan::mac_text(crate::plan::stable_mac(&format!("{}/bridged", d.name), index));
+            v.push((Arc::new(fd), mac.clone()));
+            ifs.push((format!("eth{k}"), "(bridged)".into(), mac));
         }
         taps.insert(d.name.clone(), v);
         state.devices.push(DeviceState {
@@ -467,6 +495,19 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             }
             spec.taps = taps.remove(name.as_str()).unwrap_or_default();
             spec.ifnames = d.interfaces.iter().map(|i| i.name.clone()).collect();
+            if let Some(u) = uplinks.remove(name.as_str()) {
+                let k = d.interfaces.len();
+                spec.ifnames.push(format!("eth{k}"));
+                spec.addresses.push(umlctl_kernel::protocol::NicSpec {
+                    device: format!("eth{k}"),
+                    address: uplink::GUEST,
+                    prefix: 24,
+                    gateway: uplink::GATEWAY,
+                    mtu: 1500,
+                    dns: vec![uplink::DNS],
+                });
+                spec.keep.push(u.keep);
+            }
             spec.layer = Some(layer);
             spec.shared = shared.clone();
             spec.lab = Some(dir.display().to_string());

@@ -8,6 +8,7 @@
 //! Later commands join it through a running device's jail (its PID 1).
 
 use std::fs;
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
@@ -48,26 +49,83 @@ pub fn current_netns() -> Result<u64, String> {
 
 /// Move this process into a new network namespace, inside a new user
 /// namespace (mapping only the invoking user) when umlctl is not root.
-pub fn create() -> Result<(), String> {
+///
+/// A forked child makes the namespaces and holds them while `outside`
+/// runs with this process still in the host's network namespace (given
+/// the child's pid: what must reach the outside, the lab's user-mode
+/// network stacks, starts there); then this process joins them.
+pub fn create(outside: &mut dyn FnMut(i32) -> Result<(), String>) -> Result<(), String> {
     single_threaded()?;
-    if is_root() {
-        return nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("create the lab's network namespace: {e}"));
+    let root = is_root();
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+    };
+    let (ready_r, ready_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let mut flags = libc::CLONE_NEWNET;
+    if !root {
+        flags |= libc::CLONE_NEWUSER;
     }
-    let uid = nix::unistd::geteuid().as_raw();
-    let gid = nix::unistd::getegid().as_raw();
-    nix::sched::unshare(
-        nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET,
-    )
-    .map_err(|e| {
-        format!(
-            "create the lab's user and network namespaces: {e}; unprivileged user namespaces must be enabled (see `umlctl doctor`)"
-        )
-    })?;
-    let w = |p: &str, s: String| fs::write(p, s).map_err(|e| format!("write {p}: {e}"));
-    w("/proc/self/setgroups", "deny".into())?;
-    w("/proc/self/uid_map", format!("{uid} {uid} 1\n"))?;
-    w("/proc/self/gid_map", format!("{gid} {gid} 1\n"))
+    // SAFETY: this process is single-threaded (checked above); the child
+    // makes only raw system calls (unshare, write, read, _exit).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: raw system calls on descriptors this process owns.
+        unsafe {
+            // The parent's ends: a copy of `go`'s write end here would keep
+            // this child waiting for ever.
+            libc::close(go_w.as_raw_fd());
+            libc::close(ready_r.as_raw_fd());
+            let ok: u8 = if libc::unshare(flags) == 0 { 0 } else { 1 };
+            libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
+            let mut b = 0u8;
+            libc::read(go_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0)
+        }
+    }
+    drop(ready_w);
+    drop(go_r);
+    let child = nix::unistd::Pid::from_raw(pid);
+    let end = |go: OwnedFd| {
+        drop(go);
+        let _ = nix::sys::wait::waitpid(child, None);
+    };
+    let mut b = [1u8; 1];
+    let mut ready = fs::File::from(ready_r);
+    if ready.read_exact(&mut b).is_err() || b[0] != 0 {
+        end(go_w);
+        return Err(if root {
+            "create the lab's network namespace: refused (a container without CAP_SYS_ADMIN?)".into()
+        } else {
+            "create the lab's user and network namespaces: refused; unprivileged user namespaces must be enabled (see `umlctl doctor`)".into()
+        });
+    }
+    let r = (|| {
+        if !root {
+            let uid = nix::unistd::geteuid().as_raw();
+            let gid = nix::unistd::getegid().as_raw();
+            let w = |p: String, s: String| fs::write(&p, s).map_err(|e| format!("write {p}: {e}"));
+            w(format!("/proc/{pid}/setgroups"), "deny".into())?;
+            w(format!("/proc/{pid}/uid_map"), format!("{uid} {uid} 1\n"))?;
+            w(format!("/proc/{pid}/gid_map"), format!("{gid} {gid} 1\n"))?;
+        }
+        outside(pid)?;
+        let open = |what: &str| {
+            let p = format!("/proc/{pid}/ns/{what}");
+            fs::File::open(&p).map_err(|e| format!("open {p}: {e}"))
+        };
+        if !root {
+            nix::sched::setns(open("user")?, nix::sched::CloneFlags::CLONE_NEWUSER)
+                .map_err(|e| format!("enter the lab's user namespace: {e}"))?;
+        }
+        nix::sched::setns(open("net")?, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("enter the lab's network namespace: {e}"))
+    })();
+    end(go_w);
+    r
 }
 
 /// Join the lab namespaces process `pid` is in (a device's jail),

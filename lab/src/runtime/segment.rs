@@ -71,6 +71,21 @@ pub fn up(name: &str) -> Result<(), String> {
     check(r, &format!("bring up {name}"))
 }
 
+/// Put the existing interface `name` on bridge `bridge`, up.
+pub fn attach(name: &str, bridge: &str) -> Result<(), String> {
+    let index = nix::net::if_::if_nametoindex(name)
+        .map_err(|e| format!("find interface {name}: {e}"))?;
+    let s = socket()?;
+    let mut req = ifreq(bridge)?;
+    req.ifr_ifru.ifru_ifindex =
+        libc::c_int::try_from(index).map_err(|_| format!("{name}: index out of range"))?;
+    // SAFETY: SIOCBRADDIF reads the ifreq (bridge name, port index), valid
+    // for the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCBRADDIF, &req) };
+    check(r, &format!("attach {name} to bridge {bridge}"))?;
+    up(name)
+}
+
 /// Create tap `name` on bridge `bridge`, up, and return its descriptor
 /// (for UML's `fd` transport; the tap lives as long as the descriptor).
 pub fn tap(name: &str, bridge: &str) -> Result<OwnedFd, String> {
@@ -84,16 +99,6 @@ pub fn tap(name: &str, bridge: &str) -> Result<OwnedFd, String> {
             e.to_string()
         }
     })?;
-    let index = nix::net::if_::if_nametoindex(name)
-        .map_err(|e| format!("find tap {name}: {e}"))?;
-    let s = socket()?;
-    let mut req = ifreq(bridge)?;
-    req.ifr_ifru.ifru_ifindex =
-        libc::c_int::try_from(index).map_err(|_| format!("tap {name}: index out of range"))?;
-    // SAFETY: SIOCBRADDIF reads the ifreq (bridge name, port index), valid
-    // for the call.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCBRADDIF, &req) };
-    check(r, &format!("attach tap {name} to bridge {bridge}"))?;
-    up(name)?;
+    attach(name, bridge)?;
     Ok(fd)
 }
