@@ -29,6 +29,23 @@ pub enum LabCmd {
     Exec(LabExecArgs),
     /// Attach to a device's console (detach with Ctrl-]).
     Console(LabConsoleArgs),
+    /// Check the running lab against saved signatures: every device's addresses and routes,
+    /// and the output of _test/shared.test and _test/DEVICE.test run in it.
+    Test(TestArgs),
+}
+
+/// `lab test`
+#[derive(Args)]
+#[command(after_help = "Signatures live in DIR/_test/signature/DEVICE: save them from a reference run of \
+the lab with --save, then any run of it (a student's, a CI job's) is compared line by line. Exit \
+status: 0 every device matches (or --save wrote them all), 1 some device differs or has no signature, \
+125 the lab is not running or a test could not run.")]
+pub struct TestArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// Write each device's output as its signature instead of comparing.
+    #[arg(long)]
+    save: bool,
 }
 
 /// `lab start`
@@ -167,6 +184,7 @@ pub fn main(cmd: LabCmd) -> u8 {
                 }
             }
         }
+        LabCmd::Test(a) => return test(&a),
         LabCmd::Console(a) => {
             return match runtime::device_guest(&a.lab.dir, &a.device) {
                 Ok(g) => crate::guest_cmd::console_named(g),
@@ -505,4 +523,44 @@ fn ps(a: &PsArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+fn test(a: &TestArgs) -> u8 {
+    let results = match runtime::test(&a.lab.dir, a.save) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("umlctl: lab test: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let (mut differ, mut broken) = (0, 0);
+    for r in &results {
+        match &r.outcome {
+            runtime::TestOutcome::Pass => println!("{}: ok", r.device),
+            runtime::TestOutcome::Saved => println!("{}: signature saved", r.device),
+            runtime::TestOutcome::Differs(d) => {
+                differ += 1;
+                println!("{}: DIFFERS from its signature\n{d}", r.device);
+            }
+            runtime::TestOutcome::NoSignature(p) => {
+                differ += 1;
+                println!(
+                    "{}: no signature at {} (save them from a reference run: umlctl lab test --save)",
+                    r.device,
+                    p.display()
+                );
+            }
+            runtime::TestOutcome::Failed(e) => {
+                broken += 1;
+                println!("{}: the test could not run: {e}", r.device);
+            }
+        }
+    }
+    if broken > 0 {
+        exit::FAILURE
+    } else if differ > 0 {
+        exit::CHECK_FAILED
+    } else {
+        0
+    }
 }

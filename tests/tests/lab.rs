@@ -355,6 +355,22 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     let all = env.ok(&["ps", "--json"]);
     assert!(all.contains("\"lab\""), "{all}");
 
+    // lab test: no signatures yet; saved; then equal; then a change shows.
+    fs::create_dir_all(dir.join("_test")).unwrap();
+    fs::write(dir.join("_test/c.test"), "cat /shared/order | tail -1\n").unwrap();
+    let t = env.lab("test", &dir, &[]);
+    assert_eq!(t.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&t.stdout).contains("no signature"));
+    assert_ok(&env.lab("test", &dir, &["--save"]), "lab test --save");
+    let sig = fs::read_to_string(dir.join("_test/signature/c")).unwrap();
+    assert!(sig.contains("address eth0 10.0.1.2/24") && sig.contains("# c.test\nc\n"), "{sig}");
+    assert_ok(&env.lab("test", &dir, &[]), "lab test against its own signatures");
+    env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "b", "--", "ip", "address", "del", "10.0.1.1/24", "dev", "eth1"]);
+    let t = env.lab("test", &dir, &[]);
+    let text = String::from_utf8_lossy(&t.stdout);
+    assert_eq!(t.status.code(), Some(1), "{text}");
+    assert!(text.contains("b: DIFFERS") && text.contains("  - address eth1 10.0.1.1/24") && text.contains("c: ok"), "{text}");
+
     let state = lab_state(&env);
     let netns = state["netns"].as_u64().unwrap();
     assert!(netns_in_use().contains(&netns));

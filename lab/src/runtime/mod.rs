@@ -668,3 +668,201 @@ pub fn read_log(p: &Path) -> String {
     }
     s
 }
+
+/// The builtin check every device gets (Netkit's `ltest` idea): its IPv4
+/// addresses and routes, sorted, so that a lab compares with a reference
+/// run of it.
+const BUILTIN_TEST: &str = "ip -o -4 address show | while read n i f a rest; do echo \"address $i $a\"; done | sort\n\
+ip -4 route show | sed 's/^/route /' | sort\n";
+
+/// How one device's test went.
+#[derive(Debug, Clone)]
+pub enum TestOutcome {
+    /// Its output is its signature.
+    Pass,
+    /// `--save` wrote its signature.
+    Saved,
+    /// Its output differs: the first differing lines.
+    Differs(String),
+    /// No signature to compare with.
+    NoSignature(PathBuf),
+    /// The test could not run.
+    Failed(String),
+}
+
+/// One device's test.
+#[derive(Debug, Clone)]
+pub struct TestResult {
+    /// The device.
+    pub device: String,
+    /// What happened.
+    pub outcome: TestOutcome,
+}
+
+/// Where a device's signature is kept: `_test/signature/DEVICE`.
+pub fn signature_path(dir: &Path, device: &str) -> PathBuf {
+    dir.join("_test").join("signature").join(device)
+}
+
+/// What differs between `want` and `got`, line by line as `diff` shows it
+/// (`- ` only in the signature, `+ ` only in the output; a longest common
+/// subsequence), at most 20 lines.
+fn differences(want: &str, got: &str) -> String {
+    let w: Vec<&str> = want.lines().collect();
+    let g: Vec<&str> = got.lines().collect();
+    if w.len() * g.len() > 4_000_000 {
+        return format!("  ({} lines expected, {} produced; too long to compare line by line)", w.len(), g.len());
+    }
+    // lcs[i][j]: the longest common subsequence of w[i..] and g[j..].
+    let mut lcs = vec![vec![0u32; g.len() + 1]; w.len() + 1];
+    for i in (0..w.len()).rev() {
+        for j in (0..g.len()).rev() {
+            lcs[i][j] = if w[i] == g[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while (i < w.len() || j < g.len()) && out.len() < 20 {
+        if i < w.len() && j < g.len() && w[i] == g[j] {
+            i += 1;
+            j += 1;
+        } else if j < g.len() && (i == w.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("  + {}", g[j]));
+            j += 1;
+        } else {
+            out.push(format!("  - {}", w[i]));
+            i += 1;
+        }
+    }
+    if i < w.len() || j < g.len() {
+        out.push("  …".into());
+    }
+    out.join("\n")
+}
+
+/// Run one script in `guest` (fed on stdin to `/bin/sh -s`); its stdout,
+/// or why it could not run.
+fn run_test_script(guest: &str, script: &str) -> Result<String, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("find umlctl's own binary: {e}"))?;
+    let mut child = Command::new(exe)
+        .args(["exec", "-i", guest, "--", "/bin/sh", "-s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run a test in {guest}: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let text = script.to_string();
+    let w = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(text.as_bytes());
+    });
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("run a test in {guest}: {e}"))?;
+    let _ = w.join();
+    match out.status.code() {
+        Some(c) if c < 125 => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        _ => Err(format!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// `lab test`: in every running device, the builtin check (addresses and
+/// routes) and then `_test/shared.test` and `_test/DEVICE.test` when they
+/// exist; their output compared with `_test/signature/DEVICE`, or written
+/// there with `save`.
+pub fn test(dir: &Path, save: bool) -> Result<Vec<TestResult>, String> {
+    let s = load_state(dir)?.ok_or_else(|| {
+        format!(
+            "the lab in {} is not running (start it with `umlctl lab start -d {}`)",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let tests = s.dir.join("_test");
+    let read = |p: PathBuf| fs::read_to_string(&p).ok();
+    let shared = read(tests.join("shared.test"));
+    let mut handles = Vec::new();
+    for d in s.devices.clone() {
+        let mut script = format!("echo '# builtin'\n{BUILTIN_TEST}");
+        if let Some(t) = &shared {
+            script.push_str(&format!("echo '# shared.test'\n{t}\n"));
+        }
+        if let Some(t) = read(tests.join(format!("{}.test", d.name))) {
+            script.push_str(&format!("echo '# {}.test'\n{t}\n", d.name));
+        }
+        let sig = signature_path(&s.dir, &d.name);
+        handles.push(std::thread::spawn(move || {
+            let outcome = match run_test_script(&d.guest, &script) {
+                Err(e) => TestOutcome::Failed(e),
+                Ok(got) if save => {
+                    let r = sig
+                        .parent()
+                        .map(fs::create_dir_all)
+                        .transpose()
+                        .and_then(|_| fs::write(&sig, &got));
+                    match r {
+                        Ok(_) => TestOutcome::Saved,
+                        Err(e) => TestOutcome::Failed(format!("write {}: {e}", sig.display())),
+                    }
+                }
+                Ok(got) => match fs::read_to_string(&sig) {
+                    Err(_) => TestOutcome::NoSignature(sig),
+                    Ok(want) if want == got => TestOutcome::Pass,
+                    Ok(want) => TestOutcome::Differs(differences(&want, &got)),
+                },
+            };
+            TestResult {
+                device: d.name,
+                outcome,
+            }
+        }));
+    }
+    Ok(handles.into_iter().filter_map(|h| h.join().ok()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_show_what_went_and_what_came() {
+        assert_eq!(differences("a\nb\nc\n", "a\nb\nc\n"), "");
+        assert_eq!(differences("a\nb\nc\n", "a\nc\n"), "  - b");
+        assert_eq!(differences("a\nc\n", "a\nb\nc\n"), "  + b");
+        assert_eq!(differences("a\nb\n", "a\nx\n"), "  + x\n  - b");
+        let long_w: String = (0..100).map(|i| format!("{i}\n")).collect();
+        let d = differences(&long_w, "");
+        assert!(d.ends_with('…') && d.lines().count() == 21, "{d}");
+    }
+
+    #[test]
+    fn runners_quote_what_lab_conf_gives() {
+        let lab_dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            lab_dir.path().join("lab.conf"),
+            "a[0]=\"A\"\na[env]=\"X=$(reboot)\"\na[sysctl]=\"net.ipv4.tcp_syncookies=0\"\n",
+        )
+        .unwrap();
+        let lab = Lab::load(lab_dir.path()).unwrap();
+        let r = runner(&lab.devices[0], "startup");
+        assert!(r.contains("export X='$(reboot)'"), "{r}");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert!(r.contains("echo '0' > '/proc/sys/net/ipv4/tcp_syncookies'"), "{r}");
+        assert!(r.contains("net.ipv4.ip_forward"), "Kathará's defaults: {r}");
+    }
+
+    #[test]
+    fn lab_ids_are_short_and_per_directory() {
+        let a = lab_id(Path::new("/home/u/lab1"));
+        assert_eq!(a.len(), 8);
+        assert_eq!(a, lab_id(Path::new("/home/u/lab1")));
+        assert_ne!(a, lab_id(Path::new("/home/u/lab2")));
+    }
+}
