@@ -766,10 +766,7 @@ fn run_test_script(guest: &str, script: &str) -> Result<String, String> {
     let _ = w.join();
     match out.status.code() {
         Some(c) if c < 125 => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
-        _ => Err(format!(
-            "{}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
+        _ => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
     }
 }
 
