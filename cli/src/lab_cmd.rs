@@ -29,9 +29,23 @@ pub enum LabCmd {
     Exec(LabExecArgs),
     /// Attach to a device's console (detach with Ctrl-]).
     Console(LabConsoleArgs),
+    /// Stop one device and start it again, fresh, on the same segments (startup scripts run).
+    Restart(RestartArgs),
     /// Check the running lab against saved signatures: every device's addresses and routes,
     /// and the output of _test/shared.test and _test/DEVICE.test run in it.
     Test(TestArgs),
+}
+
+/// `lab restart`
+#[derive(Args)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// The device.
+    device: String,
+    /// Seconds it may take to run its shutdown scripts, and then to shut down.
+    #[arg(long, value_name = "SECS", default_value = "10")]
+    timeout: u64,
 }
 
 /// `lab test`
@@ -185,6 +199,26 @@ pub fn main(cmd: LabCmd) -> u8 {
             }
         }
         LabCmd::Test(a) => return test(&a),
+        LabCmd::Restart(a) => {
+            return match runtime::restart(
+                &a.lab.dir,
+                &a.device,
+                std::time::Duration::from_secs(a.timeout.max(1)),
+            ) {
+                Ok(None) => {
+                    println!("{}: restarted", a.device);
+                    0
+                }
+                Ok(Some(f)) => {
+                    eprintln!("umlctl: device {}: {}:\n{}", f.device, f.why, f.tail);
+                    exit::CHECK_FAILED
+                }
+                Err(e) => {
+                    eprintln!("umlctl: lab restart: {e}");
+                    exit::FAILURE
+                }
+            }
+        }
         LabCmd::Console(a) => {
             return match runtime::device_guest(&a.lab.dir, &a.device) {
                 Ok(g) => crate::guest_cmd::console_named(g),

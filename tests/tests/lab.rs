@@ -464,6 +464,10 @@ fn an_unprivileged_user_runs_a_whole_lab() {
          {bin} lab start --image {img} --kernel {kern}\n\
          {bin} lab exec a -- ping -c 1 -W 5 10.0.0.2\n\
          {bin} lab exec c -- id -u\n\
+         {bin} lab exec b -- touch /root/before-restart\n\
+         {bin} lab restart b --timeout 5\n\
+         {bin} lab exec b -- ls /root\n\
+         {bin} lab exec a -- ping -c 1 -W 5 10.0.0.2 | grep -o '1 packets received' | sed 's/^/after restart: /'\n\
          {bin} lab stop --timeout 2\n\
          ls -A $HOME/.uml/labs\n",
         home = home.display(),
@@ -479,8 +483,14 @@ fn an_unprivileged_user_runs_a_whole_lab() {
     let text = assert_ok(&out, "the lab as uid 65534");
     assert!(text.contains("1 packets received"), "{text}");
     assert!(text.contains("\n0\n"), "root in the guest: {text}");
+    assert!(text.contains("b: restarted"), "{text}");
+    assert!(!text.contains("before-restart"), "a restarted device is fresh: {text}");
+    assert!(text.contains("after restart: 1 packets received"), "{text}");
+    // c after a and b; then b again, restarted.
     let order = fs::read_to_string(dir.join("shared/order")).unwrap();
-    assert!(order.ends_with("c\n"), "{order}");
+    let lines: Vec<&str> = order.lines().collect();
+    assert_eq!(lines.len(), 4, "{order}");
+    assert_eq!(&lines[2..], ["c", "b"], "{order}");
     assert!(processes_mentioning(&dir.display().to_string()).is_empty());
 }
 

@@ -60,6 +60,9 @@ pub struct DeviceState {
     pub interfaces: Vec<(String, String, String)>,
     /// The exit status of its startup scripts (`None`: not run, or still running).
     pub startup_status: Option<i32>,
+    /// The image it boots.
+    #[serde(default)]
+    pub image: PathBuf,
 }
 
 /// What is recorded about a running lab.
@@ -77,6 +80,18 @@ pub struct LabState {
     pub devices: Vec<DeviceState>,
     /// Seconds since the epoch.
     pub started: u64,
+    /// How the devices were started (`lab restart` starts one the same way).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// The memory of devices without a `mem` option.
+    #[serde(default)]
+    pub mem_bytes: Option<u64>,
+    /// `--no-jail`.
+    #[serde(default)]
+    pub no_jail: bool,
+    /// `--jail-uid`.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
 }
 
 /// The id of the lab in `dir` (canonical): stable, short, one per directory.
@@ -415,6 +430,10 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         bridges: BTreeMap::new(),
         devices: Vec::new(),
         started: instance::now(),
+        kernel: o.kernel.clone(),
+        mem_bytes: o.mem_bytes,
+        no_jail: !o.jail.enabled,
+        jail_uid: o.jail.uid,
     };
     let mut guard = StartGuard(Some(state.clone()));
     for (i, dom) in lab.domains.iter().enumerate() {
@@ -459,12 +478,12 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             guest: format!("{}.{id}", d.name),
             interfaces: ifs,
             startup_status: None,
+            image: images[d.name.as_str()].clone(),
         });
     }
     save_state(&state)?;
     guard.0 = Some(state.clone());
 
-    let shared = lab.shared.then(|| dir.join("shared"));
     let mut failed = Vec::new();
     let by_name: BTreeMap<&str, &crate::Device> =
         lab.devices.iter().map(|d| (d.name.as_str(), d)).collect();
@@ -475,26 +494,15 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             let d = by_name
                 .get(name.as_str())
                 .ok_or_else(|| format!("internal: no device {name}"))?;
-            let layer = build_layer(lab, d, &state_path)?;
-            let mut spec = StartSpec::new(images[name.as_str()].clone());
-            spec.name = Some(format!("{name}.{id}"));
-            spec.hostname = Some(name.clone());
-            spec.kernel = o.kernel.clone();
-            spec.mem_bytes = d
-                .options
-                .mem
-                .or(o.mem_bytes)
-                .unwrap_or(umlctl_kernel::run::DEFAULT_MEM);
-            spec.cpus = d.options.cpus.unwrap_or(1);
-            if spec.cpus > 1 {
-                spec.userspace = umlctl_kernel::cmdline::Userspace::Seccomp;
-            }
-            spec.jail = o.jail;
-            if let Some(t) = o.boot_timeout {
-                spec.boot_timeout = t;
-            }
-            spec.taps = taps.remove(name.as_str()).unwrap_or_default();
-            spec.ifnames = d.interfaces.iter().map(|i| i.name.clone()).collect();
+            let mut spec = device_spec(
+                lab,
+                d,
+                &id,
+                images[name.as_str()].clone(),
+                o,
+                &state_path,
+                taps.remove(name.as_str()).unwrap_or_default(),
+            )?;
             if let Some(u) = uplinks.remove(name.as_str()) {
                 let k = d.interfaces.len();
                 spec.ifnames.push(format!("eth{k}"));
@@ -508,9 +516,6 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
                 });
                 spec.keep.push(u.keep);
             }
-            spec.layer = Some(layer);
-            spec.shared = shared.clone();
-            spec.lab = Some(dir.display().to_string());
             boots.push((name.clone(), std::thread::spawn(move || detached::start(&spec))));
         }
         let mut boot_err = None;
@@ -571,6 +576,150 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         state,
         failed,
         elapsed: t0.elapsed(),
+    })
+}
+
+/// How device `d` of `lab` boots: its image, memory, CPUs, jail, taps
+/// (with their MACs), interface names, layer disk and `shared/`.
+fn device_spec(
+    lab: &Lab,
+    d: &crate::Device,
+    id: &str,
+    image: PathBuf,
+    o: &StartOptions,
+    state_path: &Path,
+    taps: Vec<(Arc<OwnedFd>, String)>,
+) -> Result<StartSpec, String> {
+    let layer = build_layer(lab, d, state_path)?;
+    let mut spec = StartSpec::new(image);
+    spec.name = Some(format!("{}.{id}", d.name));
+    spec.hostname = Some(d.name.clone());
+    spec.kernel = o.kernel.clone();
+    spec.mem_bytes = d
+        .options
+        .mem
+        .or(o.mem_bytes)
+        .unwrap_or(umlctl_kernel::run::DEFAULT_MEM);
+    spec.cpus = d.options.cpus.unwrap_or(1);
+    if spec.cpus > 1 {
+        spec.userspace = umlctl_kernel::cmdline::Userspace::Seccomp;
+    }
+    spec.jail = o.jail;
+    if let Some(t) = o.boot_timeout {
+        spec.boot_timeout = t;
+    }
+    spec.taps = taps;
+    spec.ifnames = d.interfaces.iter().map(|i| i.name.clone()).collect();
+    spec.layer = Some(layer);
+    spec.shared = lab.shared.then(|| canonical(&lab.dir)).transpose()?.map(|d| d.join("shared"));
+    spec.lab = Some(canonical(&lab.dir)?.display().to_string());
+    Ok(spec)
+}
+
+/// `lab restart DEVICE`: stop the device (its shutdown scripts first) and
+/// start it again, fresh from its image and the lab's current files, on
+/// the same segments, then run its startup scripts. The lab's namespace is
+/// reached through another running device, so at least one must run; a
+/// `bridged` device cannot be restarted alone (its way out starts with the
+/// lab). Must be called from a single-threaded process. Returns the
+/// failure of its startup, if it failed.
+pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Failed>, String> {
+    let mut s = load_state(dir)?.ok_or_else(|| {
+        format!(
+            "the lab in {} is not running (start it with `umlctl lab start -d {}`)",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let lab = Lab::load(&s.dir).map_err(|e| format!("lab {}: {e}", s.dir.display()))?;
+    let di = s
+        .devices
+        .iter()
+        .position(|d| d.name == device)
+        .ok_or_else(|| format!("the lab has no running device {device:?}"))?;
+    let d = lab
+        .devices
+        .iter()
+        .find(|d| d.name == device)
+        .ok_or_else(|| format!("lab.conf no longer has device {device:?}: restart the whole lab"))?;
+    let now_ifs: Vec<(String, String)> = d
+        .interfaces
+        .iter()
+        .map(|i| (i.name.clone(), i.domain.clone()))
+        .collect();
+    let was_ifs: Vec<(String, String)> = s.devices[di]
+        .interfaces
+        .iter()
+        .filter(|(_, dom, _)| dom != "(bridged)")
+        .map(|(n, dom, _)| (n.clone(), dom.clone()))
+        .collect();
+    if d.options.bridged || s.devices[di].interfaces.iter().any(|(_, dom, _)| dom == "(bridged)") {
+        return Err(format!(
+            "{device} is bridged: its way out starts with the lab; restart the whole lab (lab stop, lab start)"
+        ));
+    }
+    if now_ifs != was_ifs {
+        return Err(format!(
+            "lab.conf changed {device}'s interfaces since the lab started: restart the whole lab (lab stop, lab start)"
+        ));
+    }
+    // Into the lab's namespaces, through any running device (this one
+    // too: this process then holds them while it restarts).
+    enter(&s)?;
+    // Stop it, shutdown scripts first.
+    let dev = s.devices[di].clone();
+    if let Some(g) = guest(&dev) {
+        if g.state() == State::Running {
+            let log = state_dir(&s.id)?.join(format!("{}.shutdown.log", dev.name));
+            if let Ok(mut c) = spawn_script(&dev.guest, "run-shutdown", &log) {
+                let _ = wait_until(&mut c, Instant::now() + timeout);
+            }
+        }
+        detached::stop(&g, timeout, false, true).map_err(|e| format!("stop {device}: {e}"))?;
+    }
+    let mut taps = Vec::new();
+    for (ii, iface) in d.interfaces.iter().enumerate() {
+        let bridge = s
+            .bridges
+            .get(&iface.domain)
+            .ok_or_else(|| format!("no segment {} in the running lab", iface.domain))?;
+        let fd = segment::tap(&format!("t{di}.{ii}"), bridge)
+            .map_err(|e| format!("device {device} {}: {e}", iface.name))?;
+        taps.push((Arc::new(fd), iface.mac.clone()));
+    }
+    let o = StartOptions {
+        kernel: s.kernel.clone(),
+        mem_bytes: s.mem_bytes,
+        jail: umlctl_kernel::run::JailOpts {
+            enabled: !s.no_jail,
+            uid: s.jail_uid,
+        },
+        ..Default::default()
+    };
+    let state_path = state_dir(&s.id)?;
+    let spec = device_spec(&lab, d, &s.id, dev.image.clone(), &o, &state_path, taps)?;
+    let g = detached::start(&spec).map_err(|e| format!("start {device}: {e}"))?;
+    detached::wait_ready(&g, &detached::Ready::Exec, Duration::from_secs(120))
+        .map_err(|e| format!("device {device}: {e}"))?;
+    let log = startup_log(&s, device)?;
+    let _ = fs::remove_file(&log);
+    let mut child = spawn_script(&dev.guest, "run-startup", &log)?;
+    let st = wait_until(&mut child, Instant::now() + Duration::from_secs(600));
+    let code = st.and_then(|x| x.code());
+    s.devices[di].startup_status = code;
+    save_state(&s)?;
+    Ok(match code {
+        Some(0) => None,
+        Some(c) => Some(Failed {
+            device: device.to_string(),
+            why: format!("startup exited with status {c}"),
+            tail: tail_of(&log, 10),
+        }),
+        None => Some(Failed {
+            device: device.to_string(),
+            why: "startup did not finish in time (killed)".into(),
+            tail: tail_of(&log, 10),
+        }),
     })
 }
 
