@@ -320,7 +320,12 @@ fn info(a: &InfoArgs) -> Result<(), String> {
 
 fn graph(a: &GraphArgs) -> Result<(), String> {
     let lab = load(&a.lab.dir)?;
-    let dot = lab.dot(&BTreeMap::new());
+    // A running lab's addresses go beside its interfaces.
+    let addrs = match runtime::load_state(&a.lab.dir) {
+        Ok(Some(s)) => runtime::addresses(&s),
+        _ => BTreeMap::new(),
+    };
+    let dot = lab.dot(&addrs);
     let Some(out) = &a.output else {
         return match a.format.as_deref() {
             None | Some("dot") => {
@@ -516,6 +521,8 @@ fn ps(a: &PsArgs) -> Result<(), String> {
     })?;
     let rows: Vec<(&runtime::DeviceState, Option<umlctl_kernel::instance::Guest>)> =
         s.devices.iter().map(|d| (d, runtime::guest(d))).collect();
+    let addrs = runtime::addresses(&s);
+    let addr = |d: &str, i: &str| addrs.get(&(d.to_string(), i.to_string())).cloned();
     if a.json {
         let v: Vec<_> = rows
             .iter()
@@ -525,7 +532,7 @@ fn ps(a: &PsArgs) -> Result<(), String> {
                     "guest": d.guest,
                     "state": g.as_ref().map(|g| g.state().to_string()).unwrap_or_else(|| "missing".into()),
                     "pid": g.as_ref().map(|g| g.record.pid),
-                    "interfaces": d.interfaces.iter().map(|(n, dom, mac)| serde_json::json!({"name": n, "domain": dom, "mac": mac})).collect::<Vec<_>>(),
+                    "interfaces": d.interfaces.iter().map(|(n, dom, mac)| serde_json::json!({"name": n, "domain": dom, "mac": mac, "addresses": addr(&d.name, n)})).collect::<Vec<_>>(),
                     "startup_status": d.startup_status,
                 })
             })
@@ -541,7 +548,10 @@ fn ps(a: &PsArgs) -> Result<(), String> {
         let ifs: Vec<String> = d
             .interfaces
             .iter()
-            .map(|(n, dom, _)| format!("{n}@{dom}"))
+            .map(|(n, dom, _)| match addr(&d.name, n) {
+                Some(a) => format!("{n}@{dom}={a}"),
+                None => format!("{n}@{dom}"),
+            })
             .collect();
         println!(
             "{:<16} {:<8} {:>8} {:<8} {}",

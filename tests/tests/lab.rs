@@ -329,6 +329,11 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
         let want = if d["device"] == "d" { 3 } else { 0 };
         assert_eq!(d["startup_status"], want, "{ps}");
     }
+    // Addresses, asked in the running devices, in ps and in the picture.
+    let b = devs.iter().find(|d| d["device"] == "b").unwrap();
+    assert_eq!(b["interfaces"][1]["addresses"], "10.0.1.1/24", "{ps}");
+    let dot = env.ok(&["lab", "graph", "-d", dir.to_str().unwrap()]);
+    assert!(dot.contains("eth1\\n10.0.1.1/24"), "{dot}");
     // lab.dep: c's startup ran after a's and b's.
     let order = fs::read_to_string(dir.join("shared/order")).unwrap();
     let lines: Vec<&str> = order.lines().collect();

@@ -973,6 +973,61 @@ pub fn test(dir: &Path, save: bool) -> Result<Vec<TestResult>, String> {
     Ok(handles.into_iter().filter_map(|h| h.join().ok()).collect())
 }
 
+/// The IPv4 addresses of every running device's interfaces, asked in the
+/// devices (`ip -o -4 address show`, side by side): `(device, interface)` →
+/// `a.b.c.d/len` (several joined by `, `). Devices that do not answer
+/// within a few seconds are left out.
+pub fn addresses(s: &LabState) -> BTreeMap<(String, String), String> {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(_) => return BTreeMap::new(),
+    };
+    let mut running = Vec::new();
+    for d in &s.devices {
+        if !guest(d).is_some_and(|g| g.state() == State::Running) {
+            continue;
+        }
+        let child = Command::new(&exe)
+            .args(["exec", &d.guest, "--", "ip", "-o", "-4", "address", "show"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        if let Ok(c) = child {
+            running.push((d.name.clone(), c));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut out: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (name, mut c) in running {
+        let mut text = String::new();
+        if let Some(mut so) = c.stdout.take() {
+            let _ = so.read_to_string(&mut text);
+        }
+        if wait_until(&mut c, deadline).and_then(|st| st.code()) != Some(0) {
+            continue;
+        }
+        for line in text.lines() {
+            // "2: eth0    inet 10.0.0.1/24 brd … scope global eth0"
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(ifname), Some(pos)) = (w.get(1), w.iter().position(|x| *x == "inet")) {
+                if *ifname == "lo" {
+                    continue;
+                }
+                if let Some(a) = w.get(pos + 1) {
+                    out.entry((name.clone(), (*ifname).to_string()))
+                        .and_modify(|v| {
+                            v.push_str(", ");
+                            v.push_str(a);
+                        })
+                        .or_insert_with(|| (*a).to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
