@@ -468,6 +468,16 @@ fn exec_runs_commands_in_a_running_guest() {
     let o = exec(&["--", "cat", "/proc/sys/kernel/hostname"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "box-1\n");
     assert_eq!(o.status.code(), Some(0));
+    // What a finished command leaves running in the background stays (as
+    // after `docker exec`: a script that starts a daemon), also after later
+    // execs on the same slots.
+    let o = exec(&["--", "sh", "-c", "sleep 300 > /dev/null 2>&1 & echo $! > /bg; exit 0"]);
+    assert_eq!(o.status.code(), Some(0));
+    for _ in 0..5 {
+        assert_eq!(exec(&["--", "true"]).status.code(), Some(0));
+    }
+    let o = exec(&["--", "sh", "-c", "kill -0 $(cat /bg) && echo alive"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "alive\n");
     let o = exec(&["--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
     assert_eq!(o.status.code(), Some(7));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");

@@ -666,7 +666,16 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
     }
     let dir = work.path().join("lab");
     fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("lab.conf"), "h[0]=\"A\"\nh[bridged]=\"true\"\nz[0]=\"A\"\n").unwrap();
+    // h also publishes its web server (busybox httpd, started by lab.conf's
+    // exec) on the outside's port 18080.
+    fs::write(
+        dir.join("lab.conf"),
+        "h[0]=\"A\"\nh[bridged]=\"true\"\nh[port]=\"18080:80/tcp\"\n\
+         h[exec]=\"httpd -f -p 80 -h /www\"\nz[0]=\"A\"\n",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.join("h/www")).unwrap();
+    fs::write(dir.join("h/www/index.html"), "served by h\n").unwrap();
     let before = slirps();
     let k = kernel();
     let out = Command::new("ip")
@@ -706,6 +715,21 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
         "{why}\n{}",
         String::from_utf8_lossy(&addrs.stdout)
     );
+    // The published port: the outside reaches h's httpd.
+    let mut got = String::new();
+    for _ in 0..50 {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c"])
+            .arg("import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:18080/index.html', timeout=5).read().decode(), end='')")
+            .output()
+            .unwrap();
+        got = String::from_utf8_lossy(&o.stdout).to_string();
+        if o.status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(got, "served by h\n");
     // The host's loopback (slirp's 10.0.2.2) is out of reach.
     let o = env.lab("exec", &dir, &["h", "--", "timeout", "5", "wget", "-qO-", "http://10.0.2.2:8080/page.txt"]);
     assert_ne!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));

@@ -76,6 +76,10 @@ impl Line {
 
 struct Session {
     pgid: Pid,
+    /// The command itself has exited: what it left running in the
+    /// background (a daemon a startup script started) stays, as after
+    /// `docker exec`.
+    finished: Arc<std::sync::atomic::AtomicBool>,
     stdin: Option<Sender<Vec<u8>>>,
     master: Option<Arc<OwnedFd>>,
 }
@@ -228,10 +232,13 @@ fn serve(n: u32) {
     }
 }
 
-/// End the slot's session: its whole process group is killed.
+/// End the slot's session: if its command still runs (the host gave up on
+/// it), its whole process group is killed.
 fn end(session: &mut Option<Session>) {
     if let Some(s) = session.take() {
-        let _ = killpg(s.pgid, Signal::SIGKILL);
+        if !s.finished.load(Ordering::SeqCst) {
+            let _ = killpg(s.pgid, Signal::SIGKILL);
+        }
     }
 }
 
@@ -456,8 +463,11 @@ fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, St
     // The waiter: status after the output is drained (or given up on, when
     // a daemonized grandchild keeps it open).
     let line2 = Arc::clone(line);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished2 = Arc::clone(&finished);
     std::thread::spawn(move || {
         let status = child.wait();
+        finished2.store(true, Ordering::SeqCst);
         for _ in 0..pumps {
             if done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
                 break;
@@ -478,6 +488,7 @@ fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, St
     });
     Ok(Session {
         pgid,
+        finished,
         stdin,
         master,
     })

@@ -254,16 +254,22 @@ fn runner(d: &crate::Device, what: &str) -> String {
             sysctls.push("net.ipv6.conf.all.disable_ipv6=1".into());
             sysctls.push("net.ipv6.conf.default.disable_ipv6=1".into());
         }
+        // The defaults quietly skip what the kernel lacks (IPv6 in
+        // Debian's linux.uml); the device's own say when they fail.
+        let defaults = sysctls.len();
         sysctls.extend(d.options.sysctl.iter().cloned());
-        for kv in &sysctls {
+        for (i, kv) in sysctls.iter().enumerate() {
             if let Some((k, v)) = kv.split_once('=') {
-                let path = format!("/proc/sys/{}", k.trim().replace('.', "/"));
-                s.push_str(&format!(
-                    "echo {} > {} || echo 'umlctl: sysctl {} failed' >&2\n",
-                    sh_quote(v.trim()),
-                    sh_quote(&path),
-                    sh_quote(k.trim())
-                ));
+                let path = sh_quote(&format!("/proc/sys/{}", k.trim().replace('.', "/")));
+                let set = format!("echo {} > {path}", sh_quote(v.trim()));
+                if i < defaults {
+                    s.push_str(&format!("[ -e {path} ] && {set} 2>/dev/null\n"));
+                } else {
+                    s.push_str(&format!(
+                        "{set} || echo 'umlctl: sysctl {} failed' >&2\n",
+                        sh_quote(k.trim())
+                    ));
+                }
             }
         }
     }
@@ -278,9 +284,17 @@ fn runner(d: &crate::Device, what: &str) -> String {
         "run() {{ if command -v bash >/dev/null 2>&1; then bash \"$1\"; else sh \"$1\"; fi; }}\n\
          st=0\n\
          if [ -f {dir}/shared.{what} ]; then run {dir}/shared.{what} || st=$?; fi\n\
-         if [ -f {dir}/device.{what} ]; then run {dir}/device.{what} || st=$?; fi\n\
-         exit $st\n"
+         if [ -f {dir}/device.{what} ]; then run {dir}/device.{what} || st=$?; fi\n"
     ));
+    // DEVICE[exec]: a command started after the startup scripts, left
+    // running (its output goes to the startup log until it closes it).
+    if let (Some(cmd), "startup") = (&d.options.exec, what) {
+        s.push_str(&format!(
+            "( trap '' HUP; exec sh -c {} ) < /dev/null > /dev/null 2>&1 &\n",
+            sh_quote(cmd)
+        ));
+    }
+    s.push_str("exit $st\n");
     s
 }
 
@@ -415,9 +429,13 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
     let mut uplinks: BTreeMap<String, uplink::Uplink> = BTreeMap::new();
     ns::create(&mut |pid| {
         for (di, d) in lab.devices.iter().enumerate() {
-            if d.options.bridged {
-                let u = uplink::spawn(pid, &format!("s{di}"))
+            if needs_uplink(d) {
+                let api = state_path.join(format!("{}.slirp", d.name));
+                let u = uplink::spawn(pid, &format!("s{di}"), &api)
                     .map_err(|e| format!("device {} (bridged): {e}", d.name))?;
+                for p in &d.options.ports {
+                    uplink::forward(&api, p).map_err(|e| format!("device {}: {e}", d.name))?;
+                }
                 uplinks.insert(d.name.clone(), u);
             }
         }
@@ -579,6 +597,12 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
     })
 }
 
+/// Whether device `d` reaches the outside: `bridged`, or ports published
+/// (which, as in Kathará, come through the same way).
+fn needs_uplink(d: &crate::Device) -> bool {
+    d.options.bridged || !d.options.ports.is_empty()
+}
+
 /// How device `d` of `lab` boots: its image, memory, CPUs, jail, taps
 /// (with their MACs), interface names, layer disk and `shared/`.
 fn device_spec(
@@ -653,9 +677,9 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         .filter(|(_, dom, _)| dom != "(bridged)")
         .map(|(n, dom, _)| (n.clone(), dom.clone()))
         .collect();
-    if d.options.bridged || s.devices[di].interfaces.iter().any(|(_, dom, _)| dom == "(bridged)") {
+    if needs_uplink(d) || s.devices[di].interfaces.iter().any(|(_, dom, _)| dom == "(bridged)") {
         return Err(format!(
-            "{device} is bridged: its way out starts with the lab; restart the whole lab (lab stop, lab start)"
+            "{device} is bridged (or publishes ports): its way out starts with the lab; restart the whole lab (lab stop, lab start)"
         ));
     }
     if now_ifs != was_ifs {
@@ -1056,7 +1080,7 @@ mod tests {
         assert!(r.contains("export X='$(reboot)'"), "{r}");
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
         assert!(r.contains("echo '0' > '/proc/sys/net/ipv4/tcp_syncookies'"), "{r}");
-        assert!(r.contains("net.ipv4.ip_forward"), "Kathará's defaults: {r}");
+        assert!(r.contains("[ -e '/proc/sys/net/ipv4/ip_forward' ] && echo '1'"), "Kathará's defaults, quietly: {r}");
     }
 
     #[test]

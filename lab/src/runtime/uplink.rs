@@ -31,8 +31,9 @@ pub struct Uplink {
 }
 
 /// Start slirp4netns for the namespaces of process `ns_pid` (still being
-/// set up), its tap called `tap`; returns once the tap exists.
-pub fn spawn(ns_pid: i32, tap: &str) -> Result<Uplink, String> {
+/// set up), its tap called `tap`, listening on `api` for port forwards;
+/// returns once the tap exists.
+pub fn spawn(ns_pid: i32, tap: &str, api: &std::path::Path) -> Result<Uplink, String> {
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
     };
@@ -40,6 +41,8 @@ pub fn spawn(ns_pid: i32, tap: &str) -> Result<Uplink, String> {
     let (ready_r, ready_w) = pipe()?;
     let mut cmd = Command::new("slirp4netns");
     cmd.args(["--exit-fd=3", "--ready-fd=4", "--disable-host-loopback", "--mtu=1500"]);
+    let _ = std::fs::remove_file(api);
+    cmd.arg(format!("--api-socket={}", api.display()));
     if !nix::unistd::geteuid().is_root() {
         cmd.arg(format!("--userns-path=/proc/{ns_pid}/ns/user"));
     }
@@ -95,4 +98,36 @@ pub fn spawn(ns_pid: i32, tap: &str) -> Result<Uplink, String> {
         tap: tap.to_string(),
         keep: Arc::new(exit_w),
     })
+}
+
+/// Forward the host's `port.host` (all addresses, in the namespace
+/// slirp4netns runs in) to the device's `port.guest`, through slirp4netns's
+/// API socket `api`.
+pub fn forward(api: &std::path::Path, port: &crate::Port) -> Result<(), String> {
+    use std::io::Write;
+    let req = format!(
+        "{{\"execute\": \"add_hostfwd\", \"arguments\": {{\"proto\": \"{}\", \"host_addr\": \"0.0.0.0\", \"host_port\": {}, \"guest_addr\": \"{GUEST}\", \"guest_port\": {}}}}}",
+        port.proto, port.host, port.guest
+    );
+    let what = format!("publish port {}:{}/{}", port.host, port.guest, port.proto);
+    let mut s = std::os::unix::net::UnixStream::connect(api)
+        .map_err(|e| format!("{what}: connect to slirp4netns at {}: {e}", api.display()))?;
+    s.write_all(req.as_bytes())
+        .and_then(|()| s.shutdown(std::net::Shutdown::Write))
+        .map_err(|e| format!("{what}: {e}"))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| format!("{what}: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| format!("{what}: slirp4netns answered {reply:?}: {e}"))?;
+    if v.get("return").is_some() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {} (is the host port free?)",
+            v.get("error")
+                .and_then(|e| e.get("desc"))
+                .and_then(|d| d.as_str())
+                .unwrap_or(reply.trim())
+        ))
+    }
 }
