@@ -73,6 +73,10 @@ pub struct StartSpec {
     /// Fixed addresses umlctl's init gives interfaces (by their names in
     /// the guest) besides netd's leases: a lab's bridged interface.
     pub addresses: Vec<crate::protocol::NicSpec>,
+    /// Skip the kernel's RAID6 speed test at boot (see
+    /// [`crate::run::RAID6_SELECT`]): for guests given no disks to build
+    /// RAID6 arrays on (a lab's devices).
+    pub skip_raid6_benchmark: bool,
     /// Descriptors UML holds for as long as it runs (and with it, whatever
     /// waits for them to close: a lab's user-mode network stack).
     pub keep: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -104,6 +108,7 @@ impl StartSpec {
             lab: None,
             addresses: Vec::new(),
             keep: Vec::new(),
+            skip_raid6_benchmark: false,
         }
     }
 }
@@ -418,7 +423,11 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         init_env.push((crate::init::lab::IFNAMES_ENV.into(), spec.ifnames.join(",")));
     }
     let plan = BootPlan {
-        skip_initcalls: vec![],
+        skip_initcalls: if spec.skip_raid6_benchmark && prep.located.info.has("raid6-benchmark") {
+            vec![crate::run::RAID6_SELECT]
+        } else {
+            vec![]
+        },
         mem_bytes: spec.mem_bytes,
         umid: name.clone(),
         uml_dir: layout.uml_parent(),
