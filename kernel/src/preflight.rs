@@ -68,9 +68,28 @@ pub fn host_checks(kernel: Option<&KernelInfo>, shim_enabled: bool) -> Vec<Check
         check_sysemu(),
         check_tmp_exec(),
         check_tun(),
+        check_slirp(),
         check_xstate(kernel, shim_enabled),
         check_jail(),
     ]
+}
+
+/// slirp4netns gives a lab's `bridged` devices their way out.
+pub fn check_slirp() -> Check {
+    const NAME: &str = "slirp4netns";
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("slirp4netns").is_file()))
+        .unwrap_or(false);
+    if found {
+        ok(NAME, "found (a lab's bridged devices reach the outside through it)")
+    } else {
+        bad(
+            NAME,
+            Level::Warn,
+            "not found: labs with `bridged` devices (or `port`) cannot start (other labs can)",
+            "apt-get install slirp4netns",
+        )
+    }
 }
 
 /// Whether UML's jail can be built here: a real attempt (namespaces,
@@ -388,7 +407,10 @@ fn tempfile_in(dir: &Path) -> io::Result<fs::File> {
 pub fn check_tun() -> Check {
     const NAME: &str = "/dev/net/tun";
     match fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
-        Ok(_) => ok(NAME, "present and openable (tap networking possible)"),
+        Ok(_) => ok(
+            NAME,
+            "present and openable (tap networking possible; labs can make their segments)",
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => bad(
             NAME,
             Level::Warn,
@@ -398,8 +420,8 @@ pub fn check_tun() -> Check {
         Err(e) => bad(
             NAME,
             Level::Warn,
-            format!("not openable ({e}): taps must come from the umlctl netd helper"),
-            "run `umlctl netd` as root and use --net, or open /dev/net/tun to your user",
+            format!("not openable ({e}): taps must come from the umlctl netd helper, and labs (`lab start`) cannot make their segments"),
+            "as root: chmod 0666 /dev/net/tun (what stock Debian, Ubuntu and Fedora give it; a udev rule KERNEL==\"tun\", MODE=\"0666\" keeps it), or run `umlctl netd` as root and use --net",
         ),
     }
 }
