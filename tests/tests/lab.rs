@@ -747,3 +747,57 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
         let _ = s.wait();
     }
 }
+
+#[test]
+fn two_labs_with_the_same_device_names_run_side_by_side_and_apart() {
+    let env = LabEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let k = kernel();
+    // The same lab twice, in two directories: the same devices, the same
+    // collision domain name, the same addresses but one.
+    let mut dirs = Vec::new();
+    for (n, last) in [(1, 2), (2, 3)] {
+        let dir = work.path().join(format!("lab{n}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("lab.conf"), "p[0]=\"A\"\nq[0]=\"A\"\n").unwrap();
+        fs::write(dir.join("p.startup"), "ip address add 10.5.0.1/24 dev eth0\n").unwrap();
+        fs::write(dir.join("q.startup"), format!("ip address add 10.5.0.{last}/24 dev eth0\n")).unwrap();
+        dirs.push(dir);
+    }
+    let starts: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            let mut c = Command::new(umlctl_bin());
+            c.args(["lab", "start", "-d"])
+                .arg(d)
+                .arg("--image")
+                .arg(&img)
+                .arg("--kernel")
+                .arg(&k)
+                .env("UMLCTL_UML_DIR", env.uml_dir())
+                .env("UMLCTL_CACHE_DIR", cache_dir());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for s in starts {
+        assert!(s.wait_with_output().unwrap().status.success());
+    }
+    let ps = env.ok(&["ps", "--json"]);
+    let guests: serde_json::Value = serde_json::from_str(&ps).unwrap();
+    assert_eq!(guests.as_array().unwrap().len(), 4, "{ps}");
+    let ping = |dir: &Path, to: &str| {
+        env.lab("exec", dir, &["p", "--", "ping", "-c", "1", "-W", "3", to])
+            .status
+            .code()
+    };
+    // Each p reaches its own q, and not the other lab's.
+    assert_eq!(ping(&dirs[0], "10.5.0.2"), Some(0));
+    assert_eq!(ping(&dirs[1], "10.5.0.3"), Some(0));
+    assert_ne!(ping(&dirs[0], "10.5.0.3"), Some(0));
+    assert_ne!(ping(&dirs[1], "10.5.0.2"), Some(0));
+    // Stopping one leaves the other running.
+    assert_ok(&env.lab("stop", &dirs[0], &["--timeout", "2"]), "lab stop");
+    assert_eq!(ping(&dirs[1], "10.5.0.3"), Some(0));
+    assert_ok(&env.lab("stop", &dirs[1], &["--timeout", "2"]), "lab stop");
+}
