@@ -1000,6 +1000,36 @@ pub fn test(dir: &Path, save: bool) -> Result<Vec<TestResult>, String> {
     Ok(handles.into_iter().filter_map(|h| h.join().ok()).collect())
 }
 
+/// `(interface, a.b.c.d/len)` pairs from `ip -o -4 address show` output
+/// ("2: eth0    inet 10.0.0.1/24 brd … scope global eth0"), loopback left
+/// out. What a device prints is a hostile guest's to choose: only names
+/// and addresses that look like names and addresses go on, nothing a
+/// terminal or a graph would interpret.
+fn parse_addresses(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let (Some(ifname), Some(pos)) = (w.get(1), w.iter().position(|x| *x == "inet")) else {
+            continue;
+        };
+        let ifname = ifname.split('@').next().unwrap_or_default();
+        let name_ok = !ifname.is_empty()
+            && ifname.len() <= 15
+            && ifname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok || ifname == "lo" {
+            continue;
+        }
+        let Some(a) = w.get(pos + 1) else { continue };
+        if a.is_empty() || a.len() > 18 || !a.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'/') {
+            continue;
+        }
+        out.push((ifname.to_string(), (*a).to_string()));
+    }
+    out
+}
+
 /// The IPv4 addresses of every running device's interfaces, asked in the
 /// devices (`ip -o -4 address show`, side by side): `(device, interface)` →
 /// `a.b.c.d/len` (several joined by `, `). Devices that do not answer
@@ -1027,29 +1057,23 @@ pub fn addresses(s: &LabState) -> BTreeMap<(String, String), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut out: BTreeMap<(String, String), String> = BTreeMap::new();
     for (name, mut c) in running {
+        // At most 64 KiB of it (the rest is drained, so the device's
+        // command is not stuck on a full pipe).
         let mut text = String::new();
         if let Some(mut so) = c.stdout.take() {
-            let _ = so.read_to_string(&mut text);
+            let _ = (&mut so).take(64 << 10).read_to_string(&mut text);
+            let _ = std::io::copy(&mut so, &mut std::io::sink());
         }
         if wait_until(&mut c, deadline).and_then(|st| st.code()) != Some(0) {
             continue;
         }
-        for line in text.lines() {
-            // "2: eth0    inet 10.0.0.1/24 brd … scope global eth0"
-            let w: Vec<&str> = line.split_whitespace().collect();
-            if let (Some(ifname), Some(pos)) = (w.get(1), w.iter().position(|x| *x == "inet")) {
-                if *ifname == "lo" {
-                    continue;
-                }
-                if let Some(a) = w.get(pos + 1) {
-                    out.entry((name.clone(), (*ifname).to_string()))
-                        .and_modify(|v| {
-                            v.push_str(", ");
-                            v.push_str(a);
-                        })
-                        .or_insert_with(|| (*a).to_string());
-                }
-            }
+        for (ifname, a) in parse_addresses(&text) {
+            out.entry((name.clone(), ifname))
+                .and_modify(|v| {
+                    v.push_str(", ");
+                    v.push_str(&a);
+                })
+                .or_insert(a);
         }
     }
     out
@@ -1084,6 +1108,26 @@ mod tests {
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
         assert!(r.contains("echo '0' > '/proc/sys/net/ipv4/tcp_syncookies'"), "{r}");
         assert!(r.contains("[ -e '/proc/sys/net/ipv4/ip_forward' ] && echo '1'"), "Kathará's defaults, quietly: {r}");
+    }
+
+    #[test]
+    fn addresses_are_read_and_a_hostile_device_cannot_inject() {
+        let text = "1: lo    inet 127.0.0.1/8 scope host lo\n\
+                    2: eth0    inet 10.0.0.1/24 brd 10.0.0.255 scope global eth0\n\
+                    2: eth0    inet 10.0.9.1/24 scope global eth0\n\
+                    3: eth1@if4    inet 192.0.2.7/32 scope global eth1\n\
+                    4: e\x1b[2J    inet 10.1.1.1/24\n\
+                    5: eth2    inet 10.2.2.2/24\x1b]0;pwned\x07\n\
+                    6: eth3    inet \n\
+                    garbage\n";
+        assert_eq!(
+            parse_addresses(text),
+            vec![
+                ("eth0".to_string(), "10.0.0.1/24".to_string()),
+                ("eth0".to_string(), "10.0.9.1/24".to_string()),
+                ("eth1".to_string(), "192.0.2.7/32".to_string()),
+            ]
+        );
     }
 
     #[test]
