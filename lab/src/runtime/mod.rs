@@ -1005,7 +1005,7 @@ pub fn test(dir: &Path, save: bool) -> Result<Vec<TestResult>, String> {
 /// out. What a device prints is a hostile guest's to choose: only names
 /// and addresses that look like names and addresses go on, nothing a
 /// terminal or a graph would interpret.
-fn parse_addresses(text: &str) -> Vec<(String, String)> {
+pub fn parse_addresses(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for line in text.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
