@@ -75,6 +75,11 @@ pub fn prepare(exe: &Path) -> Result<InitRoot> {
     let _ = fs::remove_dir_all(&tmp);
     let built = build_tree(exe, &tmp).and_then(|()| build_disk(&tmp, &root.disk));
     let _ = fs::remove_dir_all(&tmp);
+    // Another build of the same disk (a lab's devices start side by side)
+    // may have put it in place first: the same bytes, so that is success.
+    if built.is_err() && root.disk.is_file() {
+        return Ok(root);
+    }
     built?;
     // Which binary the disk belongs to, so that older disks of the same
     // binary path can go.
