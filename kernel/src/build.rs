@@ -575,6 +575,39 @@ fn kconfig_symbols(tree: &Path) -> std::collections::HashSet<String> {
     out
 }
 
+/// The CPUs an SMP build of umlctl's supports (`run --cpus` allows up to
+/// [`crate::cmdline::MAX_CPUS`]; 8 covers the hosts UML runs on without
+/// making every per-CPU structure 64 wide).
+pub const SMP_CPUS: u32 = 8;
+
+/// UML gained SMP in 6.19 (`config SMP` in arch/um/Kconfig): umlctl's
+/// options turn it on where the source has it, unless the user's fragments
+/// or `--set`s say otherwise, so that `--cpus` works on what `kernel build`
+/// makes.
+fn with_smp(mut wants: Vec<Want>, tree: &Path) -> Vec<Want> {
+    let kconfig = fs::read_to_string(tree.join("arch/um/Kconfig")).unwrap_or_default();
+    let has_smp = kconfig.lines().any(|l| l.trim() == "config SMP");
+    if !has_smp {
+        return wants;
+    }
+    let origin = "umlctl.config (this kernel's UML has SMP)".to_string();
+    if !wants.iter().any(|w| w.option == "CONFIG_SMP") {
+        wants.push(Want {
+            option: "CONFIG_SMP".into(),
+            value: "y".into(),
+            origin: origin.clone(),
+        });
+        if !wants.iter().any(|w| w.option == "CONFIG_NR_CPUS") {
+            wants.push(Want {
+                option: "CONFIG_NR_CPUS".into(),
+                value: SMP_CPUS.to_string(),
+                origin,
+            });
+        }
+    }
+    wants
+}
+
 /// Build (or reuse) a kernel and install it into the cache.
 pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
     if let Some(n) = &spec.name {
@@ -584,9 +617,14 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
         return Err(Error::Usage("--jobs must be at least 1".into()));
     }
     let wants = wants(spec)?;
-    let key = config_key(spec.base, &wants);
     obs.phase("checking the source");
     let source = resolve_source(&spec.source, obs)?;
+    let wants = if spec.base == Base::Umlctl {
+        with_smp(wants, &source.tree)
+    } else {
+        wants
+    };
+    let key = config_key(spec.base, &wants);
 
     // One build directory per (source, configuration).
     let mut h = Sha256::new();
@@ -882,6 +920,34 @@ mod tests {
         let f3 = fingerprint_dir(d.path()).unwrap();
         fs::create_dir(d.path().join(".git")).unwrap();
         assert_eq!(f3, fingerprint_dir(d.path()).unwrap());
+    }
+
+    #[test]
+    fn smp_is_asked_for_where_umls_kconfig_has_it_and_the_user_did_not_say() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("arch/um")).unwrap();
+        let base = || parse_fragment("CONFIG_HOSTFS=y\n", "umlctl.config").unwrap();
+        // 6.12: no SMP for UML.
+        std::fs::write(d.path().join("arch/um/Kconfig"), "config UML\n\tbool\n").unwrap();
+        assert_eq!(with_smp(base(), d.path()).len(), 1);
+        // 7.x: SMP, with CPUs.
+        std::fs::write(
+            d.path().join("arch/um/Kconfig"),
+            "config UML\n\tbool\nconfig SMP\n\tbool \"SMP\"\n",
+        )
+        .unwrap();
+        let w = with_smp(base(), d.path());
+        let opts: Vec<(&str, &str)> = w.iter().map(|w| (w.option.as_str(), w.value.as_str())).collect();
+        assert_eq!(
+            opts,
+            [("CONFIG_HOSTFS", "y"), ("CONFIG_SMP", "y"), ("CONFIG_NR_CPUS", "8")]
+        );
+        // The user's word wins.
+        let mut mine = base();
+        mine.extend(parse_fragment("# CONFIG_SMP is not set\n", "mine").unwrap());
+        let w = with_smp(mine, d.path());
+        assert_eq!(w.iter().filter(|w| w.option.contains("SMP")).count(), 1);
+        assert!(!w.iter().any(|w| w.option == "CONFIG_NR_CPUS"));
     }
 
     #[test]
