@@ -346,6 +346,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
             mac: mac.clone(),
         });
     }
+    crate::run::check_fd_nics(&prep.located.info, &network.nics)?;
     if !spec.ifnames.is_empty() && spec.ifnames.len() != network.nics.len() {
         return Err(Error::Usage(format!(
             "{} interface names for {} interfaces",
