@@ -67,7 +67,7 @@ enum Cmd {
     /// Create, inspect, merge and rebase UML copy-on-write overlays.
     #[command(subcommand)]
     Cow(cow_cmd::CowCmd),
-    /// Kathará/Netkit network labs: check a lab directory, show its plan, draw its topology.
+    /// Kathará/Netkit network labs, rootless, one UML kernel per device: start, stop, restart, exec, console, test; check a lab directory, show its plan, draw its topology.
     #[command(subcommand)]
     Lab(lab_cmd::LabCmd),
     /// The privileged network helper daemon (run as root): taps on host bridges under a policy.
