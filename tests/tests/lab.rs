@@ -801,3 +801,52 @@ fn two_labs_with_the_same_device_names_run_side_by_side_and_apart() {
     assert_eq!(ping(&dirs[1], "10.5.0.3"), Some(0));
     assert_ok(&env.lab("stop", &dirs[1], &["--timeout", "2"]), "lab stop");
 }
+
+#[test]
+fn an_interrupted_lab_start_leaves_nothing_running() {
+    let env = LabEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let dir = work.path().join("slow");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("lab.conf"), "s[0]=\"A\"\nt[0]=\"A\"\n").unwrap();
+    fs::write(dir.join("s.startup"), "sleep 120\n").unwrap();
+    let k = kernel();
+    let mut child = Command::new(umlctl_bin())
+        .args(["lab", "start", "-d"])
+        .arg(&dir)
+        .arg("--image")
+        .arg(&img)
+        .arg("--kernel")
+        .arg(&k)
+        .env("UMLCTL_UML_DIR", env.uml_dir())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both devices run (s is then in its long startup).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&env.ok(&["ps", "--json"])).unwrap();
+        if v.as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the devices did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let t0 = std::time::Instant::now();
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(st.code(), Some(125), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60), "took {:?}", t0.elapsed());
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["ps", "--all", "--json"])).unwrap();
+    assert!(v.as_array().unwrap().is_empty(), "{v}");
+    let labs: Vec<_> = fs::read_dir(env.uml_dir().join("labs")).unwrap().flatten().collect();
+    assert!(labs.is_empty(), "{labs:?}");
+    assert!(processes_mentioning(dir.to_str().unwrap()).is_empty());
+}

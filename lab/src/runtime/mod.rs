@@ -368,7 +368,9 @@ fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<std:
     loop {
         match child.try_wait() {
             Ok(Some(st)) => return Some(st),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) if Instant::now() < deadline && !interrupted() => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -454,6 +456,7 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         jail_uid: o.jail.uid,
     };
     let mut guard = StartGuard(Some(state.clone()));
+    catch_interrupts();
     for (i, dom) in lab.domains.iter().enumerate() {
         let b = format!("cd{i}");
         segment::bridge(&b).map_err(|e| format!("collision domain {}: {e}", dom.name))?;
@@ -551,6 +554,7 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         if let Some(e) = boot_err {
             return Err(e);
         }
+        check_interrupted()?;
         // Then their startup scripts, side by side, output to their logs.
         let mut running = Vec::new();
         for name in wave {
@@ -588,6 +592,7 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             }
         }
         save_state(&state)?;
+        check_interrupted()?;
     }
     guard.0 = None;
     Ok(Started {
@@ -748,6 +753,37 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
             tail: tail_of(&log, 10),
         }),
     })
+}
+
+/// Set when `lab start` is asked to stop (Ctrl-C, SIGTERM, SIGHUP).
+static INTERRUPTED: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+fn interrupted() -> bool {
+    INTERRUPTED
+        .get()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// From now on, Ctrl-C, SIGTERM and SIGHUP make `start` stop what it
+/// started (at its next step) instead of leaving half a lab running.
+fn catch_interrupts() {
+    let flag = INTERRUPTED.get_or_init(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        let _ = signal_hook::flag::register(sig, Arc::clone(flag));
+    }
+}
+
+fn check_interrupted() -> Result<(), String> {
+    if interrupted() {
+        Err("interrupted: the devices started so far were stopped again".into())
+    } else {
+        Ok(())
+    }
 }
 
 /// Stops what a failed `start` started.
