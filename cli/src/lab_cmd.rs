@@ -50,10 +50,12 @@ pub struct RestartArgs {
 
 /// `lab test`
 #[derive(Args)]
-#[command(after_help = "Signatures live in DIR/_test/signature/DEVICE: save them from a reference run of \
+#[command(
+    after_help = "Signatures live in DIR/_test/signature/DEVICE: save them from a reference run of \
 the lab with --save, then any run of it (a student's, a CI job's) is compared line by line. Exit \
 status: 0 every device matches (or --save wrote them all), 1 some device differs or has no signature, \
-125 the lab is not running or a test could not run.")]
+125 the lab is not running or a test could not run."
+)]
 pub struct TestArgs {
     #[command(flatten)]
     lab: LabDir,
@@ -64,12 +66,14 @@ pub struct TestArgs {
 
 /// `lab start`
 #[derive(Args)]
-#[command(after_help = "Rootless: the lab's bridges and taps live in a user and network namespace of its own \
+#[command(
+    after_help = "Rootless: the lab's bridges and taps live in a user and network namespace of its own \
 (/dev/net/tun must be 0666, as on stock Debian, Ubuntu and Fedora). Exit status: 0 all startup \
 scripts succeeded, 1 some failed (named, with the tail of their output; the lab keeps running), \
 125 the lab could not be started (nothing is left running).\n\n\
 Example:\n  umlctl lab start -d ospf-lab --image debian-frr.ext4\n  \
-umlctl lab start --image base.ext4 --image-for kathara/frr=frr.ext4")]
+umlctl lab start --image base.ext4 --image-for kathara/frr=frr.ext4"
+)]
 pub struct StartArgs {
     #[command(flatten)]
     lab: LabDir,
@@ -401,9 +405,8 @@ fn start_options(a: &StartArgs, lab: &mut Lab) -> Result<runtime::StartOptions, 
         o.image_for.insert(name.to_string(), PathBuf::from(file));
     }
     if let Some(m) = &a.mem {
-        o.mem_bytes = Some(
-            umlctl_kernel::cmdline::parse_size(m).map_err(|e| format!("--mem {m:?}: {e}"))?,
-        );
+        o.mem_bytes =
+            Some(umlctl_kernel::cmdline::parse_size(m).map_err(|e| format!("--mem {m:?}: {e}"))?);
     }
     for kv in &a.options {
         let (k, v) = kv
@@ -516,11 +519,12 @@ fn stop(a: &StopArgs) -> Result<(), String> {
 }
 
 fn ps(a: &PsArgs) -> Result<(), String> {
-    let s = runtime::load_state(&a.lab.dir)?.ok_or_else(|| {
-        format!("no lab was started in {}", a.lab.dir.display())
-    })?;
-    let rows: Vec<(&runtime::DeviceState, Option<umlctl_kernel::instance::Guest>)> =
-        s.devices.iter().map(|d| (d, runtime::guest(d))).collect();
+    let s = runtime::load_state(&a.lab.dir)?
+        .ok_or_else(|| format!("no lab was started in {}", a.lab.dir.display()))?;
+    let rows: Vec<(
+        &runtime::DeviceState,
+        Option<umlctl_kernel::instance::Guest>,
+    )> = s.devices.iter().map(|d| (d, runtime::guest(d))).collect();
     let addrs = runtime::addresses(&s);
     let addr = |d: &str, i: &str| addrs.get(&(d.to_string(), i.to_string())).cloned();
     if a.json {
@@ -538,11 +542,17 @@ fn ps(a: &PsArgs) -> Result<(), String> {
             })
             .collect();
         let doc = serde_json::json!({"lab": s.dir, "id": s.id, "devices": v});
-        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        );
         return Ok(());
     }
     println!("lab {} ({})", s.dir.display(), s.id);
-    println!("{:<16} {:<8} {:>8} {:<8} INTERFACES", "DEVICE", "STATE", "PID", "STARTUP");
+    println!(
+        "{:<16} {:<8} {:>8} {:<8} INTERFACES",
+        "DEVICE", "STATE", "PID", "STARTUP"
+    );
     for (d, g) in &rows {
         let state = g.as_ref().map(|g| g.state());
         let ifs: Vec<String> = d
@@ -558,11 +568,15 @@ fn ps(a: &PsArgs) -> Result<(), String> {
             d.name,
             state.map_or("missing".into(), |s| s.to_string()),
             match (g, state) {
-                (Some(g), Some(umlctl_kernel::instance::State::Running)) => g.record.pid.to_string(),
+                (Some(g), Some(umlctl_kernel::instance::State::Running)) =>
+                    g.record.pid.to_string(),
                 _ => "-".into(),
             },
-            d.startup_status
-                .map_or("-".into(), |c| if c == 0 { "ok".into() } else { format!("exit {c}") }),
+            d.startup_status.map_or("-".into(), |c| if c == 0 {
+                "ok".into()
+            } else {
+                format!("exit {c}")
+            }),
             ifs.join(" ")
         );
     }

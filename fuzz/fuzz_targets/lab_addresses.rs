@@ -17,6 +17,8 @@ fuzz_target!(|data: &[u8]| {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
         assert!(!addr.is_empty() && addr.len() <= 18);
-        assert!(addr.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'/'));
+        assert!(addr
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/'));
     }
 });

@@ -937,10 +937,17 @@ mod tests {
         )
         .unwrap();
         let w = with_smp(base(), d.path());
-        let opts: Vec<(&str, &str)> = w.iter().map(|w| (w.option.as_str(), w.value.as_str())).collect();
+        let opts: Vec<(&str, &str)> = w
+            .iter()
+            .map(|w| (w.option.as_str(), w.value.as_str()))
+            .collect();
         assert_eq!(
             opts,
-            [("CONFIG_HOSTFS", "y"), ("CONFIG_SMP", "y"), ("CONFIG_NR_CPUS", "8")]
+            [
+                ("CONFIG_HOSTFS", "y"),
+                ("CONFIG_SMP", "y"),
+                ("CONFIG_NR_CPUS", "8")
+            ]
         );
         // The user's word wins.
         let mut mine = base();

@@ -338,8 +338,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     let keepalive = network.client.take().map(|c| c.into_fd());
     let mut extra: Vec<std::sync::Arc<std::os::fd::OwnedFd>> = Vec::new();
     for (fd, mac) in &spec.taps {
-        let n = crate::run::FIRST_TAP_FD
-            + crate::num::small_i32(network.fds.len() + extra.len());
+        let n = crate::run::FIRST_TAP_FD + crate::num::small_i32(network.fds.len() + extra.len());
         extra.push(std::sync::Arc::clone(fd));
         network.nics.push(crate::cmdline::Nic {
             transport: crate::cmdline::NicTransport::Fd { fd: n },
@@ -640,7 +639,8 @@ fn check_hostname(h: &str) -> Result<()> {
 fn check_ifname(n: &str) -> Result<()> {
     let ok = !n.is_empty()
         && n.len() <= 15
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -663,10 +663,7 @@ fn check_init(p: &Path) -> Result<String> {
     })
 }
 
-fn net_env(
-    net: &crate::run::Network,
-    fixed: &[crate::protocol::NicSpec],
-) -> Vec<(String, String)> {
+fn net_env(net: &crate::run::Network, fixed: &[crate::protocol::NicSpec]) -> Vec<(String, String)> {
     let mut env = Vec::new();
     let leased = net
         .specs

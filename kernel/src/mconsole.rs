@@ -181,10 +181,7 @@ impl Client {
                     // sending to a socket file needs write permission. The
                     // instance directory keeps everyone else out.
                     use std::os::unix::fs::PermissionsExt;
-                    let _ = std::fs::set_permissions(
-                        &file,
-                        std::fs::Permissions::from_mode(0o666),
-                    );
+                    let _ = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666));
                     return Ok(Client {
                         path: path.to_path_buf(),
                         sock,

@@ -81,7 +81,10 @@ pub fn check_slirp() -> Check {
         .map(|p| std::env::split_paths(&p).any(|d| d.join("slirp4netns").is_file()))
         .unwrap_or(false);
     if found {
-        ok(NAME, "found (a lab's bridged devices reach the outside through it)")
+        ok(
+            NAME,
+            "found (a lab's bridged devices reach the outside through it)",
+        )
     } else {
         bad(
             NAME,

@@ -471,7 +471,12 @@ fn exec_runs_commands_in_a_running_guest() {
     // What a finished command leaves running in the background stays (as
     // after `docker exec`: a script that starts a daemon), also after later
     // execs on the same slots.
-    let o = exec(&["--", "sh", "-c", "sleep 300 > /dev/null 2>&1 & echo $! > /bg; exit 0"]);
+    let o = exec(&[
+        "--",
+        "sh",
+        "-c",
+        "sleep 300 > /dev/null 2>&1 & echo $! > /bg; exit 0",
+    ]);
     assert_eq!(o.status.code(), Some(0));
     for _ in 0..5 {
         assert_eq!(exec(&["--", "true"]).status.code(), Some(0));

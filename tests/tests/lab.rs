@@ -201,7 +201,12 @@ impl Drop for LabEnv {
             serde_json::from_slice::<serde_json::Value>(&self.umlctl(&["ps", "--json"]).stdout)
         {
             for g in v.as_array().into_iter().flatten() {
-                let _ = self.umlctl(&["stop", "--force", "--rm", g["name"].as_str().unwrap_or_default()]);
+                let _ = self.umlctl(&[
+                    "stop",
+                    "--force",
+                    "--rm",
+                    g["name"].as_str().unwrap_or_default(),
+                ]);
             }
         }
     }
@@ -218,7 +223,10 @@ fn busybox_lab_image(dir: &Path) -> std::path::PathBuf {
     }
     fs::copy("/bin/busybox", root.join("bin/busybox"))
         .expect("/bin/busybox: apt-get install busybox-static");
-    let list = Command::new("/bin/busybox").arg("--list-full").output().unwrap();
+    let list = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet.ends_with("/busybox") || applet.is_empty() {
             continue;
@@ -313,15 +321,28 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     let out = env.lab(
         "start",
         &dir,
-        &["--image", img.to_str().unwrap(), "--kernel", k.to_str().unwrap()],
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     // d's startup fails: exit 1, d named with its output; the lab runs on.
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("device d") && err.contains("broken-startup") && err.contains("status 3"), "{err}");
-    assert_eq!(host_links(), links_before, "the host's interfaces are not touched");
+    assert!(
+        err.contains("device d") && err.contains("broken-startup") && err.contains("status 3"),
+        "{err}"
+    );
+    assert_eq!(
+        host_links(),
+        links_before,
+        "the host's interfaces are not touched"
+    );
 
-    let ps: serde_json::Value = serde_json::from_slice(&env.lab("ps", &dir, &["--json"]).stdout).unwrap();
+    let ps: serde_json::Value =
+        serde_json::from_slice(&env.lab("ps", &dir, &["--json"]).stdout).unwrap();
     let devs = ps["devices"].as_array().unwrap();
     assert_eq!(devs.len(), 4, "{ps}");
     for d in devs {
@@ -340,22 +361,72 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     assert_eq!(lines.len(), 3, "{order}");
     assert_eq!(lines[2], "c", "c starts after a and b: {order}");
     // Interfaces by lab.conf's names and MACs, on their segments.
-    let link = env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "c", "--", "ip", "-o", "link", "show", "eth0"]);
+    let link = env.ok(&[
+        "lab",
+        "exec",
+        "-d",
+        dir.to_str().unwrap(),
+        "c",
+        "--",
+        "ip",
+        "-o",
+        "link",
+        "show",
+        "eth0",
+    ]);
     assert!(link.contains("02:00:00:00:0c:00"), "{link}");
-    let ping = env.lab("exec", &dir, &["a", "--", "ping", "-c", "2", "-W", "5", "10.0.0.2"]);
+    let ping = env.lab(
+        "exec",
+        &dir,
+        &["a", "--", "ping", "-c", "2", "-W", "5", "10.0.0.2"],
+    );
     assert_ok(&ping, "a pings b on A");
-    let ping = env.lab("exec", &dir, &["c", "--", "ping", "-c", "1", "-W", "5", "10.0.1.1"]);
+    let ping = env.lab(
+        "exec",
+        &dir,
+        &["c", "--", "ping", "-c", "1", "-W", "5", "10.0.1.1"],
+    );
     assert_ok(&ping, "c pings b on B");
     // Segments are separate: a cannot reach B's addresses through b (no route).
-    let ping = env.lab("exec", &dir, &["c", "--", "ping", "-c", "1", "-W", "2", "10.0.0.1"]);
+    let ping = env.lab(
+        "exec",
+        &dir,
+        &["c", "--", "ping", "-c", "1", "-W", "2", "10.0.0.1"],
+    );
     assert_ne!(ping.status.code(), Some(0));
     // The device tree, shared.startup, sysctl and env.
-    let a = env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "a", "--", "cat", "/etc/motd", "/tmp/shared-ran", "/tmp/greeting", "/proc/sys/net/ipv4/tcp_syncookies", "/proc/sys/net/ipv4/ip_forward"]);
+    let a = env.ok(&[
+        "lab",
+        "exec",
+        "-d",
+        dir.to_str().unwrap(),
+        "a",
+        "--",
+        "cat",
+        "/etc/motd",
+        "/tmp/shared-ran",
+        "/tmp/greeting",
+        "/proc/sys/net/ipv4/tcp_syncookies",
+        "/proc/sys/net/ipv4/ip_forward",
+    ]);
     // ip_forward: Kathará's default for every device.
     assert_eq!(a, "a's own tree\nshared-ran\nhello\n0\n1\n");
     // shared/ is the lab's directory, read-write in every device.
-    env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "b", "--", "sh", "-c", "echo from-b > /shared/b-wrote"]);
-    assert_eq!(fs::read_to_string(dir.join("shared/b-wrote")).unwrap(), "from-b\n");
+    env.ok(&[
+        "lab",
+        "exec",
+        "-d",
+        dir.to_str().unwrap(),
+        "b",
+        "--",
+        "sh",
+        "-c",
+        "echo from-b > /shared/b-wrote",
+    ]);
+    assert_eq!(
+        fs::read_to_string(dir.join("shared/b-wrote")).unwrap(),
+        "from-b\n"
+    );
     // Devices show in `umlctl ps` under their lab.
     let all = env.ok(&["ps", "--json"]);
     assert!(all.contains("\"lab\""), "{all}");
@@ -368,26 +439,67 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     assert!(String::from_utf8_lossy(&t.stdout).contains("no signature"));
     assert_ok(&env.lab("test", &dir, &["--save"]), "lab test --save");
     let sig = fs::read_to_string(dir.join("_test/signature/c")).unwrap();
-    assert!(sig.contains("address eth0 10.0.1.2/24") && sig.contains("# c.test\nc\n"), "{sig}");
-    assert_ok(&env.lab("test", &dir, &[]), "lab test against its own signatures");
-    env.ok(&["lab", "exec", "-d", dir.to_str().unwrap(), "b", "--", "ip", "address", "del", "10.0.1.1/24", "dev", "eth1"]);
+    assert!(
+        sig.contains("address eth0 10.0.1.2/24") && sig.contains("# c.test\nc\n"),
+        "{sig}"
+    );
+    assert_ok(
+        &env.lab("test", &dir, &[]),
+        "lab test against its own signatures",
+    );
+    env.ok(&[
+        "lab",
+        "exec",
+        "-d",
+        dir.to_str().unwrap(),
+        "b",
+        "--",
+        "ip",
+        "address",
+        "del",
+        "10.0.1.1/24",
+        "dev",
+        "eth1",
+    ]);
     let t = env.lab("test", &dir, &[]);
     let text = String::from_utf8_lossy(&t.stdout);
     assert_eq!(t.status.code(), Some(1), "{text}");
-    assert!(text.contains("b: DIFFERS") && text.contains("  - address eth1 10.0.1.1/24") && text.contains("c: ok"), "{text}");
+    assert!(
+        text.contains("b: DIFFERS")
+            && text.contains("  - address eth1 10.0.1.1/24")
+            && text.contains("c: ok"),
+        "{text}"
+    );
 
     let state = lab_state(&env);
     let netns = state["netns"].as_u64().unwrap();
     assert!(netns_in_use().contains(&netns));
     let out = env.lab("stop", &dir, &[]);
     assert_ok(&out, "lab stop");
-    assert_eq!(fs::read_to_string(dir.join("shared/down")).unwrap(), "a-down\n", "shutdown scripts ran");
+    assert_eq!(
+        fs::read_to_string(dir.join("shared/down")).unwrap(),
+        "a-down\n",
+        "shutdown scripts ran"
+    );
     assert!(processes_mentioning(state["id"].as_str().unwrap()).is_empty());
-    assert!(!netns_in_use().contains(&netns), "the lab's namespace is gone");
+    assert!(
+        !netns_in_use().contains(&netns),
+        "the lab's namespace is gone"
+    );
     assert_eq!(host_links(), links_before);
-    let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
-    let labs_left: Vec<_> = fs::read_dir(env.uml_dir().join("labs")).unwrap().flatten().collect();
-    assert!(left.iter().all(|n| n == "labs") && labs_left.is_empty(), "{left:?} {labs_left:?}");
+    let left: Vec<_> = fs::read_dir(env.uml_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let labs_left: Vec<_> = fs::read_dir(env.uml_dir().join("labs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        left.iter().all(|n| n == "labs") && labs_left.is_empty(),
+        "{left:?} {labs_left:?}"
+    );
     // Stopping again says there is nothing to stop.
     let out = env.lab("stop", &dir, &[]);
     assert_ne!(out.status.code(), Some(0));
@@ -404,7 +516,16 @@ fn a_killed_lab_leaves_no_namespace_and_stop_clears_the_rest() {
     fs::write(dir.join("lab.conf"), "x[0]=\"A\"\ny[0]=\"A\"\n").unwrap();
     let k = kernel();
     assert_ok(
-        &env.lab("start", &dir, &["--image", img.to_str().unwrap(), "--kernel", k.to_str().unwrap()]),
+        &env.lab(
+            "start",
+            &dir,
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--kernel",
+                k.to_str().unwrap(),
+            ],
+        ),
         "lab start",
     );
     let state = lab_state(&env);
@@ -413,21 +534,40 @@ fn a_killed_lab_leaves_no_namespace_and_stop_clears_the_rest() {
     let ps: serde_json::Value = serde_json::from_str(&env.ok(&["ps", "--json"])).unwrap();
     for g in ps.as_array().unwrap() {
         let pid = g["pid"].as_i64().unwrap();
-        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while netns_in_use().contains(&netns) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(!netns_in_use().contains(&netns), "the namespace went with the devices");
+    assert!(
+        !netns_in_use().contains(&netns),
+        "the namespace went with the devices"
+    );
     assert!(processes_mentioning(state["id"].as_str().unwrap()).is_empty());
     // Starting again over the dead lab works and stop clears everything.
     assert_ok(
-        &env.lab("start", &dir, &["--image", img.to_str().unwrap(), "--kernel", k.to_str().unwrap()]),
+        &env.lab(
+            "start",
+            &dir,
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--kernel",
+                k.to_str().unwrap(),
+            ],
+        ),
         "lab start over a dead lab",
     );
     assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
-    let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = fs::read_dir(env.uml_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.iter().all(|n| n == "labs"), "{left:?}");
 }
 
@@ -436,17 +576,34 @@ fn lab_start_refuses_a_broken_lab_or_a_missing_image_by_name() {
     let env = LabEnv::new();
     let work = scratch();
     let dir = work.path();
-    fs::write(dir.join("lab.conf"), "r1[0]=\"A\"\nr1[image]=\"kathara/frr\"\nr2[0]=A\"\n").unwrap();
+    fs::write(
+        dir.join("lab.conf"),
+        "r1[0]=\"A\"\nr1[image]=\"kathara/frr\"\nr2[0]=A\"\n",
+    )
+    .unwrap();
     let out = env.lab("start", dir, &["--image", "/nonexistent.ext4"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125));
     assert!(err.contains("lab.conf line 3"), "{err}");
-    fs::write(dir.join("lab.conf"), "r1[0]=\"A\"\nr1[image]=\"kathara/frr\"\n").unwrap();
+    fs::write(
+        dir.join("lab.conf"),
+        "r1[0]=\"A\"\nr1[image]=\"kathara/frr\"\n",
+    )
+    .unwrap();
     let out = env.lab("start", dir, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125));
-    assert!(err.contains("kathara/frr") && err.contains("--image-for"), "{err}");
-    assert!(!env.uml_dir().join("labs").exists() || fs::read_dir(env.uml_dir().join("labs")).unwrap().next().is_none());
+    assert!(
+        err.contains("kathara/frr") && err.contains("--image-for"),
+        "{err}"
+    );
+    assert!(
+        !env.uml_dir().join("labs").exists()
+            || fs::read_dir(env.uml_dir().join("labs"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 #[test]
@@ -459,10 +616,18 @@ fn an_unprivileged_user_runs_a_whole_lab() {
     fs::create_dir_all(&dir).unwrap();
     busybox_lab(&dir);
     fs::remove_file(dir.join("d.startup")).unwrap();
-    fs::write(dir.join("lab.conf"), "a[0]=\"A\"\nb[0]=\"A\"\nb[1]=\"B\"\nc[0]=\"B\"\n").unwrap();
+    fs::write(
+        dir.join("lab.conf"),
+        "a[0]=\"A\"\nb[0]=\"A\"\nb[1]=\"B\"\nc[0]=\"B\"\n",
+    )
+    .unwrap();
     let home = work.join("home");
     fs::create_dir_all(&home).unwrap();
-    Command::new("chmod").args(["-R", "a+rwX"]).arg(work).status().unwrap();
+    Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(work)
+        .status()
+        .unwrap();
     fs::set_permissions(&img, fs::Permissions::from_mode(0o644)).unwrap();
     let script = format!(
         "set -e\nexport HOME={home}\ncd {dir}\n\
@@ -482,14 +647,25 @@ fn an_unprivileged_user_runs_a_whole_lab() {
         kern = kern.display()
     );
     let out = with_private_mounts(&tun_node(0o666))
-        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", &script])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &script,
+        ])
         .output()
         .unwrap();
     let text = assert_ok(&out, "the lab as uid 65534");
     assert!(text.contains("1 packets received"), "{text}");
     assert!(text.contains("\n0\n"), "root in the guest: {text}");
     assert!(text.contains("b: restarted"), "{text}");
-    assert!(!text.contains("before-restart"), "a restarted device is fresh: {text}");
+    assert!(
+        !text.contains("before-restart"),
+        "a restarted device is fresh: {text}"
+    );
     assert!(text.contains("after restart: 1 packets received"), "{text}");
     // c after a and b; then b again, restarted.
     let order = fs::read_to_string(dir.join("shared/order")).unwrap();
@@ -591,7 +767,11 @@ fn an_ospf_lab_of_frr_routers_converges_and_routes_end_to_end() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     for (r, nets) in want {
         loop {
-            let routes = env.lab("exec", &dir, &[r, "--", "vtysh", "-c", "show ip route ospf"]);
+            let routes = env.lab(
+                "exec",
+                &dir,
+                &[r, "--", "vtysh", "-c", "show ip route ospf"],
+            );
             let text = String::from_utf8_lossy(&routes.stdout).to_string();
             let learned = nets
                 .iter()
@@ -608,17 +788,26 @@ fn an_ospf_lab_of_frr_routers_converges_and_routes_end_to_end() {
         }
     }
     // A host on one edge reaches the host on the other, three routers away.
-    let ping = env.umlctl(&["lab", "exec", "-d", d, "pc1", "--", "ping", "-c", "3", "-W", "5", "10.0.4.2"]);
+    let ping = env.umlctl(&[
+        "lab", "exec", "-d", d, "pc1", "--", "ping", "-c", "3", "-W", "5", "10.0.4.2",
+    ]);
     let text = assert_ok(&ping, "pc1 pings pc2");
     assert!(text.contains("3 received"), "{text}");
     assert_ok(&env.lab("stop", &dir, &[]), "lab stop");
-    let left: Vec<_> = fs::read_dir(env.uml_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = fs::read_dir(env.uml_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.iter().all(|n| n == "labs"), "{left:?}");
 }
 
 /// Live slirp4netns processes (not zombies).
 fn slirps() -> usize {
-    let out = Command::new("ps").args(["-eo", "stat=,comm="]).output().unwrap();
+    let out = Command::new("ps")
+        .args(["-eo", "stat=,comm="])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("slirp4netns") && !l.trim_start().starts_with('Z'))
@@ -641,7 +830,10 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
         fn drop(&mut self) {
             let _ = Command::new("sh")
                 .arg("-c")
-                .arg(format!("ip netns pids {0} | xargs -r kill -9; ip netns del {0}", self.0))
+                .arg(format!(
+                    "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
+                    self.0
+                ))
                 .status();
         }
     }
@@ -655,7 +847,17 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
     let mut servers = Vec::new();
     for addr in ["192.0.2.1", "127.0.0.1"] {
         let s = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3", "-m", "http.server", "-b", addr, "-d"])
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                "-m",
+                "http.server",
+                "-b",
+                addr,
+                "-d",
+            ])
             .arg(&www)
             .arg("8080")
             .stdout(std::process::Stdio::null())
@@ -692,15 +894,38 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
         .output()
         .unwrap();
     assert_ok(&out, "lab start with a bridged device");
-    assert_eq!(slirps(), before + 1, "one slirp4netns for the one bridged device");
-    let ps: serde_json::Value = serde_json::from_slice(&env.lab("ps", &dir, &["--json"]).stdout).unwrap();
-    let h = ps["devices"].as_array().unwrap().iter().find(|d| d["device"] == "h").unwrap().clone();
+    assert_eq!(
+        slirps(),
+        before + 1,
+        "one slirp4netns for the one bridged device"
+    );
+    let ps: serde_json::Value =
+        serde_json::from_slice(&env.lab("ps", &dir, &["--json"]).stdout).unwrap();
+    let h = ps["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "h")
+        .unwrap()
+        .clone();
     assert_eq!(h["interfaces"][1]["name"], "eth1", "{ps}");
     // Polled: the web server may still be starting.
     let mut page = String::new();
     let mut why = String::new();
     for _ in 0..50 {
-        let o = env.lab("exec", &dir, &["h", "--", "timeout", "10", "wget", "-qO-", "http://192.0.2.1:8080/page.txt"]);
+        let o = env.lab(
+            "exec",
+            &dir,
+            &[
+                "h",
+                "--",
+                "timeout",
+                "10",
+                "wget",
+                "-qO-",
+                "http://192.0.2.1:8080/page.txt",
+            ],
+        );
         page = String::from_utf8_lossy(&o.stdout).to_string();
         why = String::from_utf8_lossy(&o.stderr).to_string();
         if page.contains("hello from outside") {
@@ -731,10 +956,39 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
     }
     assert_eq!(got, "served by h\n");
     // The host's loopback (slirp's 10.0.2.2) is out of reach.
-    let o = env.lab("exec", &dir, &["h", "--", "timeout", "5", "wget", "-qO-", "http://10.0.2.2:8080/page.txt"]);
-    assert_ne!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = env.lab(
+        "exec",
+        &dir,
+        &[
+            "h",
+            "--",
+            "timeout",
+            "5",
+            "wget",
+            "-qO-",
+            "http://10.0.2.2:8080/page.txt",
+        ],
+    );
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // A device without `bridged` has no way out.
-    let o = env.lab("exec", &dir, &["z", "--", "timeout", "5", "wget", "-qO-", "http://192.0.2.1:8080/page.txt"]);
+    let o = env.lab(
+        "exec",
+        &dir,
+        &[
+            "z",
+            "--",
+            "timeout",
+            "5",
+            "wget",
+            "-qO-",
+            "http://192.0.2.1:8080/page.txt",
+        ],
+    );
     assert_ne!(o.status.code(), Some(0));
     assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -761,8 +1015,16 @@ fn two_labs_with_the_same_device_names_run_side_by_side_and_apart() {
         let dir = work.path().join(format!("lab{n}"));
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("lab.conf"), "p[0]=\"A\"\nq[0]=\"A\"\n").unwrap();
-        fs::write(dir.join("p.startup"), "ip address add 10.5.0.1/24 dev eth0\n").unwrap();
-        fs::write(dir.join("q.startup"), format!("ip address add 10.5.0.{last}/24 dev eth0\n")).unwrap();
+        fs::write(
+            dir.join("p.startup"),
+            "ip address add 10.5.0.1/24 dev eth0\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.join("q.startup"),
+            format!("ip address add 10.5.0.{last}/24 dev eth0\n"),
+        )
+        .unwrap();
         dirs.push(dir);
     }
     let starts: Vec<_> = dirs
@@ -832,21 +1094,34 @@ fn an_interrupted_lab_start_leaves_nothing_running() {
         if v.as_array().unwrap().len() == 2 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the devices did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the devices did not start"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     std::thread::sleep(std::time::Duration::from_secs(1));
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     let t0 = std::time::Instant::now();
     let st = child.wait().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(st.code(), Some(125), "{err}");
     assert!(err.contains("interrupted"), "{err}");
-    assert!(t0.elapsed() < std::time::Duration::from_secs(60), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
     let v: serde_json::Value = serde_json::from_str(&env.ok(&["ps", "--all", "--json"])).unwrap();
     assert!(v.as_array().unwrap().is_empty(), "{v}");
-    let labs: Vec<_> = fs::read_dir(env.uml_dir().join("labs")).unwrap().flatten().collect();
+    let labs: Vec<_> = fs::read_dir(env.uml_dir().join("labs"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert!(labs.is_empty(), "{labs:?}");
     assert!(processes_mentioning(dir.to_str().unwrap()).is_empty());
 }

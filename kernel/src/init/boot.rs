@@ -60,7 +60,7 @@ pub(super) fn main(device: &str) -> ! {
                 super::lab::IFNAMES_ENV,
             ]
             .iter()
-                .any(|o| k == *o)
+            .any(|o| k == *o)
         })
         .filter_map(|(k, v)| {
             let mut kv = k.as_bytes().to_vec();

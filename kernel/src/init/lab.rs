@@ -35,8 +35,14 @@ pub(super) fn prepare(lookup: &dyn Fn(&str) -> Option<String>) -> Result<(), Str
         apply_layer(&dev)?;
     }
     if let Some(at) = lookup(SHARED_ENV).filter(|d| !d.is_empty()) {
-        super::mount_fs("none", &at, "hostfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)
-            .map_err(|e| format!("{e} (the lab's shared/ directory)"))?;
+        super::mount_fs(
+            "none",
+            &at,
+            "hostfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None,
+        )
+        .map_err(|e| format!("{e} (the lab's shared/ directory)"))?;
     }
     if let Some(names) = lookup(IFNAMES_ENV).filter(|d| !d.is_empty()) {
         for (i, name) in names.split(',').enumerate() {

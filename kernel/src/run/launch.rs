@@ -22,7 +22,10 @@ pub struct Network {
 /// dereference (a kernel panic as the interface comes up) on an SMP one
 /// (seen on 7.2.13; the code is the same in 6.12). Refuse that pairing
 /// with the way out instead of booting into the panic.
-pub fn check_fd_nics(info: &crate::inspect::KernelInfo, nics: &[crate::cmdline::Nic]) -> Result<()> {
+pub fn check_fd_nics(
+    info: &crate::inspect::KernelInfo,
+    nics: &[crate::cmdline::Nic],
+) -> Result<()> {
     let fd_nics = nics
         .iter()
         .any(|n| matches!(n.transport, crate::cmdline::NicTransport::Fd { .. }));

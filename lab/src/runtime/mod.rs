@@ -118,9 +118,12 @@ pub fn load_state(dir: &Path) -> Result<Option<LabState>, String> {
     let dir = canonical(dir)?;
     let p = state_dir(&lab_id(&dir))?.join("lab.json");
     match fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| format!("{}: {e} (remove it with `umlctl lab stop --force`)", p.display())),
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            format!(
+                "{}: {e} (remove it with `umlctl lab stop --force`)",
+                p.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("read {}: {e}", p.display())),
     }
@@ -317,8 +320,14 @@ fn build_layer(lab: &Lab, d: &crate::Device, state: &Path) -> Result<PathBuf, St
     };
     copy(lab.dir.join("shared.startup"), "shared.startup")?;
     copy(lab.dir.join("shared.shutdown"), "shared.shutdown")?;
-    copy(lab.dir.join(format!("{}.startup", d.name)), "device.startup")?;
-    copy(lab.dir.join(format!("{}.shutdown", d.name)), "device.shutdown")?;
+    copy(
+        lab.dir.join(format!("{}.startup", d.name)),
+        "device.startup",
+    )?;
+    copy(
+        lab.dir.join(format!("{}.shutdown", d.name)),
+        "device.shutdown",
+    )?;
     for what in ["startup", "shutdown"] {
         let p = scripts.join(format!("run-{what}"));
         fs::write(&p, runner(d, what)).map_err(|e| format!("write {}: {e}", p.display()))?;
@@ -364,7 +373,10 @@ fn spawn_script(guest: &str, script: &str, log: &Path) -> Result<std::process::C
 }
 
 /// Wait for `child` until `deadline`; kill it after.
-fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Option<std::process::ExitStatus> {
     loop {
         match child.try_wait() {
             Ok(Some(st)) => return Some(st),
@@ -423,8 +435,7 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
     }
     let state_path = state_dir(&id)?;
     let _ = fs::remove_dir_all(&state_path);
-    fs::create_dir_all(&state_path)
-        .map_err(|e| format!("create {}: {e}", state_path.display()))?;
+    fs::create_dir_all(&state_path).map_err(|e| format!("create {}: {e}", state_path.display()))?;
 
     // bridged devices: their user-mode network stacks start in the host's
     // network namespace, aimed at the lab's while it is being made.
@@ -483,13 +494,15 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             // with slirp4netns's tap.
             let b = format!("xb{di}");
             segment::bridge(&b).map_err(|e| format!("device {} (bridged): {e}", d.name))?;
-            segment::attach(&u.tap, &b)
-                .map_err(|e| format!("device {} (bridged): {e}", d.name))?;
+            segment::attach(&u.tap, &b).map_err(|e| format!("device {} (bridged): {e}", d.name))?;
             let k = d.interfaces.len();
             let fd = segment::tap(&format!("t{di}.{k}"), &b)
                 .map_err(|e| format!("device {} (bridged): {e}", d.name))?;
             let index = u32::try_from(k).unwrap_or(u32::MAX);
-            let mac = crate::plan::mac_text(crate::plan::stable_mac(&format!("{}/bridged", d.name), index));
+            let mac = crate::plan::mac_text(crate::plan::stable_mac(
+                &format!("{}/bridged", d.name),
+                index,
+            ));
             v.push((Arc::new(fd), mac.clone()));
             ifs.push((format!("eth{k}"), "(bridged)".into(), mac));
         }
@@ -537,7 +550,10 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
                 });
                 spec.keep.push(u.keep);
             }
-            boots.push((name.clone(), std::thread::spawn(move || detached::start(&spec))));
+            boots.push((
+                name.clone(),
+                std::thread::spawn(move || detached::start(&spec)),
+            ));
         }
         let mut boot_err = None;
         for (name, h) in boots {
@@ -640,7 +656,11 @@ fn device_spec(
     spec.taps = taps;
     spec.ifnames = d.interfaces.iter().map(|i| i.name.clone()).collect();
     spec.layer = Some(layer);
-    spec.shared = lab.shared.then(|| canonical(&lab.dir)).transpose()?.map(|d| d.join("shared"));
+    spec.shared = lab
+        .shared
+        .then(|| canonical(&lab.dir))
+        .transpose()?
+        .map(|d| d.join("shared"));
     spec.lab = Some(canonical(&lab.dir)?.display().to_string());
     // A device gets no disks to build RAID6 arrays on: its kernel need not
     // time RAID6 at boot (most of a second on Debian's linux.uml).
@@ -673,7 +693,9 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         .devices
         .iter()
         .find(|d| d.name == device)
-        .ok_or_else(|| format!("lab.conf no longer has device {device:?}: restart the whole lab"))?;
+        .ok_or_else(|| {
+            format!("lab.conf no longer has device {device:?}: restart the whole lab")
+        })?;
     let now_ifs: Vec<(String, String)> = d
         .interfaces
         .iter()
@@ -685,7 +707,12 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         .filter(|(_, dom, _)| dom != "(bridged)")
         .map(|(n, dom, _)| (n.clone(), dom.clone()))
         .collect();
-    if needs_uplink(d) || s.devices[di].interfaces.iter().any(|(_, dom, _)| dom == "(bridged)") {
+    if needs_uplink(d)
+        || s.devices[di]
+            .interfaces
+            .iter()
+            .any(|(_, dom, _)| dom == "(bridged)")
+    {
         return Err(format!(
             "{device} is bridged (or publishes ports): its way out starts with the lab; restart the whole lab (lab stop, lab start)"
         ));
@@ -814,7 +841,9 @@ pub fn stop(dir: &Path, timeout: Duration) -> Result<Vec<Stopped>, String> {
     let s = load_state(dir)?.ok_or_else(|| {
         format!(
             "no lab was started in {} (nothing to stop)",
-            canonical(dir).unwrap_or_else(|_| dir.to_path_buf()).display()
+            canonical(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .display()
         )
     })?;
     stop_state(&s, timeout)
@@ -884,7 +913,8 @@ pub fn read_log(p: &Path) -> String {
 /// The builtin check every device gets (Netkit's `ltest` idea): its IPv4
 /// addresses and routes, sorted, so that a lab compares with a reference
 /// run of it.
-const BUILTIN_TEST: &str = "ip -o -4 address show | while read n i f a rest; do echo \"address $i $a\"; done | sort\n\
+const BUILTIN_TEST: &str =
+    "ip -o -4 address show | while read n i f a rest; do echo \"address $i $a\"; done | sort\n\
 ip -4 route show | sed 's/^/route /' | sort\n";
 
 /// How one device's test went.
@@ -923,7 +953,11 @@ fn differences(want: &str, got: &str) -> String {
     let w: Vec<&str> = want.lines().collect();
     let g: Vec<&str> = got.lines().collect();
     if w.len() * g.len() > 4_000_000 {
-        return format!("  ({} lines expected, {} produced; too long to compare line by line)", w.len(), g.len());
+        return format!(
+            "  ({} lines expected, {} produced; too long to compare line by line)",
+            w.len(),
+            g.len()
+        );
     }
     // lcs[i][j]: the longest common subsequence of w[i..] and g[j..].
     let mut lcs = vec![vec![0u32; g.len() + 1]; w.len() + 1];
@@ -1058,7 +1092,12 @@ pub fn parse_addresses(text: &str) -> Vec<(String, String)> {
             continue;
         }
         let Some(a) = w.get(pos + 1) else { continue };
-        if a.is_empty() || a.len() > 18 || !a.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'/') {
+        if a.is_empty()
+            || a.len() > 18
+            || !a
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
+        {
             continue;
         }
         out.push((ifname.to_string(), (*a).to_string()));
@@ -1141,8 +1180,14 @@ mod tests {
         let r = runner(&lab.devices[0], "startup");
         assert!(r.contains("export X='$(reboot)'"), "{r}");
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
-        assert!(r.contains("echo '0' > '/proc/sys/net/ipv4/tcp_syncookies'"), "{r}");
-        assert!(r.contains("[ -e '/proc/sys/net/ipv4/ip_forward' ] && echo '1'"), "Kathará's defaults, quietly: {r}");
+        assert!(
+            r.contains("echo '0' > '/proc/sys/net/ipv4/tcp_syncookies'"),
+            "{r}"
+        );
+        assert!(
+            r.contains("[ -e '/proc/sys/net/ipv4/ip_forward' ] && echo '1'"),
+            "Kathará's defaults, quietly: {r}"
+        );
     }
 
     #[test]

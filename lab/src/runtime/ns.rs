@@ -57,9 +57,8 @@ pub fn current_netns() -> Result<u64, String> {
 pub fn create(outside: &mut dyn FnMut(i32) -> Result<(), String>) -> Result<(), String> {
     single_threaded()?;
     let root = is_root();
-    let pipe = || {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
-    };
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let (ready_r, ready_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let mut flags = libc::CLONE_NEWNET;
@@ -98,7 +97,8 @@ pub fn create(outside: &mut dyn FnMut(i32) -> Result<(), String>) -> Result<(), 
     if ready.read_exact(&mut b).is_err() || b[0] != 0 {
         end(go_w);
         return Err(if root {
-            "create the lab's network namespace: refused (a container without CAP_SYS_ADMIN?)".into()
+            "create the lab's network namespace: refused (a container without CAP_SYS_ADMIN?)"
+                .into()
         } else {
             "create the lab's user and network namespaces: refused; unprivileged user namespaces must be enabled (see `umlctl doctor`)".into()
         });

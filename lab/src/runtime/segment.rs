@@ -73,8 +73,8 @@ pub fn up(name: &str) -> Result<(), String> {
 
 /// Put the existing interface `name` on bridge `bridge`, up.
 pub fn attach(name: &str, bridge: &str) -> Result<(), String> {
-    let index = nix::net::if_::if_nametoindex(name)
-        .map_err(|e| format!("find interface {name}: {e}"))?;
+    let index =
+        nix::net::if_::if_nametoindex(name).map_err(|e| format!("find interface {name}: {e}"))?;
     let s = socket()?;
     let mut req = ifreq(bridge)?;
     req.ifr_ifru.ifru_ifindex =

@@ -34,13 +34,17 @@ pub struct Uplink {
 /// set up), its tap called `tap`, listening on `api` for port forwards;
 /// returns once the tap exists.
 pub fn spawn(ns_pid: i32, tap: &str, api: &std::path::Path) -> Result<Uplink, String> {
-    let pipe = || {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
-    };
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let (exit_r, exit_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let mut cmd = Command::new("slirp4netns");
-    cmd.args(["--exit-fd=3", "--ready-fd=4", "--disable-host-loopback", "--mtu=1500"]);
+    cmd.args([
+        "--exit-fd=3",
+        "--ready-fd=4",
+        "--disable-host-loopback",
+        "--mtu=1500",
+    ]);
     let _ = std::fs::remove_file(api);
     cmd.arg(format!("--api-socket={}", api.display()));
     if !nix::unistd::geteuid().is_root() {
@@ -67,7 +71,9 @@ pub fn spawn(ns_pid: i32, tap: &str, api: &std::path::Path) -> Result<Uplink, St
         });
     }
     let mut child = cmd.spawn().map_err(|e| {
-        format!("start slirp4netns for a bridged device: {e} (install it: apt-get install slirp4netns)")
+        format!(
+            "start slirp4netns for a bridged device: {e} (install it: apt-get install slirp4netns)"
+        )
     })?;
     drop(exit_r);
     drop(ready_w);
@@ -86,7 +92,10 @@ pub fn spawn(ns_pid: i32, tap: &str, api: &std::path::Path) -> Result<Uplink, St
     };
     if !ok {
         let _ = child.kill();
-        let out = child.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+        let out = child
+            .wait_with_output()
+            .map(|o| o.stderr)
+            .unwrap_or_default();
         return Err(format!(
             "slirp4netns did not come up for tap {tap}: {}",
             String::from_utf8_lossy(&out).trim()
@@ -116,9 +125,10 @@ pub fn forward(api: &std::path::Path, port: &crate::Port) -> Result<(), String> 
         .and_then(|()| s.shutdown(std::net::Shutdown::Write))
         .map_err(|e| format!("{what}: {e}"))?;
     let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| format!("{what}: {e}"))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| format!("{what}: slirp4netns answered {reply:?}: {e}"))?;
+    s.read_to_string(&mut reply)
+        .map_err(|e| format!("{what}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&reply)
+        .map_err(|e| format!("{what}: slirp4netns answered {reply:?}: {e}"))?;
     if v.get("return").is_some() {
         Ok(())
     } else {
