@@ -147,16 +147,35 @@ pub fn startup_log(s: &LabState, device: &str) -> Result<PathBuf, String> {
     Ok(state_dir(&s.id)?.join(format!("{device}.startup.log")))
 }
 
-/// The guest name of `device` in a running lab, or an error naming the
-/// devices there are.
-pub fn device_guest(dir: &Path, device: &str) -> Result<String, String> {
-    let s = load_state(dir)?.ok_or_else(|| {
+/// The recorded state of the started lab in `dir`, or an error saying how
+/// to start it.
+fn running_state(dir: &Path) -> Result<LabState, String> {
+    load_state(dir)?.ok_or_else(|| {
         format!(
             "the lab in {} is not running (start it with `umlctl lab start -d {}`)",
             dir.display(),
             dir.display()
         )
-    })?;
+    })
+}
+
+/// `umlctl exec [-i] GUEST -- ARGS…` as a child of this process (umlctl's
+/// own binary): how the lab reaches into its devices.
+fn exec_in(guest: &str, stdin: bool, args: &[&str]) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("find umlctl's own binary: {e}"))?;
+    let mut c = Command::new(exe);
+    c.arg("exec");
+    if stdin {
+        c.arg("-i");
+    }
+    c.args([guest, "--"]).args(args);
+    Ok(c)
+}
+
+/// The guest name of `device` in a running lab, or an error naming the
+/// devices there are.
+pub fn device_guest(dir: &Path, device: &str) -> Result<String, String> {
+    let s = running_state(dir)?;
     s.devices
         .iter()
         .find(|d| d.name == device)
@@ -301,6 +320,24 @@ fn runner(d: &crate::Device, what: &str) -> String {
     s
 }
 
+/// A script of the lab directory (someone else's files, which go into a
+/// device that may be on a network): a regular file, read; `None` if there
+/// is none. A symlink is refused — `r1.startup -> ~/.ssh/id_rsa` must not
+/// carry a host file into a guest.
+fn lab_file(p: &Path) -> Result<Option<Vec<u8>>, String> {
+    match fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", p.display())),
+        Ok(m) if m.file_type().is_file() => fs::read(p)
+            .map(Some)
+            .map_err(|e| format!("read {}: {e}", p.display())),
+        Ok(_) => Err(format!(
+            "{} is not a regular file (a symlink or a special file): a lab's scripts must be files of the lab directory",
+            p.display()
+        )),
+    }
+}
+
 /// Build the layer disk of device `d`: its scripts (under
 /// [`umlctl_kernel::init::lab::LAYER_SCRIPTS`]) and its `DEVICE/` tree, all
 /// owned by root in the guest.
@@ -310,12 +347,10 @@ fn build_layer(lab: &Lab, d: &crate::Device, state: &Path) -> Result<PathBuf, St
     let scripts = stage.join(umlctl_kernel::init::lab::LAYER_SCRIPTS);
     fs::create_dir_all(&scripts).map_err(|e| format!("create {}: {e}", scripts.display()))?;
     let copy = |from: PathBuf, to: &str| -> Result<(), String> {
-        if from.is_file() {
-            fs::copy(&from, scripts.join(to))
-                .map(drop)
-                .map_err(|e| format!("copy {}: {e}", from.display()))
-        } else {
-            Ok(())
+        match lab_file(&from)? {
+            Some(text) => fs::write(scripts.join(to), text)
+                .map_err(|e| format!("copy {}: {e}", from.display())),
+            None => Ok(()),
         }
     };
     copy(lab.dir.join("shared.startup"), "shared.startup")?;
@@ -353,7 +388,6 @@ fn build_layer(lab: &Lab, d: &crate::Device, state: &Path) -> Result<PathBuf, St
 /// Run `script` (in the guest's scripts directory) in `guest`, its output
 /// appended to `log`; returns the child to wait for.
 fn spawn_script(guest: &str, script: &str, log: &Path) -> Result<std::process::Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("find umlctl's own binary: {e}"))?;
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -362,9 +396,8 @@ fn spawn_script(guest: &str, script: &str, log: &Path) -> Result<std::process::C
     let err = out
         .try_clone()
         .map_err(|e| format!("open {}: {e}", log.display()))?;
-    Command::new(exe)
-        .args(["exec", guest, "--", "/bin/sh"])
-        .arg(format!("{}/{script}", umlctl_kernel::init::lab::SCRIPTS))
+    let path = format!("{}/{script}", umlctl_kernel::init::lab::SCRIPTS);
+    exec_in(guest, false, &["/bin/sh", &path])?
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -676,13 +709,7 @@ fn device_spec(
 /// lab). Must be called from a single-threaded process. Returns the
 /// failure of its startup, if it failed.
 pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Failed>, String> {
-    let mut s = load_state(dir)?.ok_or_else(|| {
-        format!(
-            "the lab in {} is not running (start it with `umlctl lab start -d {}`)",
-            dir.display(),
-            dir.display()
-        )
-    })?;
+    let mut s = running_state(dir)?;
     let lab = Lab::load(&s.dir).map_err(|e| format!("lab {}: {e}", s.dir.display()))?;
     let di = s
         .devices
@@ -989,12 +1016,17 @@ fn differences(want: &str, got: &str) -> String {
     out.join("\n")
 }
 
+/// The most of a test's output `lab test` keeps (a device's output is a
+/// hostile guest's to choose); more is an error.
+const TEST_OUTPUT_MAX: u64 = 4 << 20;
+
+/// How long one device's tests may take.
+const TEST_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Run one script in `guest` (fed on stdin to `/bin/sh -s`); its stdout,
 /// or why it could not run.
 fn run_test_script(guest: &str, script: &str) -> Result<String, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("find umlctl's own binary: {e}"))?;
-    let mut child = Command::new(exe)
-        .args(["exec", "-i", guest, "--", "/bin/sh", "-s"])
+    let mut child = exec_in(guest, true, &["/bin/sh", "-s"])?
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1006,13 +1038,34 @@ fn run_test_script(guest: &str, script: &str) -> Result<String, String> {
         use std::io::Write;
         let _ = stdin.write_all(text.as_bytes());
     });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("run a test in {guest}: {e}"))?;
+    // Both streams read with a bound; a device that says more is cut off
+    // (its pipe closes) and killed at the deadline.
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let e = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
+        b
+    });
+    let mut out = Vec::new();
+    if let Some(so) = child.stdout.take() {
+        let _ = so.take(TEST_OUTPUT_MAX + 1).read_to_end(&mut out);
+    }
+    let st = wait_until(&mut child, Instant::now() + TEST_TIMEOUT);
     let _ = w.join();
-    match out.status.code() {
-        Some(c) if c < 125 => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
-        _ => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+    let err = e.join().unwrap_or_default();
+    if out.len() as u64 > TEST_OUTPUT_MAX {
+        return Err(format!(
+            "its output is over {} MiB (cut off)",
+            TEST_OUTPUT_MAX >> 20
+        ));
+    }
+    match st.and_then(|s| s.code()) {
+        Some(c) if c < 125 => Ok(String::from_utf8_lossy(&out).into_owned()),
+        None => Err(format!(
+            "did not finish within {} s (killed)",
+            TEST_TIMEOUT.as_secs()
+        )),
+        _ => Err(String::from_utf8_lossy(&err).trim().to_string()),
     }
 }
 
@@ -1021,23 +1074,19 @@ fn run_test_script(guest: &str, script: &str) -> Result<String, String> {
 /// exist; their output compared with `_test/signature/DEVICE`, or written
 /// there with `save`.
 pub fn test(dir: &Path, save: bool) -> Result<Vec<TestResult>, String> {
-    let s = load_state(dir)?.ok_or_else(|| {
-        format!(
-            "the lab in {} is not running (start it with `umlctl lab start -d {}`)",
-            dir.display(),
-            dir.display()
-        )
-    })?;
+    let s = running_state(dir)?;
     let tests = s.dir.join("_test");
-    let read = |p: PathBuf| fs::read_to_string(&p).ok();
-    let shared = read(tests.join("shared.test"));
+    let read = |p: PathBuf| lab_file(&p);
+    let shared = read(tests.join("shared.test"))?;
     let mut handles = Vec::new();
     for d in s.devices.clone() {
         let mut script = format!("echo '# builtin'\n{BUILTIN_TEST}");
         if let Some(t) = &shared {
+            let t = String::from_utf8_lossy(t);
             script.push_str(&format!("echo '# shared.test'\n{t}\n"));
         }
-        if let Some(t) = read(tests.join(format!("{}.test", d.name))) {
+        if let Some(t) = read(tests.join(format!("{}.test", d.name)))? {
+            let t = String::from_utf8_lossy(&t);
             script.push_str(&format!("echo '# {}.test'\n{t}\n", d.name));
         }
         let sig = signature_path(&s.dir, &d.name);
@@ -1110,21 +1159,19 @@ pub fn parse_addresses(text: &str) -> Vec<(String, String)> {
 /// `a.b.c.d/len` (several joined by `, `). Devices that do not answer
 /// within a few seconds are left out.
 pub fn addresses(s: &LabState) -> BTreeMap<(String, String), String> {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(_) => return BTreeMap::new(),
-    };
     let mut running = Vec::new();
     for d in &s.devices {
         if !guest(d).is_some_and(|g| g.state() == State::Running) {
             continue;
         }
-        let child = Command::new(&exe)
-            .args(["exec", &d.guest, "--", "ip", "-o", "-4", "address", "show"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn();
+        let child =
+            exec_in(&d.guest, false, &["ip", "-o", "-4", "address", "show"]).and_then(|mut c| {
+                c.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map_err(|e| e.to_string())
+            });
         if let Ok(c) = child {
             running.push((d.name.clone(), c));
         }
@@ -1208,6 +1255,21 @@ mod tests {
                 ("eth1".to_string(), "192.0.2.7/32".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn lab_scripts_are_regular_files_never_symlinks_to_host_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r1.startup");
+        assert_eq!(lab_file(&p).unwrap(), None);
+        std::fs::write(&p, "ip link\n").unwrap();
+        assert_eq!(lab_file(&p).unwrap(), Some(b"ip link\n".to_vec()));
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "host secret").unwrap();
+        let l = d.path().join("r2.startup");
+        std::os::unix::fs::symlink(&secret, &l).unwrap();
+        let e = lab_file(&l).unwrap_err();
+        assert!(e.contains("r2.startup") && e.contains("not a regular file"), "{e}");
     }
 
     #[test]
