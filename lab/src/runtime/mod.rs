@@ -385,24 +385,76 @@ fn build_layer(lab: &Lab, d: &crate::Device, state: &Path) -> Result<PathBuf, St
     r.map(|()| out)
 }
 
+/// The most of a device's script output a log keeps (a hostile guest
+/// could otherwise fill the host's disk); the rest is read and dropped.
+const LOG_MAX: u64 = 64 << 20;
+
 /// Run `script` (in the guest's scripts directory) in `guest`, its output
-/// appended to `log`; returns the child to wait for.
-fn spawn_script(guest: &str, script: &str, log: &Path) -> Result<std::process::Child, String> {
-    let out = fs::OpenOptions::new()
+/// (stdout and stderr, at most [`LOG_MAX`]) appended to `log`; returns the
+/// script to wait for.
+fn spawn_script(guest: &str, script: &str, log: &Path) -> Result<Script, String> {
+    let file = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| format!("open {}: {e}", log.display()))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| format!("open {}: {e}", log.display()))?;
     let path = format!("{}/{script}", umlctl_kernel::init::lab::SCRIPTS);
-    exec_in(guest, false, &["/bin/sh", &path])?
+    let mut child = exec_in(guest, false, &["/bin/sh", &path])?
         .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("run {script} in {guest}: {e}"))
+        .map_err(|e| format!("run {script} in {guest}: {e}"))?;
+    let file = Arc::new(std::sync::Mutex::new((file, 0u64)));
+    let streams: [Option<Box<dyn Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    let mut copiers = Vec::new();
+    for mut s in streams.into_iter().flatten() {
+        let file = Arc::clone(&file);
+        copiers.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut g) = file.lock() {
+                    let room = usize::try_from(LOG_MAX.saturating_sub(g.1)).unwrap_or(usize::MAX);
+                    let take = n.min(room);
+                    if take > 0 {
+                        let _ = std::io::Write::write_all(&mut g.0, &buf[..take]);
+                        g.1 += take as u64;
+                    }
+                }
+            }
+        }));
+    }
+    Ok(Script { child, copiers })
+}
+
+/// A device's script running, its output being copied to its log.
+struct Script {
+    child: std::process::Child,
+    copiers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Script {
+    /// Wait until `deadline` (then kill it), and until its output is all
+    /// in the log.
+    fn wait(mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
+        let st = wait_until(&mut self.child, deadline);
+        for c in self.copiers {
+            let _ = c.join();
+        }
+        st
+    }
 }
 
 /// Wait for `child` until `deadline`; kill it after.
@@ -616,12 +668,12 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             )
             .map_err(|e| format!("device {name}: {e}"))?;
             let log = startup_log(&state, name)?;
-            let child = spawn_script(&guest_name, "run-startup", &log)?;
-            running.push((name.clone(), child, log));
+            let script = spawn_script(&guest_name, "run-startup", &log)?;
+            running.push((name.clone(), script, log));
         }
         let deadline = Instant::now() + o.startup_timeout.unwrap_or(Duration::from_secs(600));
-        for (name, mut child, log) in running {
-            let st = wait_until(&mut child, deadline);
+        for (name, script, log) in running {
+            let st = script.wait(deadline);
             let code = st.and_then(|s| s.code());
             if let Some(ds) = state.devices.iter_mut().find(|d| d.name == name) {
                 ds.startup_status = code;
@@ -757,8 +809,8 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
     if let Some(g) = guest(&dev) {
         if g.state() == State::Running {
             let log = state_dir(&s.id)?.join(format!("{}.shutdown.log", dev.name));
-            if let Ok(mut c) = spawn_script(&dev.guest, "run-shutdown", &log) {
-                let _ = wait_until(&mut c, Instant::now() + timeout);
+            if let Ok(c) = spawn_script(&dev.guest, "run-shutdown", &log) {
+                let _ = c.wait(Instant::now() + timeout);
             }
         }
         detached::stop(&g, timeout, false, true).map_err(|e| format!("stop {device}: {e}"))?;
@@ -789,8 +841,8 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         .map_err(|e| format!("device {device}: {e}"))?;
     let log = startup_log(&s, device)?;
     let _ = fs::remove_file(&log);
-    let mut child = spawn_script(&dev.guest, "run-startup", &log)?;
-    let st = wait_until(&mut child, Instant::now() + Duration::from_secs(600));
+    let script = spawn_script(&dev.guest, "run-startup", &log)?;
+    let st = script.wait(Instant::now() + Duration::from_secs(600));
     let code = st.and_then(|x| x.code());
     s.devices[di].startup_status = code;
     save_state(&s)?;
@@ -886,8 +938,8 @@ fn stop_state(s: &LabState, timeout: Duration) -> Result<Vec<Stopped>, String> {
                 Err(_) => "was not started".to_string(),
                 Ok(g) => {
                     if g.state() == State::Running {
-                        if let Ok(mut c) = spawn_script(&d.guest, "run-shutdown", &log) {
-                            let _ = wait_until(&mut c, Instant::now() + timeout);
+                        if let Ok(c) = spawn_script(&d.guest, "run-shutdown", &log) {
+                            let _ = c.wait(Instant::now() + timeout);
                         }
                     }
                     match detached::stop(&g, timeout, false, true) {
@@ -1269,7 +1321,10 @@ mod tests {
         let l = d.path().join("r2.startup");
         std::os::unix::fs::symlink(&secret, &l).unwrap();
         let e = lab_file(&l).unwrap_err();
-        assert!(e.contains("r2.startup") && e.contains("not a regular file"), "{e}");
+        assert!(
+            e.contains("r2.startup") && e.contains("not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]
