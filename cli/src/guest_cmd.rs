@@ -151,6 +151,14 @@ pub struct LogsArgs {
     after_help = "Commands (UML's mconsole): version, help, halt, reboot, config DEV[=SPEC], remove DEV, \
 sysrq KEY, cad, stop, go, log TEXT, proc FILE, stack PID. Exit status 1 when the guest answers with an error."
 )]
+pub struct DebugArgs {
+    /// The guest's name (see `umlctl ps`).
+    name: String,
+    #[command(flatten)]
+    gdb: crate::run_cmd::GdbArgs,
+}
+
+#[derive(Args)]
 pub struct CtlArgs {
     name: String,
     /// The mconsole command and its arguments.
@@ -369,6 +377,21 @@ pub fn exec(a: ExecArgs) -> u8 {
     };
     match umlctl_kernel::exec::exec(&a.name, &spec) {
         Ok(code) => u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX),
+        Err(e) => fail(e),
+    }
+}
+
+pub fn debug(a: DebugArgs) -> u8 {
+    let spec = match a.gdb.spec(true, "") {
+        Ok(Some(s)) => s,
+        Ok(None) => return fail("no debugging session asked for"),
+        Err(e) => return fail(e),
+    };
+    match instance::load(&a.name).and_then(|g| detached::debug(&g, &spec)) {
+        Ok(st) => match st.code() {
+            Some(c) => u8::try_from(c.clamp(0, 255)).unwrap_or(u8::MAX),
+            None => exit::FAILURE,
+        },
         Err(e) => fail(e),
     }
 }

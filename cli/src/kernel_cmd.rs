@@ -102,6 +102,9 @@ pub struct BuildArgs {
     /// Rebuild even when the cached kernel is up to date.
     #[arg(long)]
     force: bool,
+    /// Build for debugging: debug information, frame pointers and the kernel's gdb scripts (kept beside the kernel), for `run --gdb` and `umlctl debug` (the default name gets `-debug`).
+    #[arg(long)]
+    debug: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -169,6 +172,7 @@ fn build(a: BuildArgs) -> u8 {
         base: build::Base::Umlctl,
         jobs: a.jobs,
         force: a.force,
+        debug: a.debug,
     };
     let obs = BuildBar::new();
     let built = match build::build(&spec, &obs) {

@@ -55,6 +55,8 @@ enum Cmd {
     Console(guest_cmd::ConsoleArgs),
     /// Run a command in a running guest (stdout, stderr and exit status passed through; -t for a terminal).
     Exec(guest_cmd::ExecArgs),
+    /// Debug a running guest's kernel with gdb: attach (the guest stops), set --break breakpoints, then the gdb prompt or a --gdb-batch script; detaching lets it run on.
+    Debug(guest_cmd::DebugArgs),
     /// Print a guest's console log.
     Logs(guest_cmd::LogsArgs),
     /// Send a command to a guest's management console (mconsole).
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         Cmd::Console(a) => guest_cmd::console(a),
         Cmd::Exec(a) => guest_cmd::exec(a),
         Cmd::Logs(a) => guest_cmd::logs(a),
+        Cmd::Debug(a) => guest_cmd::debug(a),
         Cmd::Ctl(a) => guest_cmd::ctl(a),
         Cmd::Gc => guest_cmd::gc(),
         Cmd::Lab(c) => lab_cmd::main(c),

@@ -82,6 +82,14 @@ pub struct RunArgs {
     netd_socket: Option<PathBuf>,
     #[command(flatten)]
     jail: JailArgs,
+    /// Run the guest kernel under gdb, which gets the terminal: UML stops at the kernel's first
+    /// instruction with UML's own signals passed through, the kernel's lx- helpers loaded (when
+    /// built with `kernel build --debug`) and the --break breakpoints set; `continue` boots it.
+    /// CMD's output still goes to stdout and stderr; CMD reads no input from the terminal.
+    #[arg(long, conflicts_with = "gdb_batch")]
+    gdb: bool,
+    #[command(flatten)]
+    debug: GdbArgs,
     /// Print a JSON result object (exit_code, reason, timings) as the last line of stderr.
     #[arg(long)]
     json: bool,
@@ -96,6 +104,40 @@ pub struct RunArgs {
         value_name = "CMD"
     )]
     command: Vec<OsString>,
+}
+
+/// gdb scripts and breakpoints: shared by `run` and `debug`.
+#[derive(Args, Clone)]
+pub struct GdbArgs {
+    /// Run this gdb script without a terminal (for CI): gdb attaches as with --gdb, runs FILE,
+    /// prints its output on stderr, and detaches when FILE ends (the guest runs on).
+    #[arg(long, value_name = "FILE")]
+    gdb_batch: Option<PathBuf>,
+    /// A breakpoint (function or any gdb location), set before FILE or the prompt. Repeatable.
+    #[arg(long = "break", value_name = "SYMBOL")]
+    breaks: Vec<String>,
+}
+
+impl GdbArgs {
+    /// The session asked for; `interactive` is `--gdb`.
+    pub fn spec(
+        &self,
+        interactive: bool,
+        what: &str,
+    ) -> Result<Option<umlctl_kernel::gdb::GdbSpec>, umlctl_kernel::Error> {
+        if !interactive && self.gdb_batch.is_none() {
+            if self.breaks.is_empty() {
+                return Ok(None);
+            }
+            return Err(umlctl_kernel::Error::Usage(format!(
+                "--break needs {what} or --gdb-batch FILE"
+            )));
+        }
+        Ok(Some(umlctl_kernel::gdb::GdbSpec {
+            breaks: self.breaks.clone(),
+            batch: self.gdb_batch.clone(),
+        }))
+    }
 }
 
 /// How UML is confined: shared by `run`, `start` and `kernel test`.
@@ -127,6 +169,7 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     spec.nets = a.nets;
     spec.netd_socket = a.netd_socket;
     spec.jail = a.jail.opts();
+    spec.gdb = a.debug.spec(a.gdb, "--gdb")?;
     spec.kernel = a.kernel;
     spec.image = a.image;
     spec.overlay = a.overlay;

@@ -27,6 +27,13 @@ use crate::paths;
 /// is read by the Nix kernel package.
 pub const UMLCTL_CONFIG: &str = include_str!("../config/umlctl.config");
 
+/// What `--debug` adds: debug information, frame pointers and the kernel's
+/// gdb scripts.
+pub const DEBUG_CONFIG: &str = include_str!("../config/debug.config");
+
+/// The origin named for `--debug`'s options.
+const DEBUG_ORIGIN: &str = "--debug";
+
 /// Compile steps of a 6.12 defconfig + umlctl build, used to size the
 /// progress bar before a build directory has recorded its own count.
 const DEFAULT_STEPS: u64 = 1480;
@@ -65,6 +72,9 @@ pub struct BuildSpec {
     pub jobs: Option<usize>,
     /// Rebuild even if the cached kernel is up to date.
     pub force: bool,
+    /// Debug information, frame pointers and the gdb scripts
+    /// ([`DEBUG_CONFIG`]), for `run --gdb` and `debug`.
+    pub debug: bool,
 }
 
 /// Receives a build's progress; the CLI draws it.
@@ -197,6 +207,9 @@ pub fn wants(spec: &BuildSpec) -> Result<Vec<Want>> {
         Base::Umlctl => parse_fragment(UMLCTL_CONFIG, "umlctl.config")?,
         Base::Bare => Vec::new(),
     };
+    if spec.debug {
+        all.extend(parse_fragment(DEBUG_CONFIG, DEBUG_ORIGIN)?);
+    }
     for f in &spec.fragments {
         let text = fs::read_to_string(f).map_err(|e| Error::io("read config fragment", f, e))?;
         all.extend(parse_fragment(&text, &f.display().to_string())?);
@@ -480,6 +493,7 @@ fn is_step(line: &str) -> bool {
 fn compile(
     src: &Path,
     build: &Path,
+    targets: &[&str],
     jobs: usize,
     log: &mut fs::File,
     log_path: &Path,
@@ -495,7 +509,7 @@ fn compile(
     let reader = fs::File::from(reader);
     let writer = fs::File::from(writer);
     let mut cmd = make(src, build);
-    cmd.arg(format!("-j{jobs}")).arg("linux");
+    cmd.arg(format!("-j{jobs}")).args(targets);
     writeln!(log, "$ {cmd:?}").map_err(|e| Error::io("write", log_path, e))?;
     let err_w = writer.try_clone().map_err(|e| Error::sys("dup", e))?;
     let mut child = cmd
@@ -640,12 +654,13 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
     let release_file = build_dir.join("include/config/kernel.release");
     let default_name = |release: &str| {
         let extra = !spec.fragments.is_empty() || !spec.sets.is_empty() || !spec.extra.is_empty();
+        let debug = if spec.debug { "-debug" } else { "" };
         if spec.base == Base::Bare {
-            format!("kunit-{release}-{}", &key[..8])
+            format!("kunit-{release}{debug}-{}", &key[..8])
         } else if extra {
-            format!("{release}-{}", &key[..8])
+            format!("{release}{debug}-{}", &key[..8])
         } else {
-            release.to_string()
+            format!("{release}{debug}")
         }
     };
 
@@ -662,6 +677,7 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
                     && m.source_fingerprint == source.fingerprint
                     && m.config_key == key
                     && path.is_file()
+                    && (!spec.debug || cache::kernel_dir(&name)?.join(GDB_LOADER).is_file())
                 {
                     let made_default = spec.base == Base::Umlctl && ensure_default(&name)?;
                     return Ok(Built {
@@ -740,7 +756,19 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
     let jobs = spec
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    compile(&source.tree, &build_dir, jobs, &mut log, &log_path, obs)?;
+    let mut targets = vec!["linux"];
+    if spec.debug {
+        targets.push("scripts_gdb");
+    }
+    compile(
+        &source.tree,
+        &build_dir,
+        &targets,
+        jobs,
+        &mut log,
+        &log_path,
+        obs,
+    )?;
     let build_secs = started.elapsed().as_secs_f64();
 
     let release = fs::read_to_string(&release_file)
@@ -764,8 +792,20 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
             .map_or(0, |d| d.as_secs()),
         build_secs,
         umlctl_version: env!("CARGO_PKG_VERSION").to_string(),
+        debug: spec.debug,
     };
-    let path = cache::install(&name, &build_dir.join("linux"), &config_path, &meta)?;
+    let extras = if spec.debug {
+        gdb_scripts(&build_dir)?
+    } else {
+        Vec::new()
+    };
+    let path = cache::install(
+        &name,
+        &build_dir.join("linux"),
+        &config_path,
+        &meta,
+        &extras,
+    )?;
     // The installed binary must be a kernel umlctl can use.
     inspect::inspect(&path)?;
     let made_default = spec.base == Base::Umlctl && ensure_default(&name)?;
@@ -776,6 +816,49 @@ pub fn build(spec: &BuildSpec, obs: &dyn Observer) -> Result<Built> {
         up_to_date: false,
         made_default,
     })
+}
+
+/// The gdb loader a `--debug` kernel keeps beside its `linux`.
+pub const GDB_LOADER: &str = "vmlinux-gdb.py";
+
+/// The kernel's gdb scripts in a `--debug` build directory, as (file,
+/// path under the cached kernel's directory): `vmlinux-gdb.py` and
+/// `scripts/gdb/linux/*.py` (symlinks into the source, and the generated
+/// `constants.py`), so that the cached kernel does not depend on the build
+/// or source directory staying where it is.
+fn gdb_scripts(build_dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let loader = build_dir.join(GDB_LOADER);
+    let dir = build_dir.join("scripts/gdb/linux");
+    let missing = |what: &Path| Error::BuildFailed {
+        step: "make scripts_gdb",
+        status: "finished".into(),
+        tail: format!(
+            "  | {} is missing (CONFIG_GDB_SCRIPTS did not take effect?)",
+            what.display()
+        ),
+        log: build_dir.join("umlctl-build.log"),
+    };
+    if !loader.exists() {
+        return Err(missing(&loader));
+    }
+    let mut out = vec![(loader, PathBuf::from(GDB_LOADER))];
+    let entries = fs::read_dir(&dir).map_err(|_| missing(&dir.join("constants.py")))?;
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| Error::io("read", &dir, e))?;
+        let name = e.file_name();
+        if Path::new(&name).extension().is_some_and(|x| x == "py") {
+            names.push(name);
+        }
+    }
+    if !names.iter().any(|n| n == "constants.py") {
+        return Err(missing(&dir.join("constants.py")));
+    }
+    names.sort();
+    for n in names {
+        out.push((dir.join(&n), Path::new("scripts/gdb/linux").join(&n)));
+    }
+    Ok(out)
 }
 
 /// Make `name` the default kernel when there is none.

@@ -36,6 +36,10 @@ pub struct Meta {
     pub build_secs: f64,
     /// umlctl's version that built it.
     pub umlctl_version: String,
+    /// Built with `--debug`: debug information, and the kernel's gdb
+    /// scripts in `vmlinux-gdb.py` and `scripts/gdb/` beside `linux`.
+    #[serde(default)]
+    pub debug: bool,
 }
 
 /// One kernel in the cache.
@@ -195,7 +199,16 @@ pub fn remove(name: &str) -> Result<Removed> {
 /// Install a built kernel as `name`: `linux`, `config` and `meta.json` are
 /// written to a temporary directory beside the cache entry and then renamed
 /// into place, so a reader sees the old kernel or the new one, never half.
-pub fn install(name: &str, linux: &Path, config: &Path, meta: &Meta) -> Result<PathBuf> {
+/// Install a built kernel as `name`: `linux`, `config`, `meta.json`, and
+/// `extras` (file, path under the kernel's directory; symlinks followed),
+/// all in a new directory that replaces the old one in one rename.
+pub fn install(
+    name: &str,
+    linux: &Path,
+    config: &Path,
+    meta: &Meta,
+    extras: &[(PathBuf, PathBuf)],
+) -> Result<PathBuf> {
     let kdir = kernel_dir(name)?;
     let parent = dir()?;
     let tmp = parent.join(format!(".{name}.new-{}", std::process::id()));
@@ -204,6 +217,13 @@ pub fn install(name: &str, linux: &Path, config: &Path, meta: &Meta) -> Result<P
         paths::ensure_dir(&tmp)?;
         copy(linux, &tmp.join("linux"))?;
         copy(config, &tmp.join("config"))?;
+        for (src, rel) in extras {
+            let dst = tmp.join(rel);
+            if let Some(d) = dst.parent() {
+                fs::create_dir_all(d).map_err(|e| Error::io("create", d, e))?;
+            }
+            copy(src, &dst)?;
+        }
         let json = serde_json::to_vec_pretty(meta).unwrap_or_default();
         paths::write_atomic(&tmp.join("meta.json"), &json, 0o644)?;
         if kdir.exists() {

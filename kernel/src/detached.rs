@@ -528,6 +528,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         // guest (UML calls setsid() itself, too).
         new_session: true,
         die_with_parent: false,
+        stop_before_exec: false,
     };
     let mut child = crate::run::launch(jail.as_ref(), &launch, false)?;
     drop((console_in, log, exec_fifos));
@@ -983,6 +984,38 @@ pub const DETACH_KEY: u8 = 0x1d;
 
 /// Attach the terminal to a guest's console until Ctrl-] or the guest
 /// stops. Output starts with the last part of the log.
+/// `umlctl debug NAME`: gdb attached to a running guest's kernel (see
+/// [`crate::gdb`]); returns gdb's exit status when it leaves (the guest
+/// runs on).
+pub fn debug(g: &Guest, spec: &crate::gdb::GdbSpec) -> Result<std::process::ExitStatus> {
+    spec.validate()?;
+    if g.state() != State::Running {
+        return Err(Error::Usage(format!(
+            "guest {} is {}",
+            g.record.name,
+            g.state()
+        )));
+    }
+    crate::gdb::find_gdb()?;
+    if spec.interactive() {
+        crate::gdb::check_terminal()?;
+    }
+    let kernel = crate::inspect::inspect(&g.record.kernel);
+    if kernel.as_ref().is_ok_and(|k| !k.symbols) {
+        eprintln!(
+            "umlctl: warning: {} has no symbols (a stripped kernel, like Debian's): gdb shows addresses only; `umlctl kernel build --debug` makes one with symbols, source lines and the lx- helpers",
+            g.record.kernel.display()
+        );
+    }
+    let target = crate::gdb::Target {
+        pid: Pid::from_raw(g.record.pid),
+        kernel: g.record.kernel.clone(),
+        before_exec: false,
+        label: format!("guest {}", g.record.name),
+    };
+    crate::gdb::start(&target, spec, &mut || {})?.wait()
+}
+
 pub fn attach(g: &Guest) -> Result<()> {
     if g.state() != State::Running {
         return Err(Error::Usage(format!(

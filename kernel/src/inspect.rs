@@ -49,6 +49,13 @@ pub struct KernelInfo {
     /// jail must hold.
     #[serde(default)]
     pub libs: Vec<PathBuf>,
+    /// The binary keeps its symbol table (gdb can break on functions).
+    #[serde(default)]
+    pub symbols: bool,
+    /// It carries DWARF debug information (`kernel build --debug`): gdb
+    /// shows source lines, arguments and types.
+    #[serde(default)]
+    pub debug_info: bool,
 }
 
 /// (name, config options (any of, `|`; `help:X`: the kernel's `--help`
@@ -162,7 +169,7 @@ pub fn inspect(path: &Path) -> Result<KernelInfo> {
 fn identity_key(path: &Path) -> Option<PathBuf> {
     let md = std::fs::metadata(path).ok()?;
     // Bump the salt when KernelInfo or the feature list changes.
-    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v4");
+    let hex = crate::paths::identity_hex(path, &md, b"kernel-info-v5");
     let dir = crate::paths::cache_dir().ok()?.join("kernel-info");
     crate::paths::ensure_dir(&dir).ok()?;
     Some(dir.join(format!("{hex}.json")))
@@ -210,6 +217,8 @@ pub fn inspect_uncached(path: &Path) -> Result<KernelInfo> {
         },
         None => Linkage::Static,
     };
+    let symbols = elf.section_by_name(".symtab").is_some();
+    let debug_info = elf.section_by_name(".debug_info").is_some();
     drop(elf);
     let libs = match linkage {
         Linkage::Dynamic { .. } => crate::initroot::dynamic_deps(path)?,
@@ -246,6 +255,8 @@ pub fn inspect_uncached(path: &Path) -> Result<KernelInfo> {
         linkage,
         features,
         libs,
+        symbols,
+        debug_info,
     })
 }
 

@@ -92,6 +92,7 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
         extra,
         jobs: spec.jobs,
         force: false,
+        debug: false,
     };
     let kernel = build::build(&bspec, obs)?;
 
@@ -139,6 +140,7 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
         ],
         new_session: true,
         die_with_parent: true,
+        stop_before_exec: false,
     };
     let started = Instant::now();
     let spawned = crate::run::launch(jail.as_ref(), &launch, true);

@@ -5,6 +5,7 @@
 //!   kernels older than 6.13 boot on hosts with large XSAVE areas (AMX);
 //! * [`cmdline`]: the UML command line, built in one place;
 //! * [`run`]: boot a guest, run one command, pass stdio and status through;
+//! * [`gdb`]: the host's gdb on a guest kernel (`run --gdb`, `debug`);
 //! * [`init`]: the guest side of `run` (umlctl as PID 1 in the guest) and
 //!   [`protocol`], what the two sides say to each other.
 
@@ -28,6 +29,7 @@ pub mod exec;
 pub mod execproto;
 pub mod exit;
 pub(crate) mod flow;
+pub mod gdb;
 pub(crate) mod guestnet;
 pub mod init;
 pub(crate) mod initroot;

@@ -80,7 +80,13 @@ pub(super) fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
 /// # Safety
 /// Runs in the child of a fork-like clone of a multi-threaded process:
 /// only raw system calls, no allocation, on data prepared in `plan`.
-pub(super) unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, status_fd: RawFd) -> ! {
+pub(super) unsafe fn jail_init(
+    plan: &Plan,
+    sync_fd: RawFd,
+    err_fd: RawFd,
+    status_fd: RawFd,
+    go_fd: RawFd,
+) -> ! {
     if plan.die_with_parent {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
@@ -239,7 +245,7 @@ pub(super) unsafe fn jail_init(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, statu
         die(err_fd, STEP_FORK);
     }
     if child == 0 {
-        exec_program(plan, err_fd);
+        exec_program(plan, err_fd, go_fd);
     }
     // PID 1 keeps nothing of umlctl's: stdio on /dev/null, every other
     // descriptor closed but the status pipe.
@@ -295,7 +301,7 @@ pub(crate) fn no_address_randomization() {
 ///
 /// # Safety
 /// As [`jail_init`].
-pub(super) unsafe fn exec_program(plan: &Plan, err_fd: RawFd) -> ! {
+pub(super) unsafe fn exec_program(plan: &Plan, err_fd: RawFd, go_fd: RawFd) -> ! {
     // The error pipe survives placement (close-on-exec, above the targets).
     let err_hi = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, 200);
     let err_fd = if err_hi >= 0 { err_hi } else { err_fd };
@@ -316,6 +322,37 @@ pub(super) unsafe fn exec_program(plan: &Plan, err_fd: RawFd) -> ! {
         envp[i] = e.as_ptr();
     }
     no_address_randomization();
+    if plan.stop_before_exec {
+        // A debugger attaches to this waiting process and follows it into
+        // exec. Yama (where present) lets it: the debugger is no ancestor.
+        // Waiting in read(2), not in a job-control stop: a stop would
+        // outlive the debugger's detach (the kernel stops a detached task
+        // again while its group is stopped).
+        libc::prctl(
+            libc::PR_SET_PTRACER,
+            libc::PR_SET_PTRACER_ANY as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        let mut rec = [0u8; 8];
+        rec[..4].copy_from_slice(&STEP_STOPPED.to_ne_bytes());
+        if libc::write(err_fd, rec.as_ptr().cast(), rec.len()) != 8 {
+            die(err_fd, STEP_EXEC);
+        }
+        let mut b = [0u8; 1];
+        loop {
+            let n = libc::read(go_fd, b.as_mut_ptr().cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            // umlctl gave up (no debugger): never start the program.
+            libc::_exit(126);
+        }
+    }
     libc::execve(plan.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
     die(err_fd, STEP_EXEC)
 }

@@ -197,6 +197,9 @@ pub struct Launch {
     pub new_session: bool,
     /// Kill the program (the whole jail) when this thread's process dies.
     pub die_with_parent: bool,
+    /// Stop the program (SIGSTOP) just before it is executed, so that a
+    /// debugger can attach and follow it into exec (jailed launches only).
+    pub stop_before_exec: bool,
 }
 
 /// A started program.
@@ -208,6 +211,11 @@ pub struct Spawned {
     pub jail_pid: Option<Pid>,
     /// Where the jail's PID 1 writes the program's wait status.
     status: Option<File>,
+    /// The program waits before its exec ([`Launch::stop_before_exec`])
+    /// until [`Spawned::release`].
+    pub stopped: bool,
+    /// Written to let a waiting program go on to exec.
+    go: Option<File>,
 }
 
 impl Spawned {
@@ -262,6 +270,14 @@ impl Spawned {
         Ok(Some(ExitStatus::from_raw(st)))
     }
 
+    /// Let a program that waits before its exec go on.
+    pub fn release(&mut self) -> io::Result<()> {
+        match self.go.take() {
+            Some(mut f) => f.write_all(b"g"),
+            None => Ok(()),
+        }
+    }
+
     /// Forget the processes (a detached guest runs on without us).
     pub fn detach(self) {
         drop(self.status);
@@ -307,6 +323,8 @@ pub fn spawn_unjailed(launch: &Launch) -> Result<Spawned> {
         pid,
         jail_pid: None,
         status: None,
+        stopped: false,
+        go: None,
     })
 }
 
@@ -459,6 +477,12 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let status = if want_status { Some(pipe()?) } else { None };
+    let go = if launch.stop_before_exec {
+        Some(pipe()?)
+    } else {
+        None
+    };
+    let go_r = go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd());
 
     let mut flags =
         libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
@@ -488,9 +512,13 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
     }
     if pid == 0 {
         // SAFETY: see above.
-        unsafe { jail_init(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), status_w) }
+        unsafe { jail_init(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), status_w, go_r) }
     }
     let jail_pid = crate::num::pid(pid);
+    let go = go.map(|(r, w)| {
+        drop(r);
+        File::from(w)
+    });
     drop(sync_r);
     drop(err_w);
     let status_r = status.map(|(r, w)| {
@@ -522,10 +550,16 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
         return Err(fail(Error::sys("start the jail", e)));
     }
     drop(sync);
-    // EOF: the program was exec'd (every copy of the write end is gone).
+    // EOF: the program was exec'd (every copy of the write end is gone);
+    // a STEP_STOPPED record: it waits for a debugger, just before exec.
     let mut rec = Vec::new();
-    let _ = File::from(err_r).read_to_end(&mut rec);
-    if rec.len() >= 8 {
+    let mut err_r = File::from(err_r);
+    let _ = (&mut err_r).take(8).read_to_end(&mut rec);
+    let stopped = rec.len() == 8 && rec[..4] == STEP_STOPPED.to_ne_bytes();
+    if !stopped {
+        let _ = err_r.read_to_end(&mut rec);
+    }
+    if rec.len() >= 8 && !stopped {
         let step = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
         let err = i32::from_ne_bytes([rec[4], rec[5], rec[6], rec[7]]);
         let e = io::Error::from_raw_os_error(err);
@@ -545,6 +579,8 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
         pid: uml,
         jail_pid: Some(jail_pid),
         status: status_r,
+        stopped,
+        go: if stopped { go } else { None },
     })
 }
 
@@ -625,6 +661,7 @@ pub fn probe() -> Result<()> {
         fds: vec![],
         new_session: false,
         die_with_parent: true,
+        stop_before_exec: false,
     };
     let s = spawn(&spec, &launch, true)?;
     let st = s

@@ -60,6 +60,8 @@ pub(super) const STEP_FDS: u32 = 10_005;
 pub(super) const STEP_CHDIR: u32 = 10_006;
 pub(super) const STEP_EXEC: u32 = 10_007;
 pub(super) const STEP_CAPS: u32 = 10_008;
+/// Not a failure: the program stopped itself before exec (for a debugger).
+pub(super) const STEP_STOPPED: u32 = 10_009;
 
 /// Everything the child needs, prepared before `clone`.
 pub(super) struct Plan {
@@ -78,6 +80,7 @@ pub(super) struct Plan {
     pub(super) fds: Vec<(RawFd, i32)>,
     pub(super) new_session: bool,
     pub(super) die_with_parent: bool,
+    pub(super) stop_before_exec: bool,
 }
 
 pub(super) fn cstr(p: impl AsRef<OsStr>) -> Result<CString> {
@@ -389,5 +392,6 @@ pub(super) fn plan(
         fds: launch.fds.clone(),
         new_session: launch.new_session,
         die_with_parent: launch.die_with_parent,
+        stop_before_exec: launch.stop_before_exec,
     })
 }

@@ -115,6 +115,8 @@ pub struct GuestSpec {
     pub netd_socket: Option<PathBuf>,
     /// How UML is confined.
     pub jail: JailOpts,
+    /// `--gdb` / `--gdb-batch`: run the guest kernel under the host's gdb.
+    pub gdb: Option<crate::gdb::GdbSpec>,
 }
 
 /// Whether and how UML runs jailed ([`crate::jail`]).
@@ -183,6 +185,19 @@ impl GuestSpec {
         if let Some(b) = self.nets.iter().find(|b| b.is_empty()) {
             return usage(format!("--net {b:?}: name a bridge (see `umlctl net ls`)"));
         }
+        if let Some(g) = &self.gdb {
+            if !self.jail.enabled {
+                return usage(
+                    "--gdb and --gdb-batch need the jail (it holds UML just before exec for gdb to attach); drop --no-jail, or attach to a running guest with `umlctl start --no-jail` and `umlctl debug NAME`".into(),
+                );
+            }
+            if self.tty == TtyMode::Always {
+                return usage(
+                    "--tty always and --gdb both want the terminal; under gdb the command's output goes through pipes".into(),
+                );
+            }
+            g.validate()?;
+        }
         Ok(())
     }
 
@@ -204,6 +219,7 @@ impl GuestSpec {
             nets: Vec::new(),
             netd_socket: None,
             jail: JailOpts::default(),
+            gdb: None,
             userspace: crate::cmdline::Userspace::Ptrace,
             full_boot: false,
             cpus: 1,
@@ -449,7 +465,19 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     if !spec.nets.is_empty() {
         need.push("vector-net");
     }
+    if let Some(g) = &spec.gdb {
+        crate::gdb::find_gdb()?;
+        if g.interactive() {
+            crate::gdb::check_terminal()?;
+        }
+    }
     let prep = prepare_kernel(spec.kernel.as_deref(), &need, spec.shim)?;
+    if spec.gdb.is_some() && !prep.located.info.symbols {
+        eprintln!(
+            "umlctl: warning: {} has no symbols (a stripped kernel, like Debian's): gdb shows addresses only and --break cannot find functions; `umlctl kernel build --debug` makes one with symbols, source lines and the lx- helpers",
+            prep.located.info.path.display()
+        );
+    }
     let (seccomp, ncpus) = prep.processes(spec.userspace, spec.cpus)?;
     let skip_initcalls = if prep.located.info.has("raid6-benchmark") && !spec.full_boot {
         vec![RAID6_SELECT]
@@ -462,8 +490,9 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let info = &prep.located.info;
     let use_shim = prep.shim.is_some();
 
-    // Terminal or pipes.
+    // Terminal or pipes (under gdb, gdb has the terminal).
     let interactive = match spec.tty {
+        _ if spec.gdb.is_some() => false,
         TtyMode::Auto => is_tty(0) && is_tty(1),
         TtyMode::Always => {
             if !is_tty(0) {
@@ -668,8 +697,10 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         env: prep.uml_env(jail.is_some(), spec.verbose)?,
         cwd: rundir.clone(),
         fds,
-        new_session: false,
+        // Under gdb, UML stays out of the terminal's signals (gdb has them).
+        new_session: spec.gdb.is_some(),
         die_with_parent: true,
+        stop_before_exec: spec.gdb.is_some(),
     };
 
     let (tx, rx) = mpsc::channel::<Event>();
@@ -677,8 +708,38 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
 
     let reaper = crate::reaper::Reaper::spawn(&initroot::current_exe()?, &rundir)?;
     let t0 = Instant::now();
-    let child = launch(jail.as_ref(), &uml_launch, true)?;
+    let mut child = launch(jail.as_ref(), &uml_launch, true)?;
     reaper.watch(child.kill_target().as_raw().unsigned_abs());
+    let debugger = match &spec.gdb {
+        Some(g) if child.stopped => {
+            let target = crate::gdb::Target {
+                pid: child.pid,
+                kernel: info.path.clone(),
+                before_exec: true,
+                label: "the guest".into(),
+            };
+            let mut release = || {
+                let _ = child.release();
+            };
+            match crate::gdb::start(&target, g, &mut release) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let jail = child.kill_target();
+                    let _ = nix::sys::signal::kill(jail, nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
+    // With gdb on the terminal, the command reads no input from it.
+    let stdin_source = match &spec.gdb {
+        Some(g) if g.interactive() && is_tty(0) => Some(
+            File::open("/dev/null").map_err(|e| Error::io("open", Path::new("/dev/null"), e))?,
+        ),
+        _ => None,
+    };
     // Close our copies of the UML ends so that EOFs arrive when UML exits.
     drop((con_in_r, log_w, terminal, ctl_r, st_w));
     let uml_pid = child.pid;
@@ -725,7 +786,13 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     let mut stdin_go = None;
     if !interactive {
         let (go_tx, go_rx) = mpsc::channel();
-        copy_in(ring_file.clone(), go_rx, control.clone(), credits.clone());
+        copy_in(
+            ring_file.clone(),
+            stdin_source,
+            go_rx,
+            control.clone(),
+            credits.clone(),
+        );
         stdin_go = Some(go_tx);
     }
     {
@@ -750,6 +817,11 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     signals.close();
     drop(control);
     drop(con_in_w);
+    // gdb leaves when its user quits or its script ends; it is umlctl's
+    // child, so it would be killed below.
+    if let Some(d) = debugger {
+        let _ = d.wait();
+    }
 
     kill_descendants();
     reaper.dismiss();

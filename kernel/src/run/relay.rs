@@ -82,6 +82,7 @@ pub(crate) fn create_ring(rundir: &Path) -> Result<(PathBuf, Arc<File>)> {
 /// has started, a slot at a time, then announce the total.
 pub(crate) fn copy_in(
     ring: Arc<File>,
+    source: Option<File>,
     go: Receiver<()>,
     control: Sender<String>,
     credits: Arc<Window>,
@@ -90,13 +91,18 @@ pub(crate) fn copy_in(
         if go.recv().is_err() {
             return;
         }
-        let mut input = borrow_file(0);
+        let mut stdin = borrow_file(0);
+        let mut other = source;
+        let input: &mut File = match other.as_mut() {
+            Some(f) => f,
+            None => &mut stdin,
+        };
         let mut buf = vec![0u8; crate::num::usize_of(ring::SLOT)];
         let mut total: u64 = 0;
         let mut seq: u64 = 0;
         let mut filler = crate::flow::Filler::default();
         loop {
-            let n = filler.fill(&mut input, &mut buf);
+            let n = filler.fill(input, &mut buf);
             if n == 0 {
                 break;
             }
