@@ -20,12 +20,19 @@ cd "$(dirname "$0")/.."
 # mmdebstrap: a stock Debian image for the distribution-guest tests (built once
 # per machine, cached in /var/tmp/umlctl-test-images); openssh-client: ssh into it;
 # graphviz: `dot` draws and checks `umlctl lab graph`; slirp4netns: a lab's
-# `bridged` devices reach the outside through it.
+# `bridged` devices reach the outside through it; gdb: `run --gdb-batch` and
+# `debug` on a real guest kernel; tmux: a terminal for `run --gdb`;
+# debian-archive-keyring: Debian unstable's linux-source-7.x (the current-kernel
+# tests build it once per machine, cached in /var/tmp/umlctl-test-kernels).
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
   attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
-  nftables zstd mmdebstrap openssh-client graphviz slirp4netns
+  nftables zstd mmdebstrap openssh-client graphviz slirp4netns gdb tmux debian-archive-keyring
 ensure_cargo
 ensure_clippy
+# Debian unstable's newest linux-source-7.x, fetched once (apt-get download
+# with a temporary sources list; the host's apt configuration is untouched).
+UMLCTL_TEST_SOURCE_7=$(scripts/sid-linux-source.sh /var/tmp/umlctl-test-kernels/sid)
+export UMLCTL_TEST_SOURCE_7
 # Build every binary first: the end-to-end tests drive target/debug/umlctl.
 cargo build --workspace --locked
 # The workspace lints (Cargo.toml) and clippy's defaults, as errors; the

@@ -567,6 +567,22 @@ fn print_info(l: &Located, host: Option<xstate::HostXstate>, needs_shim: Option<
             "1 (no SMP)"
         }
     );
+    let helpers = umlctl_kernel::gdb::helpers_for(&i.path);
+    println!(
+        "debugging: {}",
+        match (i.debug_info, i.symbols, &helpers) {
+            (true, _, Some(h)) => format!("debug info, gdb helpers ({})", h.display()),
+            (true, _, None) => "debug info (no gdb helpers beside it)".to_string(),
+            (false, true, _) => {
+                "symbols only (`kernel build --debug` adds source lines and the gdb helpers)"
+                    .to_string()
+            }
+            (false, false, _) => {
+                "stripped: gdb sees addresses only (`kernel build --debug` makes a kernel to debug)"
+                    .to_string()
+            }
+        }
+    );
     println!("features:");
     for f in &i.features {
         println!(

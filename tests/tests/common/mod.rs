@@ -475,6 +475,52 @@ pub fn built_6_12() -> &'static serde_json::Value {
     })
 }
 
+/// Debian unstable's newest Linux source (7.x): `$UMLCTL_TEST_SOURCE_7`,
+/// else fetched once per machine by scripts/sid-linux-source.sh into the
+/// kernel cache (no change to the host's apt configuration).
+pub fn source_7() -> PathBuf {
+    static S: OnceLock<PathBuf> = OnceLock::new();
+    S.get_or_init(|| {
+        if let Some(p) = std::env::var_os("UMLCTL_TEST_SOURCE_7") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new(repo().join("scripts/sid-linux-source.sh"))
+            .arg(kernel_cache().join("sid"))
+            .output()
+            .expect("run scripts/sid-linux-source.sh");
+        let path = assert_ok(
+            &out,
+            "scripts/sid-linux-source.sh (Debian unstable's linux-source-7.x)",
+        );
+        PathBuf::from(path.trim())
+    })
+    .clone()
+}
+
+/// `kernel build --debug --json` of the 7.x source: umlctl's options plus
+/// debug information and the gdb scripts (SMP, as `kernel build` enables
+/// it on kernels that have it). Built once per machine.
+pub fn built_7_debug() -> &'static serde_json::Value {
+    static B: OnceLock<serde_json::Value> = OnceLock::new();
+    B.get_or_init(|| {
+        let src = source_7();
+        let out = Command::new(umlctl_bin())
+            .args(["kernel", "build", "--debug", "--json", "--source"])
+            .arg(&src)
+            .env("UMLCTL_CACHE_DIR", kernel_cache())
+            .env_remove("UMLCTL_KERNEL")
+            .output()
+            .expect("run umlctl kernel build");
+        let text = assert_ok(&out, "umlctl kernel build --debug (7.x)");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// Where the 7.x debug build's kernel binary is.
+pub fn kernel_7() -> PathBuf {
+    PathBuf::from(built_7_debug()["path"].as_str().unwrap())
+}
+
 /// Where the 6.12 build's kernel binary is.
 pub fn kernel_6_12() -> PathBuf {
     PathBuf::from(built_6_12()["path"].as_str().unwrap())
