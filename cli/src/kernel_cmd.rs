@@ -486,6 +486,9 @@ fn info(a: InfoArgs) -> u8 {
             "host_xstate": host,
             "needs_xstate_shim": needs_shim,
             "xstate_shim_path": shim_path,
+            "symbols": located.info.symbols,
+            "debug_info": located.info.debug_info,
+            "gdb_helpers": umlctl_kernel::gdb::helpers_for(&located.info.path),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return 0;

@@ -143,8 +143,16 @@ fn run_on_a_current_kernel_is_faithful_in_both_userspace_modes_and_on_two_cpus()
         let l = lines
             .find(|l| l.starts_with(cpu))
             .unwrap_or_else(|| panic!("{text}"));
-        let user: u64 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(user > 0, "{cpu} ran no user time: {text}");
+        // user + nice + system ticks (seccomp mode accounts the guest's
+        // processes as system time); each loop takes about a second, far
+        // more than the boot leaves on a CPU.
+        let busy: u64 = l
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .map(|v| v.parse::<u64>().unwrap())
+            .sum();
+        assert!(busy >= 10, "{cpu} hardly ran: {text}");
     }
 }
 
@@ -281,8 +289,7 @@ fn run_gdb_on_a_terminal_boots_on_continue_stops_on_ctrl_c_and_ends_with_the_com
     std::thread::sleep(Duration::from_secs(2));
     // Ctrl-C reaches gdb, which stops the guest (umlctl is not interrupted).
     tmux(&["send-keys", "-t", "g", "C-c"]);
-    wait_for_screen("(gdb) ", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_screen("received signal SIGINT", Duration::from_secs(30));
     tmux(&["send-keys", "-t", "g", "info threads", "Enter"]);
     wait_for_screen("\"linux\"", Duration::from_secs(30));
     tmux(&["send-keys", "-t", "g", "continue", "Enter"]);
