@@ -10,10 +10,12 @@
 #
 # Figures, each the median of RUNS guests (one guest per run does every step):
 #   boot      `umlctl run -- true`, wall seconds
-#   getppid   µs per call (python3 loop of 200,000 calls, loop cost included)
-#   forkexec  µs per fork+exec+wait of /bin/true (bash loop of 300)
+#   getppid   µs per call (python3 loop of 20,000 calls, loop cost included)
+#   forkexec  µs per fork+exec+wait of /bin/true (bash loop of 100)
 #   pagefault seconds for `gzip -c /usr/bin/bash >/dev/null` ×20
-#   serial    seconds for one shell loop of 100,000 iterations
+#   serial    seconds for one CPU-bound loop (python3, 3,000,000 additions, no
+#             system calls: a bash loop is no good here, since bash makes
+#             system calls on every command once it has had children)
 #   parallel  seconds for two such loops at once
 #   make      seconds for `make -j$(nproc)` of 16 small C files (gcc)
 # then the ratios the issue asks for: seccomp vs ptrace on 7.x (fork+exec,
@@ -28,7 +30,7 @@ if [ ! -x "$UMLCTL" ]; then
 fi
 UMLCTL=$(realpath "$UMLCTL")
 cache=${UMLCTL_BENCH_KERNELS:-/var/tmp/umlctl-test-kernels}
-build() { UMLCTL_CACHE_DIR=$cache "$UMLCTL" kernel build --json --source "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])'; }
+build() { UMLCTL_CACHE_DIR=$cache "$UMLCTL" kernel build --json --source "$1" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])'; }
 K61=${K61:-/usr/bin/linux.uml}
 K612=${K612:-$(build /usr/src/linux-source-6.12.tar.xz)}
 K7=${K7:-$(build "$(scripts/sid-linux-source.sh "$cache/sid")")}
@@ -42,27 +44,29 @@ trap 'rm -rf "$work"' EXIT
 cat > "$work/probe.sh" <<'SH'
 #!/bin/bash
 set -e
+# The same interpreter in the guest and on the host (a PATH may differ).
 cd "$(mktemp -d)"
-python3 -c 'import os,time
-n=200000
+/usr/bin/python3 -c 'import os,time
+n=20000
 t=time.perf_counter()
 for _ in range(n): os.getppid()
 print("getppid", round((time.perf_counter()-t)/n*1e6, 3))'
-s=$EPOCHREALTIME; for i in {1..300}; do /bin/true; done; e=$EPOCHREALTIME
-echo "forkexec $(python3 -c "print(round(($e-$s)/300*1e6))")"
+s=$EPOCHREALTIME; for i in {1..100}; do /bin/true; done; e=$EPOCHREALTIME
+echo "forkexec $(/usr/bin/python3 -c "print(round(($e-$s)/100*1e6))")"
 s=$EPOCHREALTIME; for i in {1..20}; do gzip -c /usr/bin/bash >/dev/null; done; e=$EPOCHREALTIME
-echo "pagefault $(python3 -c "print(round($e-$s, 3))")"
-loop() { local i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; }
+echo "pagefault $(/usr/bin/python3 -c "print(round($e-$s, 3))")"
+loop() { /usr/bin/python3 -c 'x = 0
+for i in range(3000000): x += i'; }
 s=$EPOCHREALTIME; loop; e=$EPOCHREALTIME
-echo "serial $(python3 -c "print(round($e-$s, 3))")"
+echo "serial $(/usr/bin/python3 -c "print(round($e-$s, 3))")"
 s=$EPOCHREALTIME; loop & loop & wait; e=$EPOCHREALTIME
-echo "parallel $(python3 -c "print(round($e-$s, 3))")"
+echo "parallel $(/usr/bin/python3 -c "print(round($e-$s, 3))")"
 for i in $(seq 16); do
   printf 'int f%d(int x) { int s = 0; for (int i = 0; i < x; i++) s += i * %d; return s; }\n' "$i" "$i" > "f$i.c"
 done
 printf 'all: %s\n%%.o: %%.c\n\tgcc -O2 -c $< -o $@\n' "$(echo f{1..16}.o)" > Makefile
 s=$EPOCHREALTIME; make -s -j"$(nproc)"; e=$EPOCHREALTIME
-echo "make $(python3 -c "print(round($e-$s, 3))")"
+echo "make $(/usr/bin/python3 -c "print(round($e-$s, 3))")"
 SH
 chmod +x "$work/probe.sh"
 
@@ -81,7 +85,7 @@ for r in $(seq "$RUNS"); do
     IFS='|' read -r name k opts <<<"$c"
     # shellcheck disable=SC2086
     s=$(date +%s.%N); "$UMLCTL" run --kernel "$k" $opts -- true; e=$(date +%s.%N)
-    vals[$name,boot]+="$(python3 -c "print(round($e-$s, 3))") "
+    vals[$name,boot]+="$(/usr/bin/python3 -c "print(round($e-$s, 3))") "
     # shellcheck disable=SC2086
     out=$("$UMLCTL" run --kernel "$k" $opts --mem 512M -w "$work" -- ./probe.sh)
     while read -r key v; do vals[$name,$key]+="$v "; done <<<"$out"
@@ -102,8 +106,8 @@ for name in 6.1-ptrace 6.12-ptrace 7.x-ptrace 7.x-seccomp 7.x-seccomp-2cpu host;
   echo
 done
 echo "(boot s; getppid and forkexec µs per call; the rest s)"
-echo "kernels: 6.1 $K61; 6.12 $K612; 7.x $K7 ($("$UMLCTL" kernel info --json "$K7" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])'))"
-ratio() { python3 -c "a=$1; b=$2; print(f'{a/b:.2f}x' if b else 'n/a')"; }
+echo "kernels: 6.1 $K61; 6.12 $K612; 7.x $K7 ($("$UMLCTL" kernel info --json "$K7" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])'))"
+ratio() { /usr/bin/python3 -c "a=$1; b=$2; print(f'{a/b:.2f}x' if b else 'n/a')"; }
 echo
 echo "7.x seccomp vs ptrace, fork+exec: $(ratio "$(med 7.x-ptrace forkexec)" "$(med 7.x-seccomp forkexec)") faster (target >= 1.3x)"
 echo "7.x seccomp vs ptrace, getppid:   $(ratio "$(med 7.x-ptrace getppid)" "$(med 7.x-seccomp getppid)") faster"

@@ -390,16 +390,6 @@ impl Session {
         self.give_back_terminal();
         st
     }
-
-    /// End gdb (it detaches from the guest if it still can).
-    pub fn end(mut self) {
-        let _ = nix::sys::signal::kill(
-            crate::num::pid(self.child.id()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        self.give_back_terminal();
-    }
 }
 
 impl Drop for Session {

@@ -820,7 +820,13 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     // gdb leaves when its user quits or its script ends; it is umlctl's
     // child, so it would be killed below.
     if let Some(d) = debugger {
-        let _ = d.wait();
+        match d.wait() {
+            Ok(st) if !st.success() => eprintln!(
+                "umlctl: gdb exited with {st} (a command of its script failed? see its messages above)"
+            ),
+            Err(e) => eprintln!("umlctl: {e}"),
+            Ok(_) => {}
+        }
     }
 
     kill_descendants();
