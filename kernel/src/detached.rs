@@ -329,6 +329,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     // Taps from netd. UML inherits the netd connection (fd 7) along with
     // any passed tap descriptors (from fd 8): the taps live exactly as long
     // as the guest, with no umlctl process staying behind.
+    crate::run::check_nics(&prep.located.info, spec.nets.len() + spec.taps.len())?;
     let mut network = crate::run::attach_network(
         &spec.nets,
         spec.netd_socket.as_deref(),
@@ -345,7 +346,6 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
             mac: mac.clone(),
         });
     }
-    crate::run::check_fd_nics(&prep.located.info, &network.nics)?;
     if !spec.ifnames.is_empty() && spec.ifnames.len() != network.nics.len() {
         return Err(Error::Usage(format!(
             "{} interface names for {} interfaces",

@@ -16,22 +16,18 @@ pub struct Network {
     pub published: Vec<Vec<umlctl_netd::protocol::Publish>>,
 }
 
-/// UML's vector driver reads a passed tap descriptor without its vector
-/// queues (`vec=0`), and its receive path takes the lock of the receive
-/// queue it then does not have: a no-op on a one-CPU kernel, a NULL
-/// dereference (a kernel panic as the interface comes up) on an SMP one
-/// (seen on 7.2.13; the code is the same in 6.12). Refuse that pairing
-/// with the way out instead of booting into the panic.
-pub fn check_fd_nics(
-    info: &crate::inspect::KernelInfo,
-    nics: &[crate::cmdline::Nic],
-) -> Result<()> {
-    let fd_nics = nics
-        .iter()
-        .any(|n| matches!(n.transport, crate::cmdline::NicTransport::Fd { .. }));
-    if fd_nics && info.has("smp") {
+/// UML's vector driver, as an interface comes up, takes the locks of its
+/// receive and transmit queues to reset statistics (`vector_reset_stats`),
+/// but its tap transport never creates those queues, and the tap-descriptor
+/// path (`fd` with `vec=0`) neither: a no-op on a one-CPU kernel, a NULL
+/// dereference (a kernel panic) on an SMP one (seen on 7.2.13 with both an
+/// owned tap and a passed descriptor; the code is the same in 6.12, which
+/// has no SMP). Refuse any network interface on an SMP kernel, before a tap
+/// is made, with the way out instead of booting into the panic.
+pub fn check_nics(info: &crate::inspect::KernelInfo, nics: usize) -> Result<()> {
+    if nics > 0 && info.has("smp") {
         return Err(Error::Usage(format!(
-            "kernel {} ({}) is built with SMP, and UML's vector driver panics on SMP kernels when it is given a tap descriptor (its receive path locks a queue it does not have in that mode; a kernel bug): build a one-CPU kernel for networked guests and labs (umlctl kernel build --set CONFIG_SMP=n --name NAME) and give it with --kernel",
+            "kernel {} ({}) is built with SMP, and UML's vector driver panics on SMP kernels as soon as a network interface comes up (it locks receive and transmit queues that its tap transports never create: a no-op on one CPU, a NULL dereference on several; a kernel bug): give networked guests and labs a one-CPU kernel (umlctl kernel build --set CONFIG_SMP=n --name NAME, then --kernel with its path)",
             info.version,
             info.path.display()
         )));

@@ -485,8 +485,8 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         vec![]
     };
     // Held until the guest is gone: the taps live as long as this connection.
+    check_nics(&prep.located.info, spec.nets.len())?;
     let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &[])?;
-    check_fd_nics(&prep.located.info, &network.nics)?;
     let info = &prep.located.info;
     let use_shim = prep.shim.is_some();
 
