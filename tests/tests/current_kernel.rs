@@ -431,3 +431,50 @@ fn debug_attaches_to_a_detached_guest_which_keeps_running_after() {
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("nosuch"), "{}", stderr(&out));
 }
+
+#[test]
+fn an_unprivileged_user_debugs_the_guest_kernel_too() {
+    // uid 65534: the jail's user namespace is the user's own, and gdb (run
+    // as that user) may attach to UML in it.
+    use std::os::unix::fs::PermissionsExt;
+    let k = kernel_7();
+    let dir = tempfile::Builder::new()
+        .prefix("umlctl-gdb-nobody-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = dir.path().join("umlctl");
+    fs::copy(umlctl_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let script = gdb_script(dir.path(), "s.gdb", "continue\nbt 2\n");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "HOME=/nonexistent",
+        ])
+        .arg(format!("UMLCTL_CACHE_DIR={}", s(&dir.path().join("cache"))))
+        .arg(format!("UMLCTL_RUNTIME_DIR={}", s(&dir.path().join("run"))))
+        .arg(&bin)
+        .args([
+            "run",
+            "--kernel",
+            s(&k),
+            "--gdb-batch",
+            s(&script),
+            "--break",
+            "sys_getppid",
+        ])
+        .args(["--", "sh", "-c", "echo ppid=$PPID"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ppid=1\n");
+    assert!(err.contains("#0  sys_getppid ()"), "{err}");
+}
