@@ -478,3 +478,68 @@ fn an_unprivileged_user_debugs_the_guest_kernel_too() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ppid=1\n");
     assert!(err.contains("#0  sys_getppid ()"), "{err}");
 }
+
+#[test]
+fn kunit_runs_on_a_current_kernel_with_the_counts_kunit_py_reads() {
+    let src = source_7();
+    let dir = scratch();
+    let kc = gdb_script(
+        dir.path(),
+        "small.kunitconfig",
+        "CONFIG_KUNIT=y\nCONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_KUNIT_TEST=y\n",
+    );
+    let out = Command::new(umlctl_bin())
+        .args(["kernel", "test", "--json", "--source"])
+        .arg(&src)
+        .arg("--kunitconfig")
+        .arg(&kc)
+        .env("UMLCTL_CACHE_DIR", kernel_cache())
+        .env_remove("UMLCTL_KERNEL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&out, "kernel test (7.x)")).unwrap();
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let o = &v["outcome"];
+    let c = &o["report"]["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap();
+    assert!(
+        n("passed") >= 30 && n("failed") == 0 && n("crashed") == 0,
+        "{c}"
+    );
+    assert!(
+        o["kernel"]["meta"]["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("7.")),
+        "{o}"
+    );
+    let suites: Vec<&str> = o["report"]["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        suites.contains(&"example") && suites.contains(&"kunit-try-catch-test"),
+        "{suites:?}"
+    );
+    // kunit.py from the same tree reads the same console log the same way.
+    let tree = PathBuf::from(o["kernel"]["meta"]["build_dir"].as_str().unwrap()).join("source");
+    let log = PathBuf::from(o["console_log"].as_str().unwrap());
+    let kp = Command::new("python3")
+        .arg(tree.join("tools/testing/kunit/kunit.py"))
+        .arg("parse")
+        .arg(&log)
+        .output()
+        .expect("python3 is missing: apt-get install python3");
+    let text = String::from_utf8_lossy(&kp.stdout);
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("Ran "))
+        .unwrap_or_default();
+    assert!(
+        summary.contains(&format!("passed: {}", n("passed"))),
+        "kunit.py: {summary:?} vs {c}"
+    );
+}
