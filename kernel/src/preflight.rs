@@ -69,6 +69,7 @@ pub fn host_checks(kernel: Option<&KernelInfo>, shim_enabled: bool) -> Vec<Check
         check_tmp_exec(),
         check_tun(),
         check_slirp(),
+        check_gdb(),
         check_xstate(kernel, shim_enabled),
         check_jail(),
     ]
@@ -93,6 +94,39 @@ pub fn check_slirp() -> Check {
             "apt-get install slirp4netns",
         )
     }
+}
+
+/// gdb debugs guest kernels (`run --gdb`, `--gdb-batch`, `debug`); with
+/// Yama at 1 an ordinary user may attach only to what the jail prepares
+/// (`run --gdb`), not to a running guest (`debug`).
+pub fn check_gdb() -> Check {
+    const NAME: &str = "gdb";
+    let Ok(p) = crate::gdb::find_gdb() else {
+        return bad(
+            NAME,
+            Level::Warn,
+            "not found: run --gdb, --gdb-batch and debug cannot debug guest kernels (everything else works)",
+            "apt-get install gdb",
+        );
+    };
+    let yama = fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    if yama == "1" && !nix::unistd::geteuid().is_root() {
+        return bad(
+            NAME,
+            Level::Warn,
+            format!(
+                "{} found, but Yama's ptrace_scope 1 lets you attach only to your own descendants: run --gdb works, debug NAME does not",
+                p.display()
+            ),
+            "run `umlctl debug` as root, or (as root) sysctl kernel.yama.ptrace_scope=0",
+        );
+    }
+    ok(
+        NAME,
+        format!("{} (run --gdb, --gdb-batch, debug)", p.display()),
+    )
 }
 
 /// Whether UML's jail can be built here: a real attempt (namespaces,
