@@ -1007,6 +1007,7 @@ pub fn debug(g: &Guest, spec: &crate::gdb::GdbSpec) -> Result<std::process::Exit
             g.record.kernel.display()
         );
     }
+    crate::gdb::warn_unknown_functions(&g.record.kernel, &spec.breaks);
     let target = crate::gdb::Target {
         pid: Pid::from_raw(g.record.pid),
         kernel: g.record.kernel.clone(),

@@ -120,6 +120,52 @@ pub fn helpers_for(kernel: &Path) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The `--break` names that look like a function but are not in
+/// `kernel`'s symbol table (nor as a compiler clone, `NAME.isra.0`): a
+/// typo, or a function that exists only inlined (which gdb may still find
+/// in the debug information). Locations (`file.c:120`, `*0x6000`) are
+/// not checked.
+pub fn unknown_functions(kernel: &Path, breaks: &[String]) -> Vec<String> {
+    use object::{Object, ObjectSymbol};
+    let names: Vec<&String> = breaks
+        .iter()
+        .filter(|b| {
+            b.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && b.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .collect();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let Ok(file) = File::open(kernel) else {
+        return Vec::new();
+    };
+    let cache = object::read::ReadCache::new(file);
+    let Ok(elf) = object::File::parse(&cache) else {
+        return Vec::new();
+    };
+    let mut found = vec![false; names.len()];
+    for sym in elf.symbols() {
+        let Ok(n) = sym.name() else { continue };
+        for (i, want) in names.iter().enumerate() {
+            if n == want.as_str()
+                || n.strip_prefix(want.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            {
+                found[i] = true;
+            }
+        }
+    }
+    names
+        .iter()
+        .zip(found)
+        .filter(|(_, f)| !f)
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
 /// gdb on `PATH`, or an error saying how to get it.
 pub fn find_gdb() -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -233,6 +279,17 @@ fn terminal() -> Result<OwnedFd> {
 /// Whether a terminal is there for an interactive session.
 pub fn check_terminal() -> Result<()> {
     terminal().map(drop)
+}
+
+/// Say which `--break` functions `kernel` seems not to have.
+pub fn warn_unknown_functions(kernel: &Path, breaks: &[String]) {
+    for n in unknown_functions(kernel, breaks) {
+        eprintln!(
+            "umlctl: warning: --break {n}: {} has no function {n} in its symbols (a typo? an inline-only function gdb may still find in the debug information; `nm {} | grep {n}` lists near names)",
+            kernel.display(),
+            kernel.display()
+        );
+    }
 }
 
 /// Start gdb on `t`. Returns once gdb has attached (and, before exec, has
@@ -443,6 +500,17 @@ mod tests {
             echo.contains("UML pid 42") && echo.ends_with("\\n"),
             "{echo}"
         );
+    }
+
+    #[test]
+    fn functions_missing_from_the_symbols_are_found_and_locations_left_alone() {
+        let exe = std::env::current_exe().unwrap();
+        let breaks: Vec<String> = ["main", "no_such_function_xyz", "file.c:12", "*0x6000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(unknown_functions(&exe, &breaks), ["no_such_function_xyz"]);
+        assert!(unknown_functions(Path::new("/nonexistent"), &breaks).is_empty());
     }
 
     #[test]

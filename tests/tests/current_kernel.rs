@@ -211,6 +211,29 @@ fn gdb_options_that_cannot_work_are_refused_with_the_fix() {
         assert_ne!(out.status.code(), Some(0), "{args:?}");
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
     }
+    // A function the kernel does not have: named before boot (gdb then
+    // says the same), and the command still runs.
+    let dir = scratch();
+    let script = gdb_script(dir.path(), "c.gdb", "continue\n");
+    let out = Run::with_kernel(
+        &k,
+        [
+            "--gdb-batch",
+            s(&script),
+            "--break",
+            "no_such_function_xyz",
+            "--",
+            "true",
+        ],
+    )
+    .output();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--break no_such_function_xyz: ")
+            && stderr(&out).contains("has no function"),
+        "{}",
+        stderr(&out)
+    );
     // No terminal at all (a new session, stdin not a tty): --gdb says so.
     let mut r = Run::with_kernel(&k, ["--gdb", "--", "true"]);
     // SAFETY: setsid, async-signal-safe, in the child before exec.

@@ -478,6 +478,9 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
             prep.located.info.path.display()
         );
     }
+    if let Some(g) = &spec.gdb {
+        crate::gdb::warn_unknown_functions(&prep.located.info.path, &g.breaks);
+    }
     let (seccomp, ncpus) = prep.processes(spec.userspace, spec.cpus)?;
     let skip_initcalls = if prep.located.info.has("raid6-benchmark") && !spec.full_boot {
         vec![RAID6_SELECT]
