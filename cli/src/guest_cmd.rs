@@ -382,12 +382,17 @@ pub fn exec(a: ExecArgs) -> u8 {
 }
 
 pub fn debug(a: DebugArgs) -> u8 {
-    let spec = match a.gdb.spec(true, "") {
+    debug_named(a.name, &a.gdb)
+}
+
+/// gdb on guest `name`'s kernel (`debug`, `lab debug`).
+pub fn debug_named(name: String, gdb: &crate::run_cmd::GdbArgs) -> u8 {
+    let spec = match gdb.spec(true, "") {
         Ok(Some(s)) => s,
         Ok(None) => return fail("no debugging session asked for"),
         Err(e) => return fail(e),
     };
-    match instance::load(&a.name).and_then(|g| detached::debug(&g, &spec)) {
+    match instance::load(&name).and_then(|g| detached::debug(&g, &spec)) {
         Ok(st) => match st.code() {
             Some(c) => u8::try_from(c.clamp(0, 255)).unwrap_or(u8::MAX),
             None => exit::FAILURE,

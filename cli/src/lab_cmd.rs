@@ -29,6 +29,9 @@ pub enum LabCmd {
     Exec(LabExecArgs),
     /// Attach to a device's console (detach with Ctrl-]).
     Console(LabConsoleArgs),
+    /// Debug a device's kernel with gdb (as `umlctl debug`): the device stops while gdb holds it
+    /// and runs on after.
+    Debug(LabDebugArgs),
     /// Stop one device and start it again, fresh, on the same segments (startup scripts run).
     Restart(RestartArgs),
     /// Check the running lab against saved signatures: every device's addresses and routes,
@@ -145,6 +148,17 @@ pub struct LabConsoleArgs {
     device: String,
 }
 
+/// `lab debug`
+#[derive(Args)]
+pub struct LabDebugArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// The device.
+    device: String,
+    #[command(flatten)]
+    gdb: crate::run_cmd::GdbArgs,
+}
+
 /// The lab directory, as every `lab` subcommand takes it.
 #[derive(Args)]
 pub struct LabDir {
@@ -219,6 +233,15 @@ pub fn main(cmd: LabCmd) -> u8 {
                 }
                 Err(e) => {
                     eprintln!("umlctl: lab restart: {e}");
+                    exit::FAILURE
+                }
+            }
+        }
+        LabCmd::Debug(a) => {
+            return match runtime::device_guest(&a.lab.dir, &a.device) {
+                Ok(g) => crate::guest_cmd::debug_named(g, &a.gdb),
+                Err(e) => {
+                    eprintln!("umlctl: {e}");
                     exit::FAILURE
                 }
             }

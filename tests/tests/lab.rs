@@ -355,6 +355,20 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     assert_eq!(b["interfaces"][1]["addresses"], "10.0.1.1/24", "{ps}");
     let dot = env.ok(&["lab", "graph", "-d", dir.to_str().unwrap()]);
     assert!(dot.contains("eth1\\n10.0.1.1/24"), "{dot}");
+    // A device's kernel under gdb: attached (it stops), detached, and it
+    // runs on (exec still answers).
+    let script = work.path().join("d.gdb");
+    fs::write(&script, "info threads\n").unwrap();
+    let out = env.lab(
+        "debug",
+        &dir,
+        &["a", "--gdb-batch", script.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Id   Target Id"), "{err}");
+    let o = env.lab("exec", &dir, &["a", "--", "cat", "/tmp/greeting"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
     // lab.dep: c's startup ran after a's and b's.
     let order = fs::read_to_string(dir.join("shared/order")).unwrap();
     let lines: Vec<&str> = order.lines().collect();
