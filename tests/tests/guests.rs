@@ -5,95 +5,11 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// An isolated UML directory (UML's instance dirs and umlctl's records).
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        Env { dir: scratch() }
-    }
-    fn uml_dir(&self) -> PathBuf {
-        self.dir.path().join("uml")
-    }
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(umlctl_bin());
-        c.args(args)
-            .env("UMLCTL_UML_DIR", self.uml_dir())
-            .env("UMLCTL_CACHE_DIR", cache_dir())
-            .stdin(Stdio::null());
-        c
-    }
-    fn umlctl(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        assert_ok(&self.umlctl(args), &format!("umlctl {args:?}"))
-    }
-    fn ps(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["ps", "--all", "--json"])).unwrap()
-    }
-    fn state(&self, name: &str) -> Option<String> {
-        self.ps()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["name"] == name)
-            .map(|g| g["state"].as_str().unwrap().to_string())
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Never leave a guest running after a failed test.
-        if let Ok(v) =
-            serde_json::from_slice::<serde_json::Value>(&self.umlctl(&["ps", "--json"]).stdout)
-        {
-            for g in v.as_array().into_iter().flatten() {
-                let _ = self.umlctl(&["stop", "--force", g["name"].as_str().unwrap_or_default()]);
-            }
-        }
-    }
-}
-
-/// A busybox image whose init stays up, powers off on ctrl-alt-del and
-/// leaves a marker when its shutdown actions run.
-fn guest_image(dir: &Path) -> PathBuf {
-    let root = dir.join("groot");
-    for d in [
-        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "mnt",
-    ] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("/bin/busybox: apt-get install busybox-static");
-    for t in [
-        "sh", "ls", "cat", "echo", "mount", "umount", "sleep", "sync", "poweroff", "mkdir", "true",
-        "pwd", "grep", "cut", "wc", "tty", "stty", "kill",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
-    }
-    std::os::unix::fs::symlink("../bin/busybox", root.join("sbin/init")).unwrap();
-    fs::write(
-        root.join("etc/inittab"),
-        "::sysinit:/bin/mount -t proc proc /proc\n\
-         ::sysinit:/bin/echo guest-up\n\
-         ::respawn:/bin/sh\n\
-         ::ctrlaltdel:/bin/poweroff\n\
-         ::shutdown:/bin/sh -c 'echo shutdown-ran > /shutdown-marker; sync'\n",
-    )
-    .unwrap();
-    let img = dir.join("guest.ext4");
-    mkfs_ext4(&root, &img);
-    img
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -124,7 +40,7 @@ fn uml_mconsole(sock: &Path, cmd: &[&str]) -> (bool, String) {
 
 #[test]
 fn start_ctl_console_stop_and_the_same_answers_as_uml_mconsole() {
-    let env = Env::new();
+    let env = GuestEnv::new();
     let img = guest_image(env.dir.path());
     let overlay = env.dir.path().join("g.cow");
     let k = kernel();
@@ -311,7 +227,7 @@ fn start_ctl_console_stop_and_the_same_answers_as_uml_mconsole() {
 
 #[test]
 fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
-    let env = Env::new();
+    let env = GuestEnv::new();
     let img = guest_image(env.dir.path());
     let name = env
         .ok(&[
@@ -399,7 +315,7 @@ fn a_killed_guest_shows_as_dead_and_gc_cleans_it() {
 
 #[test]
 fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
-    let env = Env::new();
+    let env = GuestEnv::new();
     let img = guest_image(env.dir.path());
     // An init that does not exist: the kernel panics at boot.
     let overlay = env.dir.path().join("new.cow");
@@ -440,7 +356,7 @@ fn a_boot_failure_is_reported_with_the_console_tail_and_leaves_nothing() {
 /// than there are slots: the rest wait), a stopped guest refused.
 #[test]
 fn exec_runs_commands_in_a_running_guest() {
-    let env = Env::new();
+    let env = GuestEnv::new();
     let img = guest_image(env.dir.path());
     let k = kernel();
     // --wait returns when the exec channel answers.
@@ -612,7 +528,7 @@ fn exec_runs_commands_in_a_running_guest() {
 /// works beside it.
 #[test]
 fn a_busybox_default_init_gives_its_console_shell() {
-    let env = Env::new();
+    let env = GuestEnv::new();
     let root = env.dir.path().join("bbroot");
     for d in [
         "bin",

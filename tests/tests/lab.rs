@@ -156,62 +156,6 @@ fn graph_draws_every_device_domain_and_interface() {
         .is_char_device());
 }
 
-/// An isolated place for running labs: UML's instance directories and
-/// umlctl's records (and the labs' state) in a scratch directory.
-struct LabEnv {
-    dir: tempfile::TempDir,
-}
-
-impl LabEnv {
-    fn new() -> LabEnv {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = scratch();
-        // A root umlctl's jails run as uid 65534, which must reach the
-        // guests' directories.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        LabEnv { dir }
-    }
-    fn uml_dir(&self) -> std::path::PathBuf {
-        self.dir.path().join("uml")
-    }
-    fn umlctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(umlctl_bin())
-            .args(args)
-            .env("UMLCTL_UML_DIR", self.uml_dir())
-            .env("UMLCTL_CACHE_DIR", cache_dir())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        assert_ok(&self.umlctl(args), &format!("umlctl {args:?}"))
-    }
-    /// `lab SUB -d DIR ARGS…`
-    fn lab(&self, sub: &str, dir: &Path, args: &[&str]) -> std::process::Output {
-        let mut a = vec!["lab", sub, "-d", dir.to_str().unwrap()];
-        a.extend_from_slice(args);
-        self.umlctl(&a)
-    }
-}
-
-impl Drop for LabEnv {
-    fn drop(&mut self) {
-        // Never leave a lab running after a failed test.
-        if let Ok(v) =
-            serde_json::from_slice::<serde_json::Value>(&self.umlctl(&["ps", "--json"]).stdout)
-        {
-            for g in v.as_array().into_iter().flatten() {
-                let _ = self.umlctl(&[
-                    "stop",
-                    "--force",
-                    "--rm",
-                    g["name"].as_str().unwrap_or_default(),
-                ]);
-            }
-        }
-    }
-}
-
 /// A busybox image with every applet (ip, ping, date…), whose init stays
 /// up and powers off on ctrl-alt-del.
 fn busybox_lab_image(dir: &Path) -> std::path::PathBuf {
@@ -302,7 +246,21 @@ fn netns_in_use() -> Vec<u64> {
     v
 }
 
-fn lab_state(env: &LabEnv) -> serde_json::Value {
+/// `lab start -d DIR --image IMG --kernel K`.
+fn start_lab(env: &GuestEnv, dir: &Path, img: &Path, k: &Path) -> std::process::Output {
+    env.lab(
+        "start",
+        dir,
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ],
+    )
+}
+
+fn lab_state(env: &GuestEnv) -> serde_json::Value {
     let labs = env.uml_dir().join("labs");
     let d = fs::read_dir(&labs).unwrap().next().unwrap().unwrap().path();
     serde_json::from_slice(&fs::read(d.join("lab.json")).unwrap()).unwrap()
@@ -310,7 +268,7 @@ fn lab_state(env: &LabEnv) -> serde_json::Value {
 
 #[test]
 fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let img = busybox_lab_image(work.path());
     let dir = work.path().join("tiny");
@@ -318,16 +276,7 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     busybox_lab(&dir);
     let links_before = host_links();
     let k = kernel();
-    let out = env.lab(
-        "start",
-        &dir,
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--kernel",
-            k.to_str().unwrap(),
-        ],
-    );
+    let out = start_lab(&env, &dir, &img, &k);
     let err = String::from_utf8_lossy(&out.stderr);
     // d's startup fails: exit 1, d named with its output; the lab runs on.
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -522,26 +471,14 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
 
 #[test]
 fn a_killed_lab_leaves_no_namespace_and_stop_clears_the_rest() {
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let img = busybox_lab_image(work.path());
     let dir = work.path().join("k");
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("lab.conf"), "x[0]=\"A\"\ny[0]=\"A\"\n").unwrap();
     let k = kernel();
-    assert_ok(
-        &env.lab(
-            "start",
-            &dir,
-            &[
-                "--image",
-                img.to_str().unwrap(),
-                "--kernel",
-                k.to_str().unwrap(),
-            ],
-        ),
-        "lab start",
-    );
+    assert_ok(&start_lab(&env, &dir, &img, &k), "lab start");
     let state = lab_state(&env);
     let netns = state["netns"].as_u64().unwrap();
     // SIGKILL every UML and every jail.
@@ -564,16 +501,7 @@ fn a_killed_lab_leaves_no_namespace_and_stop_clears_the_rest() {
     assert!(processes_mentioning(state["id"].as_str().unwrap()).is_empty());
     // Starting again over the dead lab works and stop clears everything.
     assert_ok(
-        &env.lab(
-            "start",
-            &dir,
-            &[
-                "--image",
-                img.to_str().unwrap(),
-                "--kernel",
-                k.to_str().unwrap(),
-            ],
-        ),
+        &start_lab(&env, &dir, &img, &k),
         "lab start over a dead lab",
     );
     assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
@@ -587,7 +515,7 @@ fn a_killed_lab_leaves_no_namespace_and_stop_clears_the_rest() {
 
 #[test]
 fn lab_start_refuses_a_broken_lab_or_a_missing_image_by_name() {
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let dir = work.path();
     fs::write(
@@ -748,7 +676,7 @@ fn frr_lab(dir: &Path) {
 
 #[test]
 fn an_ospf_lab_of_frr_routers_converges_and_routes_end_to_end() {
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let dir = work.path().join("ospf");
     fs::create_dir_all(&dir).unwrap();
@@ -852,7 +780,7 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
         }
     }
     let _cleanup = Cleanup(ns.clone());
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let img = busybox_lab_image(work.path());
     let www = work.path().join("site");
@@ -1018,7 +946,7 @@ fn a_bridged_device_reaches_the_outside_but_not_the_hosts_loopback() {
 
 #[test]
 fn two_labs_with_the_same_device_names_run_side_by_side_and_apart() {
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let img = busybox_lab_image(work.path());
     let k = kernel();
@@ -1080,7 +1008,7 @@ fn two_labs_with_the_same_device_names_run_side_by_side_and_apart() {
 
 #[test]
 fn an_interrupted_lab_start_leaves_nothing_running() {
-    let env = LabEnv::new();
+    let env = GuestEnv::new();
     let work = scratch();
     let img = busybox_lab_image(work.path());
     let dir = work.path().join("slow");

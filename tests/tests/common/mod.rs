@@ -536,3 +536,179 @@ pub fn debian_kernel() -> PathBuf {
     );
     p
 }
+
+// --- Detached guests ---
+
+/// An isolated place for detached guests and labs: UML's instance
+/// directories and umlctl's records (and labs' state) in a scratch
+/// directory. Dropping it stops every guest still running there.
+pub struct GuestEnv {
+    pub dir: tempfile::TempDir,
+}
+
+impl GuestEnv {
+    pub fn new() -> GuestEnv {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch();
+        // A root umlctl's jails run as uid 65534, which must reach the
+        // guests' directories.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        GuestEnv { dir }
+    }
+    pub fn uml_dir(&self) -> PathBuf {
+        self.dir.path().join("uml")
+    }
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(umlctl_bin());
+        c.args(args)
+            .env("UMLCTL_UML_DIR", self.uml_dir())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .stdin(Stdio::null());
+        c
+    }
+    pub fn umlctl(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    pub fn ok(&self, args: &[&str]) -> String {
+        assert_ok(&self.umlctl(args), &format!("umlctl {args:?}"))
+    }
+    /// `lab SUB -d DIR ARGS…`
+    pub fn lab(&self, sub: &str, dir: &Path, args: &[&str]) -> Output {
+        let mut a = vec!["lab", sub, "-d", dir.to_str().unwrap()];
+        a.extend_from_slice(args);
+        self.umlctl(&a)
+    }
+    pub fn ps(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["ps", "--all", "--json"])).unwrap()
+    }
+    pub fn state(&self, name: &str) -> Option<String> {
+        self.ps()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .map(|g| g["state"].as_str().unwrap().to_string())
+    }
+}
+
+impl Drop for GuestEnv {
+    fn drop(&mut self) {
+        // Never leave a guest or a lab running after a failed test.
+        if let Ok(v) =
+            serde_json::from_slice::<serde_json::Value>(&self.umlctl(&["ps", "--json"]).stdout)
+        {
+            for g in v.as_array().into_iter().flatten() {
+                let _ = self.umlctl(&[
+                    "stop",
+                    "--force",
+                    "--rm",
+                    g["name"].as_str().unwrap_or_default(),
+                ]);
+            }
+        }
+    }
+}
+
+/// A busybox image whose init stays up, powers off on ctrl-alt-del and
+/// leaves a marker when its shutdown actions run.
+pub fn guest_image(dir: &Path) -> PathBuf {
+    let root = dir.join("groot");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "mnt",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox: apt-get install busybox-static");
+    for t in [
+        "sh", "ls", "cat", "echo", "mount", "umount", "sleep", "sync", "poweroff", "mkdir", "true",
+        "pwd", "grep", "cut", "wc", "tty", "stty", "kill",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(t)).unwrap();
+    }
+    std::os::unix::fs::symlink("../bin/busybox", root.join("sbin/init")).unwrap();
+    fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/mount -t proc proc /proc\n\
+         ::sysinit:/bin/echo guest-up\n\
+         ::respawn:/bin/sh\n\
+         ::ctrlaltdel:/bin/poweroff\n\
+         ::shutdown:/bin/sh -c 'echo shutdown-ran > /shutdown-marker; sync'\n",
+    )
+    .unwrap();
+    let img = dir.join("guest.ext4");
+    mkfs_ext4(&root, &img);
+    img
+}
+
+// --- KUnit ---
+
+/// What kunit.py (from `tree`) counts in a saved console log: passed,
+/// failed, skipped, crashed, and whether it succeeded.
+pub fn kunit_py_counts(tree: &Path, log: &Path) -> (u32, u32, u32, u32, bool) {
+    let out = Command::new("python3")
+        .arg(tree.join("tools/testing/kunit/kunit.py"))
+        .arg("parse")
+        .arg(log)
+        .output()
+        .expect("python3 is missing: apt-get install python3");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("Ran ") && l.contains(" tests"))
+        .unwrap_or_else(|| panic!("no summary from kunit.py parse {}:\n{text}", log.display()))
+        .to_string();
+    let field = |name: &str| -> u32 {
+        line.split(&format!("{name}: "))
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("passed"),
+        field("failed"),
+        field("skipped"),
+        field("crashed"),
+        out.status.success(),
+    )
+}
+
+pub fn our_counts(v: &serde_json::Value) -> (u32, u32, u32, u32) {
+    let c = &v["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap() as u32;
+    (n("passed"), n("failed"), n("skipped"), n("crashed"))
+}
+
+/// The small KUnit config both kernel test suites build (the example suite
+/// and KUnit's own tests).
+pub const SMALL_KUNITCONFIG: &str =
+    "CONFIG_KUNIT=y\nCONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_KUNIT_TEST=y\n";
+
+/// Check a `kernel test --json` outcome of [`SMALL_KUNITCONFIG`]: at least
+/// 30 passed, nothing failed or crashed, both suites there, and kunit.py
+/// (from `tree`) counting the same in the same console log. Returns our
+/// counts (passed, failed, skipped, crashed).
+pub fn check_small_kunit_run(o: &serde_json::Value, tree: &Path) -> (u32, u32, u32, u32) {
+    let (passed, failed, skipped, crashed) = our_counts(&o["report"]);
+    assert!(
+        passed >= 30 && failed == 0 && crashed == 0,
+        "{passed} {failed} {crashed}"
+    );
+    let suites: Vec<&str> = o["report"]["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        suites.contains(&"example") && suites.contains(&"kunit-try-catch-test"),
+        "{suites:?}"
+    );
+    let log = PathBuf::from(o["console_log"].as_str().unwrap());
+    let (kp, kf, ks, kc, k_ok) = kunit_py_counts(tree, &log);
+    assert_eq!((passed, failed, skipped, crashed), (kp, kf, ks, kc));
+    assert!(k_ok, "kunit.py parse failed on {}", log.display());
+    (passed, failed, skipped, crashed)
+}
