@@ -153,6 +153,18 @@ pub struct JailArgs {
     /// Uid 0 keeps root's identity without any capability.
     #[arg(long, value_name = "UID", conflicts_with = "no_jail")]
     jail_uid: Option<u32>,
+    /// CPU time the guest may use, in percent of one host CPU (50% = half a CPU, 200% = two),
+    /// enforced by a cgroup of its own (root, or a cgroup delegated to you).
+    #[arg(long, value_name = "PERCENT", value_parser = umlctl_kernel::cgroup::parse_cpu_quota)]
+    cpu_quota: Option<u32>,
+    /// Host memory the guest may use in all (its RAM, UML itself, no swap), e.g. 600M; at least
+    /// --mem plus 32M. Enforced by a cgroup of its own.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    memory_max: Option<u64>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 impl JailArgs {
@@ -160,6 +172,10 @@ impl JailArgs {
         JailOpts {
             enabled: !self.no_jail,
             uid: self.jail_uid,
+            limits: umlctl_kernel::cgroup::Limits {
+                cpu_percent: self.cpu_quota,
+                memory_max: self.memory_max,
+            },
         }
     }
 }

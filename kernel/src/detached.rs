@@ -218,6 +218,7 @@ pub fn tail(path: &Path, n: usize) -> String {
 pub fn start(spec: &StartSpec) -> Result<Guest> {
     let name = spec.name.clone().unwrap_or_else(generated_name);
     instance::check_name(&name)?;
+    spec.jail.limits.validate(spec.mem_bytes)?;
     let uml_dir = instance::uml_dir()?;
     let layout = Layout::new(&uml_dir, &name);
     if let Ok(g) = instance::load(&name) {
@@ -518,6 +519,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         fds.push((f.as_raw_fd(), next));
         next += 1;
     }
+    let cgroup = crate::cgroup::for_guest(&crate::cgroup::guest_name(&name), &spec.jail.limits)?;
     let launch = Launch {
         program: prep.located.info.path.clone(),
         args,
@@ -529,6 +531,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         new_session: true,
         die_with_parent: false,
         stop_before_exec: false,
+        cgroup: cgroup.as_ref().map(|g| g.0.clone()),
     };
     let mut child = crate::run::launch(jail.as_ref(), &launch, false)?;
     drop((console_in, log, exec_fifos));
@@ -553,6 +556,10 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         xstate_shim: prep.shim.is_some(),
         ended: None,
         lab: spec.lab.clone(),
+        cgroup: cgroup
+            .as_ref()
+            .map(|c| c.0.dirs.clone())
+            .unwrap_or_default(),
     };
     instance::save(&layout, &record)?;
 
@@ -610,6 +617,9 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     }
     // The guest runs on without us; it is reaped by whoever adopts it.
     child.detach();
+    if let Some(c) = cgroup {
+        c.keep();
+    }
     std::mem::forget(cleanup);
     Ok(Guest { record, layout })
 }

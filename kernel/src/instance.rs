@@ -49,6 +49,10 @@ pub struct Record {
     /// The lab (its directory) this guest is a device of.
     #[serde(default)]
     pub lab: Option<String>,
+    /// The guest's cgroup directories (`--cpu-quota`/`--memory-max`),
+    /// removed with the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup: Vec<PathBuf>,
 }
 
 /// A guest's state as seen from the host.
@@ -209,6 +213,10 @@ impl Guest {
     /// UML's instance directory.
     pub fn remove(&self) -> Result<()> {
         self.clear_instance()?;
+        crate::cgroup::Cgroup {
+            dirs: self.record.cgroup.clone(),
+        }
+        .remove();
         remove_dir(&self.layout.state)
     }
 

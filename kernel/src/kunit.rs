@@ -128,6 +128,8 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
         None => crate::run::warn_unjailed(),
     }
     let null = fs::File::open("/dev/null").map_err(|e| Error::io("open", "/dev/null", e))?;
+    spec.jail.limits.validate(mem_bytes)?;
+    let cgroup = crate::cgroup::for_guest(&crate::cgroup::run_name(), &spec.jail.limits)?;
     let launch = Launch {
         program: kernel.path.clone(),
         args,
@@ -141,6 +143,7 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
         new_session: true,
         die_with_parent: true,
         stop_before_exec: false,
+        cgroup: cgroup.as_ref().map(|c| c.0.clone()),
     };
     let started = Instant::now();
     let spawned = crate::run::launch(jail.as_ref(), &launch, true);

@@ -5,6 +5,8 @@
 //!   kernels older than 6.13 boot on hosts with large XSAVE areas (AMX);
 //! * [`cmdline`]: the UML command line, built in one place;
 //! * [`run`]: boot a guest, run one command, pass stdio and status through;
+//! * [`jail`] and [`cgroup`]: what a guest's UML process may see, and
+//!   how much CPU and memory it may use;
 //! * [`gdb`]: the host's gdb on a guest kernel (`run --gdb`, `debug`);
 //! * [`init`]: the guest side of `run` (umlctl as PID 1 in the guest) and
 //!   [`protocol`], what the two sides say to each other.
@@ -22,6 +24,7 @@
 
 pub mod build;
 pub mod cache;
+pub mod cgroup;
 pub mod cmdline;
 pub mod detached;
 pub mod error;

@@ -728,3 +728,273 @@ fn a_cow_disk_cannot_make_root_expose_a_file_it_names() {
     assert_eq!(o.status.code(), Some(125), "{out}");
     assert!(out.contains("COW header names"), "{out}");
 }
+
+// --- Resource limits (--cpu-quota, --memory-max) ---
+
+/// The cgroup directories umlctl made that `pid` is in (one per hierarchy
+/// on cgroup v1, one on v2), found through the host's own records.
+fn umlctl_cgroups(pid: u32) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut mounts = Vec::new();
+    for l in mountinfo.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if matches!(f[sep + 1], "cgroup" | "cgroup2") && f[3] == "/" {
+            mounts.push((
+                f[sep + 1] == "cgroup2",
+                PathBuf::from(f[4]),
+                f[sep + 3].to_string(),
+            ));
+        }
+    }
+    let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut dirs = Vec::new();
+    for l in own.lines() {
+        let mut p = l.splitn(3, ':');
+        let (_, ctl, path) = (p.next(), p.next().unwrap_or(""), p.next().unwrap_or(""));
+        let last = path.rsplit('/').next().unwrap_or("");
+        if !last.starts_with("umlctl-") {
+            continue;
+        }
+        for (v2, mnt, opts) in &mounts {
+            let fits = if ctl.is_empty() {
+                *v2
+            } else {
+                !v2 && ctl.split(',').any(|c| opts.split(',').any(|o| o == c))
+            };
+            if fits {
+                dirs.push(mnt.join(path.trim_start_matches('/')));
+            }
+        }
+    }
+    dirs
+}
+
+/// The CPU quota (µs per 100 ms) and memory limit a cgroup directory holds.
+fn limits_in(dirs: &[PathBuf]) -> (Option<u64>, Option<u64>) {
+    let num = |p: PathBuf| {
+        fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    let mut cpu = None;
+    let mut mem = None;
+    for d in dirs {
+        cpu = cpu
+            .or_else(|| num(d.join("cpu.max")))
+            .or_else(|| num(d.join("cpu.cfs_quota_us")));
+        mem = mem
+            .or_else(|| num(d.join("memory.max")))
+            .or_else(|| num(d.join("memory.limit_in_bytes")));
+    }
+    (cpu, mem)
+}
+
+/// Every UML process (main, helpers, guest processes) whose command line
+/// mentions `needle`, once one exists.
+fn wait_uml_processes(needle: &str, child: &mut std::process::Child) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps: Vec<u32> = processes_mentioning(needle)
+            .into_iter()
+            .filter(|(_, c)| c.contains("mem="))
+            .map(|(p, _)| p)
+            .collect();
+        if !ps.is_empty() {
+            return ps;
+        }
+        assert!(
+            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "no UML process mentioning {needle} appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_cpu_quota_and_memory_max_bound_every_process_of_a_run_jailed_or_not() {
+    let inv = Invoker::root();
+    let rt = inv.work().join("rt");
+    for jail in [&[][..], &["--no-jail"][..]] {
+        let mut args = vec![
+            "run",
+            "--cpu-quota",
+            "20%",
+            "--memory-max",
+            "400M",
+            "--json",
+        ];
+        args.extend_from_slice(jail);
+        args.extend_from_slice(&[
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; echo spun",
+        ]);
+        let mut child = inv
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pids = wait_uml_processes(&rt.to_string_lossy(), &mut child);
+        let mut seen = Vec::new();
+        for p in pids {
+            let dirs = umlctl_cgroups(p);
+            if dirs.is_empty() && !Path::new(&format!("/proc/{p}")).exists() {
+                continue;
+            }
+            assert!(
+                !dirs.is_empty(),
+                "{jail:?}: UML process {p} is in no cgroup of umlctl's"
+            );
+            assert_eq!(
+                limits_in(&dirs),
+                (Some(20_000), Some(400 << 20)),
+                "{jail:?}: limits of {dirs:?}"
+            );
+            seen = dirs;
+        }
+        assert!(!seen.is_empty());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{jail:?}: {err}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "spun\n");
+        let v = last_json(&err);
+        assert!(
+            v["limits"]["throttled_periods"].as_u64().unwrap_or(0) > 0,
+            "{jail:?}: a CPU-bound guest at 20% was never throttled: {v}"
+        );
+        for d in &seen {
+            assert!(
+                !d.exists(),
+                "{jail:?}: the run's cgroup {} is left behind",
+                d.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn memory_max_counts_the_guests_ram_and_bad_limits_are_refused() {
+    let inv = Invoker::root();
+    // The guest fills its memory (a tmpfs file, then a process the guest's
+    // own OOM killer ends): all of it is charged to the cgroup, and no more
+    // than the limit.
+    let out = inv.output(&[
+        "run",
+        "--mem",
+        "128M",
+        "--memory-max",
+        "160M",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "head -c 50M /dev/zero > /dev/shm/x; tail /dev/zero; echo tail=$?",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tail=137\n");
+    let v = last_json(&err);
+    let peak = v["limits"]["memory_peak_bytes"]
+        .as_u64()
+        .expect("memory peak");
+    assert!(
+        peak > 100 << 20 && peak <= 160 << 20,
+        "peak {peak}: the guest's RAM must be charged, within the limit"
+    );
+    assert_eq!(v["limits"]["oom_kills"], 0, "{v}");
+
+    for (args, needle) in [
+        (
+            &["--mem", "128M", "--memory-max", "100M"][..],
+            "at least 160M",
+        ),
+        (&["--cpu-quota", "0%"][..], "--cpu-quota 0%"),
+        (&["--cpu-quota", "1.5"][..], "whole percentage"),
+        (&["--memory-max", "lots"][..], "invalid size"),
+    ] {
+        let mut a = vec!["run"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--", "true"]);
+        let o = inv.output(&a);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?}");
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+
+    // A user without a delegated cgroup is told how to get one.
+    let user = Invoker::nobody();
+    let o = user.output(&["run", "--cpu-quota", "50%", "--", "true"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{e}");
+    assert!(
+        e.contains("host check `cgroup` failed") && e.contains("Delegate=yes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_detached_guest_keeps_its_limits_until_it_is_removed() {
+    let env = GuestEnv::new();
+    let img = guest_image(env.dir.path());
+    env.ok(&[
+        "start",
+        "--name",
+        "capped",
+        "--cpu-quota",
+        "150%",
+        "--memory-max",
+        "512M",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    let g = env.ps();
+    let pid = g
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "capped")
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let dirs = umlctl_cgroups(pid);
+    assert!(
+        !dirs.is_empty(),
+        "the guest's UML is in no cgroup of umlctl's"
+    );
+    assert_eq!(limits_in(&dirs), (Some(150_000), Some(512 << 20)));
+    // Everything UML runs is inside, the guest's processes too.
+    let all = processes_mentioning(&env.uml_dir().to_string_lossy());
+    assert!(all.len() > 1);
+    for (p, c) in all.iter().filter(|(_, c)| c.contains("mem=")) {
+        let d = umlctl_cgroups(*p);
+        assert!(
+            d == dirs || !Path::new(&format!("/proc/{p}")).exists(),
+            "{p} {c}: {d:?}"
+        );
+    }
+    env.ok(&["stop", "--force", "capped"]);
+    // Stopped, it keeps its record (and its empty cgroup, unless another
+    // umlctl swept it) until removed.
+    env.ok(&["gc"]);
+    for d in &dirs {
+        assert!(!d.exists(), "{} outlived the guest", d.display());
+    }
+    // A limit the guest's memory does not fit is refused before anything.
+    let o = env.umlctl(&[
+        "start",
+        "--mem",
+        "256M",
+        "--memory-max",
+        "200M",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 288M"));
+    assert!(env.ps().as_array().unwrap().is_empty());
+}

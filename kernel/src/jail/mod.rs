@@ -200,6 +200,9 @@ pub struct Launch {
     /// Stop the program (SIGSTOP) just before it is executed, so that a
     /// debugger can attach and follow it into exec (jailed launches only).
     pub stop_before_exec: bool,
+    /// The cgroup the program (and all it forks) runs in, from its first
+    /// instruction.
+    pub cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 /// A started program.
@@ -296,12 +299,32 @@ pub fn spawn_unjailed(launch: &Launch) -> Result<Spawned> {
         cmd.env_remove("LD_PRELOAD");
     }
     let fds = launch.fds.clone();
+    // The cgroup's files, opened here: the child writes "0" (itself) to
+    // each before exec, so UML starts inside.
+    let procs = launch
+        .cgroup
+        .iter()
+        .flat_map(|c| c.procs_files())
+        .map(|p| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| Error::io("open", &p, e))
+        })
+        .collect::<Result<Vec<File>>>()?;
+    let procs_fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let session = launch.new_session;
     let pdeath = launch.die_with_parent;
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls (fcntl, dup2, close_range, setsid, prctl).
+    // async-signal-safe system calls (write, fcntl, dup2, close_range,
+    // setsid, prctl).
     unsafe {
         cmd.pre_exec(move || {
+            for &fd in &procs_fds {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             place_fds_raw(&fds).map_err(io::Error::from_raw_os_error)?;
             if session {
                 libc::setsid();
@@ -316,6 +339,7 @@ pub fn spawn_unjailed(launch: &Launch) -> Result<Spawned> {
     let child = cmd
         .spawn()
         .map_err(|e| Error::io("start", &launch.program, e))?;
+    drop(procs);
     let pid = crate::num::pid(child.id());
     // The Child is not needed: waiting goes through waitpid.
     drop(child);
@@ -515,6 +539,15 @@ pub fn spawn(spec: &JailSpec, launch: &Launch, want_status: bool) -> Result<Spaw
         unsafe { jail_init(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), status_w, go_r) }
     }
     let jail_pid = crate::num::pid(pid);
+    // Into the cgroup before anything in the jail runs (the child waits
+    // for the sync byte below).
+    if let Some(cg) = &launch.cgroup {
+        if let Err(e) = cg.add(i32::try_from(pid).unwrap_or(-1)) {
+            let _ = nix::sys::signal::kill(jail_pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(jail_pid, None);
+            return Err(e);
+        }
+    }
     let go = go.map(|(r, w)| {
         drop(r);
         File::from(w)
@@ -662,6 +695,7 @@ pub fn probe() -> Result<()> {
         new_session: false,
         die_with_parent: true,
         stop_before_exec: false,
+        cgroup: None,
     };
     let s = spawn(&spec, &launch, true)?;
     let st = s

@@ -127,6 +127,9 @@ pub struct JailOpts {
     pub enabled: bool,
     /// `--jail-uid`: when umlctl is root, the uid UML runs as.
     pub uid: Option<u32>,
+    /// `--cpu-quota` and `--memory-max`: a cgroup for the guest (with or
+    /// without the jail).
+    pub limits: crate::cgroup::Limits,
 }
 
 impl Default for JailOpts {
@@ -134,6 +137,7 @@ impl Default for JailOpts {
         JailOpts {
             enabled: true,
             uid: None,
+            limits: crate::cgroup::Limits::default(),
         }
     }
 }
@@ -182,6 +186,7 @@ impl GuestSpec {
                 return usage(format!("--env {k:?}: a value cannot contain a NUL byte"));
             }
         }
+        self.jail.limits.validate(self.mem_bytes)?;
         if let Some(b) = self.nets.iter().find(|b| b.is_empty()) {
             return usage(format!("--net {b:?}: name a bridge (see `umlctl net ls`)"));
         }
@@ -694,6 +699,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
     for (i, f) in network.fds.iter().enumerate() {
         fds.push((f.as_raw_fd(), FIRST_TAP_FD + crate::num::small_i32(i)));
     }
+    let cgroup = crate::cgroup::for_guest(&crate::cgroup::run_name(), &spec.jail.limits)?;
     let uml_launch = Launch {
         program: info.path.clone(),
         args,
@@ -704,6 +710,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         new_session: spec.gdb.is_some(),
         die_with_parent: true,
         stop_before_exec: spec.gdb.is_some(),
+        cgroup: cgroup.as_ref().map(|g| g.0.clone()),
     };
 
     let (tx, rx) = mpsc::channel::<Event>();
@@ -856,6 +863,20 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         t0,
     );
     o.skipped_initcalls = skip_initcalls;
+    if let Some(cg) = &cgroup {
+        let usage = cg.0.usage();
+        if usage.oom_kills.unwrap_or(0) > 0
+            && matches!(o.reason, Reason::BootFailed | Reason::Panic)
+        {
+            let max = spec.jail.limits.memory_max.unwrap_or(0);
+            o.message = Some(format!(
+                "the guest went over --memory-max ({} MiB): the host's OOM killer ended UML; raise --memory-max{}",
+                max >> 20,
+                o.message.as_deref().map(|m| format!("\n{m}")).unwrap_or_default()
+            ));
+        }
+        o.limits = Some(usage);
+    }
     o.userspace = match seccomp {
         Some("on") => "seccomp",
         Some("auto") => "auto",

@@ -66,6 +66,9 @@ pub struct RunOutcome {
     /// `--full-boot`; see [`crate::run::RAID6_SELECT`]).
     pub skipped_initcalls: Vec<&'static str>,
     pub timings: Timings,
+    /// With `--cpu-quota`/`--memory-max`: what the guest's cgroup saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::cgroup::Usage>,
 }
 
 pub(crate) fn outcome(
@@ -99,6 +102,7 @@ pub(crate) fn outcome(
         userspace: "ptrace",
         skipped_initcalls: vec![],
         timings,
+        limits: None,
     };
     if let Some(what) = s.garbage {
         o.reason = Reason::Protocol;

@@ -92,6 +92,12 @@ pub struct LabState {
     /// `--jail-uid`.
     #[serde(default)]
     pub jail_uid: Option<u32>,
+    /// `--cpu-quota` of each device.
+    #[serde(default)]
+    pub cpu_quota: Option<u32>,
+    /// `--memory-max` of each device.
+    #[serde(default)]
+    pub memory_max: Option<u64>,
 }
 
 /// The id of the lab in `dir` (canonical): stable, short, one per directory.
@@ -550,6 +556,8 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         mem_bytes: o.mem_bytes,
         no_jail: !o.jail.enabled,
         jail_uid: o.jail.uid,
+        cpu_quota: o.jail.limits.cpu_percent,
+        memory_max: o.jail.limits.memory_max,
     };
     let mut guard = StartGuard(Some(state.clone()));
     catch_interrupts();
@@ -831,6 +839,10 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         jail: umlctl_kernel::run::JailOpts {
             enabled: !s.no_jail,
             uid: s.jail_uid,
+            limits: umlctl_kernel::cgroup::Limits {
+                cpu_percent: s.cpu_quota,
+                memory_max: s.memory_max,
+            },
         },
         ..Default::default()
     };
