@@ -72,7 +72,46 @@ pub fn host_checks(kernel: Option<&KernelInfo>, shim_enabled: bool) -> Vec<Check
         check_gdb(),
         check_xstate(kernel, shim_enabled),
         check_jail(),
+        check_limits(),
     ]
+}
+
+/// Whether `--cpu-quota`/`--memory-max` can get a cgroup here: one is made
+/// and removed.
+pub fn check_limits() -> Check {
+    const NAME: &str = "cgroup limits";
+    let limits = crate::cgroup::Limits {
+        cpu_percent: Some(100),
+        memory_max: Some(1 << 30),
+    };
+    match crate::cgroup::Cgroup::create(&format!("doctor-{}", std::process::id()), &limits) {
+        Ok(cg) => {
+            let where_ = cg
+                .dirs
+                .iter()
+                .filter_map(|d| d.parent())
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            cg.remove();
+            ok(
+                NAME,
+                format!("--cpu-quota and --memory-max work (guest cgroups go under {where_})"),
+            )
+        }
+        Err(crate::error::Error::Host { detail, fix, .. }) => bad(
+            NAME,
+            Level::Warn,
+            format!("--cpu-quota and --memory-max are unavailable: {detail}"),
+            fix,
+        ),
+        Err(e) => bad(
+            NAME,
+            Level::Warn,
+            format!("--cpu-quota and --memory-max are unavailable: {e}"),
+            "run umlctl as root, or in a cgroup delegated to you",
+        ),
+    }
 }
 
 /// slirp4netns gives a lab's `bridged` devices their way out.
