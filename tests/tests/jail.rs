@@ -935,6 +935,14 @@ fn memory_max_counts_the_guests_ram_and_bad_limits_are_refused() {
         e.contains("host check `cgroup` failed") && e.contains("Delegate=yes"),
         "{e}"
     );
+    // doctor says the same, and that root has them.
+    let d = String::from_utf8_lossy(&user.output(&["doctor"]).stdout).into_owned();
+    assert!(
+        d.contains("warn  cgroup limits") && d.contains("Delegate=yes"),
+        "{d}"
+    );
+    let d = String::from_utf8_lossy(&inv.output(&["doctor"]).stdout).into_owned();
+    assert!(d.contains("ok    cgroup limits"), "{d}");
 }
 
 #[test]
