@@ -731,67 +731,6 @@ fn a_cow_disk_cannot_make_root_expose_a_file_it_names() {
 
 // --- Resource limits (--cpu-quota, --memory-max) ---
 
-/// The cgroup directories umlctl made that `pid` is in (one per hierarchy
-/// on cgroup v1, one on v2), found through the host's own records.
-fn umlctl_cgroups(pid: u32) -> Vec<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mut mounts = Vec::new();
-    for l in mountinfo.lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if matches!(f[sep + 1], "cgroup" | "cgroup2") && f[3] == "/" {
-            mounts.push((
-                f[sep + 1] == "cgroup2",
-                PathBuf::from(f[4]),
-                f[sep + 3].to_string(),
-            ));
-        }
-    }
-    let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    let mut dirs = Vec::new();
-    for l in own.lines() {
-        let mut p = l.splitn(3, ':');
-        let (_, ctl, path) = (p.next(), p.next().unwrap_or(""), p.next().unwrap_or(""));
-        let last = path.rsplit('/').next().unwrap_or("");
-        if !last.starts_with("umlctl-") {
-            continue;
-        }
-        for (v2, mnt, opts) in &mounts {
-            let fits = if ctl.is_empty() {
-                *v2
-            } else {
-                !v2 && ctl.split(',').any(|c| opts.split(',').any(|o| o == c))
-            };
-            if fits {
-                dirs.push(mnt.join(path.trim_start_matches('/')));
-            }
-        }
-    }
-    dirs
-}
-
-/// The CPU quota (µs per 100 ms) and memory limit a cgroup directory holds.
-fn limits_in(dirs: &[PathBuf]) -> (Option<u64>, Option<u64>) {
-    let num = |p: PathBuf| {
-        fs::read_to_string(p)
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-    };
-    let mut cpu = None;
-    let mut mem = None;
-    for d in dirs {
-        cpu = cpu
-            .or_else(|| num(d.join("cpu.max")))
-            .or_else(|| num(d.join("cpu.cfs_quota_us")));
-        mem = mem
-            .or_else(|| num(d.join("memory.max")))
-            .or_else(|| num(d.join("memory.limit_in_bytes")));
-    }
-    (cpu, mem)
-}
-
 /// Every UML process (main, helpers, guest processes) whose command line
 /// mentions `needle`, once one exists.
 fn wait_uml_processes(needle: &str, child: &mut std::process::Child) -> Vec<u32> {

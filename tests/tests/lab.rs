@@ -1067,3 +1067,77 @@ fn an_interrupted_lab_start_leaves_nothing_running() {
     assert!(labs.is_empty(), "{labs:?}");
     assert!(processes_mentioning(dir.to_str().unwrap()).is_empty());
 }
+
+#[test]
+fn lab_devices_run_under_the_limits_given_to_lab_start_restarts_included() {
+    let env = GuestEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let dir = work.path().join("capped");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("lab.conf"), "x[0]=\"A\"\ny[0]=\"A\"\n").unwrap();
+    let k = kernel();
+    let out = env.lab(
+        "start",
+        &dir,
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpu-quota",
+            "50%",
+            "--memory-max",
+            "400M",
+        ],
+    );
+    assert_ok(&out, "lab start with limits");
+    let pids = |env: &GuestEnv| -> Vec<(String, u32)> {
+        env.ps()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["state"] == "running")
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap().to_string(),
+                    g["pid"].as_u64().unwrap() as u32,
+                )
+            })
+            .collect()
+    };
+    let mut all_dirs = Vec::new();
+    let before = pids(&env);
+    assert_eq!(before.len(), 2, "{before:?}");
+    for (name, pid) in &before {
+        let dirs = umlctl_cgroups(*pid);
+        assert_eq!(
+            limits_in(&dirs),
+            (Some(50_000), Some(400 << 20)),
+            "{name}: {dirs:?}"
+        );
+        all_dirs.extend(dirs);
+    }
+    // A restarted device gets the lab's limits again, in a new cgroup.
+    assert_ok(
+        &env.lab("restart", &dir, &["x", "--timeout", "2"]),
+        "lab restart x",
+    );
+    let after = pids(&env);
+    let (xname, xpid) = after
+        .iter()
+        .find(|(n, p)| before.iter().any(|(b, bp)| b == n && bp != p))
+        .expect("x runs again, as a new process")
+        .clone();
+    let dirs = umlctl_cgroups(xpid);
+    assert_eq!(
+        limits_in(&dirs),
+        (Some(50_000), Some(400 << 20)),
+        "{xname}: {dirs:?}"
+    );
+    all_dirs.extend(dirs);
+    assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
+    for d in &all_dirs {
+        assert!(!d.exists(), "{} outlived the lab", d.display());
+    }
+}
