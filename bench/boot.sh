@@ -11,6 +11,7 @@
 # with the jail's cost (the difference of the medians, in ms). A second table
 # times 200,000 guest system calls (`dd bs=1 count=100000` from /dev/zero to
 # /dev/null in the guest), jailed and not, interleaved (median of SYSCALL_RUNS=5).
+# A third times `run -- true` with --cpu-quota and --memory-max against without.
 # Needs gcc with static libc (libc6-dev) for the minimal init.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,4 +113,26 @@ for k in "${kernels[@]}"; do
   n=$(printf '%s\n' "$pairs" | awk '{print $2}' | median)
   d=$(awk -v a="$j" -v b="$n" 'BEGIN {printf "%.1f", (a-b)*1000}')
   printf '%-22s %-10s %13ss %13ss %9s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$j" "$n" "$d"
+done
+
+# The cost of --cpu-quota/--memory-max (a cgroup made, joined and removed
+# per run), interleaved with plain runs; where the host offers no cgroup
+# umlctl may use, this says so instead.
+echo
+printf '%-22s %-10s %14s %22s %9s\n' kernel version "run -- true" "with both limits" "limits ms"
+for k in "${kernels[@]}"; do
+  ver=$("$UMLCTL" kernel info --json "$k" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
+  if ! "$UMLCTL" run --kernel "$k" --cpu-quota 100% --memory-max 1G -- true 2>"$work/limits.err"; then
+    printf '%-22s %-10s limits unavailable here: %s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$(head -1 "$work/limits.err")"
+    continue
+  fi
+  pairs=$(for _ in $(seq "$RUNS"); do
+    t=$(now); "$UMLCTL" run --kernel "$k" -- true; a=$(( $(now) - t ))
+    t=$(now); "$UMLCTL" run --kernel "$k" --cpu-quota 100% --memory-max 1G -- true; b=$(( $(now) - t ))
+    echo "$a $b"
+  done)
+  a=$(printf '%s\n' "$pairs" | awk '{print $1}' | median)
+  b=$(printf '%s\n' "$pairs" | awk '{print $2}' | median)
+  d=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.1f", (b-a)*1000}')
+  printf '%-22s %-10s %13ss %21ss %9s\n' "$(basename "$(dirname "$k")")/$(basename "$k")" "$ver" "$a" "$b" "$d"
 done

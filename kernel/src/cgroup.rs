@@ -413,8 +413,9 @@ impl Cgroup {
         u
     }
 
-    /// Remove the cgroup (once its processes are gone; a few tries, as the
-    /// last ones may still be exiting). Best effort.
+    /// Remove the cgroup (once its processes are gone; tried again for up
+    /// to ~2 s, from 1 ms on, as the last ones may still be exiting: a run
+    /// waits for this before it returns). Best effort.
     pub fn remove(&self) {
         for d in self.dirs.iter().rev() {
             // Only ever a cgroup umlctl made (a record names these).
@@ -425,14 +426,19 @@ impl Cgroup {
             {
                 continue;
             }
-            for i in 0..50 {
+            let mut pause = std::time::Duration::from_millis(1);
+            let mut waited = std::time::Duration::ZERO;
+            loop {
                 match fs::remove_dir(d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && i < 49 => {
-                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && waited < std::time::Duration::from_secs(2) =>
+                    {
+                        std::thread::sleep(pause);
+                        waited += pause;
+                        pause = (pause * 2).min(std::time::Duration::from_millis(50));
                     }
-                    Err(_) => break,
+                    _ => break,
                 }
             }
         }
