@@ -255,6 +255,21 @@ pub fn ps(a: PsArgs) -> u8 {
                     "nics": if *s == State::Running { g.record.nics.clone() } else { Vec::new() },
                     "ended": g.record.ended,
                     "lab": g.record.lab,
+                    // --cpu-quota/--memory-max, and what the cgroup saw.
+                    "limits": (!g.record.cgroup.is_empty()).then(|| {
+                        let usage = (*s == State::Running).then(|| {
+                            umlctl_kernel::cgroup::Cgroup {
+                                dirs: g.record.cgroup.clone(),
+                            }
+                            .usage()
+                        });
+                        serde_json::json!({
+                            "cpu_quota_percent": g.record.cpu_quota,
+                            "memory_max": g.record.memory_max,
+                            "cgroup": g.record.cgroup,
+                            "usage": usage,
+                        })
+                    }),
                 })
             })
             .chain(damaged.iter().map(|d| {

@@ -560,6 +560,8 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
             .as_ref()
             .map(|c| c.0.dirs.clone())
             .unwrap_or_default(),
+        cpu_quota: spec.jail.limits.cpu_percent,
+        memory_max: spec.jail.limits.memory_max,
     };
     instance::save(&layout, &record)?;
 

@@ -53,6 +53,11 @@ pub struct Record {
     /// removed with the guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroup: Vec<PathBuf>,
+    /// `--cpu-quota` and `--memory-max` as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
 }
 
 /// A guest's state as seen from the host.

@@ -914,6 +914,29 @@ fn a_detached_guest_keeps_its_limits_until_it_is_removed() {
         "the guest's UML is in no cgroup of umlctl's"
     );
     assert_eq!(limits_in(&dirs), (Some(150_000), Some(512 << 20)));
+    // ps shows the limits, the cgroup the host puts UML in, and its usage.
+    let l = &g
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "capped")
+        .unwrap()["limits"];
+    assert_eq!(l["cpu_quota_percent"], 150, "{l}");
+    assert_eq!(l["memory_max"], 512u64 << 20, "{l}");
+    let mut listed: Vec<PathBuf> = l["cgroup"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d.as_str().unwrap()))
+        .collect();
+    let mut found = dirs.clone();
+    listed.sort();
+    found.sort();
+    assert_eq!(listed, found);
+    assert!(
+        l["usage"]["memory_peak_bytes"].as_u64().unwrap() > 16 << 20,
+        "{l}"
+    );
     // Everything UML runs is inside, the guest's processes too.
     let all = processes_mentioning(&env.uml_dir().to_string_lossy());
     assert!(all.len() > 1);
