@@ -180,6 +180,9 @@ pub struct BootPlan {
     /// up, and panics.
     pub notify: Option<PathBuf>,
     pub disks: Vec<Disk>,
+    /// Disks at fixed ubd indices, after `disks` and before the init disk
+    /// (`start`'s exec stdin rings).
+    pub fixed_disks: Vec<(usize, Disk)>,
     /// The kernel console (`ttyN`, UML's `conN`): its line, input, output.
     /// `run` uses line 0; `start` line 1, where the gettys of systemd,
     /// sysvinit and busybox images look for a terminal.
@@ -407,6 +410,17 @@ impl BootPlan {
                 None => a.push(format!("ubd{i}{flags}={file}")),
             }
         }
+        for (i, d) in &self.fixed_disks {
+            if *i < self.disks.len() || *i >= LAST_UBD {
+                return Err(Error::Usage(format!(
+                    "ubd slot {i} is taken ({} disks given; slots {}..{LAST_UBD} are umlctl's)",
+                    self.disks.len(),
+                    self.fixed_disks.iter().map(|d| d.0).min().unwrap_or(*i)
+                )));
+            }
+            let flags = if d.read_only { "r" } else { "" };
+            a.push(format!("ubd{i}{flags}={}", check_path("disk", &d.file)?));
+        }
         a.push("con=null".into());
         a.push(format!(
             "con{}={},{}",
@@ -598,6 +612,7 @@ mod tests {
             init: Some("/usr/bin/umlctl".into()),
             notify: None,
             disks: vec![],
+            fixed_disks: vec![],
             console_line: 0,
             seccomp: None,
             skip_initcalls: vec![],
@@ -618,6 +633,31 @@ mod tests {
             "mem=256M uml_dir=/run/user/1000/umlctl/r-abc/ umid=r-abc root=/dev/root rootfstype=hostfs rootflags=/ ro \
              con=null con0=fd:0,fd:1 ssl=null ssl0=fd:3,null ssl1=null,fd:4 console=tty0 pty.legacy_count=0 noreboot init=/usr/bin/umlctl"
         );
+    }
+
+    #[test]
+    fn fixed_disks_go_at_their_slots_and_never_over_the_guests_own() {
+        let mut p = plan();
+        p.root = BootRoot::InitDiskLast {
+            file: "/c/init.ext4".into(),
+        };
+        let disk = |f: &str, ro| Disk {
+            file: f.into(),
+            backing: None,
+            read_only: ro,
+        };
+        p.disks.push(disk("/s/overlay.cow", false));
+        p.fixed_disks.push((11, disk("/s/exec0.ring", true)));
+        let a = p.to_args().unwrap();
+        assert!(a.contains(&"ubd11r=/s/exec0.ring".to_string()), "{a:?}");
+        assert!(a.contains(&"ubd15r=/c/init.ext4".to_string()), "{a:?}");
+        while p.disks.len() < 12 {
+            p.disks.push(disk("/s/more.img", false));
+        }
+        assert!(p.to_args().is_err(), "disk 11 given twice");
+        p.disks.truncate(1);
+        p.fixed_disks.push((LAST_UBD, disk("/s/x", true)));
+        assert!(p.to_args().is_err(), "the init disk's slot");
     }
 
     #[test]

@@ -410,6 +410,35 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     }
     let lines_list: Vec<String> = exec_lines.iter().map(|l| l.0.to_string()).collect();
     init_env.push((crate::init::EXEC_ENV.to_string(), lines_list.join(",")));
+    // Each slot's stdin ring, a read-only disk for the guest in the slots
+    // below the init disk — unless the guest's own disks reach there (then
+    // exec's stdin stays on the serial lines).
+    let mut fixed_disks = Vec::new();
+    if disks.len() <= crate::execproto::ring::ubd_index(0) {
+        let mut devices = Vec::new();
+        for i in 0..SLOTS {
+            let p = layout.exec_ring(i);
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+                .map_err(|e| Error::io("create", &p, e))?;
+            f.set_len(crate::execproto::ring::ring_len())
+                .map_err(|e| Error::io("size", &p, e))?;
+            let index = crate::execproto::ring::ubd_index(i);
+            devices.push(crate::cmdline::ubd_device(index));
+            fixed_disks.push((
+                index,
+                Disk {
+                    file: p,
+                    backing: None,
+                    read_only: true,
+                },
+            ));
+        }
+        init_env.push((crate::init::EXEC_RINGS_ENV.to_string(), devices.join(",")));
+    }
     init_env.extend(net_env(&network, &spec.addresses));
     if let Some(l) = &layer {
         init_env.push((crate::init::lab::LAYER_ENV.into(), l.clone()));
@@ -438,6 +467,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         init: Some(initroot.init.clone()),
         notify: Some(layout.notify()),
         disks,
+        fixed_disks,
         console_line: 1,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines: exec_lines,
@@ -457,6 +487,10 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     if let Some(j) = jail.as_mut() {
         crate::run::bind_disks(j, &plan.disks, std::slice::from_ref(&image))?;
         j.bind(Bind::ro(&initroot.disk));
+        for (_, d) in &plan.fixed_disks {
+            crate::jail::hand_over(j, &d.file)?;
+            j.bind(Bind::ro(&d.file));
+        }
         crate::jail::hand_over(j, &layout.uml_parent())?;
         crate::jail::hand_over(j, &layout.notify())?;
         if spec.overlay.is_none() {

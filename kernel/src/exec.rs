@@ -50,9 +50,11 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
         mut from_guest,
         mut dec,
         mut buf,
+        ring,
     } = connect(&g, name, Some(spec))?;
 
     let credits = Arc::new(Window::new(crate::execproto::WINDOW));
+    let ring_slots = Arc::new(Window::new(proto::ring::SLOTS));
     let _term = if spec.tty {
         crate::terminal::TermGuard::raw(0)
     } else {
@@ -61,8 +63,21 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
     if spec.stdin {
         let tx = Arc::clone(&tx);
         let credits = Arc::clone(&credits);
-        std::thread::spawn(move || copy_stdin(&tx, &credits));
+        match ring {
+            // Keystrokes on a terminal stay on the line.
+            Some(ring) if !spec.tty => {
+                let slots = Arc::clone(&ring_slots);
+                std::thread::spawn(move || copy_stdin_ring(&tx, &credits, &ring, &slots));
+            }
+            _ => {
+                std::thread::spawn(move || copy_stdin(&tx, &credits));
+            }
+        }
     }
+    let close = || {
+        credits.close();
+        ring_slots.close();
+    };
     forward_signals(spec.tty, Arc::clone(&tx))?;
 
     let mut stdout = std::io::stdout();
@@ -83,6 +98,11 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
                 kind::CREDIT => {
                     if let Ok(c) = proto::credit(&f.payload) {
                         credits.grant(c);
+                    }
+                }
+                kind::RING_ACK => {
+                    if let Ok(n) = proto::ring_ack(&f.payload) {
+                        ring_slots.grant(n);
                     }
                 }
                 kind::STDOUT => {
@@ -114,7 +134,7 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
         }
         match read_some(&mut from_guest, &mut buf, Duration::from_secs(1))? {
             Some(0) => {
-                credits.close();
+                close();
                 return Err(gone(name));
             }
             Some(n) => {
@@ -125,11 +145,11 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
                 // UML holds the FIFO's write side: a quiet line is normal,
                 // a dead guest or agent (no heartbeat) is noticed here.
                 if g.state() != State::Running {
-                    credits.close();
+                    close();
                     return Err(gone(name));
                 }
                 if heard.elapsed() > proto::ALIVE_TIMEOUT {
-                    credits.close();
+                    close();
                     return Err(Error::Usage(format!(
                         "guest {name}'s exec agent stopped answering (nothing for {} s); the command's fate is unknown",
                         proto::ALIVE_TIMEOUT.as_secs()
@@ -148,6 +168,8 @@ struct Connected {
     from_guest: File,
     dec: proto::Decoder,
     buf: Vec<u8>,
+    /// The slot's stdin ring, if the agent offered it.
+    ring: Option<File>,
 }
 
 /// Take a slot of running guest `g`, start a session and send `spec` (none:
@@ -224,8 +246,12 @@ fn connect(g: &instance::Guest, name: &str, spec: Option<&ExecSpec>) -> Result<C
 
     let mut dec = proto::Decoder::default();
     let ready = proto::encode(kind::READY, &nonce.to_le_bytes());
+    // An agent with a stdin ring says so just before READY.
+    let ring_offer = proto::encode(kind::RING, &nonce.to_le_bytes());
+    let mut offered = false;
     let deadline = Instant::now() + ANSWER;
     loop {
+        offered |= dec.contains(&ring_offer);
         if dec.seek(&ready) {
             break;
         }
@@ -244,12 +270,21 @@ fn connect(g: &instance::Guest, name: &str, spec: Option<&ExecSpec>) -> Result<C
     }
     // The READY frame itself.
     let _ = dec.next_frame();
+    let ring = if offered {
+        OpenOptions::new()
+            .write(true)
+            .open(layout.exec_ring(i))
+            .ok()
+    } else {
+        None
+    };
     Ok(Connected {
         slot: lock,
         tx,
         from_guest,
         dec,
         buf,
+        ring,
     })
 }
 
@@ -373,6 +408,58 @@ fn copy_stdin(tx: &Sender, credits: &Window) {
             }
             off += k;
         }
+    }
+    let _ = tx.send(kind::STDIN_EOF, &[]);
+}
+
+/// Copy the host's stdin to the command through the slot's ring: each
+/// piece (gathered while stdin floods, at once while it trickles) is
+/// written into the next of [`proto::ring::SLOTS`] slots, then announced by
+/// a STDIN_RING frame; a slot is written again only after the agent took
+/// it. Then EOF.
+fn copy_stdin_ring(tx: &Sender, credits: &Window, ring: &File, slots: &Window) {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let mut input = File::from(fd);
+    let mut filler = crate::flow::Filler::default();
+    let mut buf = vec![0u8; crate::num::usize_of(proto::ring::SLOT)];
+    let frame = (proto::HEADER + 4) as u64;
+    let mut seq = 0u64;
+    loop {
+        let n = filler.fill(&mut input, &mut buf);
+        if n == 0 {
+            break;
+        }
+        if slots.room(seq).is_none() {
+            return;
+        }
+        if ring
+            .write_all_at(&buf[..n], proto::ring::offset(seq))
+            .is_err()
+        {
+            return;
+        }
+        // The frame counts against the line's window like any other.
+        loop {
+            let sent = tx.sent.load(Ordering::SeqCst);
+            match credits.room(sent) {
+                None => return,
+                Some(r) if r >= frame => break,
+                Some(r) => {
+                    if credits.room(sent + r).is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        let len = u32::try_from(n).unwrap_or(u32::MAX);
+        if tx.send(kind::STDIN_RING, &len.to_le_bytes()).is_err() {
+            return;
+        }
+        seq += 1;
     }
     let _ = tx.send(kind::STDIN_EOF, &[]);
 }

@@ -66,6 +66,10 @@ pub mod kind {
     /// columns. `umlctl console` sends it so the guest's console follows
     /// the host terminal.
     pub const TTY_SIZE: u8 = 7;
+    /// stdin through the slot's ring disk: the next ring slot holds this
+    /// many bytes (a u32). Sent only after the agent offered the ring
+    /// ([`RING`]).
+    pub const STDIN_RING: u8 = 8;
     pub const READY: u8 = 64;
     pub const CREDIT: u8 = 65;
     pub const STDOUT: u8 = 66;
@@ -75,6 +79,55 @@ pub mod kind {
     /// Sent while a command runs, every [`super::ALIVE_EVERY`]: silence
     /// for much longer means the agent is gone.
     pub const ALIVE: u8 = 70;
+    /// The agent can take stdin through the slot's ring disk (payload: the
+    /// session's nonce). Sent just before READY, so that a host that finds
+    /// READY has seen it; hosts that do not know it skip it.
+    pub const RING: u8 = 71;
+    /// Ring slots of stdin taken so far this session (a u64): their space
+    /// may be written again.
+    pub const RING_ACK: u8 = 72;
+}
+
+/// stdin through a slot's ring disk (see [`kind::STDIN_RING`]): a file of
+/// [`ring_len`] bytes in the guest's state directory, a read-only ubd disk
+/// for the guest, which reads each slot with `O_DIRECT` — so stdin moves at
+/// disk speed instead of the serial line's one byte per host system call.
+pub mod ring {
+    use crate::protocol::ring as r;
+    /// Most bytes in one ring slot.
+    pub const SLOT: u64 = r::SLOT;
+    /// Slots in flight, unacknowledged.
+    pub const SLOTS: u64 = r::SLOTS;
+    /// The ring file's size.
+    pub const fn ring_len() -> u64 {
+        r::offset(r::STDIN, SLOTS - 1) + SLOT
+    }
+    /// Where the `seq`th slot starts.
+    pub const fn offset(seq: u64) -> u64 {
+        r::offset(r::STDIN, seq)
+    }
+    /// The ubd index of slot `i`'s ring: the slots just below umlctl's init
+    /// disk, so the guest's own disks (and hot-plugged ones) keep `ubdb`…
+    pub const fn ubd_index(i: u32) -> usize {
+        crate::cmdline::LAST_UBD - super::SLOTS as usize + i as usize
+    }
+}
+
+/// A STDIN_RING payload: the slot's length, at most [`ring::SLOT`].
+pub fn ring_len(p: &[u8]) -> Result<usize, FrameError> {
+    let n = u32::from_le_bytes(fixed("stdin ring", p)?);
+    if u64::from(n) > ring::SLOT || n == 0 {
+        return Err(FrameError::Malformed {
+            what: "stdin ring",
+            why: format!("{n} bytes in a slot of {}", ring::SLOT),
+        });
+    }
+    Ok(crate::num::usize_of(u64::from(n)))
+}
+
+/// A RING_ACK payload.
+pub fn ring_ack(p: &[u8]) -> Result<u64, FrameError> {
+    Ok(u64::from_le_bytes(fixed("ring ack", p)?))
 }
 
 /// How the command ended.
@@ -142,6 +195,11 @@ impl Decoder {
         let payload = self.buf[HEADER..HEADER + n].to_vec();
         self.buf.drain(..HEADER + n);
         Ok(Some(Frame { kind, payload }))
+    }
+
+    /// Whether `marker` is among the bytes received and not yet taken.
+    pub fn contains(&self, marker: &[u8]) -> bool {
+        self.buf.windows(marker.len()).any(|w| w == marker)
     }
 
     /// Bytes received but not yet a whole frame.
@@ -310,7 +368,11 @@ pub fn exercise(data: &[u8]) {
                         winsize(p),
                         error(p),
                         tty_size(p),
+                        ring_ack(p),
                     );
+                    if let Ok(n) = ring_len(p) {
+                        assert!(n > 0 && n as u64 <= ring::SLOT);
+                    }
                     if let Ok(e) = ended(p) {
                         assert_eq!(ended(&ended_payload(e)), Ok(e));
                     }
@@ -330,12 +392,36 @@ pub fn exercise(data: &[u8]) {
     }
     let mut d = Decoder::default();
     d.push(data);
+    let _ = d.contains(&encode(kind::RING, &[1, 2, 3, 4, 5, 6, 7, 8]));
     let _ = d.seek(&encode(kind::READY, &[1, 2, 3, 4, 5, 6, 7, 8]));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_frames_are_bounded_and_the_ring_fits_below_the_init_disk() {
+        assert_eq!(ring_len(&(1u32 << 20).to_le_bytes()), Ok(1 << 20));
+        assert_eq!(ring_len(&5u32.to_le_bytes()), Ok(5));
+        assert!(ring_len(&0u32.to_le_bytes()).is_err());
+        assert!(ring_len(&((1u32 << 20) + 1).to_le_bytes()).is_err());
+        assert!(ring_len(&[1, 2, 3]).is_err());
+        assert_eq!(ring_ack(&9u64.to_le_bytes()), Ok(9));
+        // Four slots of 1 MiB after the zero area, in slot order, wrapping.
+        assert_eq!(ring::offset(0), 1 << 20);
+        assert_eq!(ring::offset(3) + ring::SLOT, ring::ring_len());
+        assert_eq!(ring::offset(4), ring::offset(0));
+        assert_eq!(ring::ubd_index(0), 11);
+        assert_eq!(ring::ubd_index(SLOTS - 1) + 1, crate::cmdline::LAST_UBD);
+        // The offer is found wherever it lies before READY.
+        let mut d = Decoder::default();
+        let offer = encode(kind::RING, &7u64.to_le_bytes());
+        d.push(b"junk");
+        d.push(&offer);
+        assert!(d.contains(&offer));
+        assert!(!d.contains(&encode(kind::RING, &8u64.to_le_bytes())));
+    }
 
     #[test]
     fn frames_round_trip_across_any_split() {

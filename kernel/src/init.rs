@@ -15,7 +15,7 @@
 mod agent;
 mod boot;
 pub mod lab;
-pub(crate) use boot::{BOOT_ENV, EXEC_ENV, HOSTNAME_ENV, INIT_ENV, STARTING_MARK};
+pub(crate) use boot::{BOOT_ENV, EXEC_ENV, EXEC_RINGS_ENV, HOSTNAME_ENV, INIT_ENV, STARTING_MARK};
 
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};

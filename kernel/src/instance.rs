@@ -155,6 +155,10 @@ impl Layout {
     pub fn exec_lock(&self, i: u32) -> PathBuf {
         self.state.join(format!("exec{i}.lock"))
     }
+    /// Slot `i`'s stdin ring (see [`crate::execproto::ring`]).
+    pub fn exec_ring(&self, i: u32) -> PathBuf {
+        self.state.join(format!("exec{i}.ring"))
+    }
     pub fn mconsole(&self) -> PathBuf {
         self.uml_instance.join("mconsole")
     }

@@ -4,7 +4,9 @@
 //! whatever the slot ran before), a SPEC runs a command with pipes or a
 //! pseudo-terminal, and the command's output, exit status or failure go
 //! back as frames. stdin is credited as the command takes it, so the host
-//! never has more than [`WINDOW`] bytes in flight on the line.
+//! never has more than [`WINDOW`] bytes in flight on the line; where the
+//! slot has a ring disk ([`proto::ring`]), stdin comes through it instead,
+//! a slot of up to 1 MiB per frame, acknowledged as taken.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -23,9 +25,10 @@ use nix::unistd::Pid;
 
 use crate::execproto::{self as proto, kind, Ended, ExecSpec, CREDIT_STEP};
 
-/// Start the agent for serial lines `lines` in a child process; returns in
+/// Start the agent for serial lines `lines` (with the stdin ring disks
+/// `rings`, in the same order, where given) in a child process; returns in
 /// the parent (which goes on to exec the image's init).
-pub(super) fn spawn(lines: Vec<u32>) {
+pub(super) fn spawn(lines: Vec<u32>, rings: Vec<String>) {
     // SAFETY: umlctl's init is single-threaded here; the child only runs
     // Rust code of this process and never returns into the parent's state.
     match unsafe { nix::unistd::fork() } {
@@ -33,7 +36,11 @@ pub(super) fn spawn(lines: Vec<u32>) {
             let _ = nix::unistd::setsid();
             let handles: Vec<_> = lines
                 .into_iter()
-                .map(|n| std::thread::spawn(move || serve(n)))
+                .enumerate()
+                .map(|(i, n)| {
+                    let ring = rings.get(i).cloned().filter(|r| !r.is_empty());
+                    std::thread::spawn(move || serve(n, ring))
+                })
                 .collect();
             for h in handles {
                 let _ = h.join();
@@ -80,11 +87,31 @@ struct Session {
     /// background (a daemon a startup script started) stays, as after
     /// `docker exec`.
     finished: Arc<std::sync::atomic::AtomicBool>,
-    stdin: Option<Sender<Vec<u8>>>,
+    stdin: Option<Sender<Input>>,
     master: Option<Arc<OwnedFd>>,
+    /// Ring slots announced so far this session.
+    ring_seq: u64,
 }
 
-fn serve(n: u32) {
+/// stdin for the command: bytes from the line, or the next ring slot
+/// (its sequence number and length).
+enum Input {
+    Bytes(Vec<u8>),
+    Ring(u64, usize),
+}
+
+fn serve(n: u32, ring_dev: Option<String>) {
+    // The slot's ring, read with O_DIRECT (each slot straight from the
+    // host's file); without it stdin stays on the line.
+    let ring = ring_dev.and_then(|d| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&d)
+            .map_err(|e| super::console(&format!("exec agent: open {d}: {e}")))
+            .ok()
+            .map(Arc::new)
+    });
     let path = format!("/dev/ttyS{n}");
     let tty = match OpenOptions::new()
         .read(true)
@@ -166,13 +193,16 @@ fn serve(n: u32) {
                     }
                     line.taken.store(0, Ordering::SeqCst);
                     line.reported.store(0, Ordering::SeqCst);
+                    if ring.is_some() {
+                        line.send(gen, kind::RING, &nonce.to_le_bytes());
+                    }
                     line.send(gen, kind::READY, &nonce.to_le_bytes());
                     continue;
                 }
                 kind::SPEC if session.is_none() => {
                     line.credit(gen, size);
                     match proto::spec(&f.payload) {
-                        Ok(spec) => match start(&spec, gen, &line) {
+                        Ok(spec) => match start(&spec, gen, &line, ring.clone()) {
                             Ok(s) => session = Some(s),
                             Err((code, msg)) => {
                                 line.send(gen, kind::ERROR, &proto::error_payload(code, &msg))
@@ -188,11 +218,25 @@ fn serve(n: u32) {
                     line.credit(gen, proto::HEADER as u64);
                     let len = f.payload.len() as u64;
                     match session.as_ref().and_then(|s| s.stdin.as_ref()) {
-                        Some(tx) if tx.send(f.payload).is_ok() => {}
+                        Some(tx) if tx.send(Input::Bytes(f.payload)).is_ok() => {}
                         // Nobody takes it: it is taken all the same.
                         _ => line.credit(gen, len),
                     }
                     continue;
+                }
+                kind::STDIN_RING => {
+                    if let (Some(s), Ok(len)) = (session.as_mut(), proto::ring_len(&f.payload)) {
+                        s.ring_seq += 1;
+                        let seq = s.ring_seq;
+                        let taken = s
+                            .stdin
+                            .as_ref()
+                            .is_some_and(|tx| tx.send(Input::Ring(seq, len)).is_ok());
+                        if !taken {
+                            // Nobody takes it: it is taken all the same.
+                            line.send(gen, kind::RING_ACK, &seq.to_le_bytes());
+                        }
+                    }
                 }
                 kind::STDIN_EOF => {
                     if let Some(s) = session.as_mut() {
@@ -323,7 +367,12 @@ fn environment(spec: &ExecSpec, u: &User) -> Vec<(String, String)> {
     v
 }
 
-fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, String)> {
+fn start(
+    spec: &ExecSpec,
+    gen: u64,
+    line: &Arc<Line>,
+    ring: Option<Arc<File>>,
+) -> Result<Session, (u8, String)> {
     let fail = |m: String| (crate::exit::FAILURE, m);
     let u = user(spec.user.as_deref()).map_err(fail)?;
     let cwd = spec.cwd.clone().unwrap_or_else(|| "/".into());
@@ -436,19 +485,45 @@ fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, St
         });
     }
     drop(done_tx);
-    // stdin: written as the command takes it, credited as written.
+    // stdin: written as the command takes it, credited (a ring slot:
+    // acknowledged) as written.
     let stdin = stdin_sink.map(|mut sink| {
-        let (tx, rx) = channel::<Vec<u8>>();
+        let (tx, rx) = channel::<Input>();
         let line = Arc::clone(line);
         std::thread::spawn(move || {
             let mut open = true;
-            for chunk in rx {
-                if open && sink.write_all(&chunk).is_err() {
-                    // The command closed its stdin; the rest is taken
-                    // and dropped, so the host is never stuck.
-                    open = false;
+            let mut slot = None;
+            for input in rx {
+                match input {
+                    Input::Bytes(chunk) => {
+                        if open && sink.write_all(&chunk).is_err() {
+                            // The command closed its stdin; the rest is
+                            // taken and dropped, so the host is never stuck.
+                            open = false;
+                        }
+                        line.credit(gen, chunk.len() as u64);
+                    }
+                    Input::Ring(seq, len) => {
+                        let buf: &mut super::SlotBuf = slot.get_or_insert_with(super::SlotBuf::new);
+                        let area = &mut buf.slot()[..crate::protocol::ring::padded(len)];
+                        let read = ring.as_ref().is_some_and(|r| {
+                            std::os::unix::fs::FileExt::read_exact_at(
+                                &**r,
+                                area,
+                                proto::ring::offset(seq - 1),
+                            )
+                            .is_ok()
+                        });
+                        if !read {
+                            super::console("exec agent: cannot read the stdin ring");
+                            open = false;
+                        }
+                        if open && sink.write_all(&area[..len]).is_err() {
+                            open = false;
+                        }
+                        line.send(gen, kind::RING_ACK, &seq.to_le_bytes());
+                    }
                 }
-                line.credit(gen, chunk.len() as u64);
             }
             // Channel closed: EOF for a pipe (dropped here); a terminal
             // gets its end-of-file character.
@@ -491,6 +566,7 @@ fn start(spec: &ExecSpec, gen: u64, line: &Arc<Line>) -> Result<Session, (u8, St
         finished,
         stdin,
         master,
+        ring_seq: 0,
     })
 }
 

@@ -25,6 +25,8 @@ pub(crate) const HOSTNAME_ENV: &str = "UMLCTL_HOSTNAME";
 /// The serial lines of the exec slots (`1,2,3,4`): the exec agent serves
 /// them.
 pub(crate) const EXEC_ENV: &str = "UMLCTL_EXEC_LINES";
+/// The exec slots' stdin ring disks (`/dev/ubdl,…`), in the lines' order.
+pub(crate) const EXEC_RINGS_ENV: &str = "UMLCTL_EXEC_RINGS";
 
 /// What the console shows just before the image's init is exec'd (after
 /// the init exists and is executable); `start` waits for it.
@@ -43,7 +45,10 @@ pub(super) fn main(device: &str) -> ! {
     }
     if let Some(lines) = lookup(&env, EXEC_ENV) {
         let lines: Vec<u32> = lines.split(',').filter_map(|n| n.parse().ok()).collect();
-        super::agent::spawn(lines);
+        let rings: Vec<String> = lookup(&env, EXEC_RINGS_ENV)
+            .map(|r| r.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        super::agent::spawn(lines, rings);
     }
     let chosen = lookup(&env, INIT_ENV).filter(|s| !s.is_empty());
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -55,6 +60,7 @@ pub(super) fn main(device: &str) -> ! {
                 INIT_ENV,
                 HOSTNAME_ENV,
                 EXEC_ENV,
+                EXEC_RINGS_ENV,
                 super::lab::LAYER_ENV,
                 super::lab::SHARED_ENV,
                 super::lab::IFNAMES_ENV,

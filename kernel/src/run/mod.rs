@@ -427,6 +427,7 @@ pub(crate) fn boot_plan(spec: &GuestSpec, f: BootFacts) -> BootPlan {
         init: Some(f.init),
         notify: None,
         disks: f.disks,
+        fixed_disks: Vec::new(),
         console_line: 0,
         console: (Chan::Fd(0), Chan::Fd(1)),
         lines,
