@@ -766,6 +766,68 @@ mod tests {
         assert!(!cpu.join("umlctl-g1").exists() && !mem.join("inner/umlctl-g1").exists());
     }
 
+    /// A cgroup v2 hierarchy in a directory: the files cgroupfs would have.
+    fn v2_tree(root: &Path, own: &str) -> Layout {
+        fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+        let own_dir = root.join(own.trim_start_matches('/'));
+        fs::create_dir_all(&own_dir).unwrap();
+        for d in [root.join("umlctl"), own_dir.clone()] {
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("cgroup.subtree_control"), "").unwrap();
+            fs::write(d.join("cgroup.procs"), "").unwrap();
+        }
+        Layout::parse(
+            &format!("30 24 0:26 / {} rw - cgroup2 cgroup2 rw\n", root.display()),
+            &format!("0::{own}\n"),
+        )
+    }
+
+    #[test]
+    fn on_cgroup_v2_root_uses_umlctl_under_the_root_and_a_user_their_own_cgroup() {
+        let lim = Limits {
+            cpu_percent: Some(250),
+            memory_max: Some(3 << 30),
+        };
+        // Root: umlctl/ under the hierarchy's root, controllers enabled on
+        // the way down (here each write replaces the file's content).
+        let d = tempfile::tempdir().unwrap();
+        let l = v2_tree(d.path(), "/user.slice/session-1.scope");
+        let cg = Cgroup::create_in(&l, "run-1", &lim, true).unwrap();
+        let leaf = d.path().join("umlctl/umlctl-run-1");
+        assert_eq!(cg.dirs, vec![leaf.clone()]);
+        let rd = |p: PathBuf| fs::read_to_string(p).unwrap();
+        assert_eq!(rd(leaf.join("cpu.max")), "250000 100000");
+        assert_eq!(rd(leaf.join("memory.max")), (3u64 << 30).to_string());
+        assert_eq!(
+            rd(d.path().join("umlctl/cgroup.subtree_control")),
+            "+memory"
+        );
+        // A user: their own (delegated) cgroup; umlctl moves itself into a
+        // leaf of it first, then the guest's leaf goes beside it.
+        let d = tempfile::tempdir().unwrap();
+        let own = "/user.slice/user-1000.slice/user@1000.service/app.slice/run-x.scope";
+        let l = v2_tree(d.path(), own);
+        let cg = Cgroup::create_in(&l, "guest-web-7", &lim, false).unwrap();
+        let own_dir = d.path().join(own.trim_start_matches('/'));
+        assert_eq!(cg.dirs, vec![own_dir.join("umlctl-guest-web-7")]);
+        assert_eq!(
+            rd(own_dir.join("umlctl-self/cgroup.procs")),
+            std::process::id().to_string()
+        );
+        assert_eq!(rd(own_dir.join("cgroup.subtree_control")), "+memory");
+        // A hierarchy without the controller: the error names it.
+        fs::write(d.path().join("cgroup.controllers"), "pids\n").unwrap();
+        let e = Cgroup::create_in(&l, "g", &lim, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `cpu` controller"), "{e}");
+    }
+
     #[test]
     fn a_failed_creation_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
