@@ -948,6 +948,44 @@ fn a_current_smp_kernel_is_refused_a_network_before_any_tap_is_made() {
 }
 
 #[test]
+fn a_one_cpu_current_kernel_gets_a_network_through_both_tap_modes() {
+    // Debian unstable's 7.x built with one CPU: only UML's vector driver
+    // is left (the legacy transports are gone since 6.16); a guest gets its
+    // lease, reaches the bridge's host address, and a second guest, as
+    // root (an owned tap) and as a user who cannot open /dev/net/tun (the
+    // tap's descriptor from netd).
+    let k = kernel_7_one_cpu();
+    let mut d = Netd::start("guests7up");
+    let mut a = guest_on(
+        &d,
+        "br0",
+        "busybox ip -4 addr show vec0; echo ready; sleep 60",
+        Who::Root,
+        Some(&k),
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (_out, seen) = until_line(&mut a, "ready", "7.x guest A", &d);
+    assert!(seen.contains("inet 10.99.0.2/24"), "{seen}");
+    let o = guest_on(
+        &d,
+        "br0",
+        "busybox ping -c 1 -W 5 10.99.0.1 && busybox ping -c 1 -W 5 10.99.0.2",
+        NOBODY,
+        Some(&k),
+    )
+    .output()
+    .unwrap();
+    assert_ok(&o, "a 7.x guest of uid 65534 (fd tap) pings the host and A");
+    assert_eq!(taps_made(&d.log(), 0), ["Owned"], "{}", d.log());
+    assert_eq!(taps_made(&d.log(), 65534), ["Fd"], "{}", d.log());
+    let _ = a.kill();
+    let _ = a.wait();
+    stop_and_check_rules_gone(&mut d);
+}
+
+#[test]
 fn guests_on_a_bridge_reach_each_other_and_the_host_but_not_past_an_isolated_bridge() {
     assert!(
         Path::new("/bin/busybox").exists(),

@@ -516,6 +516,34 @@ pub fn built_7_debug() -> &'static serde_json::Value {
     })
 }
 
+/// `kernel build --json` of the 7.x source with one CPU (`--set
+/// CONFIG_SMP=n`): what a 7.x guest needs for `--net` (UML's vector driver
+/// is not SMP-safe with tap transports). Built once per machine.
+pub fn kernel_7_one_cpu() -> PathBuf {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        let src = source_7();
+        let out = Command::new(umlctl_bin())
+            .args([
+                "kernel",
+                "build",
+                "--json",
+                "--set",
+                "CONFIG_SMP=n",
+                "--source",
+            ])
+            .arg(&src)
+            .env("UMLCTL_CACHE_DIR", kernel_cache())
+            .env_remove("UMLCTL_KERNEL")
+            .output()
+            .expect("run umlctl kernel build");
+        let text = assert_ok(&out, "umlctl kernel build --set CONFIG_SMP=n (7.x)");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        PathBuf::from(v["path"].as_str().unwrap())
+    })
+    .clone()
+}
+
 /// Where the 7.x debug build's kernel binary is.
 pub fn kernel_7() -> PathBuf {
     PathBuf::from(built_7_debug()["path"].as_str().unwrap())
