@@ -387,36 +387,49 @@ fn copy_stdin(tx: &Sender, credits: &Window) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let mut off = 0;
-        while off < n {
-            let sent = tx.sent.load(Ordering::SeqCst);
-            let Some(room) = credits.room(sent) else {
-                return;
-            };
-            // The header counts against the window too.
-            let room = usize::try_from(room).unwrap_or(usize::MAX);
-            if room <= proto::HEADER {
-                // Wait for more credit.
-                let Some(_) = credits.room(sent + u64::try_from(room).unwrap_or(0)) else {
-                    return;
-                };
-                continue;
-            }
-            let k = (n - off).min(room - proto::HEADER);
-            if tx.send(kind::STDIN, &buf[off..off + k]).is_err() {
-                return;
-            }
-            off += k;
+        if !send_on_line(tx, credits, &buf[..n]) {
+            return;
         }
     }
     let _ = tx.send(kind::STDIN_EOF, &[]);
+}
+
+/// Send `data` as STDIN frames within the window; `false` once the agent
+/// is gone.
+fn send_on_line(tx: &Sender, credits: &Window, data: &[u8]) -> bool {
+    let mut off = 0;
+    while off < data.len() {
+        let sent = tx.sent.load(Ordering::SeqCst);
+        let Some(room) = credits.room(sent) else {
+            return false;
+        };
+        // The header counts against the window too.
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        if room <= proto::HEADER {
+            // Wait for more credit.
+            if credits
+                .room(sent + u64::try_from(room).unwrap_or(0))
+                .is_none()
+            {
+                return false;
+            }
+            continue;
+        }
+        let k = (data.len() - off).min(room - proto::HEADER);
+        if tx.send(kind::STDIN, &data[off..off + k]).is_err() {
+            return false;
+        }
+        off += k;
+    }
+    true
 }
 
 /// Copy the host's stdin to the command through the slot's ring: each
 /// piece (gathered while stdin floods, at once while it trickles) is
 /// written into the next of [`proto::ring::SLOTS`] slots, then announced by
 /// a STDIN_RING frame; a slot is written again only after the agent took
-/// it. Then EOF.
+/// it. Then EOF. If the ring cannot be written (a full disk), the rest goes
+/// on the line, in order.
 fn copy_stdin_ring(tx: &Sender, credits: &Window, ring: &File, slots: &Window) {
     use std::os::fd::AsFd;
     use std::os::unix::fs::FileExt;
@@ -428,6 +441,7 @@ fn copy_stdin_ring(tx: &Sender, credits: &Window, ring: &File, slots: &Window) {
     let mut buf = vec![0u8; crate::num::usize_of(proto::ring::SLOT)];
     let frame = (proto::HEADER + 4) as u64;
     let mut seq = 0u64;
+    let mut on_ring = true;
     loop {
         let n = filler.fill(&mut input, &mut buf);
         if n == 0 {
@@ -436,11 +450,19 @@ fn copy_stdin_ring(tx: &Sender, credits: &Window, ring: &File, slots: &Window) {
         if slots.room(seq).is_none() {
             return;
         }
-        if ring
-            .write_all_at(&buf[..n], proto::ring::offset(seq))
-            .is_err()
+        if on_ring
+            && ring
+                .write_all_at(&buf[..n], proto::ring::offset(seq))
+                .is_err()
         {
-            return;
+            eprintln!("umlctl: warning: cannot write the exec stdin ring (disk full?); stdin goes on the serial line");
+            on_ring = false;
+        }
+        if !on_ring {
+            if !send_on_line(tx, credits, &buf[..n]) {
+                return;
+            }
+            continue;
         }
         // The frame counts against the line's window like any other.
         loop {
