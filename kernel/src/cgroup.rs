@@ -394,7 +394,7 @@ impl Cgroup {
     /// What the guest's cgroup recorded.
     pub fn usage(&self) -> Usage {
         let mut u = Usage::default();
-        for d in &self.dirs {
+        for d in self.dirs.iter().filter(|d| ours(d)) {
             // v2 and v1 name these alike (cpu.stat), or apart.
             if let Some(n) = read_key(&d.join("cpu.stat"), "nr_throttled") {
                 u.throttled_periods = Some(n);
@@ -417,15 +417,8 @@ impl Cgroup {
     /// to ~2 s, from 1 ms on, as the last ones may still be exiting: a run
     /// waits for this before it returns). Best effort.
     pub fn remove(&self) {
-        for d in self.dirs.iter().rev() {
-            // Only ever a cgroup umlctl made (a record names these).
-            if !d
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(PREFIX))
-            {
-                continue;
-            }
+        // Only ever a cgroup umlctl made (a record names these).
+        for d in self.dirs.iter().rev().filter(|d| ours(d)) {
             let mut pause = std::time::Duration::from_millis(1);
             let mut waited = std::time::Duration::ZERO;
             loop {
@@ -443,6 +436,13 @@ impl Cgroup {
             }
         }
     }
+}
+
+/// Whether `d` is named as umlctl names its cgroups.
+fn ours(d: &Path) -> bool {
+    d.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(PREFIX))
 }
 
 fn needs(l: &Limits, ctl: &str) -> bool {
@@ -862,37 +862,43 @@ mod tests {
 
     #[test]
     fn usage_reads_both_versions() {
-        let d = tempfile::tempdir().unwrap();
-        fs::write(
-            d.path().join("cpu.stat"),
-            "nr_periods 10\nnr_throttled 7\nthrottled_time 5\n",
-        )
-        .unwrap();
-        fs::write(
-            d.path().join("memory.oom_control"),
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
-        )
-        .unwrap();
-        fs::write(d.path().join("memory.max_usage_in_bytes"), "123\n").unwrap();
-        let u = Cgroup {
-            dirs: vec![d.path().to_path_buf()],
-        }
-        .usage();
+        // A cgroup directory holding `files` (name, content).
+        let with = |files: &[(&str, &str)]| {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path().join("umlctl-run-1");
+            fs::create_dir(&d).unwrap();
+            for (f, c) in files {
+                fs::write(d.join(f), c).unwrap();
+            }
+            (t, Cgroup { dirs: vec![d] }.usage())
+        };
+        let (_t, u) = with(&[
+            (
+                "cpu.stat",
+                "nr_periods 10\nnr_throttled 7\nthrottled_time 5\n",
+            ),
+            (
+                "memory.oom_control",
+                "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+            ),
+            ("memory.max_usage_in_bytes", "123\n"),
+        ]);
         assert_eq!(
             (u.throttled_periods, u.oom_kills, u.memory_peak_bytes),
             (Some(7), Some(1), Some(123))
         );
-        let e = tempfile::tempdir().unwrap();
-        fs::write(
-            e.path().join("memory.events"),
-            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n",
-        )
-        .unwrap();
-        fs::write(e.path().join("memory.peak"), "456\n").unwrap();
+        let (_t, u) = with(&[
+            ("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n"),
+            ("memory.peak", "456\n"),
+        ]);
+        assert_eq!((u.oom_kills, u.memory_peak_bytes), (Some(2), Some(456)));
+        // A directory umlctl did not name is never read (a record names it).
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("memory.peak"), "9\n").unwrap();
         let u = Cgroup {
-            dirs: vec![e.path().to_path_buf()],
+            dirs: vec![t.path().to_path_buf()],
         }
         .usage();
-        assert_eq!((u.oom_kills, u.memory_peak_bytes), (Some(2), Some(456)));
+        assert_eq!(u.memory_peak_bytes, None);
     }
 }

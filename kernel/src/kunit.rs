@@ -71,6 +71,10 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
     if spec.timeout.is_zero() {
         return Err(Error::Usage("--timeout must be more than 0 seconds".into()));
     }
+    // Before the (long) build: a limit the guest's memory cannot fit.
+    spec.jail
+        .limits
+        .validate(crate::cmdline::parse_size(&spec.mem)?)?;
     let tree = build::source_tree(&spec.source, obs)?;
     let mut extra = vec![kunitconfig(spec, &tree)?];
     let arch = tree.join("tools/testing/kunit/configs/arch_uml.config");
@@ -128,7 +132,6 @@ pub fn test(spec: &KunitSpec, obs: &dyn Observer) -> Result<KunitOutcome> {
         None => crate::run::warn_unjailed(),
     }
     let null = fs::File::open("/dev/null").map_err(|e| Error::io("open", "/dev/null", e))?;
-    spec.jail.limits.validate(mem_bytes)?;
     let cgroup = crate::cgroup::for_guest(&crate::cgroup::run_name(), &spec.jail.limits)?;
     let launch = Launch {
         program: kernel.path.clone(),

@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// `data` on the stdin of `exec -i NAME -- cat`, written while the output
+/// is read; the output.
+fn cat_through_exec(env: &GuestEnv, name: &str, data: &[u8]) -> std::process::Output {
+    let mut c = env.cmd(&["exec", "-i", name, "--", "cat"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut w = child.stdin.take().unwrap();
+    let d = data.to_vec();
+    let writer = std::thread::spawn(move || w.write_all(&d).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -433,14 +447,7 @@ fn exec_runs_commands_in_a_running_guest() {
     // stdin, byte-exact (every byte value, more than the flow-control
     // window many times over); without -i the command's stdin is empty.
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let mut c = env.cmd(&["exec", "-i", "ex", "--", "cat"]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut w = child.stdin.take().unwrap();
-    let d2 = data.clone();
-    let writer = std::thread::spawn(move || w.write_all(&d2).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = cat_through_exec(&env, "ex", &data);
     assert_eq!(out.status.code(), Some(0));
     assert!(
         out.stdout == data,
@@ -467,14 +474,7 @@ fn exec_runs_commands_in_a_running_guest() {
     let big: Vec<u8> = (0..32u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let mut c = env.cmd(&["exec", "-i", "ex", "--", "cat"]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut w = child.stdin.take().unwrap();
-    let b2 = big.clone();
-    let writer = std::thread::spawn(move || w.write_all(&b2).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = cat_through_exec(&env, "ex", &big);
     assert_eq!(out.status.code(), Some(0));
     assert!(
         sha256(&out.stdout) == sha256(&big),
@@ -656,14 +656,7 @@ fn exec_stdin_without_rings_when_the_guests_disks_take_their_slots() {
         "{stats}"
     );
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 256) as u8).collect();
-    let mut c = env.cmd(&["exec", "-i", "full", "--", "cat"]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut w = child.stdin.take().unwrap();
-    let d2 = data.clone();
-    let writer = std::thread::spawn(move || w.write_all(&d2).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = cat_through_exec(&env, "full", &data);
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout == data, "{} bytes", out.stdout.len());
     env.ok(&["stop", "--rm", "full"]);
