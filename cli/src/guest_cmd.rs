@@ -60,8 +60,10 @@ pub struct StartArgs {
     #[arg(long, value_name = "PORTS")]
     publish: Vec<umlctl_netd::protocol::Publish>,
     /// Return only when the guest is ready: `exec` (the exec channel answers; the default when
-    /// --wait has no value) or `tcp:PORT` (a port on its first address accepts). A guest not
-    /// ready in time is stopped and removed, with its console's last lines.
+    /// --wait has no value), `booted` (that, and a systemd init has finished booting: running,
+    /// or degraded with a warning naming the failed units) or `tcp:PORT` (a port on its first
+    /// address accepts). A guest not ready in time is stopped and removed, with its console's
+    /// last lines.
     #[arg(long, value_name = "PROBE", num_args = 0..=1, default_missing_value = "exec")]
     wait: Option<detached::Ready>,
     /// How the guest's processes run: ptrace (default: the guest kernel's memory is out of their
@@ -202,9 +204,13 @@ pub fn start(a: StartArgs) -> u8 {
         Err(e) => return fail(e),
     };
     if let Some(probe) = &a.wait {
-        if let Err(e) = detached::wait_ready(&g, probe, Duration::from_secs(a.wait_timeout)) {
-            let _ = detached::stop(&g, Duration::from_secs(5), true, true);
-            return fail(e);
+        match detached::wait_ready(&g, probe, Duration::from_secs(a.wait_timeout)) {
+            Ok(None) => {}
+            Ok(Some(note)) => eprintln!("umlctl: warning: {note}"),
+            Err(e) => {
+                let _ = detached::stop(&g, Duration::from_secs(5), true, true);
+                return fail(e);
+            }
         }
     }
     println!("{}", g.record.name);

@@ -127,6 +127,56 @@ pub enum Ready {
     Exec,
     /// A TCP port on the guest's first address accepts.
     Tcp(u16),
+    /// The exec agent answers and, when the image's init is systemd, it
+    /// has finished booting (`systemctl is-system-running`: running or
+    /// degraded). Other inits have no such notion: as `Exec`.
+    Booted,
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ready::Exec => f.write_str("exec"),
+            Ready::Tcp(p) => write!(f, "tcp:{p}"),
+            Ready::Booted => f.write_str("booted"),
+        }
+    }
+}
+
+/// Run in the guest by `--wait booted`: 0 when booted (or not systemd),
+/// 10 degraded (the failed units on stdout), 11 still booting (systemd's
+/// state on stdout).
+const BOOTED_PROBE: &str = "case \"$(readlink /proc/1/exe 2>/dev/null)\" in */systemd) ;; *) exit 0;; esac\n\
+s=$(systemctl is-system-running 2>/dev/null)\n\
+case \"$s\" in\n\
+running) exit 0;;\n\
+degraded) systemctl list-units --failed --no-legend --plain 2>/dev/null | cut -d' ' -f1; exit 10;;\n\
+*) echo \"${s:-no answer}\"; exit 11;;\n\
+esac\n";
+
+/// One `--wait booted` probe: `Ok(None)` booted, `Ok(Some(note))` booted
+/// with a warning, `Err(state)` not yet.
+fn probe_booted(name: &str) -> std::result::Result<Option<String>, String> {
+    let spec = crate::execproto::ExecSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), BOOTED_PROBE.into()],
+        ..Default::default()
+    };
+    let (code, out, _) = crate::exec::output(name, &spec).map_err(|e| e.to_string())?;
+    let out = String::from_utf8_lossy(&out);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    match code {
+        0 => Ok(None),
+        10 => Ok(Some(format!(
+            "guest {name} booted degraded: failed units: {} (see `umlctl exec {name} -- systemctl --failed`)",
+            if words.is_empty() {
+                "(none listed)".to_string()
+            } else {
+                words.join(", ")
+            }
+        ))),
+        11 => Err(format!("systemd is {}", words.join(" "))),
+        c => Err(format!("the boot probe (/bin/sh in the guest) exited with {c}")),
+    }
 }
 
 impl std::str::FromStr for Ready {
@@ -134,22 +184,24 @@ impl std::str::FromStr for Ready {
     fn from_str(s: &str) -> std::result::Result<Ready, String> {
         match s {
             "exec" => Ok(Ready::Exec),
+            "booted" => Ok(Ready::Booted),
             _ => s
                 .strip_prefix("tcp:")
                 .and_then(|p| p.parse::<u16>().ok())
                 .filter(|p| *p > 0)
                 .map(Ready::Tcp)
-                .ok_or_else(|| format!("--wait {s:?}: expected exec or tcp:PORT")),
+                .ok_or_else(|| format!("--wait {s:?}: expected exec, booted or tcp:PORT")),
         }
     }
 }
 
 /// Wait until guest `g` is ready by `probe`, or fail after `timeout` with
-/// the console's tail.
-pub fn wait_ready(g: &Guest, probe: &Ready, timeout: Duration) -> Result<()> {
+/// the console's tail. `Some(note)`: ready, with a warning to show (a
+/// systemd guest that booted degraded).
+pub fn wait_ready(g: &Guest, probe: &Ready, timeout: Duration) -> Result<Option<String>> {
     let deadline = Instant::now() + timeout;
     let target = match probe {
-        Ready::Exec => None,
+        Ready::Exec | Ready::Booted => None,
         Ready::Tcp(port) => {
             let addr = g
                 .record
@@ -172,25 +224,26 @@ pub fn wait_ready(g: &Guest, probe: &Ready, timeout: Duration) -> Result<()> {
             break "the guest stopped".to_string();
         }
         let r = match target {
-            None => crate::exec::ping(&g.record.name).map_err(|e| e.to_string()),
+            None => crate::exec::ping(&g.record.name)
+                .map_err(|e| e.to_string())
+                .and_then(|()| match probe {
+                    Ready::Booted => probe_booted(&g.record.name),
+                    _ => Ok(None),
+                }),
             Some(a) => std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1))
-                .map(drop)
+                .map(|_| None)
                 .map_err(|e| format!("{a}: {e}")),
         };
         match r {
-            Ok(()) => return Ok(()),
+            Ok(note) => return Ok(note),
             Err(e) if Instant::now() >= deadline => break e,
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     };
     Err(Error::StartFailed {
         why: format!(
-            "guest {} was not ready ({}) within {} s: {last}",
+            "guest {} was not ready ({probe}) within {} s: {last}",
             g.record.name,
-            match probe {
-                Ready::Exec => "exec".to_string(),
-                Ready::Tcp(p) => format!("tcp:{p}"),
-            },
             timeout.as_secs()
         ),
         console_tail: tail(&g.layout.console_log(), 20),

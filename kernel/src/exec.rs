@@ -29,6 +29,34 @@ const ANSWER: Duration = Duration::from_secs(10);
 /// Run `spec` in guest `name`; the exit code to leave with. With a
 /// terminal, its size is the host terminal's (stdin's).
 pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
+    exec_to(
+        name,
+        spec,
+        true,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    )
+}
+
+/// Run `spec` (without stdin or a terminal) in guest `name` and keep what
+/// it writes: its exit code, stdout and stderr. Signals to this process
+/// are not passed on (a probe, not the user's command).
+pub fn output(name: &str, spec: &ExecSpec) -> Result<(i32, Vec<u8>, Vec<u8>)> {
+    let mut spec = spec.clone();
+    spec.stdin = false;
+    spec.tty = false;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = exec_to(name, &spec, false, &mut out, &mut err)?;
+    Ok((code, out, err))
+}
+
+fn exec_to(
+    name: &str,
+    spec: &ExecSpec,
+    forward: bool,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<i32> {
     let mut spec = spec.clone();
     if spec.tty && spec.rows == 0 {
         if let Some((rows, cols)) = crate::run::winsize(0) {
@@ -78,10 +106,10 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
         credits.close();
         ring_slots.close();
     };
-    forward_signals(spec.tty, Arc::clone(&tx))?;
+    if forward {
+        forward_signals(spec.tty, Arc::clone(&tx))?;
+    }
 
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
     let mut heard = Instant::now();
     loop {
         loop {
@@ -126,7 +154,7 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
                     let (code, msg) = proto::error(&f.payload)
                         .map_err(|e| Error::Usage(format!("guest {name} sent a bad error: {e}")))?;
                     drop(_term);
-                    eprintln!("umlctl: {msg}");
+                    let _ = writeln!(stderr, "umlctl: {msg}");
                     return Ok(code.into());
                 }
                 _ => {}

@@ -661,3 +661,66 @@ fn exec_stdin_without_rings_when_the_guests_disks_take_their_slots() {
     assert!(out.stdout == data, "{} bytes", out.stdout.len());
     env.ok(&["stop", "--rm", "full"]);
 }
+
+/// `start --wait booted` on a stock Debian image returns once systemd has
+/// finished booting (so the next `exec` finds the system running, not
+/// "starting" or without a bus); when a unit fails, the guest is still
+/// ready and a warning names the unit.
+#[test]
+fn wait_booted_returns_when_systemd_has_booted_and_names_failed_units() {
+    let env = GuestEnv::new();
+    let img = debian_image();
+    let overlay = env.dir.path().join("deb.cow");
+    let k = kernel();
+    let start = |wait: &str| {
+        env.umlctl(&[
+            "start",
+            "--name",
+            "deb",
+            "--image",
+            s(&img),
+            "--overlay",
+            s(&overlay),
+            "--kernel",
+            s(&k),
+            "--mem",
+            "384M",
+            "--wait",
+            wait,
+        ])
+    };
+    let o = start("booted");
+    assert_ok(&o, "start --wait booted");
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        env.ok(&["exec", "deb", "--", "systemctl", "is-system-running"])
+            .trim(),
+        "running"
+    );
+    // A unit that fails on every boot, on the guest's overlay.
+    env.ok(&[
+        "exec",
+        "deb",
+        "--",
+        "sh",
+        "-c",
+        "printf '[Unit]\\nDescription=fails\\n[Service]\\nType=oneshot\\nExecStart=/bin/false\\n[Install]\\nWantedBy=multi-user.target\\n' \
+         > /etc/systemd/system/umlctl-fails.service && systemctl enable umlctl-fails.service",
+    ]);
+    env.ok(&["stop", "deb"]);
+    env.ok(&["gc"]);
+    let o = start("booted");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_ok(&o, "start --wait booted, a unit failing");
+    assert!(
+        err.contains("warning: guest deb booted degraded") && err.contains("umlctl-fails.service"),
+        "{err}"
+    );
+    let o = env.umlctl(&["exec", "deb", "--", "systemctl", "is-system-running"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "degraded");
+    env.ok(&["stop", "deb"]);
+}
