@@ -13,6 +13,8 @@
 #      namespaces (no UML), for scale. And an owned-tap guest on a NAT
 #      bridge sending through netd's masquerade to the other end of that
 #      veth ("the outside").
+#      And `--net user` (passt, as uid 65534: no root, no netd, no tap)
+#      sending to the same outside, beside netd's NAT.
 #   2. The time to obtain a tap from netd (hello once, then create_tap round
 #      trips, released each time), against `ip tuntap add` + `ip link set
 #      master` doing the same job from the shell.
@@ -101,6 +103,15 @@ guest_send() { # MODE CHUNK_KIB MIB [nat]
   finish_recv
 }
 
+user_send() { # CHUNK_KIB MIB: --net user (passt) as uid 65534 to the outside
+  start_recv "$peer"
+  ip netns exec "$ns" setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/nonexistent \
+    "$UMLCTL" run "${kernel_args[@]}" --net user --workdir "$work" -- \
+    ./tcpblast send 10.96.0.2 5001 "$2" "$1" >/dev/null 2>"$work/guest.err" ||
+    { cat "$work/guest.err" >&2; exit 1; }
+  finish_recv
+}
+
 host_send() { # CHUNK_KIB
   start_recv "$ns"
   ip netns exec "$peer" "$work/tcpblast" send 10.96.0.1 5001 "$MIB" "$1"
@@ -164,4 +175,8 @@ printf '%s\n' "${ts[@]}" | sort -n | awk '{a[NR]=$1} END {printf "  ip tuntap ad
 echo "Through NAT: guest -> the outside (the veth peer, no route back), netd masquerading, Gbit/s:"
 start_netd nat
 printf '  %-40s %8s %13s %8s\n' "" "1 MiB" "range" "4 KiB"
-row "guest, owned tap, NAT bridge" guest_row owned nat
+row "guest, owned tap, NAT bridge" guest_row owned nat; n1=$(cat "$work/last.median")
+user_row() { user_send "$2" "$([ "$2" = 4 ] && echo "$small" || echo "$MIB")"; }
+row "guest, --net user (passt, uid 65534)" user_row -; u1=$(cat "$work/last.median")
+awk -v u="$u1" -v n="$n1" 'BEGIN {
+  printf "  --net user is %.0f%% of netd NAT (%.2fx)\n", 100 * u / n, u / n }'

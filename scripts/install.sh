@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
-ensure_debs build-essential pkg-config user-mode-linux e2fsprogs slirp4netns
+ensure_debs build-essential pkg-config user-mode-linux e2fsprogs slirp4netns passt
 ensure_cargo
 cargo install --locked --path cli --root "${PREFIX:-$HOME/.cargo}"
 bin="${PREFIX:-$HOME/.cargo}/bin/umlctl"

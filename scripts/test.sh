@@ -20,13 +20,13 @@ cd "$(dirname "$0")/.."
 # mmdebstrap: a stock Debian image for the distribution-guest tests (built once
 # per machine, cached in /var/tmp/umlctl-test-images); openssh-client: ssh into it;
 # graphviz: `dot` draws and checks `umlctl lab graph`; slirp4netns: a lab's
-# `bridged` devices reach the outside through it; gdb: `run --gdb-batch` and
+# `bridged` devices reach the outside through it; passt: `--net user`; gdb: `run --gdb-batch` and
 # `debug` on a real guest kernel; tmux: a terminal for `run --gdb`;
 # debian-archive-keyring: Debian unstable's linux-source-7.x (the current-kernel
 # tests build it once per machine, cached in /var/tmp/umlctl-test-kernels).
 ensure_debs build-essential pkg-config user-mode-linux e2fsprogs busybox-static uml-utilities iproute2 util-linux \
   attr acl libcap2-bin python3 tar linux-source-6.12 bc bison flex xz-utils nix-bin xfsprogs \
-  nftables zstd mmdebstrap openssh-client graphviz slirp4netns gdb tmux debian-archive-keyring
+  nftables zstd mmdebstrap openssh-client graphviz slirp4netns passt gdb tmux debian-archive-keyring
 ensure_cargo
 ensure_clippy
 # Debian unstable's newest linux-source-7.x, fetched once (apt-get download

@@ -45,8 +45,10 @@ pub struct StartArgs {
     no_xstate_shim: bool,
     /// Connect the guest to this host bridge through netd (vec0, vec1, … in order). The tap
     /// lives as long as the guest; umlctl's init configures address, route and name servers
-    /// before the image's init runs (which also gets them as UMLCTL_NET<i>_*). Repeatable.
-    #[arg(long = "net", value_name = "BRIDGE")]
+    /// before the image's init runs (which also gets them as UMLCTL_NET<i>_*). `user` instead
+    /// of a bridge: user-mode networking through passt, no root and no netd (10.0.2.15/24, the
+    /// outside reached as this user; --publish ports listen on this host). Repeatable.
+    #[arg(long = "net", value_name = "BRIDGE|user")]
     nets: Vec<String>,
     /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
     #[arg(long, value_name = "PATH")]
@@ -56,7 +58,8 @@ pub struct StartArgs {
     hostname: Option<String>,
     /// Publish a host port to the guest, [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp]: connections to
     /// it from outside the host (through the uplink) reach the guest on its first --net bridge,
-    /// which must be a NAT bridge; netd's policy must allow the port. Repeatable.
+    /// which must be a NAT bridge; netd's policy must allow the port. With --net user first,
+    /// passt listens on the port (all of this host's addresses, or HOST_IP). Repeatable.
     #[arg(long, value_name = "PORTS")]
     publish: Vec<umlctl_netd::protocol::Publish>,
     /// Return only when the guest is ready: `exec` (the exec channel answers; the default when
@@ -199,6 +202,13 @@ pub fn start(a: StartArgs) -> u8 {
         Ok(m) => m,
         Err(e) => return fail(e),
     };
+    if let (Some(detached::Ready::Tcp(p)), Some(first)) = (&a.wait, spec.nets.first()) {
+        if first == umlctl_kernel::run::USER_NET {
+            return fail(format!(
+                "--wait tcp:{p} cannot probe a --net user interface (the host cannot reach its address, and passt accepts a published port whether or not the guest listens): use --wait booted or --wait exec"
+            ));
+        }
+    }
     let g = match detached::start(&spec) {
         Ok(g) => g,
         Err(e) => return fail(e),

@@ -93,6 +93,10 @@ fn main() -> ExitCode {
     if std::env::var_os(umlctl_kernel::jail::PROBE_ENV).is_some() {
         return ExitCode::SUCCESS;
     }
+    // `--net user`'s frame relay between UML and passt.
+    if std::env::var_os(umlctl_kernel::usernet::RELAY_ENV).is_some() {
+        umlctl_kernel::usernet::relay_main();
+    }
     // A killed `run`'s reaper execs us to remove its run directory.
     if std::env::var_os(umlctl_kernel::reaper::CLEAN_ENV).is_some() {
         umlctl_kernel::reaper::clean();

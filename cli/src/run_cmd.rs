@@ -74,8 +74,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     tty: TtyArg,
     /// Connect the guest to this host bridge through netd (vec0, vec1, … in order; the first
-    /// one's gateway is the default route). Repeatable.
-    #[arg(long = "net", value_name = "BRIDGE")]
+    /// one's gateway is the default route). `user` instead of a bridge: user-mode networking
+    /// through passt, no root and no netd (10.0.2.15/24; the outside is reached as this user).
+    /// Repeatable.
+    #[arg(long = "net", value_name = "BRIDGE|user")]
     nets: Vec<String>,
     /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
     #[arg(long, value_name = "PATH")]

@@ -215,6 +215,11 @@ pub enum NicTransport {
     Tap { ifname: String },
     /// A tap descriptor UML inherits at this number (no offloads).
     Fd { fd: i32 },
+    /// A packet socket (`SOCK_SEQPACKET`, one frame per packet) UML
+    /// inherits at this number: the `fd` transport with its send and
+    /// receive queues (sendmmsg/recvmmsg), so that a full socket makes it
+    /// wait rather than drop the frame (as it does one frame at a time).
+    Socket { fd: i32 },
 }
 
 /// One guest network interface (UML's vector driver).
@@ -258,6 +263,12 @@ impl Nic {
             }
             NicTransport::Fd { fd } => {
                 format!("vec{n}:transport=fd,fd={fd},vec=0,mac={}", self.mac)
+            }
+            NicTransport::Socket { fd } => {
+                format!(
+                    "vec{n}:transport=fd,fd={fd},vec=1,depth=1024,mac={}",
+                    self.mac
+                )
             }
         })
     }

@@ -195,6 +195,9 @@ impl std::str::FromStr for Ready {
     }
 }
 
+/// How a user-mode interface (`--net user`) ends its line in the record.
+const USER_NOTE: &str = " user-mode (passt)";
+
 /// Wait until guest `g` is ready by `probe`, or fail after `timeout` with
 /// the console's tail. `Some(note)`: ready, with a warning to show (a
 /// systemd guest that booted degraded).
@@ -203,6 +206,16 @@ pub fn wait_ready(g: &Guest, probe: &Ready, timeout: Duration) -> Result<Option<
     let target = match probe {
         Ready::Exec | Ready::Booted => None,
         Ready::Tcp(port) => {
+            if g.record
+                .nics
+                .first()
+                .is_some_and(|n| n.ends_with(USER_NOTE))
+            {
+                return Err(Error::Usage(format!(
+                    "--wait tcp:{port}: guest {}'s first interface is --net user, whose address the host cannot reach (and passt accepts a published port whether or not the guest listens): use --wait booted or --wait exec",
+                    g.record.name
+                )));
+            }
             let addr = g
                 .record
                 .nics
@@ -419,8 +432,13 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
                 let list: Vec<String> = ports.iter().map(ToString::to_string).collect();
                 format!(" publish {}", list.join(","))
             };
+            let user = if nic.mac == crate::usernet::MAC {
+                USER_NOTE
+            } else {
+                ""
+            };
             format!(
-                "{} {}/{} gateway {} mtu {}{published} mac {}",
+                "{} {}/{} gateway {} mtu {}{published} mac {}{user}",
                 n.device, n.address, n.prefix, n.gateway, n.mtu, nic.mac
             )
         })

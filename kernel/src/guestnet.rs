@@ -188,7 +188,7 @@ const OURS: &str = "/run/umlctl-resolv.conf";
 /// The `resolv.conf` text for `servers`.
 pub fn resolv_conf(servers: &[Ipv4Addr]) -> String {
     let mut s =
-        String::from("# written by umlctl's guest init: the name servers netd gives this bridge\n");
+        String::from("# written by umlctl's guest init: the name servers of the guest's network\n");
     for a in servers {
         s.push_str(&format!("nameserver {a}\n"));
     }
@@ -240,6 +240,39 @@ pub fn point_resolver(conf: &Path, ours: &Path, servers: &[Ipv4Addr]) -> Result<
     })
 }
 
+/// Whether a `/proc/net/tcp{,6}` table still holds data on its way out:
+/// a socket with bytes in its send queue, or whose FIN is not yet
+/// acknowledged (FIN_WAIT1, CLOSING, LAST_ACK).
+pub fn tcp_sending(table: &str) -> bool {
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (Some(st), Some(queues)) = (f.get(3), f.get(4)) else {
+            return false;
+        };
+        let tx = queues
+            .split(':')
+            .next()
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+            .unwrap_or(0);
+        tx > 0 || matches!(*st, "04" | "0B" | "09")
+    })
+}
+
+/// After the command: give what it sent over the network up to `limit`
+/// to leave the guest (a sender that closes its socket and exits, like
+/// `nc` or `curl -T` without waiting for a reply, has handed the kernel
+/// data that powering off would lose), checking every few milliseconds.
+pub fn wait_tcp_sent(limit: std::time::Duration) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit
+        && ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .any(|p| std::fs::read_to_string(p).is_ok_and(|s| tcp_sending(&s)))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +320,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("/proc/nonexistent"), "{e}");
+    }
+
+    #[test]
+    fn unsent_data_and_unacknowledged_fins_are_seen() {
+        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let listen = "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n";
+        let idle = "   1: 0F02000A:9696 0100D20A:1389 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1\n";
+        let queued = "   2: 0F02000A:9697 0100D20A:1389 01 0001A000:00000000 01:00000014 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1\n";
+        let fin_wait1 = "   3: 0F02000A:9698 0100D20A:1389 04 00000000:00000000 01:00000014 00000000     0        0 0 1 0000000000000000 20 4 30 10 -1\n";
+        let time_wait = "   4: 0F02000A:9699 0100D20A:1389 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000\n";
+        assert!(!tcp_sending(head));
+        assert!(!tcp_sending(&format!("{head}{listen}{idle}{time_wait}")));
+        assert!(tcp_sending(&format!("{head}{listen}{queued}")));
+        assert!(tcp_sending(&format!("{head}{fin_wait1}")));
+        assert!(!tcp_sending("garbage\nmore garbage"));
     }
 }

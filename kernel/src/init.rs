@@ -866,6 +866,11 @@ pub fn main() -> ! {
         let _ = h.join();
     }
     tstamp("drained");
+    // What the command sent over the network and the kernel still holds
+    // (a sender that closed its socket and exited) leaves before power-off.
+    if !spec.nics.is_empty() {
+        crate::guestnet::wait_tcp_sent(std::time::Duration::from_secs(3));
+    }
     nix::unistd::sync();
     if matches!(spec.root, RootSpec::Image { .. }) {
         let _ = mount(

@@ -51,6 +51,7 @@ pub mod protocol;
 pub mod reaper;
 pub mod run;
 pub(crate) mod terminal;
+pub mod usernet;
 pub mod xstate;
 
 pub use error::{Error, Result};

@@ -69,6 +69,7 @@ pub fn host_checks(kernel: Option<&KernelInfo>, shim_enabled: bool) -> Vec<Check
         check_tmp_exec(),
         check_tun(),
         check_slirp(),
+        check_passt(),
         check_gdb(),
         check_xstate(kernel, shim_enabled),
         check_jail(),
@@ -114,13 +115,16 @@ pub fn check_limits() -> Check {
     }
 }
 
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+}
+
 /// slirp4netns gives a lab's `bridged` devices their way out.
 pub fn check_slirp() -> Check {
     const NAME: &str = "slirp4netns";
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("slirp4netns").is_file()))
-        .unwrap_or(false);
-    if found {
+    if on_path(NAME) {
         ok(
             NAME,
             "found (a lab's bridged devices reach the outside through it)",
@@ -131,6 +135,24 @@ pub fn check_slirp() -> Check {
             Level::Warn,
             "not found: labs with `bridged` devices (or `port`) cannot start (other labs can)",
             "apt-get install slirp4netns",
+        )
+    }
+}
+
+/// passt gives `--net user` guests their way out.
+pub fn check_passt() -> Check {
+    const NAME: &str = "passt";
+    if on_path(NAME) {
+        ok(
+            NAME,
+            "found (`--net user`: networking without root or netd)",
+        )
+    } else {
+        bad(
+            NAME,
+            Level::Warn,
+            "not found: `--net user` is unavailable (--net BRIDGE through netd still works)",
+            "apt-get install passt",
         )
     }
 }

@@ -38,10 +38,14 @@ pub fn check_nics(info: &crate::inspect::KernelInfo, nics: usize) -> Result<()> 
 /// Where UML finds the first fd-mode tap descriptor.
 pub const FIRST_TAP_FD: i32 = 8;
 
+/// The `--net` value for user-mode networking (passt) instead of a bridge.
+pub const USER_NET: &str = "user";
+
 /// Ask netd for a tap on each bridge. An owned tap (UML opens it, with
 /// offloads) when this process can open /dev/net/tun, else netd's
-/// descriptor (the `fd` transport). `publish`: host ports for the guest
-/// on the first bridge (which must be a NAT bridge).
+/// descriptor (the `fd` transport). [`USER_NET`] instead of a bridge: an
+/// interface through passt (see [`crate::usernet`]), no netd. `publish`:
+/// host ports for the guest on the first interface (a NAT bridge, or user).
 pub fn attach_network(
     bridges: &[String],
     socket: Option<&Path>,
@@ -60,7 +64,7 @@ pub fn attach_network(
     if bridges.is_empty() {
         if !publish.is_empty() {
             return Err(Error::Usage(
-                "--publish needs --net BRIDGE (a NAT bridge: the ports reach the guest on it)"
+                "--publish needs --net BRIDGE (a NAT bridge: the ports reach the guest on it) or --net user"
                     .into(),
             ));
         }
@@ -72,8 +76,18 @@ pub fn attach_network(
             bridges.len()
         )));
     }
-    let path = umlctl_netd::client::socket_path(socket);
-    let mut client = umlctl_netd::client::Client::connect(&path)?;
+    let users = bridges.iter().filter(|b| *b == USER_NET).count();
+    if users > 1 {
+        return Err(Error::Usage(format!(
+            "--net user given {users} times: a guest has at most one user-mode interface (each would be 10.0.2.15 behind its own 10.0.2.2)"
+        )));
+    }
+    let mut client = if users < bridges.len() {
+        let path = umlctl_netd::client::socket_path(socket);
+        Some(umlctl_netd::client::Client::connect(&path)?)
+    } else {
+        None
+    };
     let mode = if umlctl_netd::client::can_open_tun() {
         TapMode::Owned
     } else {
@@ -82,6 +96,21 @@ pub fn attach_network(
     for (i, bridge) in bridges.iter().enumerate() {
         let tag = tag.map(|t| format!("{t}/{i}"));
         let ports = if i == 0 { publish } else { &[] };
+        let client = match client.as_mut() {
+            Some(c) if bridge != USER_NET => c,
+            _ => {
+                let u = crate::usernet::spawn(ports)?;
+                let n = FIRST_TAP_FD + crate::num::small_i32(net.fds.len());
+                net.fds.push(u.uml);
+                net.nics.push(Nic {
+                    transport: NicTransport::Socket { fd: n },
+                    mac: crate::usernet::MAC.into(),
+                });
+                net.published.push(ports.to_vec());
+                net.specs.push(crate::usernet::spec(i));
+                continue;
+            }
+        };
         let (lease, fd) = client.create_tap_publishing(bridge, mode, tag.as_deref(), ports)?;
         let transport = match fd {
             Some(fd) => {
@@ -115,7 +144,7 @@ pub fn attach_network(
             dns: lease.dns.clone(),
         });
     }
-    net.client = Some(client);
+    net.client = client;
     Ok(net)
 }
 
