@@ -396,7 +396,14 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
     // Taps from netd. UML inherits the netd connection (fd 7) along with
     // any passed tap descriptors (from fd 8): the taps live exactly as long
     // as the guest, with no umlctl process staying behind.
-    crate::run::check_nics(&prep.located.info, spec.nets.len() + spec.taps.len())?;
+    // (`--net user` is a socket with the vector driver's queues: not
+    // affected.)
+    let taps = spec
+        .nets
+        .iter()
+        .filter(|b| *b != crate::run::USER_NET)
+        .count();
+    crate::run::check_nics(&prep.located.info, taps + spec.taps.len())?;
     let mut network = crate::run::attach_network(
         &spec.nets,
         spec.netd_socket.as_deref(),

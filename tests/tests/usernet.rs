@@ -328,6 +328,37 @@ fn a_user_without_root_or_netd_reaches_out_and_publishes_ports_through_passt() {
     );
     wait_no_passt("run");
 
+    // An SMP 7.x kernel with two CPUs, which refuses taps (its vector
+    // driver's tap transports lack the queues it locks): --net user's
+    // socket has them.
+    let k7 = kernel_7();
+    let o = pair
+        .umlctl(
+            &env,
+            &[
+                "run",
+                "--kernel",
+                k7.to_str().unwrap(),
+                "--userspace",
+                "seccomp",
+                "--cpus",
+                "2",
+                "--image",
+                img_s,
+                "--net",
+                "user",
+                "--",
+                "sh",
+                "-c",
+                &format!("busybox nproc; busybox wget -q -O- http://{OUTSIDE}:8000/index.html"),
+            ],
+        )
+        .output()
+        .unwrap();
+    let out = assert_ok(&o, "run --net user on an SMP 7.x kernel with 2 CPUs");
+    assert_eq!(out, "2\nhello-from-outside\n");
+    wait_no_passt("run on 7.x");
+
     // `start --publish`, as root in the namespace: a server that speaks
     // first (the handshake Debian 12's passt leaves half-open) and one
     // that is spoken to first both answer from the outside namespace.

@@ -27,7 +27,7 @@ pub struct Network {
 pub fn check_nics(info: &crate::inspect::KernelInfo, nics: usize) -> Result<()> {
     if nics > 0 && info.has("smp") {
         return Err(Error::Usage(format!(
-            "kernel {} ({}) is built with SMP, and UML's vector driver panics on SMP kernels as soon as a network interface comes up (it locks receive and transmit queues that its tap transports never create: a no-op on one CPU, a NULL dereference on several; a kernel bug): give networked guests and labs a one-CPU kernel (umlctl kernel build --set CONFIG_SMP=n --name NAME, then --kernel with its path)",
+            "kernel {} ({}) is built with SMP, and UML's vector driver panics on SMP kernels as soon as a network interface comes up (it locks receive and transmit queues that its tap transports never create: a no-op on one CPU, a NULL dereference on several; a kernel bug): give networked guests and labs a one-CPU kernel (umlctl kernel build --set CONFIG_SMP=n --name NAME, then --kernel with its path), or use --net user (passt, through a socket with those queues: not affected)",
             info.version,
             info.path.display()
         )));

@@ -494,7 +494,10 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         vec![]
     };
     // Held until the guest is gone: the taps live as long as this connection.
-    check_nics(&prep.located.info, spec.nets.len())?;
+    check_nics(
+        &prep.located.info,
+        spec.nets.iter().filter(|b| *b != USER_NET).count(),
+    )?;
     let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &[])?;
     let info = &prep.located.info;
     let use_shim = prep.shim.is_some();
