@@ -635,6 +635,7 @@ pub fn start(spec: &StartSpec) -> Result<Guest> {
         next += 1;
     }
     let cgroup = crate::cgroup::for_guest(&crate::cgroup::guest_name(&name), &spec.jail.limits)?;
+    network.join(cgroup.as_ref())?;
     let launch = Launch {
         program: prep.located.info.path.clone(),
         args,

@@ -63,6 +63,8 @@ pub const MAX_FRAME: usize = 65_536;
 pub struct UserNet {
     /// UML's end: the `fd` transport's descriptor.
     pub uml: OwnedFd,
+    /// passt's and the relay's process ids (for the guest's cgroup).
+    pub pids: Vec<i32>,
 }
 
 /// passt's arguments for a guest interface publishing `ports`, with its
@@ -241,6 +243,7 @@ pub fn spawn(ports: &[umlctl_netd::protocol::Publish]) -> Result<UserNet> {
             Err(e) => return Err(Error::sys("wait for passt", e)),
         }
     }
+    let passt_pid = i32::try_from(passt.id()).unwrap_or(0);
     // passt runs on without us (reparented when this process exits).
     drop(passt);
     let exe = crate::initroot::current_exe()?;
@@ -251,8 +254,12 @@ pub fn spawn(ports: &[umlctl_netd::protocol::Publish]) -> Result<UserNet> {
         .stderr(Stdio::null())
         .current_dir("/");
     let relay = spawn_with(relay, &[&relay_uml, &relay_passt], "the umlctl relay")?;
+    let relay_pid = i32::try_from(relay.id()).unwrap_or(0);
     drop(relay);
-    Ok(UserNet { uml })
+    Ok(UserNet {
+        uml,
+        pids: vec![passt_pid, relay_pid],
+    })
 }
 
 /// Frames out of passt's stream: a 32-bit big-endian length, then that

@@ -435,4 +435,38 @@ fn a_user_without_root_or_netd_reaches_out_and_publishes_ports_through_passt() {
     unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
     wait_no_passt("a SIGKILL of UML");
     env.ok(&["gc"]);
+
+    // With limits, passt and the relay are in the guest's cgroup too.
+    // (Outside the namespaces, whose `ip netns exec` hides the cgroup
+    // tree; the guest sends nothing.)
+    let mut c = env.cmd(&[
+        "run",
+        "--kernel",
+        k_s,
+        "--net",
+        "user",
+        "--memory-max",
+        "512M",
+        "--",
+        "sleep",
+        "3",
+    ]);
+    let mut child = c.spawn().unwrap();
+    let t = Instant::now();
+    let found = loop {
+        if let Some((pid, _)) = passts().first() {
+            let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if cg.contains("umlctl-run-") {
+                break true;
+            }
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let st = child.wait().unwrap();
+    assert!(found, "passt is not in the run's cgroup");
+    assert!(st.success());
+    wait_no_passt("a run with limits");
 }

@@ -14,6 +14,22 @@ pub struct Network {
     pub fds: Vec<OwnedFd>,
     /// The host ports published to each interface's guest.
     pub published: Vec<Vec<umlctl_netd::protocol::Publish>>,
+    /// Processes that serve the guest's interfaces (`--net user`'s passt
+    /// and relay): they join the guest's cgroup.
+    pub helpers: Vec<i32>,
+}
+
+impl Network {
+    /// Put the interfaces' helper processes in the guest's cgroup, so that
+    /// `--cpu-quota` and `--memory-max` count them too.
+    pub fn join(&self, cg: Option<&crate::cgroup::Owned>) -> Result<()> {
+        if let Some(cg) = cg {
+            for &p in &self.helpers {
+                cg.0.add(p)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// UML's vector driver, as an interface comes up, takes the locks of its
@@ -60,6 +76,7 @@ pub fn attach_network(
         specs: vec![],
         fds: vec![],
         published: vec![],
+        helpers: vec![],
     };
     if bridges.is_empty() {
         if !publish.is_empty() {
@@ -100,6 +117,7 @@ pub fn attach_network(
             Some(c) if bridge != USER_NET => c,
             _ => {
                 let u = crate::usernet::spawn(ports)?;
+                net.helpers.extend(&u.pids);
                 let n = FIRST_TAP_FD + crate::num::small_i32(net.fds.len());
                 net.fds.push(u.uml);
                 net.nics.push(Nic {

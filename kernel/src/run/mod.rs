@@ -704,6 +704,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         fds.push((f.as_raw_fd(), FIRST_TAP_FD + crate::num::small_i32(i)));
     }
     let cgroup = crate::cgroup::for_guest(&crate::cgroup::run_name(), &spec.jail.limits)?;
+    network.join(cgroup.as_ref())?;
     let uml_launch = Launch {
         program: info.path.clone(),
         args,
