@@ -144,14 +144,21 @@ impl std::fmt::Display for Ready {
 }
 
 /// Run in the guest by `--wait booted`: 0 when booted (or not systemd),
-/// 10 degraded (the failed units on stdout), 11 still booting (systemd's
-/// state on stdout).
-const BOOTED_PROBE: &str = "case \"$(readlink /proc/1/exe 2>/dev/null)\" in */systemd) ;; *) exit 0;; esac\n\
+/// 10 degraded (the failed units on stdout), 11 still booting (what is
+/// awaited on stdout). The exec agent answers before umlctl's init has
+/// exec'd the image's init: while PID 1 is still the agent's own program
+/// (its parent's), nothing has booted.
+const BOOTED_PROBE: &str = "if [ /proc/1/exe -ef /proc/$PPID/exe ]; then echo \"the image's init has not started yet\"; exit 11; fi\n\
+case \"$(readlink /proc/1/exe 2>/dev/null)\" in\n\
+*umlctl*) echo \"the image's init has not started yet\"; exit 11;;\n\
+*/systemd) ;;\n\
+*) exit 0;;\n\
+esac\n\
 s=$(systemctl is-system-running 2>/dev/null)\n\
 case \"$s\" in\n\
 running) exit 0;;\n\
 degraded) systemctl list-units --failed --no-legend --plain 2>/dev/null | cut -d' ' -f1; exit 10;;\n\
-*) echo \"${s:-no answer}\"; exit 11;;\n\
+*) echo \"systemd is ${s:-not answering}\"; exit 11;;\n\
 esac\n";
 
 /// One `--wait booted` probe: `Ok(None)` booted, `Ok(Some(note))` booted
@@ -174,7 +181,7 @@ fn probe_booted(name: &str) -> std::result::Result<Option<String>, String> {
                 words.join(", ")
             }
         ))),
-        11 => Err(format!("systemd is {}", words.join(" "))),
+        11 => Err(words.join(" ")),
         // No /bin/sh in the image: no systemd to ask either (a distroless
         // image); the exec agent answering is all there is.
         126 | 127 => Ok(None),
