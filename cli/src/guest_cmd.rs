@@ -63,8 +63,9 @@ pub struct StartArgs {
     #[arg(long, value_name = "PORTS")]
     publish: Vec<umlctl_netd::protocol::Publish>,
     /// Return only when the guest is ready: `exec` (the exec channel answers; the default when
-    /// --wait has no value), `booted` (that, and a systemd init has finished booting: running,
-    /// or degraded with a warning naming the failed units) or `tcp:PORT` (a port on its first
+    /// --wait has no value), `booted` (that, the image's init started, and a systemd init
+    /// finished booting: running, or degraded with a warning naming the failed units) or
+    /// `tcp:PORT` (a port on its first
     /// address accepts). A guest not ready in time is stopped and removed, with its console's
     /// last lines.
     #[arg(long, value_name = "PROBE", num_args = 0..=1, default_missing_value = "exec")]
