@@ -127,9 +127,9 @@ pub enum Ready {
     Exec,
     /// A TCP port on the guest's first address accepts.
     Tcp(u16),
-    /// The exec agent answers and, when the image's init is systemd, it
-    /// has finished booting (`systemctl is-system-running`: running or
-    /// degraded). Other inits have no such notion: as `Exec`.
+    /// The exec agent answers, the image's init has started and, when it
+    /// is systemd, it has finished booting (`systemctl is-system-running`:
+    /// running or degraded). Other inits have no such notion.
     Booted,
 }
 
