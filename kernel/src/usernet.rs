@@ -164,9 +164,10 @@ fn spawn_with(
         });
     }
     cmd.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::Usage(format!(
-            "--net user needs {what}, which is not installed: apt-get install passt (Debian, Ubuntu), dnf install passt (Fedora)"
-        )),
+        std::io::ErrorKind::NotFound if what == "passt" => Error::Usage(
+            "--net user needs passt, which is not installed: apt-get install passt (Debian, Ubuntu), dnf install passt (Fedora)"
+                .into(),
+        ),
         _ => Error::sys(what, e),
     })
 }
