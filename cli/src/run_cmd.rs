@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// netd's socket (default: $UMLCTL_NETD_SOCKET, else /run/umlctl/netd.sock).
     #[arg(long, value_name = "PATH")]
     netd_socket: Option<PathBuf>,
+    /// Publish a host port to the guest while CMD runs, [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp],
+    /// on its first --net: with `user`, passt listens on the port; with a NAT bridge, netd
+    /// forwards it (within its policy). Repeatable.
+    #[arg(long, value_name = "PORTS")]
+    publish: Vec<umlctl_netd::protocol::Publish>,
     #[command(flatten)]
     jail: JailArgs,
     /// Run the guest kernel under gdb, which gets the terminal: UML stops at the kernel's first
@@ -186,6 +191,7 @@ fn to_spec(a: RunArgs) -> Result<(GuestSpec, bool), umlctl_kernel::Error> {
     let mut spec = GuestSpec::new(a.command);
     spec.nets = a.nets;
     spec.netd_socket = a.netd_socket;
+    spec.publish = a.publish;
     spec.jail = a.jail.opts();
     spec.gdb = a.debug.spec(a.gdb, "--gdb")?;
     spec.kernel = a.kernel;

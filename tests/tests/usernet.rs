@@ -328,6 +328,46 @@ fn a_user_without_root_or_netd_reaches_out_and_publishes_ports_through_passt() {
     );
     wait_no_passt("run");
 
+    // `run --publish`: a port on the host while the command runs (here a
+    // one-shot server; the run ends after its one connection).
+    let mut c = pair.umlctl(
+        &env,
+        &[
+            "run",
+            "--kernel",
+            k_s,
+            "--image",
+            img_s,
+            "--net",
+            "user",
+            "--publish",
+            "8089:80",
+            "--",
+            "busybox",
+            "nc",
+            "-l",
+            "-p",
+            "80",
+            "-e",
+            "busybox",
+            "echo",
+            "run-published",
+        ],
+    );
+    let mut child = c.stdout(Stdio::null()).spawn().unwrap();
+    let t = Instant::now();
+    let mut got = String::new();
+    while !got.contains("run-published") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "run --publish 8089:80 never answered: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        got = pair.fetch(8089, "");
+    }
+    assert!(child.wait().unwrap().success());
+    wait_no_passt("run --publish");
+
     // An SMP 7.x kernel with two CPUs, which refuses taps (its vector
     // driver's tap transports lack the queues it locks): --net user's
     // socket has them.

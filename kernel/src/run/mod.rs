@@ -113,6 +113,8 @@ pub struct GuestSpec {
     pub nets: Vec<String>,
     /// netd's socket (default: `$UMLCTL_NETD_SOCKET`, else /run/umlctl/netd.sock).
     pub netd_socket: Option<PathBuf>,
+    /// `--publish`: host ports for the guest on its first interface.
+    pub publish: Vec<umlctl_netd::protocol::Publish>,
     /// How UML is confined.
     pub jail: JailOpts,
     /// `--gdb` / `--gdb-batch`: run the guest kernel under the host's gdb.
@@ -223,6 +225,7 @@ impl GuestSpec {
             tty: TtyMode::Auto,
             nets: Vec::new(),
             netd_socket: None,
+            publish: Vec::new(),
             jail: JailOpts::default(),
             gdb: None,
             userspace: crate::cmdline::Userspace::Ptrace,
@@ -498,7 +501,7 @@ pub fn run(spec: &GuestSpec) -> Result<RunOutcome> {
         &prep.located.info,
         spec.nets.iter().filter(|b| *b != USER_NET).count(),
     )?;
-    let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &[])?;
+    let network = attach_network(&spec.nets, spec.netd_socket.as_deref(), None, &spec.publish)?;
     let info = &prep.located.info;
     let use_shim = prep.shim.is_some();
 
