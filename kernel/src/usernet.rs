@@ -198,9 +198,27 @@ fn check_port(p: &umlctl_netd::protocol::Publish) -> Result<()> {
     })
 }
 
+/// Whether a `/proc/net/route` table has an IPv4 default route.
+pub fn has_default_route(table: &str) -> bool {
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")
+    })
+}
+
 /// Start passt and the relay for one guest interface publishing `ports`.
 pub fn spawn(ports: &[umlctl_netd::protocol::Publish]) -> Result<UserNet> {
     use nix::sys::socket::SockType;
+    // passt takes its way out from the default route, and without one it
+    // exits at once, which would leave the guest a dead interface.
+    let routes = std::fs::read_to_string("/proc/net/route")
+        .map_err(|e| Error::io("read", "/proc/net/route", e))?;
+    if !has_default_route(&routes) {
+        return Err(Error::Usage(
+            "--net user: this network namespace has no IPv4 default route (`ip route show default` is empty), and passt needs one to reach the outside; run umlctl where the outside is routed, or use --net BRIDGE through netd"
+                .into(),
+        ));
+    }
     for p in ports {
         check_port(p)?;
     }
@@ -692,6 +710,18 @@ mod tests {
             }
             exercise(&s);
         }
+    }
+
+    #[test]
+    fn a_default_route_is_recognised() {
+        let head =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+        let default = "eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        let local = "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert!(has_default_route(&format!("{head}{local}{default}")));
+        assert!(!has_default_route(&format!("{head}{local}")));
+        assert!(!has_default_route(head));
+        assert!(!has_default_route(""));
     }
 
     #[test]

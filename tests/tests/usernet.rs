@@ -477,9 +477,15 @@ fn a_user_without_root_or_netd_reaches_out_and_publishes_ports_through_passt() {
     env.ok(&["gc"]);
 
     // With limits, passt and the relay are in the guest's cgroup too.
-    // (Outside the namespaces, whose `ip netns exec` hides the cgroup
-    // tree; the guest sends nothing.)
-    let mut c = env.cmd(&[
+    // (In the inside namespace through nsenter: `ip netns exec` remounts
+    // /sys, hiding the cgroup tree.)
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", pair.inside))
+        .arg(umlctl_bin())
+        .env("UMLCTL_UML_DIR", env.uml_dir())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdin(Stdio::null());
+    c.args([
         "run",
         "--kernel",
         k_s,
@@ -509,4 +515,20 @@ fn a_user_without_root_or_netd_reaches_out_and_publishes_ports_through_passt() {
     assert!(found, "passt is not in the run's cgroup");
     assert!(st.success());
     wait_no_passt("a run with limits");
+
+    // Where nothing is routed, passt cannot start: refused by name, not a
+    // guest with a dead interface.
+    let o = Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$@\"", "sh"])
+        .arg(umlctl_bin())
+        .args(["run", "--kernel", k_s, "--net", "user", "--", "true"])
+        .env("UMLCTL_UML_DIR", env.uml_dir())
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no IPv4 default route"), "{e}");
+    wait_no_passt("a refused run");
 }
