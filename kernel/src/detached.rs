@@ -147,12 +147,16 @@ impl std::fmt::Display for Ready {
 /// 10 degraded (the failed units on stdout), 11 still booting (what is
 /// awaited on stdout). The exec agent answers before umlctl's init has
 /// exec'd the image's init: while PID 1 is still the agent's own program
-/// (its parent's), nothing has booted.
+/// (its parent's), nothing has booted; while PID 1 is in the middle of
+/// exec'ing it, its `exe` cannot be read (seen: empty, with its `comm`
+/// already `systemd`).
 const BOOTED_PROBE: &str = "if [ /proc/1/exe -ef /proc/$PPID/exe ]; then echo \"the image's init has not started yet\"; exit 11; fi\n\
+c=$(cat /proc/1/comm 2>/dev/null)\n\
 case \"$(readlink /proc/1/exe 2>/dev/null)\" in\n\
+'') echo \"the image's init is starting\"; exit 11;;\n\
 *umlctl*) echo \"the image's init has not started yet\"; exit 11;;\n\
 */systemd) ;;\n\
-*) exit 0;;\n\
+*) [ \"$c\" = systemd ] || exit 0;;\n\
 esac\n\
 s=$(systemctl is-system-running 2>/dev/null)\n\
 case \"$s\" in\n\
