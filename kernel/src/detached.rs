@@ -179,13 +179,13 @@ fn probe_booted(name: &str) -> std::result::Result<Option<String>, String> {
         0 => Ok(None),
         10 => Ok(Some(format!(
             "guest {name} booted degraded: failed units: {} (see `umlctl exec {name} -- systemctl --failed`)",
-            if words.is_empty() {
-                "(none listed)".to_string()
-            } else {
-                words.join(", ")
+            match words.len() {
+                0 => "(none listed)".to_string(),
+                n if n > 20 => format!("{} and {} more", words[..20].join(", "), n - 20),
+                _ => words.join(", "),
             }
         ))),
-        11 => Err(words.join(" ")),
+        11 => Err(words.iter().take(20).copied().collect::<Vec<_>>().join(" ")),
         // No /bin/sh in the image: no systemd to ask either (a distroless
         // image); the exec agent answering is all there is.
         126 | 127 => Ok(None),

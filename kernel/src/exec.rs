@@ -39,15 +39,34 @@ pub fn exec(name: &str, spec: &ExecSpec) -> Result<i32> {
 }
 
 /// Run `spec` (without stdin or a terminal) in guest `name` and keep what
-/// it writes: its exit code, stdout and stderr. Signals to this process
-/// are not passed on (a probe, not the user's command).
+/// it writes: its exit code, and the first [`OUTPUT_MAX`] bytes of its
+/// stdout and stderr (a guest is not trusted to write little). Signals to
+/// this process are not passed on (a probe, not the user's command).
 pub fn output(name: &str, spec: &ExecSpec) -> Result<(i32, Vec<u8>, Vec<u8>)> {
     let mut spec = spec.clone();
     spec.stdin = false;
     spec.tty = false;
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut out, mut err) = (Capped::default(), Capped::default());
     let code = exec_to(name, &spec, false, &mut out, &mut err)?;
-    Ok((code, out, err))
+    Ok((code, out.0, err.0))
+}
+
+/// How much of each stream [`output`] keeps.
+pub const OUTPUT_MAX: usize = 64 * 1024;
+
+/// A sink that keeps the first [`OUTPUT_MAX`] bytes and drops the rest.
+#[derive(Default)]
+struct Capped(Vec<u8>);
+
+impl Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let room = OUTPUT_MAX.saturating_sub(self.0.len());
+        self.0.extend_from_slice(&b[..b.len().min(room)]);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn exec_to(
@@ -560,4 +579,18 @@ fn nonce() -> u64 {
         b = (u64::from(std::process::id()) ^ t).to_le_bytes();
     }
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod capped_tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_keeps_only_the_first_bytes_of_a_flood() {
+        let mut c = Capped::default();
+        for _ in 0..100 {
+            assert_eq!(c.write(&[7u8; 4096]).unwrap(), 4096);
+        }
+        assert_eq!(c.0.len(), OUTPUT_MAX);
+    }
 }

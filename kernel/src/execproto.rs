@@ -482,24 +482,7 @@ mod tests {
         ];
         let all: Vec<u8> = seeds.concat();
         seeds.push(all);
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for s in &seeds {
-            exercise(s);
-        }
-        for _ in 0..20_000 {
-            let mut s = seeds[usize::try_from(next() % 6).unwrap()].clone();
-            for _ in 0..1 + next() % 4 {
-                let i = usize::try_from(next() % s.len() as u64).unwrap();
-                s[i] = (next() & 0xff) as u8;
-            }
-            exercise(&s);
-        }
+        crate::testutil::byte_flips(&seeds, 0x2545_F491_4F6C_DD1D, 20_000, exercise);
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub mod protocol;
 pub mod reaper;
 pub mod run;
 pub(crate) mod terminal;
+#[cfg(test)]
+mod testutil;
 pub mod usernet;
 pub mod xstate;
 

@@ -136,29 +136,20 @@ fn spawn_with(
     fds: &[&OwnedFd],
     what: &'static str,
 ) -> Result<std::process::Child> {
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // (source, target) pairs, made before the fork: the child allocates
+    // nothing.
+    let place: Vec<(i32, i32)> = fds
+        .iter()
+        .zip(3..)
+        .map(|(f, n)| (f.as_raw_fd(), n))
+        .collect();
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
     // SAFETY: the closure runs between fork and exec and makes only
-    // async-signal-safe calls (dup, dup2, close, setsid). Each descriptor
-    // is first duplicated above every target, so placing one never
-    // overwrites another not yet placed.
+    // async-signal-safe calls: the jail's descriptor placement (fcntl,
+    // dup2, close_range) and setsid.
     unsafe {
         cmd.pre_exec(move || {
-            let mut high = Vec::with_capacity(8);
-            for &fd in &raw {
-                let h = libc::fcntl(fd, libc::F_DUPFD, 64);
-                if h < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                high.push(h);
-            }
-            for (i, &h) in high.iter().enumerate() {
-                let target = 3 + i32::try_from(i).unwrap_or(0);
-                if libc::dup2(h, target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(h);
-            }
+            crate::jail::place_fds_raw(&place).map_err(std::io::Error::from_raw_os_error)?;
             libc::setsid();
             Ok(())
         });
@@ -691,25 +682,7 @@ mod tests {
             framed.extend_from_slice(&u32::try_from(f.len()).unwrap().to_be_bytes());
             framed.extend_from_slice(&f);
         }
-        let seeds = [synack(), framed];
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for s in &seeds {
-            exercise(s);
-        }
-        for _ in 0..20_000 {
-            let mut s = seeds[usize::try_from(next() % 2).unwrap()].clone();
-            for _ in 0..1 + next() % 4 {
-                let i = usize::try_from(next() % s.len() as u64).unwrap();
-                s[i] = (next() & 0xff) as u8;
-            }
-            exercise(&s);
-        }
+        crate::testutil::byte_flips(&[synack(), framed], 0x9E37_79B9_7F4A_7C15, 20_000, exercise);
     }
 
     #[test]

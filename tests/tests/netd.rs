@@ -17,14 +17,6 @@ use common::*;
 use umlctl_netd::client::{Client, ClientError};
 use umlctl_netd::protocol::{ErrorCode, TapMode};
 
-fn sh(script: &str) -> Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("sh")
-}
-
 fn need_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

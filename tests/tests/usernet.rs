@@ -7,18 +7,10 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn sh(script: &str) -> Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("sh")
-}
 
 fn need_passt() {
     assert!(

@@ -16,7 +16,7 @@ use super::*;
 
 /// Place `(source, target)` descriptors and mark every other one
 /// close-on-exec. Async-signal-safe; returns an errno.
-pub(super) fn place_fds_raw(fds: &[(RawFd, i32)]) -> std::result::Result<(), i32> {
+pub(crate) fn place_fds_raw(fds: &[(RawFd, i32)]) -> std::result::Result<(), i32> {
     // Move the sources out of the way first, so that placing one cannot
     // clobber another that sits on a target number.
     let mut high = [0i32; 64];

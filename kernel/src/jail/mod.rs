@@ -58,6 +58,7 @@ mod idmap;
 mod plan;
 
 pub use attach::attach;
+pub(crate) use child::place_fds_raw;
 use child::*;
 use idmap::*;
 pub use plan::MEMORY_DIR;

@@ -8,6 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+/// `sh -c SCRIPT`, its output.
+pub fn sh(script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh")
+}
+
 /// The umlctl binary built by `cargo test` (or `$UMLCTL_BIN`).
 pub fn umlctl_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("UMLCTL_BIN") {
