@@ -37,6 +37,24 @@ pub enum LabCmd {
     /// Check the running lab against saved signatures: every device's addresses and routes,
     /// and the output of _test/shared.test and _test/DEVICE.test run in it.
     Test(TestArgs),
+    /// Give the host back the memory the devices hold but do not use (`lab start` does this once
+    /// every startup script has finished): their page cache and free pages, as `umlctl reclaim`.
+    Reclaim(LabReclaimArgs),
+}
+
+/// `lab reclaim`
+#[derive(Args)]
+pub struct LabReclaimArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// The devices (default: all).
+    devices: Vec<String>,
+    /// Keep the devices' page cache (return only memory they already freed).
+    #[arg(long)]
+    keep_cache: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `lab restart`
@@ -105,6 +123,11 @@ pub struct StartArgs {
     /// Check the lab and the images and print what would start, without starting anything.
     #[arg(long)]
     dry_run: bool,
+    /// Leave the devices' memory as the startup scripts left it (by default the page cache and
+    /// free memory the devices hold go back to the host once all startup scripts have finished;
+    /// see `umlctl reclaim`).
+    #[arg(long)]
+    no_reclaim: bool,
     #[command(flatten)]
     jail: crate::run_cmd::JailArgs,
 }
@@ -217,6 +240,7 @@ pub fn main(cmd: LabCmd) -> u8 {
             }
         }
         LabCmd::Test(a) => return test(&a),
+        LabCmd::Reclaim(a) => reclaim(&a),
         LabCmd::Restart(a) => {
             return match runtime::restart(
                 &a.lab.dir,
@@ -418,6 +442,7 @@ fn start_options(a: &StartArgs, lab: &mut Lab) -> Result<runtime::StartOptions, 
         jail: a.jail.opts(),
         boot_timeout: Some(std::time::Duration::from_secs(a.boot_timeout.max(1))),
         startup_timeout: Some(std::time::Duration::from_secs(a.startup_timeout.max(1))),
+        reclaim: !a.no_reclaim,
         ..Default::default()
     };
     for kv in &a.image_for {
@@ -515,6 +540,22 @@ fn start(a: &StartArgs) -> u8 {
                 s.state.devices.len(),
                 s.elapsed.as_secs_f64()
             );
+            if !s.reclaimed.is_empty() {
+                let returned: u64 = s
+                    .reclaimed
+                    .iter()
+                    .filter_map(|(_, r)| r.as_ref().ok().and_then(|r| r.returned()))
+                    .sum();
+                #[allow(clippy::cast_precision_loss)]
+                let m = returned as f64 / (1024.0 * 1024.0);
+                println!("gave the host back {m:.1} MiB the devices held but did not use");
+                // Not a failure of the lab: the devices run as they are.
+                for (d, r) in &s.reclaimed {
+                    if let Err(e) = r {
+                        eprintln!("umlctl: warning: device {d}: memory not reclaimed: {e}");
+                    }
+                }
+            }
             if s.failed.is_empty() {
                 return 0;
             }
@@ -528,6 +569,41 @@ fn start(a: &StartArgs) -> u8 {
             exit::CHECK_FAILED
         }
     }
+}
+
+fn reclaim(a: &LabReclaimArgs) -> Result<(), String> {
+    let out = runtime::reclaim(&a.lab.dir, &a.devices, a.keep_cache)?;
+    if a.json {
+        let v: Vec<_> = out
+            .iter()
+            .map(|(d, r)| {
+                let mut j = match r {
+                    Ok(r) => crate::guest_cmd::reclaimed_json(r),
+                    Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                };
+                j["device"] = serde_json::json!(d);
+                j
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    }
+    let mut failed = 0;
+    for (d, r) in &out {
+        match r {
+            Ok(r) if !a.json => println!("{d}: {}", crate::guest_cmd::describe_reclaimed(r)),
+            Ok(_) => {}
+            Err(e) => {
+                failed += 1;
+                if !a.json {
+                    eprintln!("umlctl: device {d}: {e}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} device(s) could not give memory back"));
+    }
+    Ok(())
 }
 
 fn stop(a: &StopArgs) -> Result<(), String> {

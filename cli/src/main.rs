@@ -61,6 +61,8 @@ enum Cmd {
     Logs(guest_cmd::LogsArgs),
     /// Send a command to a guest's management console (mconsole).
     Ctl(guest_cmd::CtlArgs),
+    /// Give the host back the memory running guests hold but do not use (their page cache and free pages).
+    Reclaim(guest_cmd::ReclaimArgs),
     /// Remove what stopped and dead guests left behind.
     Gc,
     /// Build, verify and read ext4 root filesystem images.
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
         Cmd::Logs(a) => guest_cmd::logs(a),
         Cmd::Debug(a) => guest_cmd::debug(a),
         Cmd::Ctl(a) => guest_cmd::ctl(a),
+        Cmd::Reclaim(a) => guest_cmd::reclaim(a),
         Cmd::Gc => guest_cmd::gc(),
         Cmd::Lab(c) => lab_cmd::main(c),
         Cmd::Netd(a) => net_cmd::netd(a),

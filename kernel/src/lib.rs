@@ -49,6 +49,7 @@ pub(crate) mod paths;
 pub mod preflight;
 pub mod protocol;
 pub mod reaper;
+pub mod reclaim;
 pub mod run;
 pub(crate) mod terminal;
 #[cfg(test)]

@@ -724,3 +724,104 @@ fn wait_booted_returns_when_systemd_has_booted_and_names_failed_units() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "degraded");
     env.ok(&["stop", "deb"]);
 }
+
+/// `MemTotal` and `MemFree` (KiB) of guest `name`.
+fn guest_meminfo(env: &GuestEnv, name: &str) -> (u64, u64) {
+    let text = env.ok(&["exec", name, "--", "cat", "/proc/meminfo"]);
+    let field = |f: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(f)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {f} in {text}"))
+    };
+    (field("MemTotal:"), field("MemFree:"))
+}
+
+#[test]
+fn reclaim_returns_what_a_guest_touched_and_freed_and_the_guest_keeps_all_its_memory() {
+    let env = GuestEnv::new();
+    let img = guest_image(env.dir.path());
+    const MIB: u64 = 1024 * 1024;
+    for (name, k) in [("rc-a", kernel()), ("rc-b", kernel_7_one_cpu())] {
+        env.ok(&[
+            "start",
+            "--name",
+            name,
+            "--wait",
+            "--image",
+            s(&img),
+            "--mem",
+            "128M",
+            "--kernel",
+            s(&k),
+        ]);
+        // 48 MiB touched and freed (a tmpfs file), and the 32 MiB disk
+        // read into the guest's cache.
+        env.ok(&[
+            "exec", name, "--", "sh", "-c",
+            "mount -t tmpfs -o size=120M none /mnt && busybox dd if=/dev/zero of=/mnt/f bs=1M count=48 2>/dev/null && rm /mnt/f && busybox dd if=/dev/ubda of=/dev/null bs=1M 2>/dev/null",
+        ]);
+        let (total, _) = guest_meminfo(&env, name);
+        let v: serde_json::Value =
+            serde_json::from_str(&env.ok(&["reclaim", "--json", name])).unwrap();
+        let r = &v[0];
+        assert_eq!(r["ok"], true, "{v}");
+        assert_eq!(r["guest"], name, "{v}");
+        assert_eq!(r["dropped_cache"], true, "{v}");
+        assert!(r["balloon_kib"].as_u64().unwrap() > 48 * 1024, "{v}");
+        let (before, after) = (
+            r["host_bytes_before"]
+                .as_u64()
+                .expect("the memory file is measured"),
+            r["host_bytes_after"].as_u64().unwrap(),
+        );
+        // What the guest touched came back (its kernel, processes and
+        // the headroom the balloon leaves stay).
+        assert!(before >= 70 * MIB, "{v}");
+        assert!(before - after >= 45 * MIB, "{v}");
+        assert_eq!(r["returned_bytes"].as_u64(), Some(before - after), "{v}");
+        // The guest keeps all its RAM: the balloon gave every page back,
+        // and they work (fresh pages, written and read back).
+        let (total2, free2) = guest_meminfo(&env, name);
+        assert_eq!(total2, total);
+        assert!(free2 > 64 * 1024, "only {free2} KiB free after reclaim");
+        let o = env.ok(&[
+            "exec", name, "--", "sh", "-c",
+            "busybox dd if=/dev/urandom of=/mnt/g bs=1M count=88 2>/dev/null && busybox sha256sum /mnt/g > /sum && busybox sha256sum -c /sum && busybox wc -c < /mnt/g",
+        ]);
+        assert!(o.ends_with(&format!("{}\n", 88 * MIB)), "{o}");
+        // A page cache that is kept when asked; the human form.
+        let o = env.ok(&["reclaim", "--keep-cache", name]);
+        assert!(o.starts_with(&format!("{name}: returned ")), "{o}");
+        assert!(o.contains("page cache kept (--keep-cache)"), "{o}");
+        env.ok(&["stop", "--rm", name]);
+    }
+    // Guests that are not running, or not there, are errors by name.
+    env.ok(&[
+        "start",
+        "--name",
+        "rc-c",
+        "--wait",
+        "--image",
+        s(&img),
+        "--mem",
+        "64M",
+        "--kernel",
+        s(&kernel()),
+    ]);
+    env.ok(&["stop", "rc-c"]);
+    let o = env.umlctl(&["reclaim", "rc-c"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rc-c"), "{o:?}");
+    let o = env.umlctl(&["reclaim", "no-such"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no-such"),
+        "{o:?}"
+    );
+    let o = env.umlctl(&["reclaim"]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("<NAMES>"),
+        "{o:?}"
+    );
+}

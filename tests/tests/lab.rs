@@ -576,6 +576,7 @@ fn an_unprivileged_user_runs_a_whole_lab() {
          {bin} lab start --image {img} --kernel {kern}\n\
          {bin} lab exec a -- ping -c 1 -W 5 10.0.0.2\n\
          {bin} lab exec c -- id -u\n\
+         {bin} lab reclaim --json\n\
          {bin} lab exec b -- touch /root/before-restart\n\
          {bin} lab restart b --timeout 5\n\
          {bin} lab exec b -- ls /root\n\
@@ -602,6 +603,29 @@ fn an_unprivileged_user_runs_a_whole_lab() {
         .unwrap();
     let text = assert_ok(&out, "the lab as uid 65534");
     assert!(text.contains("1 packets received"), "{text}");
+    // lab start gave back what the devices held but did not use, and so
+    // does lab reclaim, for a user without privileges too.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("not reclaimed"), "{stderr}");
+    assert!(text.contains("gave the host back"), "{text}");
+    let reclaimed: serde_json::Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.starts_with('['))
+            .unwrap_or_else(|| panic!("no lab reclaim --json output: {text}")),
+    )
+    .unwrap();
+    let devices: Vec<&str> = reclaimed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["ok"], true, "{reclaimed}");
+            assert!(r["balloon_kib"].as_u64().unwrap() > 0, "{reclaimed}");
+            assert!(r["host_bytes_after"].as_u64().is_some(), "{reclaimed}");
+            r["device"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(devices, ["a", "b", "c"], "{reclaimed}");
     assert!(text.contains("\n0\n"), "root in the guest: {text}");
     assert!(text.contains("b: restarted"), "{text}");
     assert!(
@@ -729,6 +753,22 @@ fn an_ospf_lab_of_frr_routers_converges_and_routes_end_to_end() {
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
     }
+    // Giving the host back what the routers hold but do not use (their
+    // page cache dropped, free pages out of the host) leaves them routing.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("gave the host back"),
+        "{out:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(
+        &env.lab("reclaim", &dir, &["--json"]),
+        "lab reclaim",
+    ))
+    .unwrap();
+    for r in v.as_array().unwrap() {
+        assert_eq!(r["ok"], true, "{v}");
+        assert_eq!(r["dropped_cache"], true, "{v}");
+    }
+    assert_eq!(v.as_array().unwrap().len(), 5, "{v}");
     // A host on one edge reaches the host on the other, three routers away.
     let ping = env.umlctl(&[
         "lab", "exec", "-d", d, "pc1", "--", "ping", "-c", "3", "-W", "5", "10.0.4.2",

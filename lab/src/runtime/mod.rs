@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use umlctl_kernel::detached::{self, StartSpec};
 use umlctl_kernel::instance::{self, Guest, State};
+use umlctl_kernel::reclaim::Reclaimed;
 
 use crate::Lab;
 
@@ -47,6 +48,10 @@ pub struct StartOptions {
     pub boot_timeout: Option<Duration>,
     /// How long all startup scripts of one wave may take.
     pub startup_timeout: Option<Duration>,
+    /// Once every startup script has finished, give the host back the
+    /// memory the devices hold but do not use (see
+    /// [`umlctl_kernel::reclaim`]).
+    pub reclaim: bool,
 }
 
 /// What is recorded about one running device.
@@ -213,8 +218,11 @@ pub struct Started {
     pub state: LabState,
     /// Devices whose startup scripts failed.
     pub failed: Vec<Failed>,
-    /// How long it took.
+    /// How long it took (up to the last startup script's end).
     pub elapsed: Duration,
+    /// What reclaiming the devices' memory did, device by device (empty
+    /// when not asked for).
+    pub reclaimed: Vec<DeviceReclaim>,
 }
 
 fn image_of(lab_dev: &crate::Device, o: &StartOptions) -> Result<PathBuf, String> {
@@ -704,11 +712,71 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         check_interrupted()?;
     }
     guard.0 = None;
+    let elapsed = t0.elapsed();
+    let reclaimed = if o.reclaim {
+        reclaim_state(&state, &[], false)?
+    } else {
+        Vec::new()
+    };
     Ok(Started {
         state,
         failed,
-        elapsed: t0.elapsed(),
+        elapsed,
+        reclaimed,
     })
+}
+
+/// One device's reclaim: its name, and what was done or why not.
+pub type DeviceReclaim = (String, Result<Reclaimed, String>);
+
+/// Give the host back the memory the running lab's devices (those named,
+/// or all) hold but do not use; device by device, side by side.
+pub fn reclaim(
+    dir: &Path,
+    devices: &[String],
+    keep_cache: bool,
+) -> Result<Vec<DeviceReclaim>, String> {
+    reclaim_state(&running_state(dir)?, devices, keep_cache)
+}
+
+fn reclaim_state(
+    s: &LabState,
+    devices: &[String],
+    keep_cache: bool,
+) -> Result<Vec<DeviceReclaim>, String> {
+    for n in devices {
+        if !s.devices.iter().any(|d| &d.name == n) {
+            return Err(format!("the lab has no device {n}"));
+        }
+    }
+    let o = umlctl_kernel::reclaim::Options { keep_cache };
+    let chosen: Vec<&DeviceState> = s
+        .devices
+        .iter()
+        .filter(|d| devices.is_empty() || devices.contains(&d.name))
+        .collect();
+    Ok(std::thread::scope(|sc| {
+        let hs: Vec<_> = chosen
+            .iter()
+            .map(|d| {
+                let h = sc.spawn(move || match guest(d) {
+                    Some(g) if g.state() == State::Running => {
+                        umlctl_kernel::reclaim::reclaim(&g, &o).map_err(|e| e.to_string())
+                    }
+                    _ => Err(format!("device {} is not running", d.name)),
+                });
+                (d.name.clone(), h)
+            })
+            .collect();
+        hs.into_iter()
+            .map(|(n, h)| {
+                (
+                    n,
+                    h.join().unwrap_or_else(|_| Err("reclaim panicked".into())),
+                )
+            })
+            .collect()
+    }))
 }
 
 /// Whether device `d` reaches the outside: `bridged`, or ports published
