@@ -14,7 +14,11 @@
 #
 # "Memory per device" is the drop of MemAvailable over the idle lab (10 s
 # after start), divided by N: everything the lab costs the host (UML
-# processes, their memory files, page cache of the images), not only RSS.
+# processes, their memory files, page cache of the images), not only RSS;
+# beside it the part of that in the guests' memory files (their RAM as the
+# host holds it). Each N runs twice: `lab start --no-reclaim`, then plain
+# `lab start` (which gives the host back the devices' page cache and free
+# memory once the startup scripts are done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -38,6 +42,26 @@ trap cleanup EXIT
 
 now() { date +%s%N; }
 avail_kb() { awk '/MemAvailable/ {print $2}' /proc/meminfo; }
+# The guests' memory files, MiB per device: each running guest's UML
+# process holds its RAM as a deleted file of exactly the guest's memory size.
+memfile_mib() {
+  "$UMLCTL" ps --json | python3 -c '
+import json, os, sys
+n, total = int(sys.argv[1]), 0
+for g in json.load(sys.stdin):
+    fd = "/proc/%d/fd" % g["pid"]
+    for e in os.listdir(fd) if os.path.isdir(fd) else []:
+        try:
+            if not os.readlink(os.path.join(fd, e)).endswith(" (deleted)"):
+                continue
+            st = os.stat(os.path.join(fd, e))
+        except OSError:
+            continue
+        if st.st_size == g["mem_bytes"]:
+            total += st.st_blocks * 512
+            break
+print("%.1f" % (total / 1048576 / n))' "$1"
+}
 secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", (b-a)/1e9}'; }
 
 # The device image.
@@ -105,28 +129,32 @@ else
   if command -v kathara >/dev/null; then kathara_ok=1; else kathara_why="pip install kathara failed"; fi
 fi
 
-printf '%-8s %4s %14s %16s %12s\n' tool N "start (s)" "MiB/idle dev" "stop (s)"
+printf '%-20s %4s %10s %14s %14s %9s\n' tool N "start (s)" "MiB/idle dev" "RAM file MiB" "stop (s)"
 for n in $NS; do
   dir=$work/lab$n
   make_lab "$dir" "$n"
-  sync
-  a0=$(avail_kb)
-  t0=$(now)
-  "$UMLCTL" lab start -d "$dir" --image "$img" --kernel "$KERNEL" --mem "$MEM" > "$work/start$n.log" 2>&1 ||
-    { cat "$work/start$n.log"; exit 1; }
-  t1=$(now)
-  # The chain works: d1 reaches d2.
-  if [ "$n" -gt 1 ]; then
-    "$UMLCTL" lab exec -d "$dir" d1 -- ping -c 1 -W 5 10.0.1.2 > /dev/null ||
-      { echo "d1 does not reach d2"; exit 1; }
-  fi
-  sleep 10
-  a1=$(avail_kb)
-  t2=$(now)
-  "$UMLCTL" lab stop -d "$dir" --timeout 5 > /dev/null
-  t3=$(now)
-  printf '%-8s %4s %14s %16s %12s\n' umlctl "$n" "$(secs "$t0" "$t1")" \
-    "$(awk -v a="$a0" -v b="$a1" -v n="$n" 'BEGIN {printf "%.1f", (a-b)/1024/n}')" "$(secs "$t2" "$t3")"
+  for how in --no-reclaim ""; do
+    sync
+    a0=$(avail_kb)
+    t0=$(now)
+    # shellcheck disable=SC2086
+    "$UMLCTL" lab start -d "$dir" --image "$img" --kernel "$KERNEL" --mem "$MEM" $how > "$work/start$n.log" 2>&1 ||
+      { cat "$work/start$n.log"; exit 1; }
+    t1=$(now)
+    # The chain works: d1 reaches d2.
+    if [ "$n" -gt 1 ]; then
+      "$UMLCTL" lab exec -d "$dir" d1 -- ping -c 1 -W 5 10.0.1.2 > /dev/null ||
+        { echo "d1 does not reach d2"; exit 1; }
+    fi
+    sleep 10
+    a1=$(avail_kb)
+    ram=$(memfile_mib "$n")
+    t2=$(now)
+    "$UMLCTL" lab stop -d "$dir" --timeout 5 > /dev/null
+    t3=$(now)
+    printf '%-20s %4s %10s %14s %14s %9s\n' "umlctl ${how:-(reclaim)}" "$n" "$(secs "$t0" "$t1")" \
+      "$(awk -v a="$a0" -v b="$a1" -v n="$n" 'BEGIN {printf "%.1f", (a-b)/1024/n}')" "$ram" "$(secs "$t2" "$t3")"
+  done
   if [ -n "$kathara_ok" ]; then
     # The same root tree as a Docker image, the same lab.
     if ! docker image inspect umlctl-bench-lab:latest > /dev/null 2>&1; then
@@ -145,8 +173,8 @@ for n in $NS; do
     t2=$(now)
     (cd "$dir" && kathara lclean > /dev/null 2>&1)
     t3=$(now)
-    printf '%-8s %4s %14s %16s %12s\n' kathara "$n" "$(secs "$t0" "$t1")" \
-      "$(awk -v a="$a0" -v b="$a1" -v n="$n" 'BEGIN {printf "%.1f", (a-b)/1024/n}')" "$(secs "$t2" "$t3")"
+    printf '%-20s %4s %10s %14s %14s %9s\n' kathara "$n" "$(secs "$t0" "$t1")" \
+      "$(awk -v a="$a0" -v b="$a1" -v n="$n" 'BEGIN {printf "%.1f", (a-b)/1024/n}')" - "$(secs "$t2" "$t3")"
   fi
 done
 if [ -z "$kathara_ok" ]; then
