@@ -3,7 +3,7 @@
 #   - from `umlctl start` to `umlctl exec` answering, and to sshd accepting on
 #     the guest's leased address (a netd bridge in a private namespace);
 #   - the host memory of the idle guest (PSS of its UML processes, 10 s after
-#     sshd accepts);
+#     sshd accepts), and again after `umlctl reclaim`;
 #   - `umlctl exec NAME -- true` latency (median of RUNS) next to
 #     `ssh root@GUEST true` on the same guest (key placed through exec; the
 #     ssh client runs in the bridge's namespace) — ssh's peer figure.
@@ -71,7 +71,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 # ms_of CMD…: wall time of one run in milliseconds.
 ms_of() { local t0 t1; t0=$(now); "$@" >/dev/null 2>&1; t1=$(now); echo "($t1 - $t0) * 1000" | bc -l; }
 
-printf '%-12s %10s %10s %10s %12s %12s %12s\n' kernel start_s exec_s sshd_s idle_pss_MiB exec_true_ms ssh_true_ms
+printf '%-12s %10s %10s %10s %12s %14s %12s %12s\n' kernel start_s exec_s sshd_s idle_pss_MiB reclaimed_MiB exec_true_ms ssh_true_ms
 for k in $KERNELS; do
   name=d$$
   ver=$("$UMLCTL" kernel info "$k" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
@@ -84,18 +84,24 @@ for k in $KERNELS; do
   until in_ns timeout 2 bash -c "exec 3<>/dev/tcp/$addr/22" 2>/dev/null; do sleep 0.05; done
   t_ssh=$(now)
   sleep 10
-  pss=0
-  for pid in $(pgrep -f "umid=$name " || true); do
-    p=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)
-    pss=$((pss + ${p:-0}))
-  done
+  pss_of() {
+    local pss=0 p pid
+    for pid in $(pgrep -f "umid=$name " || true); do
+      p=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)
+      pss=$((pss + ${p:-0}))
+    done
+    echo "$pss"
+  }
+  pss=$(pss_of)
+  in_ns "$UMLCTL" reclaim "$name" >/dev/null
+  pss_reclaimed=$(pss_of)
   in_ns "$UMLCTL" exec -i "$name" -- sh -c 'mkdir -p -m 700 /root/.ssh && cat > /root/.ssh/authorized_keys' < "$work/key.pub"
   exec_ms=$(for _ in $(seq "$RUNS"); do ms_of in_ns "$UMLCTL" exec "$name" -- true; done | median)
   ssh_opts=(-i "$work/key" -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR)
   ssh_ms=$(for _ in $(seq "$RUNS"); do ms_of in_ns ssh "${ssh_opts[@]}" "root@$addr" true; done | median)
-  printf '%-12s %10.2f %10.2f %10.2f %12.1f %12.1f %12.1f\n' "$ver" \
+  printf '%-12s %10.2f %10.2f %10.2f %12.1f %14.1f %12.1f %12.1f\n' "$ver" \
     "$(echo "$t_start - $t0" | bc -l)" "$(echo "$t_exec - $t0" | bc -l)" "$(echo "$t_ssh - $t0" | bc -l)" \
-    "$(echo "$pss / 1024" | bc -l)" "$exec_ms" "$ssh_ms"
+    "$(echo "$pss / 1024" | bc -l)" "$(echo "$pss_reclaimed / 1024" | bc -l)" "$exec_ms" "$ssh_ms"
   printf '%-12s exec is %.1fx faster than ssh\n' "" "$(echo "$ssh_ms / $exec_ms" | bc -l)"
   in_ns "$UMLCTL" stop --rm "$name" >/dev/null
 done

@@ -32,6 +32,9 @@ use crate::instance::Guest;
 /// thirty-second of its RAM, whichever is more).
 pub const HEADROOM_MIN_KIB: u64 = 8 * 1024;
 
+/// How long the guest may take to write back and drop its page cache.
+const DROP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Below this, inflating is not worth a round trip (KiB).
 const SMALLEST_KIB: u64 = 4 * 1024;
 
@@ -135,7 +138,21 @@ pub fn reclaim(g: &Guest, o: &Options) -> Result<Reclaimed> {
             ],
             ..Default::default()
         };
-        match crate::exec::output(&name, &spec) {
+        // The guest answers when it likes (a hostile one never): wait a
+        // while, then go on without dropping; the exec, if it ever ends,
+        // ends in a thread nobody waits for.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let who = name.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(crate::exec::output(&who, &spec));
+        });
+        let dropped = rx.recv_timeout(DROP_TIMEOUT).unwrap_or_else(|_| {
+            Err(Error::Usage(format!(
+                "dropping it did not finish within {} s",
+                DROP_TIMEOUT.as_secs()
+            )))
+        });
+        match dropped {
             Ok((0, _, _)) => r.dropped_cache = true,
             Ok((126 | 127, _, _)) => {
                 r.note = Some("page cache kept: the image has no /bin/sh to drop it".into());
