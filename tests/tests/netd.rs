@@ -2148,4 +2148,43 @@ fn a_published_port_reaches_a_detached_guest_from_outside() {
         !fetch().status.success(),
         "the port still reaches somewhere"
     );
+    // `run --publish` the same way, for as long as the command runs.
+    let run = Command::new("ip")
+        .args(["netns", "exec", &ns_name])
+        .arg(umlctl_bin())
+        .args([
+            "run", "--image", &img_s, "--kernel", &kernel_s, "--mem", "64M", "--net", "nat0",
+            "--publish", "8080:80", "--", "sh", "-c",
+            // Serve until a connection has come (then its TIME_WAIT entry
+            // is a third line of /proc/net/tcp), or fail after a minute.
+            "httpd -p 80 -h /www && i=0 && while [ $i -lt 300 ]; do if [ $(busybox wc -l < /proc/net/tcp) -gt 2 ]; then sleep 2; exit 0; fi; sleep 0.2; i=$((i+1)); done; exit 3",
+        ])
+        .env("UMLCTL_UML_DIR", dir.path().join("uml"))
+        .env("UMLCTL_CACHE_DIR", cache_dir())
+        .env("UMLCTL_NETD_SOCKET", &sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let page = loop {
+        let page = String::from_utf8_lossy(&fetch().stdout).into_owned();
+        if page.ends_with("published\n") || std::time::Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        page.ends_with("published\n"),
+        "run --publish from outside: {page:?}; run: {out:?}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    wait_until(|| d.ns.taps().is_empty(), "run's tap removed", &d);
+    let table = assert_ok(&nft_table(&d.ns), "nft list table");
+    assert!(
+        !table.contains("dnat"),
+        "run's published port outlived it:\n{table}"
+    );
 }
