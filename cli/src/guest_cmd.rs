@@ -354,6 +354,12 @@ fn human_secs(s: u64) -> String {
     }
 }
 
+/// Bytes of a running guest's RAM the host holds (its memory file's
+/// allocated size), when its UML process can be looked into.
+fn host_ram(g: &instance::Guest) -> Option<u64> {
+    umlctl_kernel::reclaim::memory_file_bytes(g.record.pid, g.record.mem_bytes)
+}
+
 pub fn ps(a: PsArgs) -> u8 {
     let guests = match instance::list() {
         Ok(g) => g,
@@ -382,6 +388,9 @@ pub fn ps(a: PsArgs) -> u8 {
                     "kernel": g.record.kernel,
                     "kernel_version": g.record.kernel_version,
                     "mem_bytes": g.record.mem_bytes,
+                    // The guest's RAM as the host holds it now (what it has
+                    // touched; `reclaim` lowers it).
+                    "host_ram_bytes": (*s == State::Running).then(|| host_ram(g)).flatten(),
                     "image": g.record.image,
                     "overlay": g.record.overlay,
                     "disks": g.record.disks,
@@ -419,13 +428,13 @@ pub fn ps(a: PsArgs) -> u8 {
         return 0;
     }
     println!(
-        "{:<20} {:<8} {:>8} {:>8} {:<10} {:>6} {:<5} NICS",
-        "NAME", "STATE", "PID", "UPTIME", "KERNEL", "MEM", "DISKS"
+        "{:<20} {:<8} {:>8} {:>8} {:<10} {:>6} {:>7} {:<5} NICS",
+        "NAME", "STATE", "PID", "UPTIME", "KERNEL", "MEM", "ONHOST", "DISKS"
     );
     for (g, s) in &rows {
         let r = &g.record;
         println!(
-            "{:<20} {:<8} {:>8} {:>8} {:<10} {:>5}M {:<5} {}",
+            "{:<20} {:<8} {:>8} {:>8} {:<10} {:>5}M {:>7} {:<5} {}",
             r.name,
             s.to_string(),
             if *s == State::Running {
@@ -440,6 +449,10 @@ pub fn ps(a: PsArgs) -> u8 {
             },
             r.kernel_version,
             r.mem_bytes >> 20,
+            (*s == State::Running)
+                .then(|| host_ram(g))
+                .flatten()
+                .map_or("-".into(), |b| format!("{}M", b >> 20)),
             1 + r.disks.len(),
             if *s != State::Running {
                 // How it ended, not leases it no longer holds.

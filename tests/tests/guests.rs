@@ -779,6 +779,16 @@ fn reclaim_returns_what_a_guest_touched_and_freed_and_the_guest_keeps_all_its_me
         assert!(before >= 70 * MIB, "{v}");
         assert!(before - after >= 45 * MIB, "{v}");
         assert_eq!(r["returned_bytes"].as_u64(), Some(before - after), "{v}");
+        // ps shows what the host holds now.
+        let ps = env.ps();
+        let on_host = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .and_then(|g| g["host_ram_bytes"].as_u64())
+            .unwrap_or_else(|| panic!("no host_ram_bytes for {name}: {ps}"));
+        assert!(on_host < before - 40 * MIB, "{on_host} {v}");
         // The guest keeps all its RAM: the balloon gave every page back,
         // and they work (fresh pages, written and read back).
         let (total2, free2) = guest_meminfo(&env, name);
