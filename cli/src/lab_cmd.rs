@@ -626,6 +626,13 @@ fn ps(a: &PsArgs) -> Result<(), String> {
     )> = s.devices.iter().map(|d| (d, runtime::guest(d))).collect();
     let addrs = runtime::addresses(&s);
     let addr = |d: &str, i: &str| addrs.get(&(d.to_string(), i.to_string())).cloned();
+    let on_host = |g: &Option<umlctl_kernel::instance::Guest>| {
+        g.as_ref()
+            .filter(|g| g.state() == umlctl_kernel::instance::State::Running)
+            .and_then(|g| {
+                umlctl_kernel::reclaim::memory_file_bytes(g.record.pid, g.record.mem_bytes)
+            })
+    };
     if a.json {
         let v: Vec<_> = rows
             .iter()
@@ -635,6 +642,7 @@ fn ps(a: &PsArgs) -> Result<(), String> {
                     "guest": d.guest,
                     "state": g.as_ref().map(|g| g.state().to_string()).unwrap_or_else(|| "missing".into()),
                     "pid": g.as_ref().map(|g| g.record.pid),
+                    "host_ram_bytes": on_host(g),
                     "interfaces": d.interfaces.iter().map(|(n, dom, mac)| serde_json::json!({"name": n, "domain": dom, "mac": mac, "addresses": addr(&d.name, n)})).collect::<Vec<_>>(),
                     "startup_status": d.startup_status,
                 })
@@ -649,8 +657,8 @@ fn ps(a: &PsArgs) -> Result<(), String> {
     }
     println!("lab {} ({})", s.dir.display(), s.id);
     println!(
-        "{:<16} {:<8} {:>8} {:<8} INTERFACES",
-        "DEVICE", "STATE", "PID", "STARTUP"
+        "{:<16} {:<8} {:>8} {:>7} {:<8} INTERFACES",
+        "DEVICE", "STATE", "PID", "ONHOST", "STARTUP"
     );
     for (d, g) in &rows {
         let state = g.as_ref().map(|g| g.state());
@@ -663,7 +671,7 @@ fn ps(a: &PsArgs) -> Result<(), String> {
             })
             .collect();
         println!(
-            "{:<16} {:<8} {:>8} {:<8} {}",
+            "{:<16} {:<8} {:>8} {:>7} {:<8} {}",
             d.name,
             state.map_or("missing".into(), |s| s.to_string()),
             match (g, state) {
@@ -671,6 +679,7 @@ fn ps(a: &PsArgs) -> Result<(), String> {
                     g.record.pid.to_string(),
                 _ => "-".into(),
             },
+            on_host(g).map_or("-".into(), |b| format!("{}M", b >> 20)),
             d.startup_status.map_or("-".into(), |c| if c == 0 {
                 "ok".into()
             } else {

@@ -296,6 +296,10 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     assert_eq!(devs.len(), 4, "{ps}");
     for d in devs {
         assert_eq!(d["state"], "running", "{ps}");
+        // What of its RAM the host holds: something, far from all of its
+        // 256M (a busybox device).
+        let on_host = d["host_ram_bytes"].as_u64().unwrap();
+        assert!(on_host > 0 && on_host < 128 << 20, "{ps}");
         let want = if d["device"] == "d" { 3 } else { 0 };
         assert_eq!(d["startup_status"], want, "{ps}");
     }
