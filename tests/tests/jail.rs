@@ -937,6 +937,29 @@ fn a_detached_guest_keeps_its_limits_until_it_is_removed() {
         l["usage"]["memory_peak_bytes"].as_u64().unwrap() > 16 << 20,
         "{l}"
     );
+    // What the guest touched counts against its limit until reclaim gives
+    // it back to the host (and so to the cgroup).
+    let current = || -> u64 {
+        dirs.iter()
+            .find_map(|d| {
+                fs::read_to_string(d.join("memory.current"))
+                    .or_else(|_| fs::read_to_string(d.join("memory.usage_in_bytes")))
+                    .ok()
+            })
+            .and_then(|s| s.trim().parse().ok())
+            .expect("the guest's cgroup counts its memory")
+    };
+    env.ok(&[
+        "exec", "capped", "--", "sh", "-c",
+        "mount -t tmpfs -o size=100M none /mnt && busybox dd if=/dev/zero of=/mnt/f bs=1M count=64 2>/dev/null && busybox rm /mnt/f",
+    ]);
+    let before = current();
+    env.ok(&["reclaim", "capped"]);
+    let after = current();
+    assert!(
+        before > after + (40 << 20),
+        "the cgroup held {before} bytes before reclaim, {after} after"
+    );
     // Everything UML runs is inside, the guest's processes too.
     let all = processes_mentioning(&env.uml_dir().to_string_lossy());
     assert!(all.len() > 1);
