@@ -29,6 +29,9 @@ pub enum LabCmd {
     Exec(LabExecArgs),
     /// Attach to a device's console (detach with Ctrl-]).
     Console(LabConsoleArgs),
+    /// Open a shell in a device (as Kathará's `connect`): lab.conf's DEVICE[shell], else bash,
+    /// else sh, on a terminal.
+    Connect(LabConnectArgs),
     /// Debug a device's kernel with gdb (as `umlctl debug`): the device stops while gdb holds it
     /// and runs on after.
     Debug(LabDebugArgs),
@@ -171,6 +174,19 @@ pub struct LabConsoleArgs {
     device: String,
 }
 
+/// `lab connect`
+#[derive(Args)]
+pub struct LabConnectArgs {
+    #[command(flatten)]
+    lab: LabDir,
+    /// The device.
+    device: String,
+    /// The shell and its arguments (default: lab.conf's DEVICE[shell], else bash if the device
+    /// has it, else sh).
+    #[arg(long, value_name = "SHELL")]
+    shell: Option<String>,
+}
+
 /// `lab debug`
 #[derive(Args)]
 pub struct LabDebugArgs {
@@ -270,6 +286,7 @@ pub fn main(cmd: LabCmd) -> u8 {
                 }
             }
         }
+        LabCmd::Connect(a) => return connect(&a),
         LabCmd::Console(a) => {
             return match runtime::device_guest(&a.lab.dir, &a.device) {
                 Ok(g) => crate::guest_cmd::console_named(g),
@@ -282,6 +299,50 @@ pub fn main(cmd: LabCmd) -> u8 {
     };
     match r {
         Ok(()) => 0,
+        Err(e) => {
+            eprintln!("umlctl: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// The argv of a device's shell: `--shell`, else lab.conf's
+/// `DEVICE[shell]`, else bash where the device has it, else sh.
+fn shell_argv(given: Option<&str>, conf: Option<&str>) -> Vec<String> {
+    match given.or(conf).map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => s.split_whitespace().map(String::from).collect(),
+        None => vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "if command -v bash >/dev/null 2>&1; then exec bash; fi; exec sh".into(),
+        ],
+    }
+}
+
+fn connect(a: &LabConnectArgs) -> u8 {
+    let guest = match runtime::device_guest(&a.lab.dir, &a.device) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("umlctl: {e}");
+            return exit::FAILURE;
+        }
+    };
+    // The lab as its directory says now (warnings were shown at start).
+    let conf = Lab::load(&a.lab.dir).ok().and_then(|l| {
+        l.devices
+            .into_iter()
+            .find(|d| d.name == a.device)
+            .and_then(|d| d.options.shell)
+    });
+    let spec = umlctl_kernel::execproto::ExecSpec {
+        argv: shell_argv(a.shell.as_deref(), conf.as_deref()),
+        tty: true,
+        stdin: true,
+        term: std::env::var("TERM").ok(),
+        ..Default::default()
+    };
+    match umlctl_kernel::exec::exec(&guest, &spec) {
+        Ok(code) => u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX),
         Err(e) => {
             eprintln!("umlctl: {e}");
             exit::FAILURE
@@ -728,5 +789,23 @@ fn test(a: &TestArgs) -> u8 {
         exit::CHECK_FAILED
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_argv;
+
+    #[test]
+    fn a_devices_shell_is_the_flag_then_lab_conf_then_bash_or_sh() {
+        assert_eq!(
+            shell_argv(Some("/bin/zsh -l"), Some("/bin/bash")),
+            ["/bin/zsh", "-l"]
+        );
+        assert_eq!(shell_argv(None, Some("/bin/bash")), ["/bin/bash"]);
+        assert_eq!(shell_argv(None, Some("  ")).len(), 3);
+        let d = shell_argv(None, None);
+        assert_eq!(d[0], "/bin/sh");
+        assert!(d[2].contains("exec bash") && d[2].ends_with("exec sh"));
     }
 }

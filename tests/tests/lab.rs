@@ -4,8 +4,9 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -198,7 +199,7 @@ fn busybox_lab(dir: &Path) {
     fs::write(
         dir.join("lab.conf"),
         "LAB_NAME=\"tiny\"\na[0]=\"A\"\nb[0]=\"A\"\nb[1]=\"B\"\nc[0]=\"B/02:00:00:00:0c:00\"\nd[0]=\"B\"\n\
-         a[sysctl]=\"net.ipv4.tcp_syncookies=0\"\na[env]=\"GREETING=hello\"\n",
+         a[sysctl]=\"net.ipv4.tcp_syncookies=0\"\na[env]=\"GREETING=hello\"\nb[shell]=\"/bin/busybox ash\"\n",
     )
     .unwrap();
     fs::write(dir.join("lab.dep"), "c: a b\n").unwrap();
@@ -322,6 +323,51 @@ fn a_lab_starts_in_lab_dep_order_runs_its_scripts_and_stops_leaving_nothing() {
     assert!(err.contains("Id   Target Id"), "{err}");
     let o = env.lab("exec", &dir, &["a", "--", "cat", "/tmp/greeting"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
+    // lab connect: a shell on a terminal (util-linux's script gives one),
+    // lab.conf's DEVICE[shell] where it names one, --shell over both; the
+    // shell's exit status comes back.
+    let connect = |args: &str, input: &str| {
+        let mut c = env.cmd(&[]);
+        c.env_remove("TERM");
+        let out = Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "{} lab connect -d {} {args}",
+                umlctl_bin().display(),
+                dir.display()
+            ))
+            .arg("/dev/null")
+            .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script: apt-get install bsdutils");
+        let mut child = out;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let o = connect("a", "echo connected-$((6*7)) $0; exit 3\n");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("connected-42 sh"), "{text}");
+    assert_eq!(o.status.code(), Some(3), "{text}");
+    let o = connect("b", "echo shell=$0; exit\n");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("shell=ash"), "DEVICE[shell]: {text}");
+    let o = connect("b --shell '/bin/busybox sh'", "echo shell=$0; exit\n");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("shell=sh"), "--shell: {text}");
+    let o = env.lab("connect", &dir, &["nope"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no device \"nope\""),
+        "{o:?}"
+    );
     // lab.dep: c's startup ran after a's and b's.
     let order = fs::read_to_string(dir.join("shared/order")).unwrap();
     let lines: Vec<&str> = order.lines().collect();
