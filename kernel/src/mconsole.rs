@@ -112,7 +112,15 @@ impl Reply {
     }
 }
 
-/// Collects reply chunks until `more == 0`.
+/// The most of one reply that is kept: a guest (its kernel possibly taken
+/// over) may stream chunks without end; what is past this is dropped.
+pub const MAX_REPLY: usize = 1 << 20;
+
+/// How long one reply may stream in all, however lively the guest.
+const REPLY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Collects reply chunks until `more == 0`, keeping at most [`MAX_REPLY`]
+/// bytes.
 #[derive(Default)]
 pub struct Assembler {
     err: Option<u32>,
@@ -124,7 +132,9 @@ impl Assembler {
     pub fn push(&mut self, p: ReplyPacket) -> Option<Reply> {
         // `err` is only meaningful on the first chunk.
         self.err.get_or_insert(p.err);
-        self.text.extend_from_slice(&p.data);
+        let room = MAX_REPLY.saturating_sub(self.text.len());
+        self.text
+            .extend_from_slice(&p.data[..p.data.len().min(room)]);
         (!p.more).then(|| self.finish())
     }
 
@@ -231,6 +241,8 @@ impl Client {
         let mut asm = Assembler::default();
         let mut got_any = false;
         let deadline = Instant::now() + self.timeout;
+        // A reply that never ends (a hostile guest's) ends here.
+        let last = Instant::now() + self.timeout.max(REPLY_DEADLINE);
         self.sock.set_read_timeout(Some(self.timeout))?;
         loop {
             let n = match self.sock.recv(&mut buf) {
@@ -256,6 +268,9 @@ impl Client {
             };
             if let Some(r) = asm.push(decode_reply(&buf[..n])?) {
                 return Ok(r);
+            }
+            if Instant::now() >= last {
+                return Ok(asm.finish());
             }
             if !got_any {
                 got_any = true;
@@ -352,6 +367,19 @@ mod tests {
             .unwrap();
         assert_eq!(r.err, -19);
         assert!(!r.ok());
+    }
+
+    #[test]
+    fn an_endless_reply_is_kept_to_its_limit() {
+        let mut asm = Assembler::default();
+        let chunk = reply(0, 1, &"x".repeat(400));
+        for _ in 0..(MAX_REPLY / 400 + 100) {
+            assert!(asm.push(decode_reply(&chunk).unwrap()).is_none());
+        }
+        let r = asm
+            .push(decode_reply(&reply(0, 0, "end")).unwrap())
+            .unwrap();
+        assert_eq!(r.text.len(), MAX_REPLY);
     }
 
     #[test]
