@@ -70,6 +70,10 @@ pub struct RestartArgs {
     /// Seconds it may take to run its shutdown scripts, and then to shut down.
     #[arg(long, value_name = "SECS", default_value = "10")]
     timeout: u64,
+    /// Leave the device's memory as its startup left it (by default its page cache and free
+    /// memory go back to the host, as after `lab start`).
+    #[arg(long)]
+    no_reclaim: bool,
 }
 
 /// `lab test`
@@ -263,13 +267,20 @@ pub fn main(cmd: LabCmd) -> u8 {
                 &a.device,
                 std::time::Duration::from_secs(a.timeout.max(1)),
             ) {
-                Ok(None) => {
-                    println!("{}: restarted", a.device);
-                    0
-                }
-                Ok(Some(f)) => {
-                    eprintln!("umlctl: device {}: {}:\n{}", f.device, f.why, f.tail);
-                    exit::CHECK_FAILED
+                Ok(failed) => {
+                    if !a.no_reclaim {
+                        reclaim_after_start(&a.lab.dir, &a.device);
+                    }
+                    match failed {
+                        None => {
+                            println!("{}: restarted", a.device);
+                            0
+                        }
+                        Some(f) => {
+                            eprintln!("umlctl: device {}: {}:\n{}", f.device, f.why, f.tail);
+                            exit::CHECK_FAILED
+                        }
+                    }
                 }
                 Err(e) => {
                     eprintln!("umlctl: lab restart: {e}");
@@ -629,6 +640,18 @@ fn start(a: &StartArgs) -> u8 {
             );
             exit::CHECK_FAILED
         }
+    }
+}
+
+/// `lab restart`'s reclaim of the device it started: a warning if it
+/// cannot (the device runs as it is).
+fn reclaim_after_start(dir: &Path, device: &str) {
+    let out = runtime::reclaim(dir, &[device.to_string()], false);
+    match out.as_deref() {
+        Ok([(_, Err(e))]) | Err(e) => {
+            eprintln!("umlctl: warning: device {device}: memory not reclaimed: {e}");
+        }
+        _ => {}
     }
 }
 
