@@ -8,6 +8,8 @@
 //! * [`jail`] and [`cgroup`]: what a guest's UML process may see, and
 //!   how much CPU and memory it may use;
 //! * [`gdb`]: the host's gdb on a guest kernel (`run --gdb`, `debug`);
+//! * [`reclaim`]: a running guest's unused memory back to the host (its
+//!   page cache dropped, its free pages through UML's mconsole balloon);
 //! * [`init`]: the guest side of `run` (umlctl as PID 1 in the guest) and
 //!   [`protocol`], what the two sides say to each other.
 
