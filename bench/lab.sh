@@ -9,7 +9,10 @@
 #
 #   bench/lab.sh                         (busybox devices, N = 5 20 50)
 #   NS="5 20" bench/lab.sh
-#   KIND=debian NS=20 bench/lab.sh       (Debian devices running FRR/OSPF)
+#   KIND=debian NS=20 bench/lab.sh       (Debian devices running FRR/OSPF under systemd)
+#   KIND=debian-sysv NS=20 bench/lab.sh  (the same without systemd: sysvinit,
+#                                         FRR started by /etc/init.d/frr, as
+#                                         in Kathará's containers)
 #   UMLCTL=path/to/umlctl KERNEL=path/to/linux MEM=64M
 #
 # "Memory per device" is the drop of MemAvailable over the idle lab (10 s
@@ -29,7 +32,8 @@ UMLCTL=$(realpath "$UMLCTL")
 KERNEL=${KERNEL:-$("$UMLCTL" kernel info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')}
 KIND=${KIND:-busybox}
 NS=${NS:-5 20 50}
-MEM=${MEM:-$([ "$KIND" = debian ] && echo 160M || echo 64M)}
+case $KIND in busybox | debian | debian-sysv) ;; *) echo "KIND=$KIND: busybox, debian or debian-sysv" >&2; exit 2 ;; esac
+MEM=${MEM:-$([ "$KIND" = busybox ] && echo 64M || echo 160M)}
 work=$(mktemp -d /var/tmp/umlctl-bench-lab.XXXXXX)
 export UMLCTL_UML_DIR="$work/uml"
 cleanup() {
@@ -65,13 +69,18 @@ print("%.1f" % (total / 1048576 / n))' "$1"
 secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", (b-a)/1e9}'; }
 
 # The device image.
-if [ "$KIND" = debian ]; then
+if [ "$KIND" != busybox ]; then
   ensure_debs mmdebstrap
-  img=${IMAGE:-/var/tmp/umlctl-test-images/bookworm-minbase+systemd-sysv+udev+iproute2+openssh-server+frr+iputils-ping-v1.ext4}
+  if [ "$KIND" = debian ]; then
+    pkgs=systemd-sysv,udev,iproute2,openssh-server,frr,iputils-ping
+  else
+    pkgs=sysvinit-core,iproute2,frr,iputils-ping
+  fi
+  img=${IMAGE:-/var/tmp/umlctl-test-images/bookworm-minbase+${pkgs//,/+}-v1.ext4}
   if [ ! -f "$img" ]; then
     mkdir -p "$(dirname "$img")"
-    mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,iproute2,openssh-server,frr,iputils-ping \
-      bookworm - | "$UMLCTL" image build -o "$img" -
+    mmdebstrap --quiet --variant=minbase --include="$pkgs" bookworm - | "$UMLCTL" image build -o "$img.part" -
+    mv "$img.part" "$img"
   fi
 else
   root=$work/bbroot
@@ -103,13 +112,13 @@ make_lab() {
       echo "d$i[$k]=\"c$i\"" >> "$dir/lab.conf"
       echo "ip address add 10.$((i / 250)).$((i % 250)).1/24 dev eth$k" >> "$s"
     fi
-    if [ "$KIND" = debian ]; then
+    if [ "$KIND" != busybox ]; then
       mkdir -p "$dir/d$i/etc/frr"
       printf 'zebra=yes\nospfd=yes\nvtysh_enable=yes\nzebra_options="  -A 127.0.0.1 -s 90000000"\nospfd_options="  -A 127.0.0.1"\n' \
         > "$dir/d$i/etc/frr/daemons"
       printf 'frr defaults traditional\nhostname d%s\nrouter ospf\n network 10.0.0.0/8 area 0\n' "$i" \
         > "$dir/d$i/etc/frr/frr.conf"
-      echo "systemctl start frr" >> "$s"
+      if [ "$KIND" = debian ]; then echo "systemctl start frr" >> "$s"; else echo "/etc/init.d/frr start" >> "$s"; fi
     fi
   done
 }
