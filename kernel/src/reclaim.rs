@@ -93,15 +93,36 @@ pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
     (free <= total).then_some((total, free))
 }
 
-/// How much to inflate the balloon by (KiB), leaving the headroom free.
-pub fn balloon_size(total_kib: u64, free_kib: u64) -> u64 {
-    let headroom = HEADROOM_MIN_KIB.max(total_kib / 32);
+/// How much to inflate the balloon by (KiB), leaving the headroom free:
+/// [`HEADROOM_MIN_KIB`] or a thirty-second of the RAM, whichever is more,
+/// for each of the guest's CPUs up to four (on an SMP guest the other CPUs
+/// run its processes while the balloon fills), but not more than a quarter
+/// of the RAM (or the minimum).
+pub fn balloon_size(total_kib: u64, free_kib: u64, cpus: u64) -> u64 {
+    let headroom = HEADROOM_MIN_KIB
+        .max(total_kib / 32)
+        .saturating_mul(cpus.clamp(1, 4))
+        .min(HEADROOM_MIN_KIB.max(total_kib / 4));
     let n = free_kib.saturating_sub(headroom).min(BALLOON_MAX_KIB);
     if n < SMALLEST_KIB {
         0
     } else {
         n
     }
+}
+
+/// The number of CPUs in a guest's `/proc/stat` (its `cpuN` lines); 1
+/// when there are none (the text comes from the guest).
+pub fn parse_cpus(stat: &str) -> u64 {
+    let n = stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .and_then(|r| r.split(char::is_whitespace).next())
+                .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .count();
+    u64::try_from(n).unwrap_or(u64::MAX).max(1)
 }
 
 /// Bytes of host memory behind the UML process `pid`'s RAM of `mem_bytes`:
@@ -184,7 +205,8 @@ pub fn reclaim(g: &Guest, o: &Options) -> Result<Reclaimed> {
             info.text.chars().take(80).collect::<String>()
         ))
     })?;
-    let n = balloon_size(total, free);
+    let cpus = mc("proc stat").map_or(1, |r| parse_cpus(&r.text));
+    let n = balloon_size(total, free, cpus);
     if n > 0 {
         let taken = mc(&format!("config mem=-{n}K"));
         if let Ok(t) = &taken {
@@ -266,7 +288,8 @@ mod tests {
         crate::testutil::byte_flips(&[t.as_bytes().to_vec()], 7, 2000, |b| {
             if let Some((total, free)) = parse_meminfo(&String::from_utf8_lossy(b)) {
                 assert!(free <= total);
-                assert!(balloon_size(total, free) <= free);
+                let cpus = parse_cpus(&String::from_utf8_lossy(b));
+                assert!(balloon_size(total, free, cpus) <= free);
             }
         });
     }
@@ -274,13 +297,29 @@ mod tests {
     #[test]
     fn the_balloon_leaves_headroom() {
         // 160 MiB guest: a thirty-second (5 MiB) is less than the 8 MiB floor.
-        assert_eq!(balloon_size(154_528, 97_428), 97_428 - 8 * 1024);
+        assert_eq!(balloon_size(154_528, 97_428, 1), 97_428 - 8 * 1024);
         // 1 GiB guest: a thirty-second.
-        assert_eq!(balloon_size(1 << 20, 600 << 10), (600 << 10) - (1 << 15));
-        assert_eq!(balloon_size(154_528, 8 * 1024), 0);
-        assert_eq!(balloon_size(154_528, 11 * 1024), 0);
-        assert_eq!(balloon_size(154_528, 13 * 1024), 5 * 1024);
+        assert_eq!(balloon_size(1 << 20, 600 << 10, 1), (600 << 10) - (1 << 15));
+        assert_eq!(balloon_size(154_528, 8 * 1024, 1), 0);
+        assert_eq!(balloon_size(154_528, 11 * 1024, 1), 0);
+        assert_eq!(balloon_size(154_528, 13 * 1024, 1), 5 * 1024);
+        // Two CPUs: twice the headroom; eight: four times, at most a
+        // quarter of the RAM.
+        assert_eq!(balloon_size(1 << 20, 600 << 10, 2), (600 << 10) - (1 << 16));
+        assert_eq!(balloon_size(1 << 20, 600 << 10, 8), (600 << 10) - (1 << 17));
+        assert_eq!(balloon_size(154_528, 97_428, 4), 97_428 - 4 * 8 * 1024);
+        assert_eq!(balloon_size(u64::MAX, u64::MAX, 4), 4 << 20);
+        assert_eq!(balloon_size(154_528, 97_428, 0), 97_428 - 8 * 1024);
         // 64 GiB guest, nearly all free: at most 4 GiB at a time.
-        assert_eq!(balloon_size(64 << 20, 63 << 20), 4 << 20);
+        assert_eq!(balloon_size(64 << 20, 63 << 20, 1), 4 << 20);
+    }
+
+    #[test]
+    fn cpus_are_counted_from_proc_stat() {
+        let stat = "cpu  10 0 5 100 0 0 0 0 0 0\ncpu0 5 0 2 50 0 0 0 0 0 0\ncpu1 5 0 3 50 0 0 0 0 0 0\nintr 1 2\nctxt 9\n";
+        assert_eq!(parse_cpus(stat), 2);
+        assert_eq!(parse_cpus("cpu  1 2 3\n"), 1);
+        assert_eq!(parse_cpus(""), 1);
+        assert_eq!(parse_cpus("cpux 1\ncpu1x 2\ncpu 3\n"), 1);
     }
 }
