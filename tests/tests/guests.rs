@@ -741,6 +741,12 @@ fn reclaim_returns_what_a_guest_touched_and_freed_and_the_guest_keeps_all_its_me
     let env = GuestEnv::new();
     let img = guest_image(env.dir.path());
     const MIB: u64 = 1024 * 1024;
+    let start = |name: &str, mem: &str, k: &Path, extra: &[&str]| {
+        let mut args = vec!["start", "--name", name, "--wait", "--image", s(&img)];
+        args.extend_from_slice(&["--mem", mem, "--kernel", s(k)]);
+        args.extend_from_slice(extra);
+        env.ok(&args);
+    };
     // Debian's kernel, a one-CPU 7.2 build, and an SMP 7.2 build with two
     // CPUs in seccomp mode (the balloon fills while the other CPU runs).
     let smp: &[&str] = &["--cpus", "2", "--userspace", "seccomp"];
@@ -751,20 +757,7 @@ fn reclaim_returns_what_a_guest_touched_and_freed_and_the_guest_keeps_all_its_me
         ("rc-b", kernel_7_one_cpu(), &[][..], 45 * MIB),
         ("rc-s", kernel_7(), smp, 30 * MIB),
     ] {
-        let mut args = vec![
-            "start",
-            "--name",
-            name,
-            "--wait",
-            "--image",
-            s(&img),
-            "--mem",
-            "128M",
-            "--kernel",
-            s(&k),
-        ];
-        args.extend_from_slice(extra);
-        env.ok(&args);
+        start(name, "128M", &k, extra);
         // 48 MiB touched and freed (a tmpfs file), and the 32 MiB disk
         // read into the guest's cache.
         env.ok(&[
@@ -837,18 +830,7 @@ fn reclaim_returns_what_a_guest_touched_and_freed_and_the_guest_keeps_all_its_me
         env.ok(&["stop", "--rm", name]);
     }
     // Guests that are not running, or not there, are errors by name.
-    env.ok(&[
-        "start",
-        "--name",
-        "rc-c",
-        "--wait",
-        "--image",
-        s(&img),
-        "--mem",
-        "64M",
-        "--kernel",
-        s(&kernel()),
-    ]);
+    start("rc-c", "64M", &kernel(), &[]);
     env.ok(&["stop", "rc-c"]);
     let o = env.umlctl(&["reclaim", "rc-c"]);
     assert_eq!(o.status.code(), Some(125));
