@@ -797,6 +797,13 @@ pub fn main() -> ! {
         };
         outputs.push(relay_out(from, ring.clone(), stream, credits, status));
     }
+    // "started" goes out (and is drained to the host) before the command
+    // exists: a command that powers the guest off at once (sysrq `o`,
+    // `poweroff -f`) would otherwise win the race against the report, and
+    // its shutdown would read as a boot failure. A command that cannot be
+    // executed is still reported as such; its final status follows.
+    tstamp("started");
+    g.report(&Status::Started);
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -826,8 +833,6 @@ pub fn main() -> ! {
         let ring = ring.clone();
         std::thread::spawn(move || relay_stdin(ring, sink, rx, status));
     }
-    tstamp("started");
-    g.report(&Status::Started);
     let sinks = ControlSinks {
         cmd: cmd_pid,
         tty: term_for_control,

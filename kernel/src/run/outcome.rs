@@ -157,11 +157,18 @@ pub(crate) fn outcome(
                     (_, Some(sig)) => format!("was killed by signal {sig}"),
                     _ => "ended".into(),
                 });
-                let is_panic = panic.is_some() || s.uml.and_then(|st| st.signal()) == Some(6);
+                // The kernel said it was going down on purpose. UML can
+                // still abort on its way out (under load, a process it
+                // is killing at power-off trips its ptrace loop, which
+                // ends in abort()): that is the shutdown, not a panic.
+                let going_down = panic.is_none() && said_it_was_going_down(&tail);
+                let aborted = s.uml.and_then(|st| st.signal()) == Some(6);
+                let is_panic = panic.is_some() || (aborted && !going_down);
                 // The command ran, and the kernel then exited by itself
                 // (poweroff, halt, reboot from inside): a shutdown.
-                let shut_down =
-                    !is_panic && s.started.is_some() && s.uml.and_then(|st| st.code()).is_some();
+                let shut_down = !is_panic
+                    && s.started.is_some()
+                    && (s.uml.and_then(|st| st.code()).is_some() || aborted);
                 o.reason = if is_panic {
                     Reason::Panic
                 } else if shut_down {
@@ -198,4 +205,40 @@ pub(crate) fn outcome(
         }
     }
     o
+}
+
+/// Whether the kernel's last message is its own power-off, halt or restart
+/// notice (`kernel_power_off`, `kernel_halt`, `kernel_restart`).
+fn said_it_was_going_down(tail: &str) -> bool {
+    tail.lines()
+        .map(|l| l.trim_start_matches([' ', '|']).trim())
+        .rfind(|l| !l.is_empty())
+        .is_some_and(|l| {
+            [
+                "reboot: Power down",
+                "reboot: System halted",
+                "reboot: Restarting system",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::said_it_was_going_down;
+
+    #[test]
+    fn only_the_last_message_counts_as_going_down() {
+        assert!(said_it_was_going_down(
+            "  | sysrq: Power Off\n  | reboot: Power down\n"
+        ));
+        assert!(said_it_was_going_down("  | reboot: System halted"));
+        assert!(said_it_was_going_down("  | reboot: Restarting system"));
+        assert!(!said_it_was_going_down(
+            "  | reboot: Power down\n  | Kernel panic - not syncing: x"
+        ));
+        assert!(!said_it_was_going_down("  | Run /init as init process"));
+        assert!(!said_it_was_going_down(""));
+    }
 }
