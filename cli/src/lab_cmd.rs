@@ -438,6 +438,12 @@ fn info(a: &InfoArgs) -> Result<(), String> {
     if lab.shared {
         println!("shared/ is mounted at /shared in every device");
     }
+    if !lab.externals.is_empty() {
+        println!("on host interfaces (lab.ext, root only):");
+        for e in &lab.externals {
+            println!("  {}: {}", e.domain, e.host_name());
+        }
+    }
     Ok(())
 }
 
@@ -576,6 +582,10 @@ fn start(a: &StartArgs) -> u8 {
         }
     };
     if a.dry_run {
+        if let Err(e) = runtime::check_external(&lab) {
+            eprintln!("umlctl: {e}");
+            return exit::FAILURE;
+        }
         for d in &lab.devices {
             let img = d
                 .options
@@ -597,6 +607,18 @@ fn start(a: &StartArgs) -> u8 {
         }
         for (n, w) in lab.waves.iter().enumerate() {
             println!("step {}: {}", n + 1, w.join(" "));
+        }
+        for e in &lab.externals {
+            println!(
+                "collision domain {} on host interface {}{}",
+                e.domain,
+                e.host_name(),
+                if e.vlan.is_some() {
+                    " (VLAN, made if missing)"
+                } else {
+                    ""
+                }
+            );
         }
         return 0;
     }

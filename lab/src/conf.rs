@@ -116,7 +116,7 @@ pub(crate) fn valid_device_name(s: &str) -> bool {
 }
 
 /// `\w+` in ASCII, at most 64 bytes (collision domains, option names).
-fn word(s: &str) -> bool {
+pub(crate) fn word(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 

@@ -78,6 +78,20 @@ impl Lab {
                 );
             }
         }
+        // lab.ext: the host interfaces the domains are put on.
+        for e in &self.externals {
+            let node = quote(&format!("host:{}", e.host_name()));
+            let _ = writeln!(
+                g,
+                "  {node} [shape=box, style=filled, fillcolor=lightgrey, label={}];",
+                quote(&format!("host {}", e.host_name()))
+            );
+            let _ = writeln!(
+                g,
+                "  {node} -- {} [style=bold];",
+                quote(&format!("cd:{}", e.domain))
+            );
+        }
         g.push_str("}\n");
         g
     }

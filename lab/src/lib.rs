@@ -1,7 +1,8 @@
 //! Kathará/Netkit lab directories, the way Kathará reads them: `lab.conf`
 //! (devices, their interfaces on collision domains, their options, the
-//! lab's metadata), `lab.dep` (which device waits for which), and the
-//! devices that exist only as a `DEVICE/` tree or a `DEVICE.startup` file.
+//! lab's metadata), `lab.dep` (which device waits for which), `lab.ext`
+//! (collision domains put on host interfaces), and the devices that exist
+//! only as a `DEVICE/` tree or a `DEVICE.startup` file.
 //!
 //! [`Lab::load`] reads a directory into a checked [`Lab`]: every interface
 //! numbered from `eth0` up without gaps, a MAC for each (the given one, or a
@@ -15,12 +16,14 @@
 
 mod conf;
 mod dep;
+mod ext;
 mod graph;
 mod plan;
 pub mod runtime;
 
 pub use conf::{parse_conf, Conf, DeviceConf, IfaceConf, LabMeta, Options, Port};
 pub use dep::parse_dep;
+pub use ext::{parse_ext, External};
 pub use plan::{Device, Domain, Interface, Lab};
 
 /// What went wrong reading a lab.

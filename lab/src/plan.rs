@@ -65,6 +65,8 @@ pub struct Lab {
     pub waves: Vec<Vec<String>>,
     /// `shared/` exists (mounted at `/shared` in every device).
     pub shared: bool,
+    /// `lab.ext`: collision domains put on host interfaces (root only).
+    pub externals: Vec<crate::External>,
     /// What was accepted but will not be used.
     pub warnings: Vec<String>,
 }
@@ -160,7 +162,38 @@ impl Lab {
             None => BTreeMap::new(),
         };
         let found = scan(dir)?;
-        Lab::assemble(dir, conf, deps, &found)
+        let mut lab = Lab::assemble(dir, conf, deps, &found)?;
+        if let Some(t) = read(&dir.join("lab.ext"))? {
+            lab.externals = crate::parse_ext(&t, "lab.ext")?;
+        }
+        lab.check_externals()?;
+        Ok(lab)
+    }
+
+    /// Every `lab.ext` line names a collision domain of the lab, and no host
+    /// interface is named twice.
+    fn check_externals(&self) -> Result<(), LabError> {
+        let mut seen = BTreeMap::new();
+        for e in &self.externals {
+            let syntax = |what: String| LabError::Syntax {
+                file: "lab.ext".into(),
+                line: e.line,
+                what,
+            };
+            if !self.domains.iter().any(|d| d.name == e.domain) {
+                return Err(syntax(format!(
+                    "collision domain {} is not used by any device in lab.conf",
+                    e.domain
+                )));
+            }
+            if let Some(l) = seen.insert(e.host_name(), e.line) {
+                return Err(syntax(format!(
+                    "{} is already put on a collision domain on line {l}",
+                    e.host_name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn assemble(
@@ -239,6 +272,7 @@ impl Lab {
                 .collect(),
             waves,
             shared: found.shared,
+            externals: Vec::new(),
             warnings: conf.warnings,
         })
     }

@@ -632,7 +632,11 @@ fn an_unprivileged_user_runs_a_whole_lab() {
          {bin} lab exec b -- ls /root\n\
          {bin} lab exec a -- ping -c 1 -W 5 10.0.0.2 | grep -o '1 packets received' | sed 's/^/after restart: /'\n\
          {bin} lab stop --timeout 2\n\
-         ls -A $HOME/.uml/labs\n",
+         ls -A $HOME/.uml/labs\n\
+         mkdir {dir}-ext\n\
+         printf 'e[0]=A\\n' > {dir}-ext/lab.conf\n\
+         printf 'A lo\\n' > {dir}-ext/lab.ext\n\
+         {bin} lab start -d {dir}-ext --image {img} --dry-run 2>&1 | grep -q 'as root' && echo ext-refused-for-nobody\n",
         home = home.display(),
         dir = dir.display(),
         bin = bin.display(),
@@ -653,6 +657,8 @@ fn an_unprivileged_user_runs_a_whole_lab() {
         .unwrap();
     let text = assert_ok(&out, "the lab as uid 65534");
     assert!(text.contains("1 packets received"), "{text}");
+    // lab.ext changes the host's network: root only, said plainly.
+    assert!(text.contains("ext-refused-for-nobody"), "{text}");
     // lab start gave back what the devices held but did not use, and so
     // does lab reclaim, for a user without privileges too.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1229,5 +1235,235 @@ fn lab_devices_run_under_the_limits_given_to_lab_start_restarts_included() {
     assert_ok(&env.lab("stop", &dir, &["--timeout", "2"]), "lab stop");
     for d in &all_dirs {
         assert!(!d.exists(), "{} outlived the lab", d.display());
+    }
+}
+
+/// Links of network namespace `ns`: `(name, master)`.
+fn links_in(ns: &str) -> Vec<(String, Option<String>)> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["ifname"].as_str().unwrap().to_string(),
+                l["master"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
+    // "The host": a network namespace of this test's with a veth pair —
+    // hx0 goes to the lab (lab.ext), hx1 keeps an address, as a real
+    // network beyond the interface would. umlctl runs in that namespace.
+    let ns = format!("umlt-ext-{}", std::process::id());
+    let sh = |s: &str| {
+        let o = Command::new("sh").arg("-c").arg(s).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{s}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
+                    self.0
+                ))
+                .status();
+        }
+    }
+    sh(&format!(
+        "ip netns add {ns} && ip -n {ns} link set lo up && \
+         ip -n {ns} link add hx0 type veth peer name hx1 && \
+         ip -n {ns} link set hx0 up && ip -n {ns} link set hx1 up && \
+         ip -n {ns} address add 10.9.0.254/24 dev hx1"
+    ));
+    let _cleanup = Cleanup(ns.clone());
+    // 802.1Q where the host kernel has it (this build machine's has not).
+    let vlans = Command::new("ip")
+        .args(["-n", &ns, "link", "add", "link", "hx1", "name", "hx1.10"])
+        .args(["type", "vlan", "id", "10"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if vlans {
+        sh(&format!(
+            "ip -n {ns} link set hx1.10 up && ip -n {ns} address add 10.10.0.254/24 dev hx1.10"
+        ));
+    }
+    let env = GuestEnv::new();
+    let work = scratch();
+    let img = busybox_lab_image(work.path());
+    let k = kernel();
+    let dir = work.path().join("ext");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("lab.conf"),
+        "pc1[0]=\"A\"\npc1[1]=\"B\"\npc2[0]=\"A\"\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("pc1.startup"),
+        "ip address add 10.9.0.1/24 dev eth0\nip address add 10.10.0.1/24 dev eth1\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("pc2.startup"),
+        "ip address add 10.9.0.2/24 dev eth0\n",
+    )
+    .unwrap();
+    let in_ns = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(umlctl_bin())
+            .args(args)
+            .env("UMLCTL_UML_DIR", env.uml_dir())
+            .env("UMLCTL_CACHE_DIR", cache_dir())
+            .output()
+            .unwrap()
+    };
+    let d = dir.to_str().unwrap();
+    let start = || {
+        in_ns(&[
+            "lab",
+            "start",
+            "-d",
+            d,
+            "--image",
+            img.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+            "--no-reclaim",
+        ])
+    };
+    let before = links_in(&ns);
+    // Bad lab.ext lines and missing interfaces are errors by name, with
+    // nothing made.
+    fs::write(dir.join("lab.ext"), "# ext\nA hx0 hx1\n").unwrap();
+    let o = start();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("lab.ext line 2"),
+        "{o:?}"
+    );
+    fs::write(dir.join("lab.ext"), "A nosuch0\n").unwrap();
+    let o = start();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no interface nosuch0"),
+        "{o:?}"
+    );
+    fs::write(dir.join("lab.ext"), "Z hx0\n").unwrap();
+    let o = start();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not used by any device"),
+        "{o:?}"
+    );
+    if !vlans {
+        // Without 802.1Q in the kernel the VLAN line is refused plainly,
+        // after the bridge for A was made: that is taken back.
+        fs::write(dir.join("lab.ext"), "A hx0\nB hx0.10\n").unwrap();
+        let o = start();
+        assert_eq!(o.status.code(), Some(125));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("802.1Q"),
+            "{o:?}"
+        );
+    }
+    assert_eq!(links_in(&ns), before, "a refused lab.ext leaves nothing");
+    fs::write(
+        dir.join("lab.ext"),
+        if vlans {
+            "A hx0\nB hx0.10\n"
+        } else {
+            "A hx0\n"
+        },
+    )
+    .unwrap();
+    let ping = |dev: &str, to: &str| {
+        let o = in_ns(&[
+            "lab", "exec", "-d", d, dev, "--", "ping", "-c", "1", "-W", "5", to,
+        ]);
+        assert_ok(&o, &format!("{dev} pings {to}"));
+    };
+    for round in ["stop", "kill"] {
+        assert_ok(&start(), "lab start with lab.ext");
+        let links = links_in(&ns);
+        let bridge = links
+            .iter()
+            .find(|(n, _)| n == "hx0")
+            .and_then(|(_, m)| m.clone())
+            .expect("hx0 is on the lab's bridge");
+        assert!(bridge.starts_with("ux"), "{links:?}");
+        // Both devices' taps are on it too; nothing else of the lab is here.
+        let on: Vec<_> = links
+            .iter()
+            .filter(|(_, m)| m.as_deref() == Some(bridge.as_str()))
+            .collect();
+        assert_eq!(on.len(), 3, "{links:?}");
+        ping("pc1", "10.9.0.254");
+        ping("pc2", "10.9.0.254");
+        if vlans {
+            ping("pc1", "10.10.0.254");
+        }
+        // And the "host" reaches the devices.
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "ping", "-c", "1", "-W", "5", "10.9.0.2",
+            ])
+            .output()
+            .unwrap();
+        assert_ok(&o, "the host side pings pc2");
+        if round == "stop" {
+            assert_ok(
+                &in_ns(&["lab", "restart", "-d", d, "pc1", "--timeout", "2"]),
+                "lab restart pc1",
+            );
+            ping("pc1", "10.9.0.254");
+            assert_ok(
+                &in_ns(&["lab", "stop", "-d", d, "--timeout", "2"]),
+                "lab stop",
+            );
+        } else {
+            // SIGKILL every UML: the bridge (and a made VLAN) stay behind
+            // until lab stop.
+            let ps: serde_json::Value = serde_json::from_str(&env.ok(&["ps", "--json"])).unwrap();
+            for g in ps.as_array().unwrap() {
+                let pid = g["pid"].as_i64().unwrap();
+                Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            assert!(
+                links_in(&ns).iter().any(|(n, _)| *n == bridge),
+                "the bridge outlives killed devices"
+            );
+            // lab stop from elsewhere (the host's own namespace) cannot
+            // reach it, says so, and keeps the record for a retry.
+            let o = env.lab("stop", &dir, &["--timeout", "2"]);
+            assert_ne!(o.status.code(), Some(0));
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("run `lab stop` there"),
+                "{o:?}"
+            );
+            assert_ok(
+                &in_ns(&["lab", "stop", "-d", d, "--timeout", "2"]),
+                "lab stop",
+            );
+        }
+        assert_eq!(links_in(&ns), before, "{round}: lab.ext's links are gone");
     }
 }

@@ -10,6 +10,7 @@
 //! startup logs; the guests are ordinary detached guests named
 //! `DEVICE.<id>`. No umlctl process stays behind.
 
+mod external;
 mod ns;
 mod segment;
 mod uplink;
@@ -29,6 +30,13 @@ use umlctl_kernel::instance::{self, Guest, State};
 use umlctl_kernel::reclaim::Reclaimed;
 
 use crate::Lab;
+pub use external::ExtLink;
+
+/// What lab.ext needs of this host before anything is made: root, and the
+/// host interfaces it names (`lab start --dry-run` checks it too).
+pub fn check_external(lab: &Lab) -> Result<(), String> {
+    external::check(lab)
+}
 
 /// How `lab start` starts the devices.
 #[derive(Debug, Clone, Default)]
@@ -103,6 +111,12 @@ pub struct LabState {
     /// `--memory-max` of each device.
     #[serde(default)]
     pub memory_max: Option<u64>,
+    /// `lab.ext`'s links, made in the host's network namespace.
+    #[serde(default)]
+    pub external: Vec<ExtLink>,
+    /// That namespace (its inode number), when there are such links.
+    #[serde(default)]
+    pub host_netns: u64,
 }
 
 /// The id of the lab in `dir` (canonical): stable, short, one per directory.
@@ -518,7 +532,13 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
             ));
         }
         // A lab whose devices all died: clear what they left.
-        stop_state(&s, Duration::from_secs(1))?;
+        let swept = stop_state(&s, Duration::from_secs(1))?;
+        if let Some(x) = swept.iter().find(|x| x.device == "lab.ext") {
+            return Err(format!(
+                "the lab's last run left its lab.ext links behind: {}",
+                x.how
+            ));
+        }
     }
     let mut images = BTreeMap::new();
     for d in &lab.devices {
@@ -532,6 +552,13 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         }
         images.insert(d.name.clone(), img);
     }
+    external::check(lab)?;
+    let host_netns = ns::current_netns()?;
+    let host_ns = if lab.externals.is_empty() {
+        None
+    } else {
+        Some(external::current()?)
+    };
     let state_path = state_dir(&id)?;
     let _ = fs::remove_dir_all(&state_path);
     fs::create_dir_all(&state_path).map_err(|e| format!("create {}: {e}", state_path.display()))?;
@@ -539,7 +566,30 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
     // bridged devices: their user-mode network stacks start in the host's
     // network namespace, aimed at the lab's while it is being made.
     let mut uplinks: BTreeMap<String, uplink::Uplink> = BTreeMap::new();
+    // lab.ext's domains: bridges (and the taps on them) in the host's.
+    let mut ext_links: Vec<ExtLink> = Vec::new();
+    let mut ext_taps: BTreeMap<(usize, usize), OwnedFd> = BTreeMap::new();
     ns::create(&mut |pid| {
+        if !lab.externals.is_empty() {
+            ext_links = external::make(lab, &id)?;
+            let made = (|| {
+                for (di, d) in lab.devices.iter().enumerate() {
+                    for (ii, iface) in d.interfaces.iter().enumerate() {
+                        if let Some(l) = ext_links.iter().find(|l| l.domain == iface.domain) {
+                            let fd = segment::tap(&external::tap_name(&id, di, ii), &l.bridge)
+                                .map_err(|e| format!("device {} {}: {e}", d.name, iface.name))?;
+                            ext_taps.insert((di, ii), fd);
+                        }
+                    }
+                }
+                Ok::<(), String>(())
+            })();
+            if let Err(e) = made {
+                ext_taps.clear();
+                external::remove(&ext_links);
+                return Err(e);
+            }
+        }
         for (di, d) in lab.devices.iter().enumerate() {
             if needs_uplink(d) {
                 let api = state_path.join(format!("{}.slirp", d.name));
@@ -566,10 +616,18 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         jail_uid: o.jail.uid,
         cpu_quota: o.jail.limits.cpu_percent,
         memory_max: o.jail.limits.memory_max,
+        host_netns: if ext_links.is_empty() { 0 } else { host_netns },
+        external: ext_links,
     };
-    let mut guard = StartGuard(Some(state.clone()));
+    let mut guard = StartGuard(Some(state.clone()), host_ns);
     catch_interrupts();
+    for l in &state.external {
+        state.bridges.insert(l.domain.clone(), l.bridge.clone());
+    }
     for (i, dom) in lab.domains.iter().enumerate() {
+        if state.bridges.contains_key(&dom.name) {
+            continue;
+        }
         let b = format!("cd{i}");
         segment::bridge(&b).map_err(|e| format!("collision domain {}: {e}", dom.name))?;
         state.bridges.insert(dom.name.clone(), b);
@@ -585,8 +643,11 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
                 .bridges
                 .get(&iface.domain)
                 .ok_or_else(|| format!("internal: no bridge for {}", iface.domain))?;
-            let fd = segment::tap(&format!("t{di}.{ii}"), bridge)
-                .map_err(|e| format!("device {} {}: {e}", d.name, iface.name))?;
+            let fd = match ext_taps.remove(&(di, ii)) {
+                Some(fd) => fd,
+                None => segment::tap(&format!("t{di}.{ii}"), bridge)
+                    .map_err(|e| format!("device {} {}: {e}", d.name, iface.name))?,
+            };
             v.push((Arc::new(fd), iface.mac.clone()));
             ifs.push((iface.name.clone(), iface.domain.clone(), iface.mac.clone()));
         }
@@ -877,6 +938,12 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
             "lab.conf changed {device}'s interfaces since the lab started: restart the whole lab (lab stop, lab start)"
         ));
     }
+    // lab.ext's taps are made in the host's network namespace (this one).
+    let host_ns = if s.external.is_empty() {
+        None
+    } else {
+        Some(external::current()?)
+    };
     // Into the lab's namespaces, through any running device (this one
     // too: this process then holds them while it restarts).
     enter(&s)?;
@@ -897,8 +964,15 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
             .bridges
             .get(&iface.domain)
             .ok_or_else(|| format!("no segment {} in the running lab", iface.domain))?;
-        let fd = segment::tap(&format!("t{di}.{ii}"), bridge)
-            .map_err(|e| format!("device {device} {}: {e}", iface.name))?;
+        let fd = match &host_ns {
+            Some(h) if s.external.iter().any(|l| l.domain == iface.domain) => {
+                external::inside(h, || {
+                    segment::tap(&external::tap_name(&s.id, di, ii), bridge)
+                })
+            }
+            _ => segment::tap(&format!("t{di}.{ii}"), bridge),
+        }
+        .map_err(|e| format!("device {device} {}: {e}", iface.name))?;
         taps.push((Arc::new(fd), iface.mac.clone()));
     }
     let o = StartOptions {
@@ -972,13 +1046,14 @@ fn check_interrupted() -> Result<(), String> {
     }
 }
 
-/// Stops what a failed `start` started.
-struct StartGuard(Option<LabState>);
+/// Stops what a failed `start` started (with the host's network
+/// namespace, where lab.ext's links are, when there are any).
+struct StartGuard(Option<LabState>, Option<fs::File>);
 
 impl Drop for StartGuard {
     fn drop(&mut self) {
         if let Some(s) = self.0.take() {
-            let _ = stop_state(&s, Duration::from_secs(5));
+            let _ = stop_state_from(&s, Duration::from_secs(5), self.1.as_ref());
         }
     }
 }
@@ -1009,6 +1084,16 @@ pub fn stop(dir: &Path, timeout: Duration) -> Result<Vec<Stopped>, String> {
 }
 
 fn stop_state(s: &LabState, timeout: Duration) -> Result<Vec<Stopped>, String> {
+    stop_state_from(s, timeout, None)
+}
+
+/// [`stop_state`], reaching lab.ext's links through `host` (the host's
+/// network namespace) when this thread is elsewhere.
+fn stop_state_from(
+    s: &LabState,
+    timeout: Duration,
+    host: Option<&fs::File>,
+) -> Result<Vec<Stopped>, String> {
     let state_path = state_dir(&s.id)?;
     let mut handles = Vec::new();
     for d in s.devices.clone() {
@@ -1039,6 +1124,34 @@ fn stop_state(s: &LabState, timeout: Duration) -> Result<Vec<Stopped>, String> {
     for h in handles {
         if let Ok(s) = h.join() {
             out.push(s);
+        }
+    }
+    // The devices (and their taps) are gone: lab.ext's bridges and VLANs.
+    if !s.external.is_empty() {
+        let failed = match host {
+            Some(h) => external::inside(h, || Ok(external::remove(&s.external)))
+                .unwrap_or_else(|e| vec![e]),
+            None if ns::current_netns().ok() == Some(s.host_netns) => {
+                external::remove(&s.external)
+            }
+            None => vec![format!(
+                "lab.ext's bridges are in the network namespace `lab start` ran in; run `lab stop` there to delete {}",
+                s.external
+                    .iter()
+                    .map(|l| l.bridge.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+        };
+        if !failed.is_empty() {
+            // Kept, so that `lab stop` can try again.
+            return Ok(out
+                .into_iter()
+                .chain(failed.into_iter().map(|e| Stopped {
+                    device: "lab.ext".into(),
+                    how: format!("failed: {e}"),
+                }))
+                .collect());
         }
     }
     let _ = fs::remove_dir_all(&state_path);

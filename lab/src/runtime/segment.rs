@@ -102,3 +102,121 @@ pub fn tap(name: &str, bridge: &str) -> Result<OwnedFd, String> {
     attach(name, bridge)?;
     Ok(fd)
 }
+
+const SIOCBRDELBR: libc::c_ulong = 0x89a1;
+const SIOCSIFVLAN: libc::c_ulong = 0x8983;
+const ADD_VLAN_CMD: libc::c_int = 0;
+const DEL_VLAN_CMD: libc::c_int = 1;
+
+/// `struct vlan_ioctl_args` (linux/if_vlan.h).
+#[repr(C)]
+struct VlanArgs {
+    cmd: libc::c_int,
+    device1: [libc::c_char; 24],
+    /// The union: `device2[24]`, or `VID` in its first four bytes.
+    u: [u8; 24],
+    vlan_qos: libc::c_short,
+}
+
+fn vlan_ioctl(cmd: libc::c_int, dev: &str, vid: u16, what: &str) -> Result<(), String> {
+    let s = socket_inet()?;
+    let mut a = VlanArgs {
+        cmd,
+        device1: [0; 24],
+        u: [0; 24],
+        vlan_qos: 0,
+    };
+    let n = name_c(dev)?;
+    a.device1[..n.len()].copy_from_slice(&n);
+    a.u[..4].copy_from_slice(&libc::c_int::from(vid).to_ne_bytes());
+    // SAFETY: SIOCSIFVLAN reads a vlan_ioctl_args, which VlanArgs lays out
+    // (repr(C)), valid for the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCSIFVLAN, &mut a) };
+    check(r, what)
+}
+
+fn socket_inet() -> Result<OwnedFd, String> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket for VLAN setup: {e}"))
+}
+
+/// Whether interface `name` exists in this network namespace.
+pub fn exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
+/// Create the 802.1Q VLAN `vid` on `parent`, named `PARENT.VID`, up.
+pub fn add_vlan(parent: &str, vid: u16) -> Result<String, String> {
+    let name = format!("{parent}.{vid}");
+    vlan_ioctl(
+        ADD_VLAN_CMD,
+        parent,
+        vid,
+        &format!("create VLAN {vid} on {parent}"),
+    )
+    .map_err(|e| {
+        // ENOPKG: no 8021q in this kernel (the ioctl's hook is unset).
+        if e.contains("os error 65") {
+            format!(
+                "{e}: the host kernel has no 802.1Q VLAN support (module 8021q: `modprobe 8021q`)"
+            )
+        } else {
+            e
+        }
+    })?;
+    if !exists(&name) {
+        // The host names VLANs another way (vconfig set_name_type): take
+        // back what was made, under the names the kernel may have used.
+        for other in [
+            format!("vlan{vid:04}"),
+            format!("vlan{vid}"),
+            format!("{parent}.{vid:04}"),
+        ] {
+            if exists(&other) {
+                let _ = vlan_ioctl(DEL_VLAN_CMD, &other, 0, "delete VLAN");
+            }
+        }
+        return Err(format!(
+            "create VLAN {vid} on {parent}: the host does not name VLANs PARENT.VID (vconfig set_name_type); create {name} yourself and lab.ext will use it"
+        ));
+    }
+    up(&name)?;
+    Ok(name)
+}
+
+/// Delete the VLAN interface `name`.
+pub fn delete_vlan(name: &str) -> Result<(), String> {
+    vlan_ioctl(DEL_VLAN_CMD, name, 0, &format!("delete VLAN {name}"))
+}
+
+/// Bring interface `name` down.
+pub fn down(name: &str) -> Result<(), String> {
+    let s = socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS fills the ifreq we pass, valid for the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    check(r, &format!("read the flags of {name}"))?;
+    // SAFETY: ifru_flags is the union member SIOCGIFFLAGS filled.
+    unsafe {
+        req.ifr_ifru.ifru_flags &= !libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+    }
+    // SAFETY: SIOCSIFFLAGS reads the ifreq, valid for the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    check(r, &format!("bring down {name}"))
+}
+
+/// Delete bridge `name` (down first; its ports are let go).
+pub fn delete_bridge(name: &str) -> Result<(), String> {
+    down(name)?;
+    let s = socket()?;
+    let n = name_c(name)?;
+    // SAFETY: SIOCBRDELBR reads a NUL-terminated name, which `n` is.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCBRDELBR, n.as_ptr()) };
+    check(r, &format!("delete bridge {name}"))
+}

@@ -1,0 +1,175 @@
+//! `lab.ext` at run time: a collision domain put on host interfaces gets
+//! its bridge in the host's network namespace (the one `lab start` runs
+//! in), as Kathará's Docker networks do, with the host interface — or an
+//! 802.1Q VLAN of it, made for the lab — as a port, and the devices' taps
+//! on that domain beside it. Everything else of the lab stays in its own
+//! namespace. Root only: it changes the host's network.
+//!
+//! `lab stop` (and a failed `lab start`) deletes the bridge, which lets
+//! the host interface go, and the VLANs the lab made; the taps go with
+//! their devices. After a SIGKILL of everything, the bridge and VLAN stay
+//! until the next `lab stop` or `lab start` of that lab.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::fd::AsFd;
+
+use super::segment;
+use crate::Lab;
+
+/// One `lab.ext` line as made on the host.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExtLink {
+    /// The collision domain.
+    pub domain: String,
+    /// Its bridge in the host's network namespace.
+    pub bridge: String,
+    /// The host interface on it (`IFACE` or `IFACE.VLAN`).
+    pub interface: String,
+    /// The lab made that VLAN interface (and deletes it at stop).
+    pub made_vlan: bool,
+}
+
+/// The host bridge of the `k`-th external domain of lab `id`.
+fn bridge_name(id: &str, k: usize) -> String {
+    format!("ux{}{k}", &id[..id.len().min(8)])
+}
+
+/// The host tap of device `di`'s interface `ii` on an external domain.
+pub fn tap_name(id: &str, di: usize, ii: usize) -> String {
+    format!("u{}.{di}.{ii}", &id[..id.len().min(6)])
+}
+
+/// What must hold before anything is made: root, and every named host
+/// interface (or the parent of every VLAN) present here.
+pub fn check(lab: &Lab) -> Result<(), String> {
+    if lab.externals.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "lab.ext puts collision domains on host interfaces, which changes the host's network: run `lab start` as root (as Kathará needs), or move lab.ext away".into(),
+        );
+    }
+    for e in &lab.externals {
+        let name = e.host_name();
+        if !segment::exists(&name) && !segment::exists(&e.interface) {
+            return Err(format!(
+                "lab.ext line {}: the host has no interface {} (`ip link` lists them)",
+                e.line, e.interface
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Make the external domains' bridges and VLANs in this (the host's)
+/// network namespace, and put the host interfaces on them. On failure,
+/// what was made is taken back.
+pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
+    let mut links: Vec<ExtLink> = Vec::new();
+    let mut bridges: BTreeMap<String, String> = BTreeMap::new();
+    let r = (|| {
+        for e in &lab.externals {
+            let bridge = match bridges.get(&e.domain) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = bridge_name(id, bridges.len());
+                    segment::bridge(&b).map_err(|x| {
+                        format!(
+                            "lab.ext line {} (collision domain {}): {x}",
+                            e.line, e.domain
+                        )
+                    })?;
+                    bridges.insert(e.domain.clone(), b.clone());
+                    // Recorded at once, so that a later failure deletes it.
+                    links.push(ExtLink {
+                        domain: e.domain.clone(),
+                        bridge: b.clone(),
+                        interface: String::new(),
+                        made_vlan: false,
+                    });
+                    b
+                }
+            };
+            let name = e.host_name();
+            let made_vlan = match e.vlan {
+                Some(vid) if !segment::exists(&name) => {
+                    segment::add_vlan(&e.interface, vid)
+                        .map_err(|x| format!("lab.ext line {}: {x}", e.line))?;
+                    true
+                }
+                _ => false,
+            };
+            links.push(ExtLink {
+                domain: e.domain.clone(),
+                bridge: bridge.clone(),
+                interface: name.clone(),
+                made_vlan,
+            });
+            segment::attach(&name, &bridge).map_err(|x| {
+                let busy = x.contains("busy");
+                format!(
+                    "lab.ext line {}: {x}{}",
+                    e.line,
+                    if busy {
+                        format!(" ({name} is already a port of a bridge or bond: `ip link set {name} nomaster` frees it)")
+                    } else {
+                        String::new()
+                    }
+                )
+            })?;
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => {
+            links.retain(|l| !l.interface.is_empty());
+            Ok(links)
+        }
+        Err(e) => {
+            remove(&links);
+            Err(e)
+        }
+    }
+}
+
+/// Take back what [`make`] made here: the bridges (their ports go free)
+/// and the VLANs the lab made. Returns what could not be removed.
+pub fn remove(links: &[ExtLink]) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut done = Vec::new();
+    for l in links {
+        if !done.contains(&l.bridge) {
+            done.push(l.bridge.clone());
+            if segment::exists(&l.bridge) {
+                if let Err(e) = segment::delete_bridge(&l.bridge) {
+                    failed.push(e);
+                }
+            }
+        }
+        if l.made_vlan && segment::exists(&l.interface) {
+            if let Err(e) = segment::delete_vlan(&l.interface) {
+                failed.push(e);
+            }
+        }
+    }
+    failed
+}
+
+/// This thread's network namespace, to come back to.
+pub fn current() -> Result<fs::File, String> {
+    fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| format!("open /proc/thread-self/ns/net: {e}"))
+}
+
+/// Run `f` in network namespace `there`, then come back to this one.
+pub fn inside<T>(there: &fs::File, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let back = current()?;
+    nix::sched::setns(there.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("enter the host's network namespace: {e}"))?;
+    let r = f();
+    nix::sched::setns(back.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("return to the lab's network namespace: {e}"))?;
+    r
+}
