@@ -1287,7 +1287,8 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
         "ip netns add {ns} && ip -n {ns} link set lo up && \
          ip -n {ns} link add hx0 type veth peer name hx1 && \
          ip -n {ns} link set hx0 up && ip -n {ns} link set hx1 up && \
-         ip -n {ns} address add 10.9.0.254/24 dev hx1"
+         ip -n {ns} address add 10.9.0.254/24 dev hx1 && \
+         ip -n {ns} route add default via 10.9.0.253 dev hx1"
     ));
     let _cleanup = Cleanup(ns.clone());
     // 802.1Q where the host kernel has it (this build machine's has not).
@@ -1364,6 +1365,28 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
         String::from_utf8_lossy(&o.stderr).contains("no interface nosuch0"),
         "{o:?}"
     );
+    // The interface the host's default route goes out of is not taken
+    // (a lab from elsewhere must not cut the host off); --dry-run says so.
+    fs::write(dir.join("lab.ext"), "A hx1\n").unwrap();
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec![
+            "lab",
+            "start",
+            "-d",
+            d,
+            "--image",
+            img.to_str().unwrap(),
+            "--kernel",
+            k.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = in_ns(&args);
+        assert_eq!(o.status.code(), Some(125));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("default route"),
+            "{o:?}"
+        );
+    }
     fs::write(dir.join("lab.ext"), "Z hx0\n").unwrap();
     let o = start();
     assert!(

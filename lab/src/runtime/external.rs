@@ -51,6 +51,7 @@ pub fn check(lab: &Lab) -> Result<(), String> {
             "lab.ext puts collision domains on host interfaces, which changes the host's network: run `lab start` as root (as Kathará needs), or move lab.ext away".into(),
         );
     }
+    let defaults = default_route_interfaces();
     for e in &lab.externals {
         let name = e.host_name();
         if !segment::exists(&name) && !segment::exists(&e.interface) {
@@ -59,8 +60,71 @@ pub fn check(lab: &Lab) -> Result<(), String> {
                 e.line, e.interface
             ));
         }
+        // A bridge port's addresses stop working: a lab directory from
+        // elsewhere must not cut this host off its network.
+        if defaults.contains(&name) {
+            return Err(format!(
+                "lab.ext line {}: {name} carries this host's default route; putting it on the lab's bridge would cut the host off its network. Name a VLAN of it ({name}.VID), or an interface of its own for the lab",
+                e.line
+            ));
+        }
     }
     Ok(())
+}
+
+/// The interfaces this network namespace's default routes (IPv4 and IPv6)
+/// go out of.
+fn default_route_interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(t) = fs::read_to_string("/proc/net/route") {
+        out.extend(parse_route_defaults(&t));
+    }
+    if let Ok(t) = fs::read_to_string("/proc/net/ipv6_route") {
+        out.extend(parse_ipv6_route_defaults(&t));
+    }
+    out
+}
+
+/// `/proc/net/route`: lines `IFACE DEST GATEWAY FLAGS … MASK …` in hex; a
+/// default route has destination and mask 0.
+fn parse_route_defaults(t: &str) -> Vec<String> {
+    t.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+        })
+        .collect()
+}
+
+/// `/proc/net/ipv6_route`: `DEST PLEN SRC SPLEN NEXTHOP METRIC REF USE FLAGS
+/// IFACE`; a default route is ::/0 (not the unreachable `lo` entries).
+fn parse_ipv6_route_defaults(t: &str) -> Vec<String> {
+    t.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00" && f[9] != "lo")
+                .then(|| f[9].to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_are_found_in_procs_tables() {
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth1\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(parse_route_defaults(v4), vec!["eth0"]);
+        let v6 = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth1\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     wlan0\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n";
+        assert_eq!(parse_ipv6_route_defaults(v6), vec!["wlan0"]);
+    }
 }
 
 /// Make the external domains' bridges and VLANs in this (the host's)
