@@ -1288,7 +1288,9 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
          ip -n {ns} link add hx0 type veth peer name hx1 && \
          ip -n {ns} link set hx0 up && ip -n {ns} link set hx1 up && \
          ip -n {ns} address add 10.9.0.254/24 dev hx1 && \
-         ip -n {ns} route add default via 10.9.0.253 dev hx1"
+         ip -n {ns} route add default via 10.9.0.253 dev hx1 && \
+         ip -n {ns} link add hbr0 type bridge && ip -n {ns} link set hbr0 up && \
+         ip -n {ns} address add 10.11.0.254/24 dev hbr0"
     ));
     let _cleanup = Cleanup(ns.clone());
     // 802.1Q where the host kernel has it (this build machine's has not).
@@ -1312,7 +1314,7 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
     fs::create_dir_all(&dir).unwrap();
     fs::write(
         dir.join("lab.conf"),
-        "pc1[0]=\"A\"\npc1[1]=\"B\"\npc2[0]=\"A\"\n",
+        "pc1[0]=\"A\"\npc1[1]=\"B\"\npc2[0]=\"A\"\npc2[1]=\"C\"\n",
     )
     .unwrap();
     fs::write(
@@ -1322,7 +1324,7 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
     .unwrap();
     fs::write(
         dir.join("pc2.startup"),
-        "ip address add 10.9.0.2/24 dev eth0\n",
+        "ip address add 10.9.0.2/24 dev eth0\nip address add 10.11.0.2/24 dev eth1\n",
     )
     .unwrap();
     let in_ns = |args: &[&str]| {
@@ -1387,6 +1389,13 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
             "{o:?}"
         );
     }
+    // A host bridge takes a domain alone.
+    fs::write(dir.join("lab.ext"), "C hbr0\nC hx0\n").unwrap();
+    let o = start();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is a bridge of the host's"),
+        "{o:?}"
+    );
     fs::write(dir.join("lab.ext"), "Z hx0\n").unwrap();
     let o = start();
     assert!(
@@ -1408,9 +1417,9 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
     fs::write(
         dir.join("lab.ext"),
         if vlans {
-            "A hx0\nB hx0.10\n"
+            "A hx0\nB hx0.10\nC hbr0\n"
         } else {
-            "A hx0\n"
+            "A hx0\nC hbr0\n"
         },
     )
     .unwrap();
@@ -1423,6 +1432,13 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
     for round in ["stop", "kill"] {
         assert_ok(&start(), "lab start with lab.ext");
         let links = links_in(&ns);
+        // pc2's eth1 joined the host's own bridge, and only it did.
+        let on_hbr0: Vec<_> = links
+            .iter()
+            .filter(|(_, m)| m.as_deref() == Some("hbr0"))
+            .collect();
+        assert_eq!(on_hbr0.len(), 1, "{links:?}");
+        ping("pc2", "10.11.0.254");
         let bridge = links
             .iter()
             .find(|(n, _)| n == "hx0")

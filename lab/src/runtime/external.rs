@@ -5,9 +5,12 @@
 //! on that domain beside it. Everything else of the lab stays in its own
 //! namespace. Root only: it changes the host's network.
 //!
-//! `lab stop` (and a failed `lab start`) deletes the bridge, which lets
-//! the host interface go, and the VLANs the lab made; the taps go with
-//! their devices. After a SIGKILL of everything, the bridge and VLAN stay
+//! A line naming a bridge of the host's (netd's, libvirt's, …) puts the
+//! domain's devices' taps on that bridge instead, and nothing else.
+//!
+//! `lab stop` (and a failed `lab start`) deletes the bridges the lab made,
+//! which lets the host interfaces go, and the VLANs it made; the taps go
+//! with their devices. After a SIGKILL of everything, the bridge and VLAN stay
 //! until the next `lab stop` or `lab start` of that lab.
 
 use std::collections::BTreeMap;
@@ -28,6 +31,10 @@ pub struct ExtLink {
     pub interface: String,
     /// The lab made that VLAN interface (and deletes it at stop).
     pub made_vlan: bool,
+    /// The lab made the bridge (and deletes it at stop); not when lab.ext
+    /// names a bridge of the host's, which the devices' taps then join.
+    #[serde(default)]
+    pub made_bridge: bool,
 }
 
 /// The host bridge of the `k`-th external domain of lab `id`.
@@ -61,8 +68,9 @@ pub fn check(lab: &Lab) -> Result<(), String> {
             ));
         }
         // A bridge port's addresses stop working: a lab directory from
-        // elsewhere must not cut this host off its network.
-        if defaults.contains(&name) {
+        // elsewhere must not cut this host off its network. (A bridge of the
+        // host's only gains the devices' taps as ports: harmless.)
+        if defaults.contains(&name) && !segment::driver(&name).is_ok_and(|d| d == "bridge") {
             return Err(format!(
                 "lab.ext line {}: {name} carries this host's default route; putting it on the lab's bridge would cut the host off its network. Name a VLAN of it ({name}.VID), or an interface of its own for the lab",
                 e.line
@@ -117,6 +125,33 @@ pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
     let mut bridges: BTreeMap<String, String> = BTreeMap::new();
     let r = (|| {
         for e in &lab.externals {
+            let name = e.host_name();
+            // A bridge of the host's (netd's, libvirt's, one of yours): the
+            // domain's devices join it as they are; it is not the lab's.
+            if e.vlan.is_none() && segment::driver(&name).is_ok_and(|d| d == "bridge") {
+                if let Some(other) = lab
+                    .externals
+                    .iter()
+                    .find(|o| o.domain == e.domain && o.line != e.line)
+                {
+                    return Err(format!(
+                        "lab.ext lines {} and {}: {name} is a bridge of the host's, so collision domain {} joins it and can take no other interface; put {} on {name} yourself",
+                        e.line.min(other.line),
+                        e.line.max(other.line),
+                        e.domain,
+                        other.host_name()
+                    ));
+                }
+                bridges.insert(e.domain.clone(), name.clone());
+                links.push(ExtLink {
+                    domain: e.domain.clone(),
+                    bridge: name.clone(),
+                    interface: name,
+                    made_vlan: false,
+                    made_bridge: false,
+                });
+                continue;
+            }
             let bridge = match bridges.get(&e.domain) {
                 Some(b) => b.clone(),
                 None => {
@@ -134,11 +169,11 @@ pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
                         bridge: b.clone(),
                         interface: String::new(),
                         made_vlan: false,
+                        made_bridge: true,
                     });
                     b
                 }
             };
-            let name = e.host_name();
             let made_vlan = match e.vlan {
                 Some(vid) if !segment::exists(&name) => {
                     segment::add_vlan(&e.interface, vid)
@@ -152,6 +187,7 @@ pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
                 bridge: bridge.clone(),
                 interface: name.clone(),
                 made_vlan,
+                made_bridge: true,
             });
             segment::attach(&name, &bridge).map_err(|x| {
                 let busy = x.contains("busy");
@@ -186,7 +222,7 @@ pub fn remove(links: &[ExtLink]) -> Vec<String> {
     let mut failed = Vec::new();
     let mut done = Vec::new();
     for l in links {
-        if !done.contains(&l.bridge) {
+        if l.made_bridge && !done.contains(&l.bridge) {
             done.push(l.bridge.clone());
             if segment::exists(&l.bridge) {
                 if let Err(e) = segment::delete_bridge(&l.bridge) {

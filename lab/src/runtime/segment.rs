@@ -220,3 +220,26 @@ pub fn delete_bridge(name: &str) -> Result<(), String> {
     let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCBRDELBR, n.as_ptr()) };
     check(r, &format!("delete bridge {name}"))
 }
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+/// The driver of interface `name` (`bridge`, `veth`, `tun`, …), as
+/// `ethtool -i` reads it: in this thread's network namespace, whatever
+/// /sys shows.
+pub fn driver(name: &str) -> Result<String, String> {
+    // struct ethtool_drvinfo: cmd, then driver[32], and 160 more bytes.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    let s = socket_inet()?;
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_data = info.as_mut_ptr().cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO writes at most
+    // sizeof(struct ethtool_drvinfo) = 196 bytes to ifr_data, which points
+    // at `info` (196 bytes, alive for the call).
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), SIOCETHTOOL, &mut req) };
+    check(r, &format!("read the driver of {name}"))?;
+    let d = &info[4..36];
+    let end = d.iter().position(|&b| b == 0).unwrap_or(d.len());
+    Ok(String::from_utf8_lossy(&d[..end]).into_owned())
+}
