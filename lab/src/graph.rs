@@ -128,4 +128,15 @@ mod tests {
         );
         assert_eq!(dot.matches(" -- ").count(), 3);
     }
+
+    #[test]
+    fn lab_ext_links_are_drawn_to_their_domains() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("lab.conf"), "r1[0]=A\nr1[1]=B\n").unwrap();
+        std::fs::write(t.path().join("lab.ext"), "A enp9s0\nB enp9s0.20\n").unwrap();
+        let dot = Lab::load(t.path()).unwrap().dot(&BTreeMap::new());
+        assert!(dot.contains("\"host:enp9s0\" -- \"cd:A\""), "{dot}");
+        assert!(dot.contains("\"host:enp9s0.20\" -- \"cd:B\""), "{dot}");
+        assert!(dot.contains("label=\"host enp9s0.20\""), "{dot}");
+    }
 }
