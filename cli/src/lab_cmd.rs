@@ -135,6 +135,10 @@ pub struct StartArgs {
     /// see `umlctl reclaim`).
     #[arg(long)]
     no_reclaim: bool,
+    /// netd's socket, for lab.ext lines naming netd's bridges when not root (default:
+    /// $UMLCTL_NETD_SOCKET, else netd's own)
+    #[arg(long, value_name = "PATH")]
+    netd_socket: Option<PathBuf>,
     #[command(flatten)]
     jail: crate::run_cmd::JailArgs,
 }
@@ -521,6 +525,7 @@ fn start_options(a: &StartArgs, lab: &mut Lab) -> Result<runtime::StartOptions, 
         boot_timeout: Some(std::time::Duration::from_secs(a.boot_timeout.max(1))),
         startup_timeout: Some(std::time::Duration::from_secs(a.startup_timeout.max(1))),
         reclaim: !a.no_reclaim,
+        netd_socket: a.netd_socket.clone(),
         ..Default::default()
     };
     for kv in &a.image_for {
@@ -582,7 +587,7 @@ fn start(a: &StartArgs) -> u8 {
         }
     };
     if a.dry_run {
-        if let Err(e) = runtime::check_external(&lab) {
+        if let Err(e) = runtime::check_external(&lab, o.netd_socket.as_deref()) {
             eprintln!("umlctl: {e}");
             return exit::FAILURE;
         }

@@ -2188,3 +2188,96 @@ fn a_published_port_reaches_a_detached_guest_from_outside() {
         "run's published port outlived it:\n{table}"
     );
 }
+
+#[test]
+fn a_lab_without_root_puts_a_domain_on_netds_bridge_through_lab_ext() {
+    // Kathará's lab.ext, for a user without root: a line naming a bridge
+    // netd lets that user use gets the domain's devices' taps from netd
+    // (fd mode; the connection lives in the device's UML); the lab's other
+    // domains stay in its own namespace. uid 65534 may use br0, not iso0.
+    let d = Netd::start("labext");
+    let (copies, bin, kern) = nobody_copies("umlctl-labext-");
+    let work = copies.path();
+    let img = busybox_lab_image(work);
+    let dir = work.join("lab");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("lab.conf"),
+        "pc1[0]=\"A\"\npc1[1]=\"B\"\npc2[0]=\"B\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("lab.ext"), "# netd's\nA br0\n").unwrap();
+    std::fs::write(
+        dir.join("pc1.startup"),
+        "ip address add 10.99.0.77/24 dev eth0\nip address add 10.0.7.1/24 dev eth1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("pc2.startup"),
+        "ip address add 10.0.7.2/24 dev eth0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("iso.ext"), "A iso0\n").unwrap();
+    let home = work.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let st = Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(work)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let script = format!(
+        "set -e\nexport HOME={home}\ncd {dir}\n\
+         {bin} lab start --image {img} --kernel {kern} --no-reclaim\n\
+         {bin} lab exec pc1 -- ping -c 1 -W 5 10.99.0.1 | grep -o '1 packets received' | sed 's/^/netd bridge: /'\n\
+         {bin} lab exec pc2 -- ping -c 1 -W 5 10.0.7.1 | grep -o '1 packets received' | sed 's/^/own domain: /'\n\
+         {bin} lab restart pc1 --timeout 5\n\
+         {bin} lab exec pc1 -- ping -c 1 -W 5 10.99.0.1 | grep -o '1 packets received' | sed 's/^/after restart: /'\n\
+         {bin} lab stop --timeout 2\n\
+         cp iso.ext lab.ext\n\
+         {bin} lab start --image {img} --kernel {kern} --dry-run 2>&1 | grep -o 'iso0 is not one of them' || true\n\
+         printf 'A br0.5\\n' > lab.ext\n\
+         {bin} lab start --image {img} --kernel {kern} --dry-run 2>&1 | grep -o 'not VLANs' || true\n",
+        home = home.display(),
+        dir = dir.display(),
+        bin = bin.display(),
+        img = img.display(),
+        kern = kern.display()
+    );
+    let private = with_private_mounts(&tun_node(0o666));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &d.ns.0])
+        .arg(private.get_program())
+        .args(private.get_args())
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("UMLCTL_NETD_SOCKET", d.socket())
+        .output()
+        .unwrap();
+    let text = assert_ok(&out, "a lab.ext lab as uid 65534");
+    for want in [
+        "netd bridge: 1 packets received",
+        "own domain: 1 packets received",
+        "after restart: 1 packets received",
+        "iso0 is not one of them",
+        "not VLANs",
+    ] {
+        assert!(text.contains(want), "{want}: {text}\n{}", d.log());
+    }
+    // netd made the taps for uid 65534 (fd mode) — one at start, one at
+    // the restart — and every one went with its device.
+    let made = taps_made(&d.log(), 65534);
+    assert_eq!(made.len(), 2, "{}", d.log());
+    let t = Instant::now();
+    while !d.ns.taps().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.ns.taps(), Vec::<String>::new());
+}

@@ -15,7 +15,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 
 use super::segment;
 use crate::Lab;
@@ -35,6 +36,16 @@ pub struct ExtLink {
     /// names a bridge of the host's, which the devices' taps then join.
     #[serde(default)]
     pub made_bridge: bool,
+    /// The devices' taps on it come from netd (a user without root).
+    #[serde(default)]
+    pub via_netd: bool,
+}
+
+impl ExtLink {
+    /// Whether the lab made something of it on the host that stop removes.
+    pub fn made_anything(&self) -> bool {
+        self.made_bridge || self.made_vlan
+    }
 }
 
 /// The host bridge of the `k`-th external domain of lab `id`.
@@ -47,16 +58,16 @@ pub fn tap_name(id: &str, di: usize, ii: usize) -> String {
     format!("u{}.{di}.{ii}", &id[..id.len().min(6)])
 }
 
-/// What must hold before anything is made: root, and every named host
-/// interface (or the parent of every VLAN) present here.
-pub fn check(lab: &Lab) -> Result<(), String> {
+/// What must hold before anything is made: as root, every named host
+/// interface (or the parent of every VLAN) present here; as anyone else,
+/// every line naming a bridge netd lets this user use (`netd_socket`, else
+/// `$UMLCTL_NETD_SOCKET`, else netd's default socket).
+pub fn check(lab: &Lab, netd_socket: Option<&Path>) -> Result<(), String> {
     if lab.externals.is_empty() {
         return Ok(());
     }
     if !nix::unistd::geteuid().is_root() {
-        return Err(
-            "lab.ext puts collision domains on host interfaces, which changes the host's network: run `lab start` as root (as Kathará needs), or move lab.ext away".into(),
-        );
+        return check_netd(lab, netd_socket);
     }
     let defaults = default_route_interfaces();
     for e in &lab.externals {
@@ -78,6 +89,90 @@ pub fn check(lab: &Lab) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// lab.ext for a user without root: bridges netd offers, taps from netd.
+fn check_netd(lab: &Lab, netd_socket: Option<&Path>) -> Result<(), String> {
+    let why = "lab.ext puts collision domains on host interfaces, which changes the host's network: as a user without root it can only name bridges netd lets you use (`umlctl net bridges`)";
+    if let Some(e) = lab.externals.iter().find(|e| e.vlan.is_some()) {
+        return Err(format!(
+            "lab.ext line {}: {why}, not VLANs such as {}; run `lab start` as root for those",
+            e.line,
+            e.host_name()
+        ));
+    }
+    let path = umlctl_netd::client::socket_path(netd_socket);
+    let offered: Vec<String> = umlctl_netd::client::Client::connect(&path)
+        .and_then(|mut c| c.bridges())
+        .map_err(|x| format!("{why}, and {x}; or run `lab start` as root"))?
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    for e in &lab.externals {
+        if !offered.contains(&e.interface) {
+            return Err(format!(
+                "lab.ext line {}: {why}; {} is not one of them ({}); or run `lab start` as root",
+                e.line,
+                e.interface,
+                if offered.is_empty() {
+                    "netd offers you none".to_string()
+                } else {
+                    format!("netd offers {}", offered.join(", "))
+                }
+            ));
+        }
+    }
+    let mut seen = BTreeMap::new();
+    for e in &lab.externals {
+        if let Some(l) = seen.insert(e.domain.clone(), e.line) {
+            return Err(format!(
+                "lab.ext lines {l} and {}: collision domain {} joins netd's bridge {} and can take no other interface",
+                e.line, e.domain, e.interface
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The links of a lab whose taps come from netd (no root): nothing is made
+/// on the host but the taps, which live as long as their devices.
+pub fn netd_links(lab: &Lab) -> Vec<ExtLink> {
+    lab.externals
+        .iter()
+        .map(|e| ExtLink {
+            domain: e.domain.clone(),
+            bridge: e.interface.clone(),
+            interface: e.interface.clone(),
+            made_vlan: false,
+            made_bridge: false,
+            via_netd: true,
+        })
+        .collect()
+}
+
+/// One device's connection to netd and its taps (descriptors) on netd's
+/// bridges, one per `(interface index, bridge)`. The connection must live
+/// as long as the device: the taps go with it.
+pub fn netd_taps(
+    netd_socket: Option<&Path>,
+    tag: &str,
+    wanted: &[(usize, String)],
+) -> Result<(OwnedFd, Vec<(usize, OwnedFd)>), String> {
+    let path = umlctl_netd::client::socket_path(netd_socket);
+    let mut c = umlctl_netd::client::Client::connect(&path).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (ii, bridge) in wanted {
+        let (_, fd) = c
+            .create_tap(
+                bridge,
+                umlctl_netd::protocol::TapMode::Fd,
+                Some(&format!("{tag}/eth{ii}")),
+            )
+            .map_err(|e| format!("a tap on netd's bridge {bridge}: {e}"))?;
+        let fd = fd.ok_or_else(|| format!("netd sent no descriptor for the tap on {bridge}"))?;
+        out.push((*ii, fd));
+    }
+    Ok((c.into_fd(), out))
 }
 
 /// The interfaces this network namespace's default routes (IPv4 and IPv6)
@@ -149,6 +244,7 @@ pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
                     interface: name,
                     made_vlan: false,
                     made_bridge: false,
+                    via_netd: false,
                 });
                 continue;
             }
@@ -170,6 +266,7 @@ pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
                         interface: String::new(),
                         made_vlan: false,
                         made_bridge: true,
+                        via_netd: false,
                     });
                     b
                 }
@@ -188,6 +285,7 @@ pub fn make(lab: &Lab, id: &str) -> Result<Vec<ExtLink>, String> {
                 interface: name.clone(),
                 made_vlan,
                 made_bridge: true,
+                via_netd: false,
             });
             segment::attach(&name, &bridge).map_err(|x| {
                 let busy = x.contains("busy");

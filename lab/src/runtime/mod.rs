@@ -34,8 +34,8 @@ pub use external::ExtLink;
 
 /// What lab.ext needs of this host before anything is made: root, and the
 /// host interfaces it names (`lab start --dry-run` checks it too).
-pub fn check_external(lab: &Lab) -> Result<(), String> {
-    external::check(lab)
+pub fn check_external(lab: &Lab, netd_socket: Option<&Path>) -> Result<(), String> {
+    external::check(lab, netd_socket)
 }
 
 /// How `lab start` starts the devices.
@@ -60,6 +60,9 @@ pub struct StartOptions {
     /// memory the devices hold but do not use (see
     /// [`umlctl_kernel::reclaim`]).
     pub reclaim: bool,
+    /// netd's socket, for lab.ext's bridges when not root (default:
+    /// `$UMLCTL_NETD_SOCKET`, else netd's).
+    pub netd_socket: Option<PathBuf>,
 }
 
 /// What is recorded about one running device.
@@ -117,6 +120,9 @@ pub struct LabState {
     /// That namespace (its inode number), when there are such links.
     #[serde(default)]
     pub host_netns: u64,
+    /// netd's socket, when lab.ext's taps come from netd.
+    #[serde(default)]
+    pub netd_socket: Option<PathBuf>,
 }
 
 /// The id of the lab in `dir` (canonical): stable, short, one per directory.
@@ -552,9 +558,10 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         }
         images.insert(d.name.clone(), img);
     }
-    external::check(lab)?;
+    external::check(lab, o.netd_socket.as_deref())?;
+    let root = nix::unistd::geteuid().is_root();
     let host_netns = ns::current_netns()?;
-    let host_ns = if lab.externals.is_empty() {
+    let host_ns = if lab.externals.is_empty() || !root {
         None
     } else {
         Some(external::current()?)
@@ -569,8 +576,39 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
     // lab.ext's domains: bridges (and the taps on them) in the host's.
     let mut ext_links: Vec<ExtLink> = Vec::new();
     let mut ext_taps: BTreeMap<(usize, usize), OwnedFd> = BTreeMap::new();
+    // Without root, lab.ext's taps come from netd: one connection per
+    // device, which its UML keeps (the taps live as long as it).
+    let mut netd_keep: BTreeMap<String, Arc<OwnedFd>> = BTreeMap::new();
     ns::create(&mut |pid| {
-        if !lab.externals.is_empty() {
+        if !lab.externals.is_empty() && !root {
+            ext_links = external::netd_links(lab);
+            for (di, d) in lab.devices.iter().enumerate() {
+                let wanted: Vec<(usize, String)> = d
+                    .interfaces
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(ii, iface)| {
+                        ext_links
+                            .iter()
+                            .find(|l| l.domain == iface.domain)
+                            .map(|l| (ii, l.bridge.clone()))
+                    })
+                    .collect();
+                if wanted.is_empty() {
+                    continue;
+                }
+                let (conn, fds) = external::netd_taps(
+                    o.netd_socket.as_deref(),
+                    &format!("{id}/{}", d.name),
+                    &wanted,
+                )
+                .map_err(|e| format!("device {}: {e}", d.name))?;
+                netd_keep.insert(d.name.clone(), Arc::new(conn));
+                for (ii, fd) in fds {
+                    ext_taps.insert((di, ii), fd);
+                }
+            }
+        } else if !lab.externals.is_empty() {
             ext_links = external::make(lab, &id)?;
             let made = (|| {
                 for (di, d) in lab.devices.iter().enumerate() {
@@ -616,8 +654,13 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
         jail_uid: o.jail.uid,
         cpu_quota: o.jail.limits.cpu_percent,
         memory_max: o.jail.limits.memory_max,
-        host_netns: if ext_links.is_empty() { 0 } else { host_netns },
+        host_netns: if ext_links.iter().any(ExtLink::made_anything) {
+            host_netns
+        } else {
+            0
+        },
         external: ext_links,
+        netd_socket: o.netd_socket.clone(),
     };
     let mut guard = StartGuard(Some(state.clone()), host_ns);
     catch_interrupts();
@@ -699,6 +742,9 @@ pub fn start(lab: &Lab, o: &StartOptions) -> Result<Started, String> {
                 &state_path,
                 taps.remove(name.as_str()).unwrap_or_default(),
             )?;
+            if let Some(k) = netd_keep.remove(name.as_str()) {
+                spec.keep.push(k);
+            }
             if let Some(u) = uplinks.remove(name.as_str()) {
                 let k = d.interfaces.len();
                 spec.ifnames.push(format!("eth{k}"));
@@ -939,10 +985,10 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         ));
     }
     // lab.ext's taps are made in the host's network namespace (this one).
-    let host_ns = if s.external.is_empty() {
-        None
-    } else {
+    let host_ns = if s.external.iter().any(|l| !l.via_netd) {
         Some(external::current()?)
+    } else {
+        None
     };
     // Into the lab's namespaces, through any running device (this one
     // too: this process then holds them while it restarts).
@@ -959,11 +1005,38 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         detached::stop(&g, timeout, false, true).map_err(|e| format!("stop {device}: {e}"))?;
     }
     let mut taps = Vec::new();
+    // lab.ext's bridges of netd's: the taps come from netd again.
+    let wanted: Vec<(usize, String)> = d
+        .interfaces
+        .iter()
+        .enumerate()
+        .filter_map(|(ii, iface)| {
+            s.external
+                .iter()
+                .find(|l| l.via_netd && l.domain == iface.domain)
+                .map(|l| (ii, l.bridge.clone()))
+        })
+        .collect();
+    let mut netd_fds = BTreeMap::new();
+    let mut netd_keep = None;
+    if !wanted.is_empty() {
+        let (conn, fds) = external::netd_taps(
+            s.netd_socket.as_deref(),
+            &format!("{}/{device}", s.id),
+            &wanted,
+        )?;
+        netd_keep = Some(Arc::new(conn));
+        netd_fds.extend(fds);
+    }
     for (ii, iface) in d.interfaces.iter().enumerate() {
         let bridge = s
             .bridges
             .get(&iface.domain)
             .ok_or_else(|| format!("no segment {} in the running lab", iface.domain))?;
+        if let Some(fd) = netd_fds.remove(&ii) {
+            taps.push((Arc::new(fd), iface.mac.clone()));
+            continue;
+        }
         let fd = match &host_ns {
             Some(h) if s.external.iter().any(|l| l.domain == iface.domain) => {
                 external::inside(h, || {
@@ -989,7 +1062,8 @@ pub fn restart(dir: &Path, device: &str, timeout: Duration) -> Result<Option<Fai
         ..Default::default()
     };
     let state_path = state_dir(&s.id)?;
-    let spec = device_spec(&lab, d, &s.id, dev.image.clone(), &o, &state_path, taps)?;
+    let mut spec = device_spec(&lab, d, &s.id, dev.image.clone(), &o, &state_path, taps)?;
+    spec.keep.extend(netd_keep);
     let g = detached::start(&spec).map_err(|e| format!("start {device}: {e}"))?;
     detached::wait_ready(&g, &detached::Ready::Exec, Duration::from_secs(120))
         .map_err(|e| format!("device {device}: {e}"))?;
@@ -1127,17 +1201,20 @@ fn stop_state_from(
         }
     }
     // The devices (and their taps) are gone: lab.ext's bridges and VLANs.
-    if !s.external.is_empty() {
+    let made: Vec<ExtLink> = s
+        .external
+        .iter()
+        .filter(|l| l.made_anything())
+        .cloned()
+        .collect();
+    if !made.is_empty() {
         let failed = match host {
-            Some(h) => external::inside(h, || Ok(external::remove(&s.external)))
+            Some(h) => external::inside(h, || Ok(external::remove(&made)))
                 .unwrap_or_else(|e| vec![e]),
-            None if ns::current_netns().ok() == Some(s.host_netns) => {
-                external::remove(&s.external)
-            }
+            None if ns::current_netns().ok() == Some(s.host_netns) => external::remove(&made),
             None => vec![format!(
                 "lab.ext's bridges are in the network namespace `lab start` ran in; run `lab stop` there to delete {}",
-                s.external
-                    .iter()
+                made.iter()
                     .map(|l| l.bridge.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")

@@ -812,3 +812,36 @@ pub fn limits_in(dirs: &[PathBuf]) -> (Option<u64>, Option<u64>) {
     }
     (cpu, mem)
 }
+
+/// A busybox image with every applet (ip, ping, date…), whose init stays
+/// up and powers off on ctrl-alt-del.
+pub fn busybox_lab_image(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("bbroot");
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox: apt-get install busybox-static");
+    let list = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet.ends_with("/busybox") || applet.is_empty() {
+            continue;
+        }
+        let _ = std::os::unix::fs::symlink("/bin/busybox", root.join(applet));
+    }
+    fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/mount -t proc proc /proc\n\
+         ::respawn:/bin/sh\n\
+         ::ctrlaltdel:/bin/poweroff\n",
+    )
+    .unwrap();
+    let img = dir.join("bb.ext4");
+    mkfs_ext4(&root, &img);
+    img
+}
