@@ -3,10 +3,13 @@
 //! in), as Kathará's Docker networks do, with the host interface — or an
 //! 802.1Q VLAN of it, made for the lab — as a port, and the devices' taps
 //! on that domain beside it. Everything else of the lab stays in its own
-//! namespace. Root only: it changes the host's network.
+//! namespace. It changes the host's network: root only, but for netd's
+//! bridges.
 //!
 //! A line naming a bridge of the host's (netd's, libvirt's, …) puts the
 //! domain's devices' taps on that bridge instead, and nothing else.
+//! Without root, lines may name only bridges netd lets the user use; the
+//! taps then come from netd, one connection per device kept by its UML.
 //!
 //! `lab stop` (and a failed `lab start`) deletes the bridges the lab made,
 //! which lets the host interfaces go, and the VLANs it made; the taps go
