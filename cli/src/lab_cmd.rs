@@ -759,7 +759,12 @@ fn ps(a: &PsArgs) -> Result<(), String> {
                 })
             })
             .collect();
-        let doc = serde_json::json!({"lab": s.dir, "id": s.id, "devices": v});
+        let ext: Vec<_> = s
+            .external
+            .iter()
+            .map(|l| serde_json::json!({"domain": l.domain, "host_interface": l.interface, "bridge": l.bridge, "via_netd": l.via_netd}))
+            .collect();
+        let doc = serde_json::json!({"lab": s.dir, "id": s.id, "devices": v, "external": ext});
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
@@ -797,6 +802,20 @@ fn ps(a: &PsArgs) -> Result<(), String> {
                 format!("exit {c}")
             }),
             ifs.join(" ")
+        );
+    }
+    for l in &s.external {
+        println!(
+            "collision domain {} is on the host's {}{}",
+            l.domain,
+            l.interface,
+            if l.via_netd {
+                " (netd's bridge)".to_string()
+            } else if l.interface != l.bridge {
+                format!(" (through bridge {})", l.bridge)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

@@ -1418,6 +1418,14 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
             .filter(|(_, m)| m.as_deref() == Some(bridge.as_str()))
             .collect();
         assert_eq!(on.len(), 3, "{links:?}");
+        let ps = in_ns(&["lab", "ps", "-d", d]);
+        let ps = assert_ok(&ps, "lab ps");
+        assert!(
+            ps.contains(&format!(
+                "collision domain A is on the host's hx0 (through bridge {bridge})"
+            )) && ps.contains("collision domain C is on the host's hbr0\n"),
+            "{ps}"
+        );
         ping("pc1", "10.9.0.254");
         ping("pc2", "10.9.0.254");
         if vlans {
