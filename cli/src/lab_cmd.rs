@@ -96,7 +96,9 @@ pub struct TestArgs {
 #[derive(Args)]
 #[command(
     after_help = "Rootless: the lab's bridges and taps live in a user and network namespace of its own \
-(/dev/net/tun must be 0666, as on stock Debian, Ubuntu and Fedora). Exit status: 0 all startup \
+(/dev/net/tun must be 0666, as on stock Debian, Ubuntu and Fedora). A lab.ext file (`DOMAIN IFACE`, \
+`DOMAIN IFACE.VLAN`, `DOMAIN BRIDGE`) puts collision domains on the host's interfaces: as root, or, \
+without root, on bridges netd lets you use. Exit status: 0 all startup \
 scripts succeeded, 1 some failed (named, with the tail of their output; the lab keeps running), \
 125 the lab could not be started (nothing is left running).\n\n\
 Example:\n  umlctl lab start -d ospf-lab --image debian-frr.ext4\n  \
