@@ -90,7 +90,8 @@ pub struct LabState {
     pub id: String,
     /// The lab's network namespace (its inode number).
     pub netns: u64,
-    /// Collision domain → bridge in that namespace.
+    /// Collision domain → bridge in that namespace (lab.ext's domains:
+    /// their bridge in the host's, see `external`).
     pub bridges: BTreeMap<String, String>,
     /// The devices, in start order.
     pub devices: Vec<DeviceState>,
