@@ -69,6 +69,7 @@ pub fn host_checks(kernel: Option<&KernelInfo>, shim_enabled: bool) -> Vec<Check
         check_tmp_exec(),
         check_tun(),
         check_slirp(),
+        check_vlan(),
         check_passt(),
         check_gdb(),
         check_xstate(kernel, shim_enabled),
@@ -135,6 +136,30 @@ pub fn check_slirp() -> Check {
             Level::Warn,
             "not found: labs with `bridged` devices (or `port`) cannot start (other labs can)",
             "apt-get install slirp4netns",
+        )
+    }
+}
+
+/// 802.1Q VLANs, for lab.ext's `IFACE.VID` lines: loaded (/proc/net/vlan),
+/// built in, or a module the kernel loads on first use.
+pub fn check_vlan() -> Check {
+    const NAME: &str = "802.1Q VLANs";
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let modules = std::path::Path::new("/lib/modules").join(&release);
+    let builtin = fs::read_to_string(modules.join("modules.builtin"))
+        .is_ok_and(|t| t.lines().any(|l| l.ends_with("/8021q.ko")));
+    let module = fs::read_to_string(modules.join("modules.dep"))
+        .is_ok_and(|t| t.lines().any(|l| l.contains("/8021q.ko")));
+    if std::path::Path::new("/proc/net/vlan").is_dir() || builtin || module {
+        ok(NAME, "available (lab.ext lines IFACE.VID)")
+    } else {
+        bad(
+            NAME,
+            Level::Warn,
+            format!("this kernel ({release}) has no 8021q support: lab.ext's VLAN lines (IFACE.VID) cannot be made (its other lines can)"),
+            "a host kernel with CONFIG_VLAN_8021Q, then `modprobe 8021q`",
         )
     }
 }
