@@ -24,7 +24,8 @@ pub(super) fn can_access(md: &fs::Metadata, uid: u32, gid: u32, write: bool) -> 
 pub(super) fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> Result<OwnedFd> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::sys("pipe", crate::error::errno(e)))?;
-    // SAFETY: the child only reads a pipe and exits (async-signal-safe).
+    // SAFETY: the child only reads a pipe and exits (async-signal-safe);
+    // the parent ends it with a byte and SIGKILL below.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -66,7 +67,15 @@ pub(super) fn idmap_userns(from: (u32, u32), to: (u32, u32)) -> Result<OwnedFd> 
         )?;
         File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from)
     })();
+    // Told to go by a byte, and killed to be sure: never by EOF alone. A
+    // sibling forked meanwhile by another thread (devices of a lab start
+    // side by side) holds a copy of `w` until it execs, and may itself be
+    // this same kind of child, waiting for the end of a pipe whose write
+    // end this child holds: two such children waited for each other for
+    // ever, and so did their parents here.
+    let _ = nix::unistd::write(&w, b"x");
     drop(w);
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
     res.map_err(|e| Error::sys("set up a user namespace for an id-mapped mount", e))
 }

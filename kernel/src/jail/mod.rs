@@ -742,6 +742,32 @@ mod tests {
     }
 
     #[test]
+    fn id_map_namespaces_made_side_by_side_never_wait_for_each_other() {
+        // Devices of a lab boot side by side, each jail id-mapping its
+        // binds: the short-lived children that hold those user namespaces
+        // used to inherit each other's pipes and wait for each other's
+        // EOF for ever (a lab start hung in CI).
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test makes id-mapped user namespaces: run the suite as root"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for _ in 0..40 {
+                    idmap_userns((0, 0), (65534, 65534)).unwrap();
+                }
+                tx.send(()).unwrap();
+            });
+        }
+        for i in 0..4 {
+            rx.recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{} of 4 threads still wait: deadlock", 4 - i));
+        }
+    }
+
+    #[test]
     fn access_by_mode_bits() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
