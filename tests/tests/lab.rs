@@ -1321,23 +1321,8 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
     let before = links_in(&ns);
     // Bad lab.ext lines and missing interfaces are errors by name, with
     // nothing made.
-    fs::write(dir.join("lab.ext"), "# ext\nA hx0 hx1\n").unwrap();
-    let o = start();
-    assert_eq!(o.status.code(), Some(125));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("lab.ext line 2"),
-        "{o:?}"
-    );
-    fs::write(dir.join("lab.ext"), "A nosuch0\n").unwrap();
-    let o = start();
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("no interface nosuch0"),
-        "{o:?}"
-    );
-    // The interface the host's default route goes out of is not taken
-    // (a lab from elsewhere must not cut the host off); --dry-run says so.
-    fs::write(dir.join("lab.ext"), "A hx1\n").unwrap();
-    for extra in [&[][..], &["--dry-run"][..]] {
+    let refused = |ext: &str, extra: &[&str], want: &str| {
+        fs::write(dir.join("lab.ext"), ext).unwrap();
         let mut args = vec![
             "lab",
             "start",
@@ -1350,35 +1335,25 @@ fn lab_ext_puts_a_collision_domain_on_a_host_interface_and_takes_it_back() {
         ];
         args.extend_from_slice(extra);
         let o = in_ns(&args);
-        assert_eq!(o.status.code(), Some(125));
+        assert_eq!(o.status.code(), Some(125), "{ext}: {o:?}");
         assert!(
-            String::from_utf8_lossy(&o.stderr).contains("default route"),
-            "{o:?}"
+            String::from_utf8_lossy(&o.stderr).contains(want),
+            "{ext}: {o:?}"
         );
-    }
+    };
+    refused("# ext\nA hx0 hx1\n", &[], "lab.ext line 2");
+    refused("A nosuch0\n", &[], "no interface nosuch0");
+    // The interface the host's default route goes out of is not taken
+    // (a lab from elsewhere must not cut the host off); --dry-run says so.
+    refused("A hx1\n", &[], "default route");
+    refused("A hx1\n", &["--dry-run"], "default route");
     // A host bridge takes a domain alone.
-    fs::write(dir.join("lab.ext"), "C hbr0\nC hx0\n").unwrap();
-    let o = start();
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("is a bridge of the host's"),
-        "{o:?}"
-    );
-    fs::write(dir.join("lab.ext"), "Z hx0\n").unwrap();
-    let o = start();
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("not used by any device"),
-        "{o:?}"
-    );
+    refused("C hbr0\nC hx0\n", &[], "is a bridge of the host's");
+    refused("Z hx0\n", &[], "not used by any device");
     if !vlans {
         // Without 802.1Q in the kernel the VLAN line is refused plainly,
         // after the bridge for A was made: that is taken back.
-        fs::write(dir.join("lab.ext"), "A hx0\nB hx0.10\n").unwrap();
-        let o = start();
-        assert_eq!(o.status.code(), Some(125));
-        assert!(
-            String::from_utf8_lossy(&o.stderr).contains("802.1Q"),
-            "{o:?}"
-        );
+        refused("A hx0\nB hx0.10\n", &[], "802.1Q");
     }
     assert_eq!(links_in(&ns), before, "a refused lab.ext leaves nothing");
     fs::write(

@@ -57,18 +57,31 @@ pub fn bridge(name: &str) -> Result<(), String> {
 
 /// Bring interface `name` up.
 pub fn up(name: &str) -> Result<(), String> {
+    set_up(name, true)
+}
+
+/// Set or clear interface `name`'s IFF_UP.
+fn set_up(name: &str, on: bool) -> Result<(), String> {
     let s = socket()?;
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFFLAGS fills the ifreq we pass, valid for the call.
     let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
     check(r, &format!("read the flags of {name}"))?;
+    let flag = libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
     // SAFETY: ifru_flags is the union member SIOCGIFFLAGS filled.
     unsafe {
-        req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+        if on {
+            req.ifr_ifru.ifru_flags |= flag;
+        } else {
+            req.ifr_ifru.ifru_flags &= !flag;
+        }
     }
     // SAFETY: SIOCSIFFLAGS reads the ifreq, valid for the call.
     let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
-    check(r, &format!("bring up {name}"))
+    check(
+        r,
+        &format!("bring {} {name}", if on { "up" } else { "down" }),
+    )
 }
 
 /// Put the existing interface `name` on bridge `bridge`, up.
@@ -197,18 +210,7 @@ pub fn delete_vlan(name: &str) -> Result<(), String> {
 
 /// Bring interface `name` down.
 pub fn down(name: &str) -> Result<(), String> {
-    let s = socket()?;
-    let mut req = ifreq(name)?;
-    // SAFETY: SIOCGIFFLAGS fills the ifreq we pass, valid for the call.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
-    check(r, &format!("read the flags of {name}"))?;
-    // SAFETY: ifru_flags is the union member SIOCGIFFLAGS filled.
-    unsafe {
-        req.ifr_ifru.ifru_flags &= !libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
-    }
-    // SAFETY: SIOCSIFFLAGS reads the ifreq, valid for the call.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
-    check(r, &format!("bring down {name}"))
+    set_up(name, false)
 }
 
 /// Delete bridge `name` (down first; its ports are let go).
